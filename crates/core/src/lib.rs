@@ -1,0 +1,20 @@
+//! Warren's control plane: it decides everything about sandboxes (what exists, in which state, until
+//! when, for whom) and drives the runtime. It holds no HTTP code: the API crate translates requests
+//! into calls on [`Warren`] and its results back into responses.
+
+pub mod auth;
+pub mod error;
+pub mod orchestrator;
+pub mod state;
+pub mod store;
+pub mod templates;
+
+pub use auth::{ApiKey, ApiKeys, Principal};
+pub use error::CoreError;
+pub use orchestrator::{
+    Clock, ConnectOutcome, CreateRequest, ListOrder, ListPage, ListQuery, ManualClock,
+    RecoveryReport, SystemClock, Warren, WarrenConfig,
+};
+pub use state::{PublicState, SandboxState};
+pub use store::{SandboxRecord, Store};
+pub use templates::TemplateRegistry;

@@ -1,0 +1,738 @@
+//! The orchestrator: one [`Warren`] decides everything about sandboxes and drives the runtime.
+//!
+//! Operations on one sandbox are serialised by a per-sandbox async lock, held across the runtime
+//! call, so a kill cannot interleave with a pause of the same sandbox; the store additionally
+//! refuses any state change the state machine does not allow. Operations on different sandboxes
+//! run in parallel.
+//!
+//! Deadlines: a running sandbox whose `end_at` passed is killed (or paused, with auto-pause) by the
+//! background loop. A paused sandbox has no deadline: it stays until it is resumed or killed, as
+//! E2B's paused sandboxes do.
+
+use crate::auth::{generate_access_token, ApiKeys, Principal};
+use crate::error::CoreError;
+use crate::state::{Event, PublicState, SandboxState};
+use crate::store::{SandboxRecord, Store};
+use crate::templates::TemplateRegistry;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use warren_runtime::{EnvdSettings, NetworkPolicy, Resources, SandboxRuntime, SandboxSpec};
+
+/// Source of "now", injectable so deadline logic is testable without sleeping.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that only moves when told to.
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(start: DateTime<Utc>) -> Self {
+        ManualClock(Mutex::new(start))
+    }
+    pub fn advance(&self, by: Duration) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *t += chrono::Duration::from_std(by).expect("small duration");
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WarrenConfig {
+    /// Lifetime of a sandbox created or resumed without a timeout.
+    pub default_timeout: Duration,
+    /// Longest timeout a client may ask for.
+    pub max_timeout: Duration,
+    pub default_resources: Resources,
+    /// Disk size reported to clients (the overlay upper dir has no quota of its own).
+    pub disk_size_mb: u64,
+    /// The envd version reported to SDKs; it gates SDK features, so it must match what
+    /// warren-envd implements.
+    pub envd_version: String,
+    /// The user processes run as when a request names none.
+    pub default_user: String,
+}
+
+impl Default for WarrenConfig {
+    fn default() -> Self {
+        WarrenConfig {
+            default_timeout: Duration::from_secs(300),
+            max_timeout: Duration::from_secs(24 * 3600),
+            default_resources: Resources::default(),
+            disk_size_mb: 1024,
+            envd_version: "0.6.4".into(),
+            default_user: "user".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub template_id: String,
+    /// Seconds; `None` means the default.
+    pub timeout_secs: Option<i64>,
+    pub metadata: BTreeMap<String, String>,
+    pub env_vars: BTreeMap<String, String>,
+    /// `None` means allowed.
+    pub allow_internet: Option<bool>,
+    /// Pause instead of kill when the timeout expires.
+    pub auto_pause: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListOrder {
+    Asc,
+    /// Newest first.
+    #[default]
+    Desc,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Every pair must match (AND).
+    pub metadata: BTreeMap<String, String>,
+    /// `None` means running and paused.
+    pub states: Option<Vec<PublicState>>,
+    pub template: Option<String>,
+    pub started_after: Option<DateTime<Utc>>,
+    pub order: ListOrder,
+    /// Page size; `None` means all.
+    pub limit: Option<u32>,
+    /// Opaque token from a previous page.
+    pub next_token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub sandboxes: Vec<SandboxRecord>,
+    /// Present when more results follow.
+    pub next_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// The sandbox was paused and has been resumed.
+    Resumed,
+    /// The sandbox was already running.
+    AlreadyRunning,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecoveryReport {
+    pub adopted: Vec<String>,
+    pub killed: Vec<String>,
+    pub swept: Vec<String>,
+}
+
+/// Largest page the list returns, whatever the client asks.
+const MAX_PAGE: u32 = 100;
+
+pub struct Warren {
+    runtime: Arc<dyn SandboxRuntime>,
+    store: Store,
+    templates: TemplateRegistry,
+    keys: ApiKeys,
+    config: WarrenConfig,
+    clock: Arc<dyn Clock>,
+    /// Per-sandbox operation locks.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Address of every sandbox in state `Running`, kept in memory because the router asks on
+    /// every proxied request.
+    routes: RwLock<HashMap<String, Ipv4Addr>>,
+}
+
+impl Warren {
+    pub fn new(
+        runtime: Arc<dyn SandboxRuntime>,
+        store: Store,
+        templates: TemplateRegistry,
+        keys: ApiKeys,
+        config: WarrenConfig,
+    ) -> Self {
+        Self::with_clock(
+            runtime,
+            store,
+            templates,
+            keys,
+            config,
+            Arc::new(SystemClock),
+        )
+    }
+
+    pub fn with_clock(
+        runtime: Arc<dyn SandboxRuntime>,
+        store: Store,
+        templates: TemplateRegistry,
+        keys: ApiKeys,
+        config: WarrenConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Warren {
+            runtime,
+            store,
+            templates,
+            keys,
+            config,
+            clock,
+            locks: Mutex::default(),
+            routes: RwLock::default(),
+        }
+    }
+
+    pub fn config(&self) -> &WarrenConfig {
+        &self.config
+    }
+
+    pub fn templates(&self) -> &TemplateRegistry {
+        &self.templates
+    }
+
+    /// Resolves an API key. `None` means the request carried none.
+    pub fn authenticate(&self, key: Option<&str>) -> Result<Principal, CoreError> {
+        let key = key.ok_or_else(|| {
+            CoreError::Unauthorized("missing API key: send it in the X-API-Key header".into())
+        })?;
+        self.keys
+            .authenticate(key)
+            .ok_or_else(|| CoreError::Unauthorized("invalid API key".into()))
+    }
+
+    /// Where to send traffic for a sandbox: its address while it is running, else `None`.
+    /// Deliberately team-blind: envd's access token protects the sandbox itself.
+    pub fn route(&self, id: &str) -> Option<Ipv4Addr> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    fn set_route(&self, rec: &SandboxRecord) {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        match (&rec.placement, rec.state) {
+            (Some(p), SandboxState::Running) => {
+                routes.insert(rec.id.clone(), p.ip);
+            }
+            _ => {
+                routes.remove(&rec.id);
+            }
+        }
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn forget_lock(&self, id: &str) {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    fn timeout(&self, secs: Option<i64>) -> Result<chrono::Duration, CoreError> {
+        let d = match secs {
+            None => self.config.default_timeout,
+            Some(s) if s < 0 => {
+                return Err(CoreError::InvalidArgument(format!(
+                    "timeout must not be negative (got {s})"
+                )))
+            }
+            Some(s) => Duration::from_secs(s as u64),
+        };
+        if d > self.config.max_timeout {
+            return Err(CoreError::InvalidArgument(format!(
+                "timeout {} s exceeds the maximum of {} s",
+                d.as_secs(),
+                self.config.max_timeout.as_secs()
+            )));
+        }
+        Ok(chrono::Duration::from_std(d).expect("bounded by max_timeout"))
+    }
+
+    /// A sandbox the principal may see, in a visible state.
+    async fn visible(&self, who: &Principal, id: &str) -> Result<SandboxRecord, CoreError> {
+        match self.store.get(id).await? {
+            Some(rec) if rec.team_id == who.team && rec.state.public().is_some() => Ok(rec),
+            _ => Err(CoreError::NotFound(format!("sandbox {id} not found"))),
+        }
+    }
+
+    pub async fn create(
+        &self,
+        who: &Principal,
+        req: CreateRequest,
+    ) -> Result<SandboxRecord, CoreError> {
+        let timeout = self.timeout(req.timeout_secs)?;
+        if req.template_id.is_empty() {
+            return Err(CoreError::InvalidArgument("templateID is required".into()));
+        }
+        let rootfs = self.templates.resolve(&req.template_id)?;
+        for k in req.env_vars.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(CoreError::InvalidArgument(format!(
+                    "invalid environment variable name {k:?}"
+                )));
+            }
+        }
+        let id = new_sandbox_id();
+        let token = generate_access_token();
+        let allow_internet = req.allow_internet.unwrap_or(true);
+        let resources = self.config.default_resources;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            rootfs,
+            resources,
+            network: NetworkPolicy { allow_internet },
+            envd: EnvdSettings {
+                access_token: Some(token.clone()),
+                env_vars: req.env_vars.clone(),
+                default_user: self.config.default_user.clone(),
+            },
+        };
+        let now = self.clock.now();
+        let rec = SandboxRecord {
+            id: id.clone(),
+            template_id: req.template_id,
+            team_id: who.team.clone(),
+            api_key_id: who.key_id.clone(),
+            state: SandboxState::Creating,
+            metadata: req.metadata,
+            env_vars: req.env_vars,
+            envd_access_token: token,
+            cpu_count: resources.vcpus,
+            memory_mb: resources.memory_mb,
+            disk_mb: self.config.disk_size_mb,
+            allow_internet,
+            auto_pause: req.auto_pause,
+            started_at: now,
+            end_at: now + timeout,
+            placement: None,
+            spec: spec.clone(),
+        };
+        // Recorded before the runtime acts, so a crash mid-create leaves a `Creating` row that
+        // recovery cleans up instead of an untracked sandbox.
+        self.store.insert(rec).await?;
+        let lock = self.lock_for(&id);
+        let _guard = lock.lock().await;
+
+        let placement = match self.runtime.create(&spec).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "create failed");
+                self.abandon_create(&id).await;
+                return Err(e.into());
+            }
+        };
+        let started = self.clock.now();
+        let applied = self
+            .store
+            .apply(&id, Event::Started, move |r| {
+                r.placement = Some(placement);
+                r.started_at = started;
+                r.end_at = started + timeout;
+            })
+            .await;
+        match applied {
+            Ok(rec) => {
+                self.set_route(&rec);
+                tracing::info!(sandbox = %id, template = %rec.template_id, "sandbox created");
+                Ok(rec)
+            }
+            Err(e) => {
+                self.abandon_create(&id).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Removes every trace of a sandbox whose creation failed.
+    async fn abandon_create(&self, id: &str) {
+        if let Err(e) = self.runtime.destroy(id).await {
+            // The row stays `Creating`: the next recovery retries the cleanup.
+            tracing::error!(sandbox = %id, error = %e, "cleanup after failed create failed");
+            return;
+        }
+        if let Err(e) = self.store.apply(id, Event::CreateFailed, |_| {}).await {
+            tracing::error!(sandbox = %id, error = %e, "could not drop record of failed create");
+        }
+        self.forget_lock(id);
+    }
+
+    pub async fn get(&self, who: &Principal, id: &str) -> Result<SandboxRecord, CoreError> {
+        self.visible(who, id).await
+    }
+
+    pub async fn list(&self, who: &Principal, q: &ListQuery) -> Result<ListPage, CoreError> {
+        let limit = match q.limit {
+            Some(0) => return Err(CoreError::InvalidArgument("limit must be positive".into())),
+            Some(n) => n.min(MAX_PAGE) as usize,
+            None => usize::MAX,
+        };
+        let after = q.next_token.as_deref().map(decode_token).transpose()?;
+        let mut all: Vec<SandboxRecord> = self
+            .store
+            .list_team(&who.team)
+            .await?
+            .into_iter()
+            .filter(|r| {
+                let Some(public) = r.state.public() else {
+                    return false;
+                };
+                q.states.as_ref().is_none_or(|s| s.contains(&public))
+                    && q.template.as_ref().is_none_or(|t| &r.template_id == t)
+                    && q.started_after.is_none_or(|t| r.started_at > t)
+                    && q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v))
+            })
+            .collect();
+        // (started_at, id) is a total order, so a page boundary is exact even when several
+        // sandboxes started in the same instant.
+        all.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+        if q.order == ListOrder::Desc {
+            all.reverse();
+        }
+        let start = match &after {
+            None => 0,
+            Some((t, id)) => all
+                .iter()
+                .position(|r| {
+                    let key = (r.started_at, &r.id);
+                    match q.order {
+                        ListOrder::Asc => key > (*t, id),
+                        ListOrder::Desc => key < (*t, id),
+                    }
+                })
+                .unwrap_or(all.len()),
+        };
+        let rest = &all[start..];
+        let page: Vec<SandboxRecord> = rest.iter().take(limit).cloned().collect();
+        let next_token = (rest.len() > page.len())
+            .then(|| page.last().map(|r| encode_token(r.started_at, &r.id)))
+            .flatten();
+        Ok(ListPage {
+            sandboxes: page,
+            next_token,
+        })
+    }
+
+    pub async fn kill(&self, who: &Principal, id: &str) -> Result<(), CoreError> {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        self.visible(who, id).await?;
+        self.kill_locked(id).await
+    }
+
+    /// Kills a sandbox whose lock the caller holds. Leaves the row in `Killing` when the runtime
+    /// fails, so that the background loop retries.
+    async fn kill_locked(&self, id: &str) -> Result<(), CoreError> {
+        let rec = self.store.apply(id, Event::Kill, |_| {}).await?;
+        self.set_route(&rec);
+        self.finish_kill(id).await
+    }
+
+    async fn finish_kill(&self, id: &str) -> Result<(), CoreError> {
+        self.runtime.destroy(id).await?;
+        self.store.apply(id, Event::Destroyed, |_| {}).await?;
+        self.forget_lock(id);
+        tracing::info!(sandbox = %id, "sandbox killed");
+        Ok(())
+    }
+
+    /// Sets a new deadline `timeout` seconds from now; may shorten.
+    pub async fn set_timeout(
+        &self,
+        who: &Principal,
+        id: &str,
+        timeout_secs: i64,
+    ) -> Result<(), CoreError> {
+        let timeout = self.timeout(Some(timeout_secs))?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        self.visible(who, id).await?;
+        self.store
+            .set_end_at(id, self.clock.now() + timeout, false)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn pause(&self, who: &Principal, id: &str) -> Result<(), CoreError> {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let rec = self.visible(who, id).await?;
+        if rec.state != SandboxState::Running {
+            return Err(CoreError::Conflict(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        self.pause_locked(id).await
+    }
+
+    async fn pause_locked(&self, id: &str) -> Result<(), CoreError> {
+        // Unroute first: a request reaching a frozen sandbox would hang instead of failing fast.
+        let rec = self.store.apply(id, Event::Pause, |_| {}).await?;
+        self.set_route(&rec);
+        self.finish_pause(id).await
+    }
+
+    async fn finish_pause(&self, id: &str) -> Result<(), CoreError> {
+        match self.runtime.freeze(id).await {
+            Ok(()) => {
+                self.store.apply(id, Event::PauseDone, |_| {}).await?;
+                tracing::info!(sandbox = %id, "sandbox paused");
+                Ok(())
+            }
+            Err(e) => {
+                let rec = self.store.apply(id, Event::PauseFailed, |_| {}).await?;
+                self.set_route(&rec);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Resumes a paused sandbox (deadline: now + timeout) or, for a running one, extends its
+    /// deadline to now + timeout if that is later (never shortens).
+    pub async fn connect(
+        &self,
+        who: &Principal,
+        id: &str,
+        timeout_secs: Option<i64>,
+    ) -> Result<(SandboxRecord, ConnectOutcome), CoreError> {
+        let timeout = self.timeout(timeout_secs)?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let rec = self.visible(who, id).await?;
+        match rec.state {
+            SandboxState::Running => {
+                let rec = self
+                    .store
+                    .set_end_at(id, self.clock.now() + timeout, true)
+                    .await?;
+                Ok((rec, ConnectOutcome::AlreadyRunning))
+            }
+            SandboxState::Paused => {
+                let rec = self.resume_locked(id, timeout).await?;
+                Ok((rec, ConnectOutcome::Resumed))
+            }
+            other => Err(CoreError::Conflict(format!(
+                "sandbox {id} is {other}, try again"
+            ))),
+        }
+    }
+
+    async fn resume_locked(
+        &self,
+        id: &str,
+        timeout: chrono::Duration,
+    ) -> Result<SandboxRecord, CoreError> {
+        self.store.apply(id, Event::Resume, |_| {}).await?;
+        self.finish_resume(id, timeout).await
+    }
+
+    async fn finish_resume(
+        &self,
+        id: &str,
+        timeout: chrono::Duration,
+    ) -> Result<SandboxRecord, CoreError> {
+        match self.runtime.thaw(id).await {
+            Ok(()) => {
+                let end_at = self.clock.now() + timeout;
+                let rec = self
+                    .store
+                    .apply(id, Event::ResumeDone, move |r| r.end_at = end_at)
+                    .await?;
+                self.set_route(&rec);
+                tracing::info!(sandbox = %id, "sandbox resumed");
+                Ok(rec)
+            }
+            Err(e) => {
+                self.store.apply(id, Event::ResumeFailed, |_| {}).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// One pass of the background loop: expires deadlines, reaps sandboxes whose init died and
+    /// retries unfinished kills.
+    pub async fn tick(&self) {
+        let records = match self.store.list_all().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "tick: cannot list sandboxes");
+                return;
+            }
+        };
+        let now = self.clock.now();
+        for rec in records {
+            let id = rec.id.clone();
+            let lock = self.lock_for(&id);
+            // Skip sandboxes another operation is busy with; the next tick sees them again.
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            // Re-read under the lock: the listing may be stale.
+            let rec = match self.store.get(&id).await {
+                Ok(Some(r)) => r,
+                _ => continue,
+            };
+            let result = match rec.state {
+                SandboxState::Running | SandboxState::Paused if !self.runtime.is_alive(&id) => {
+                    tracing::warn!(sandbox = %id, "sandbox init died; removing it");
+                    self.kill_locked(&id).await
+                }
+                SandboxState::Running if rec.end_at <= now && rec.auto_pause => {
+                    tracing::info!(sandbox = %id, "timeout: auto-pausing");
+                    self.pause_locked(&id).await
+                }
+                SandboxState::Running if rec.end_at <= now => {
+                    tracing::info!(sandbox = %id, "timeout: killing");
+                    self.kill_locked(&id).await
+                }
+                SandboxState::Killing => self.finish_kill(&id).await,
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::error!(sandbox = %id, error = %e, "background action failed");
+            }
+        }
+    }
+
+    /// Runs [`Warren::tick`] about once a second until the returned task is aborted.
+    pub fn spawn_background(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                me.tick().await;
+            }
+        })
+    }
+
+    /// At daemon start: re-adopts every stored sandbox that still runs, finishes operations a
+    /// crash interrupted, removes the records of sandboxes that are gone, then sweeps every
+    /// runtime artefact that no record claims.
+    pub async fn recover(&self) -> Result<RecoveryReport, CoreError> {
+        let mut report = RecoveryReport::default();
+        let mut keep = HashSet::new();
+        for rec in self.store.list_all().await? {
+            let id = rec.id.clone();
+            let lock = self.lock_for(&id);
+            let _guard = lock.lock().await;
+            let outcome = self.recover_one(&rec).await;
+            match outcome {
+                Ok(true) => {
+                    keep.insert(id.clone());
+                    report.adopted.push(id);
+                }
+                Ok(false) => report.killed.push(id),
+                Err(e) => {
+                    // Keep whatever is left so a later tick or restart can retry; never sweep it.
+                    tracing::error!(sandbox = %id, error = %e, "recovery failed");
+                    keep.insert(id);
+                }
+            }
+        }
+        report.swept = self.runtime.sweep(&keep).await?;
+        if !report.swept.is_empty() {
+            tracing::info!(swept = ?report.swept, "removed leftover sandboxes");
+        }
+        Ok(report)
+    }
+
+    /// Returns whether the sandbox lives on.
+    async fn recover_one(&self, rec: &SandboxRecord) -> Result<bool, CoreError> {
+        let id = &rec.id;
+        match rec.state {
+            SandboxState::Creating => {
+                self.runtime.destroy(id).await?;
+                self.store.apply(id, Event::CreateFailed, |_| {}).await?;
+                return Ok(false);
+            }
+            SandboxState::Killing => {
+                self.finish_kill(id).await?;
+                return Ok(false);
+            }
+            _ => {}
+        }
+        let adopted = match &rec.placement {
+            Some(p) => match self.runtime.adopt(id, p).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "adopt failed; removing sandbox");
+                    false
+                }
+            },
+            None => false,
+        };
+        if !adopted {
+            tracing::info!(sandbox = %id, "sandbox did not survive the restart");
+            self.kill_locked(id).await?;
+            return Ok(false);
+        }
+        // Finish what a crash interrupted: a pause completes, a resume completes.
+        match rec.state {
+            SandboxState::Pausing => self.finish_pause(id).await?,
+            SandboxState::Resuming => {
+                self.finish_resume(id, self.timeout(None)?).await?;
+            }
+            _ => {}
+        }
+        if let Some(rec) = self.store.get(id).await? {
+            self.set_route(&rec);
+        }
+        tracing::info!(sandbox = %id, "sandbox re-adopted");
+        Ok(true)
+    }
+}
+
+/// 20 characters of `[a-z0-9]`, like E2B's ids, so that `<port>-<id>.<domain>` hosts parse.
+fn new_sandbox_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn encode_token(t: DateTime<Utc>, id: &str) -> String {
+    let nanos = t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{nanos}:{id}"))
+}
+
+fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
+    let bad = || CoreError::InvalidArgument(format!("invalid nextToken {token:?}"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (nanos, id) = raw.split_once(':').ok_or_else(bad)?;
+    let nanos: i64 = nanos.parse().map_err(|_| bad())?;
+    Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
+}
+
+#[cfg(test)]
+mod tests;
