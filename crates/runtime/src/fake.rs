@@ -1,0 +1,154 @@
+//! An in-memory [`SandboxRuntime`] for unit tests of the control plane and the API: it keeps the
+//! state a real runtime would have (which sandboxes exist, which are frozen) without touching the
+//! kernel, and can be told to fail, so error paths are testable without root.
+
+use crate::{Placement, RuntimeError, SandboxRuntime, SandboxSpec};
+use async_trait::async_trait;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeSandbox {
+    pub spec: SandboxSpec,
+    pub placement: Placement,
+    pub frozen: bool,
+    pub alive: bool,
+}
+
+#[derive(Default)]
+pub struct FakeRuntime {
+    sandboxes: Mutex<HashMap<String, FakeSandbox>>,
+    next_pid: AtomicU32,
+    fail_next_create: AtomicBool,
+}
+
+impl FakeRuntime {
+    pub fn new() -> Self {
+        FakeRuntime {
+            next_pid: AtomicU32::new(1000),
+            ..Default::default()
+        }
+    }
+
+    /// Makes the next `create` fail, as a real runtime does when the kernel refuses.
+    pub fn fail_next_create(&self) {
+        self.fail_next_create.store(true, Ordering::SeqCst);
+    }
+
+    /// Simulates the sandbox's init dying on its own.
+    pub fn crash(&self, id: &str) {
+        if let Some(s) = self.sandboxes.lock().unwrap().get_mut(id) {
+            s.alive = false;
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<FakeSandbox> {
+        self.sandboxes.lock().unwrap().get(id).cloned()
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.sandboxes.lock().unwrap().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Pretends a sandbox survived a daemon restart (it exists in the kernel, not yet adopted).
+    pub fn insert_leftover(&self, spec: SandboxSpec, placement: Placement) {
+        self.sandboxes.lock().unwrap().insert(
+            spec.id.clone(),
+            FakeSandbox {
+                spec,
+                placement,
+                frozen: false,
+                alive: true,
+            },
+        );
+    }
+}
+
+#[async_trait]
+impl SandboxRuntime for FakeRuntime {
+    async fn create(&self, spec: &SandboxSpec) -> Result<Placement, RuntimeError> {
+        if self.fail_next_create.swap(false, Ordering::SeqCst) {
+            return Err(RuntimeError::StartFailed {
+                id: spec.id.clone(),
+                reason: "injected failure".into(),
+            });
+        }
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
+        let placement = Placement {
+            init_pid: pid,
+            init_start_ticks: pid as u64,
+            ip: Ipv4Addr::new(10, 0, (pid >> 8) as u8, pid as u8),
+            veth: format!("fake{pid}"),
+        };
+        let mut map = self.sandboxes.lock().unwrap();
+        if map.contains_key(&spec.id) {
+            return Err(RuntimeError::StartFailed {
+                id: spec.id.clone(),
+                reason: "id already in use".into(),
+            });
+        }
+        map.insert(
+            spec.id.clone(),
+            FakeSandbox {
+                spec: spec.clone(),
+                placement: placement.clone(),
+                frozen: false,
+                alive: true,
+            },
+        );
+        Ok(placement)
+    }
+
+    async fn freeze(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut map = self.sandboxes.lock().unwrap();
+        let s = map
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownSandbox(id.into()))?;
+        s.frozen = true;
+        Ok(())
+    }
+
+    async fn thaw(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut map = self.sandboxes.lock().unwrap();
+        let s = map
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownSandbox(id.into()))?;
+        s.frozen = false;
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        self.sandboxes.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    async fn adopt(&self, id: &str, placement: &Placement) -> Result<bool, RuntimeError> {
+        let map = self.sandboxes.lock().unwrap();
+        Ok(map
+            .get(id)
+            .map(|s| s.alive && &s.placement == placement)
+            .unwrap_or(false))
+    }
+
+    async fn sweep(&self, keep: &HashSet<String>) -> Result<Vec<String>, RuntimeError> {
+        let mut map = self.sandboxes.lock().unwrap();
+        let gone: Vec<String> = map.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        for id in &gone {
+            map.remove(id);
+        }
+        Ok(gone)
+    }
+
+    fn is_alive(&self, id: &str) -> bool {
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|s| s.alive)
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,57 @@
+//! Warren's sandbox runtime: everything that touches the Linux kernel to make, pause and remove a
+//! sandbox (namespaces, overlayfs, cgroups, veth + nftables networking). It holds no HTTP code.
+//!
+//! The control plane talks to it only through the [`SandboxRuntime`] trait, so the orchestrator can be
+//! unit-tested without root against [`fake::FakeRuntime`]; the real implementation is
+//! [`linux::LinuxRuntime`], exercised by the real-kernel test tier.
+//!
+//! The crate also holds the *inside* half of sandbox creation ([`init`]): the code that `warren-envd`
+//! runs as the first process of a new sandbox to mount its root filesystem, configure its network
+//! interface and drop privileges before it starts serving.
+
+pub mod error;
+pub mod fake;
+pub mod init;
+#[cfg(target_os = "linux")]
+pub mod linux;
+pub mod seccomp;
+pub mod spec;
+
+pub use error::RuntimeError;
+pub use spec::{
+    BindMount, EnvdSettings, NetworkPolicy, Placement, Resources, RootfsSpec, SandboxSpec,
+    ENVD_PORT,
+};
+
+use async_trait::async_trait;
+use std::collections::HashSet;
+
+/// What the control plane needs from a runtime. Every method is idempotent where the docs say so,
+/// because the orchestrator retries cleanups after a crash.
+#[async_trait]
+pub trait SandboxRuntime: Send + Sync + 'static {
+    /// Creates and starts a sandbox. Returns once envd inside it listens on [`ENVD_PORT`], so the
+    /// first request of a client succeeds. On error nothing of the sandbox is left behind.
+    async fn create(&self, spec: &SandboxSpec) -> Result<Placement, RuntimeError>;
+
+    /// Freezes every process of the sandbox (no CPU; memory kept).
+    async fn freeze(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Thaws a frozen sandbox.
+    async fn thaw(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Kills every process and removes every kernel object and directory of the sandbox.
+    /// Idempotent: removing what is already gone succeeds.
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// After a daemon restart: re-attaches to a sandbox recorded as alive. Returns `Ok(true)` when
+    /// its init still runs (and the runtime tracks it again), `Ok(false)` when it is gone.
+    async fn adopt(&self, id: &str, placement: &Placement) -> Result<bool, RuntimeError>;
+
+    /// Removes every sandbox artefact (cgroups, veths, upper dirs, address leases) whose id is not
+    /// in `keep`. Returns the ids it cleaned.
+    async fn sweep(&self, keep: &HashSet<String>) -> Result<Vec<String>, RuntimeError>;
+
+    /// Whether the sandbox's init process is still alive (false once it has exited).
+    fn is_alive(&self, id: &str) -> bool;
+}

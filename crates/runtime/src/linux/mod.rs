@@ -1,0 +1,573 @@
+//! The real runtime on Linux.
+//!
+//! Creating a sandbox (see [`crate::init`] for the half that runs inside):
+//! 1. an address, a cgroup per hierarchy (with limits) and a veth pair on the host bridge;
+//! 2. `warren-envd init` is spawned with its cgroups joined and new mount, uts, ipc, net, cgroup
+//!    and pid namespaces (`pre_exec`, async-signal-safe syscalls only); it forks PID 1 of the new
+//!    pid namespace and reports its host pid;
+//! 3. the veth's sandbox end is moved into the namespace, the [`InitSpec`] is written;
+//! 4. init mounts the overlay root, pivots, configures `eth0`, starts envd and answers `ready`.
+//!
+//! The overlay and every other mount exist only in the sandbox's mount namespace, so they vanish
+//! with its last process: destroying a sandbox is killing its cgroup, then deleting the veth, the
+//! nftables element, the upper dir and the cgroups.
+
+pub mod cgroup;
+pub mod net;
+pub mod template;
+
+pub use template::prepare_base_template;
+
+use crate::init::{InitNet, InitSpec};
+use crate::{Placement, RuntimeError, SandboxRuntime, SandboxSpec};
+use async_trait::async_trait;
+use cgroup::CgroupManager;
+use net::HostNetwork;
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// How long a sandbox may take from spawn to `ready` before the create fails.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Configuration of one daemon's runtime. Several daemons can share a host when their data dirs,
+/// subnets and name prefixes differ; [`LinuxRuntimeConfig::derived`] derives the names from the
+/// data dir so that this holds by default.
+#[derive(Debug, Clone)]
+pub struct LinuxRuntimeConfig {
+    /// Where sandbox upper dirs and runtime state live (`<data_dir>/sandboxes/<id>`).
+    pub data_dir: PathBuf,
+    /// Path of the `warren-envd` binary on the host.
+    pub envd_binary: PathBuf,
+    /// Sandbox subnet: network address and prefix length.
+    pub subnet: (Ipv4Addr, u8),
+    /// Host bridge name (at most 15 bytes).
+    pub bridge: String,
+    /// Prefix for host veth names, the nftables table and the cgroup directory (`w` + 3 chars).
+    pub name_prefix: String,
+}
+
+impl LinuxRuntimeConfig {
+    /// Derives subnet, bridge name and prefixes from a hash of the (absolute) data dir: a /20 in
+    /// 10.200.0.0/13 and a 3-character tag, so daemons with different data dirs do not clash.
+    pub fn derived(data_dir: PathBuf, envd_binary: PathBuf) -> Self {
+        let abs = std::path::absolute(&data_dir).unwrap_or_else(|_| data_dir.clone());
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in abs.as_os_str().as_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let tag: String = (0..3)
+            .map(|i| ALPHABET[((h >> (i * 8)) % 36) as usize] as char)
+            .collect();
+        let slot = ((h >> 32) % 128) as u32; // 128 /20 subnets in 10.200.0.0/13
+        let network = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (slot << 12);
+        LinuxRuntimeConfig {
+            data_dir,
+            envd_binary,
+            subnet: (Ipv4Addr::from(network), 20),
+            bridge: format!("w{tag}br"),
+            name_prefix: format!("w{tag}"),
+        }
+    }
+}
+
+/// What the runtime tracks of each live sandbox.
+struct Tracked {
+    placement: Placement,
+    internet_denied: bool,
+    alive: Arc<AtomicBool>,
+}
+
+pub struct LinuxRuntime {
+    config: LinuxRuntimeConfig,
+    cgroups: CgroupManager,
+    net: HostNetwork,
+    sandboxes: Mutex<HashMap<String, Tracked>>,
+}
+
+impl LinuxRuntime {
+    /// Prepares host state shared by all sandboxes (cgroup parents, bridge, nft table, sysctls).
+    pub async fn new(config: LinuxRuntimeConfig) -> Result<Self, RuntimeError> {
+        if !config.envd_binary.is_file() {
+            return Err(RuntimeError::Config(format!(
+                "envd binary {} not found",
+                config.envd_binary.display()
+            )));
+        }
+        let sandboxes_dir = config.data_dir.join("sandboxes");
+        std::fs::create_dir_all(&sandboxes_dir)
+            .map_err(|e| RuntimeError::io("mkdir", &sandboxes_dir, e))?;
+        // Sandbox inits re-parent to the daemon when their short-lived parent exits, so the
+        // daemon can reap them (and see them die) instead of the host's init.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
+        let net = HostNetwork::setup(
+            &config.bridge,
+            &config.name_prefix,
+            config.subnet.0,
+            config.subnet.1,
+        )
+        .await?;
+        Ok(LinuxRuntime {
+            config,
+            cgroups,
+            net,
+            sandboxes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &LinuxRuntimeConfig {
+        &self.config
+    }
+
+    pub fn cgroups(&self) -> &CgroupManager {
+        &self.cgroups
+    }
+
+    /// Removes the bridge and nftables tables (for tests and `warren` uninstall paths); live
+    /// sandboxes lose their network.
+    pub async fn teardown_host_network(&self) -> Result<(), RuntimeError> {
+        self.net.teardown().await
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("sandboxes").join(id)
+    }
+
+    async fn create_inner(
+        &self,
+        spec: &SandboxSpec,
+        ip: Ipv4Addr,
+    ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
+        let id = &spec.id;
+        let dir = self.sandbox_dir(id);
+        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        for d in [&upper, &work, &rootfs] {
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
+        }
+        let procs = self.cgroups.create(id, &spec.resources)?;
+        let peer_index = self.net.create_veth(id).await?;
+        if !spec.network.allow_internet {
+            self.net.deny_internet(ip)?;
+        }
+
+        let log_path = dir.join("init.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| RuntimeError::io("create", &log_path, e))?;
+        let mut child = spawn_init(&self.config.envd_binary, &procs, log)
+            .map_err(|e| RuntimeError::sys("spawn sandbox init", id, e))?;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+
+        let started = tokio::time::timeout(START_TIMEOUT, async {
+            let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+            let pid: u32 = first
+                .strip_prefix("pid ")
+                .and_then(|p| p.trim().parse().ok())
+                .ok_or_else(|| self.start_failure(id, &log_path, &first))?;
+            self.net.move_into(peer_index, pid).await?;
+            let init_spec = InitSpec {
+                id: id.clone(),
+                lower_dirs: spec.rootfs.lower_dirs.clone(),
+                upper_dir: upper.clone(),
+                work_dir: work.clone(),
+                rootfs_dir: rootfs.clone(),
+                ro_binds: spec.rootfs.ro_binds.clone(),
+                net: Some(InitNet {
+                    address: ip,
+                    prefix_len: self.net.ipam.prefix_len(),
+                    gateway: self.net.ipam.gateway(),
+                }),
+                envd: spec.envd.clone(),
+            };
+            let json = serde_json::to_vec(&init_spec).expect("init spec serializes");
+            stdin
+                .write_all(&json)
+                .await
+                .map_err(|e| RuntimeError::sys("write init spec", id, e))?;
+            drop(stdin);
+            let status = lines.next_line().await.ok().flatten().unwrap_or_default();
+            if status != "ready" {
+                return Err(self.start_failure(id, &log_path, &status));
+            }
+            Ok(pid)
+        })
+        .await
+        .map_err(|_| RuntimeError::StartFailed {
+            id: id.clone(),
+            reason: format!(
+                "envd did not become ready within {}s",
+                START_TIMEOUT.as_secs()
+            ),
+        })??;
+        // The intermediate process exits right after forking PID 1.
+        let _ = child.wait().await;
+
+        let init_start_ticks = start_ticks(started).ok_or_else(|| RuntimeError::StartFailed {
+            id: id.clone(),
+            reason: "sandbox init exited right after starting".into(),
+        })?;
+        let (veth, _) = self.net.veth_names(id);
+        let placement = Placement {
+            init_pid: started,
+            init_start_ticks,
+            ip,
+            veth,
+        };
+        let alive = watch_exit(started, id.clone())?;
+        Ok((placement, alive))
+    }
+
+    fn start_failure(&self, id: &str, log: &Path, status: &str) -> RuntimeError {
+        let reason = if let Some(msg) = status.strip_prefix("error ") {
+            msg.to_string()
+        } else {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let log = log.trim();
+            if log.is_empty() {
+                "sandbox init exited without reporting".to_string()
+            } else {
+                format!("sandbox init failed: {log}")
+            }
+        };
+        RuntimeError::StartFailed {
+            id: id.to_string(),
+            reason,
+        }
+    }
+
+    /// Removes everything of a sandbox, known or leftover. Idempotent.
+    async fn cleanup(
+        &self,
+        id: &str,
+        ip: Option<Ipv4Addr>,
+        deny_rule: bool,
+    ) -> Result<(), RuntimeError> {
+        let cg = self.cgroups.clone();
+        let id_owned = id.to_string();
+        tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+            .await
+            .expect("kill task does not panic")?;
+        let (veth, _) = self.net.veth_names(id);
+        self.net.delete_veth(&veth).await?;
+        if let Some(ip) = ip {
+            if deny_rule {
+                self.net.allow_internet(ip)?;
+            }
+        }
+        let dir = self.sandbox_dir(id);
+        let cg = self.cgroups.clone();
+        let id_owned = id.to_string();
+        tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
+            remove_sandbox_dir(&dir)?;
+            cg.remove(&id_owned)
+        })
+        .await
+        .expect("cleanup task does not panic")?;
+        if let Some(ip) = ip {
+            self.net.ipam.release(ip);
+        }
+        Ok(())
+    }
+}
+
+/// Removes a sandbox directory. The overlay normally vanished with the sandbox's mount namespace;
+/// if the daemon's namespace still sees a mount there (it never mounts one itself), detach it.
+fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let rootfs = CString::new(dir.join("rootfs").as_os_str().as_bytes()).unwrap_or_default();
+    // SAFETY: valid C string; EINVAL (not a mount point) is the normal outcome and ignored.
+    unsafe { libc::umount2(rootfs.as_ptr(), libc::MNT_DETACH) };
+    std::fs::remove_dir_all(dir).or_else(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(())
+        } else {
+            Err(RuntimeError::io("remove", dir, e))
+        }
+    })
+}
+
+/// Spawns `warren-envd init` with its cgroups joined and its namespaces unshared.
+fn spawn_init(
+    envd: &Path,
+    cgroup_procs: &[PathBuf],
+    log: std::fs::File,
+) -> std::io::Result<tokio::process::Child> {
+    // Opened before fork: the child may only make async-signal-safe syscalls.
+    let mut procs_fds = Vec::new();
+    for p in cgroup_procs {
+        let f = std::fs::OpenOptions::new().write(true).open(p)?;
+        procs_fds.push(OwnedFd::from(f));
+    }
+    let raw: Vec<i32> = procs_fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = tokio::process::Command::new(envd);
+    cmd.arg("init")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(log))
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .kill_on_drop(true);
+    // SAFETY: the closure only calls write(2) and unshare(2) on values prepared before fork, which
+    // are async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &raw {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let flags = libc::CLONE_NEWNS
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWNET
+                | libc::CLONE_NEWCGROUP
+                | libc::CLONE_NEWPID;
+            if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(procs_fds);
+    child
+}
+
+/// Field 22 of /proc/PID/stat: the process start time in clock ticks since boot.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Watches a sandbox init with a pidfd: the flag turns false when it exits, and the zombie is
+/// reaped when the daemon is its (sub)reaper.
+fn watch_exit(pid: u32, id: String) -> Result<Arc<AtomicBool>, RuntimeError> {
+    // SAFETY: pidfd_open takes a pid and flags; the returned descriptor is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;
+    if fd < 0 {
+        return Err(RuntimeError::sys(
+            "pidfd_open",
+            &id,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    // SAFETY: `owned` is an OwnedFd moved into the AsyncFd, so the descriptor stays open and the
+    // same for the AsyncFd's whole lifetime.
+    let async_fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| RuntimeError::sys("watch sandbox init", &id, e.into()))?;
+    tokio::spawn(async move {
+        let _ = async_fd.readable().await;
+        flag.store(false, Ordering::SeqCst);
+        // SAFETY: waitid on our pidfd with a zeroed siginfo out-parameter; ECHILD (not our child,
+        // e.g. adopted after a restart) is expected and harmless.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PIDFD,
+                async_fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            );
+        }
+        tracing::debug!(sandbox = %id, pid, "sandbox init exited");
+    });
+    Ok(alive)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+#[async_trait]
+impl SandboxRuntime for LinuxRuntime {
+    async fn create(&self, spec: &SandboxSpec) -> Result<Placement, RuntimeError> {
+        if !valid_id(&spec.id) {
+            return Err(RuntimeError::Config(format!(
+                "sandbox id {:?} must be 1-64 characters of [a-z0-9]",
+                spec.id
+            )));
+        }
+        if self.sandboxes.lock().unwrap().contains_key(&spec.id) {
+            return Err(RuntimeError::StartFailed {
+                id: spec.id.clone(),
+                reason: "a sandbox with this id exists".into(),
+            });
+        }
+        let ip = self.net.ipam.allocate()?;
+        match self.create_inner(spec, ip).await {
+            Ok((placement, alive)) => {
+                self.sandboxes.lock().unwrap().insert(
+                    spec.id.clone(),
+                    Tracked {
+                        placement: placement.clone(),
+                        internet_denied: !spec.network.allow_internet,
+                        alive,
+                    },
+                );
+                Ok(placement)
+            }
+            Err(e) => {
+                if let Err(cleanup) = self
+                    .cleanup(&spec.id, Some(ip), !spec.network.allow_internet)
+                    .await
+                {
+                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn freeze(&self, id: &str) -> Result<(), RuntimeError> {
+        let cg = self.cgroups.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || cg.freeze(&id))
+            .await
+            .expect("freeze task does not panic")
+    }
+
+    async fn thaw(&self, id: &str) -> Result<(), RuntimeError> {
+        let cg = self.cgroups.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || cg.thaw(&id))
+            .await
+            .expect("thaw task does not panic")
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        let tracked = self.sandboxes.lock().unwrap().remove(id);
+        let (ip, denied) = match &tracked {
+            Some(t) => (Some(t.placement.ip), t.internet_denied),
+            None => (None, false),
+        };
+        self.cleanup(id, ip, denied).await
+    }
+
+    async fn adopt(&self, id: &str, placement: &Placement) -> Result<bool, RuntimeError> {
+        if start_ticks(placement.init_pid) != Some(placement.init_start_ticks)
+            || !self.cgroups.populated(id)
+        {
+            return Ok(false);
+        }
+        let alive = watch_exit(placement.init_pid, id.to_string())?;
+        self.net.ipam.claim(placement.ip);
+        let denied = self
+            .net
+            .denied_addresses()
+            .map(|ips| ips.contains(&placement.ip))
+            .unwrap_or(false);
+        self.sandboxes.lock().unwrap().insert(
+            id.to_string(),
+            Tracked {
+                placement: placement.clone(),
+                internet_denied: denied,
+                alive,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn sweep(&self, keep: &HashSet<String>) -> Result<Vec<String>, RuntimeError> {
+        let mut leftovers: HashSet<String> = self.cgroups.list().into_iter().collect();
+        if let Ok(rd) = std::fs::read_dir(self.config.data_dir.join("sandboxes")) {
+            for e in rd.flatten() {
+                leftovers.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        leftovers.retain(|id| !keep.contains(id));
+        let mut cleaned: Vec<String> = leftovers.into_iter().collect();
+        cleaned.sort();
+        for id in &cleaned {
+            self.sandboxes.lock().unwrap().remove(id);
+            self.cleanup(id, None, false).await?;
+        }
+        // Veths whose sandbox left no other trace.
+        let kept_shorts: HashSet<String> =
+            keep.iter().map(|id| id.chars().take(8).collect()).collect();
+        for veth in self.net.list_veths().await? {
+            let short = &veth[self.net.veth_prefix().len()..];
+            if !kept_shorts.contains(short) {
+                self.net.delete_veth(&veth).await?;
+            }
+        }
+        // No-internet entries of addresses no kept sandbox holds.
+        let in_use: HashSet<Ipv4Addr> = self.net.ipam.in_use().into_iter().collect();
+        for ip in self.net.denied_addresses()? {
+            if !in_use.contains(&ip) {
+                self.net.allow_internet(ip)?;
+            }
+        }
+        Ok(cleaned)
+    }
+
+    fn is_alive(&self, id: &str) -> bool {
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|t| t.alive.load(Ordering::SeqCst))
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_configs_differ_per_data_dir_and_fit_interface_names() {
+        let a = LinuxRuntimeConfig::derived("/var/lib/warren".into(), "/x".into());
+        let b = LinuxRuntimeConfig::derived("/tmp/other".into(), "/x".into());
+        assert_ne!(a.name_prefix, b.name_prefix);
+        assert!(a.bridge.len() <= 15);
+        assert_eq!(a.subnet.1, 20);
+        let first = u32::from(Ipv4Addr::new(10, 200, 0, 0));
+        let last = u32::from(Ipv4Addr::new(10, 207, 255, 255));
+        assert!((first..=last).contains(&u32::from(a.subnet.0)));
+        // Host veth names: prefix (4) + 'h' + 8 = 13 bytes.
+        assert_eq!(format!("{}h{}", a.name_prefix, "abcdefgh").len(), 13);
+    }
+
+    #[test]
+    fn start_ticks_of_self() {
+        assert!(start_ticks(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(valid_id("abc123"));
+        assert!(!valid_id("ABC"));
+        assert!(!valid_id("a-b"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("../x"));
+    }
+}

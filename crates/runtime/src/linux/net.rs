@@ -1,0 +1,526 @@
+//! Host side of sandbox networking: one bridge per daemon with the subnet's first address as the
+//! sandboxes' gateway, one veth pair per sandbox (host end on the bridge, the other end moved into
+//! the sandbox's network namespace), NAT egress, and an nftables table that drops traffic between
+//! sandboxes, from sandboxes to the host, and egress of sandboxes created without internet access.
+
+use crate::RuntimeError;
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+/// Address management for one subnet: the first host address is the gateway, the rest go to
+/// sandboxes, handed out next-fit so a freed address is not reused at once.
+#[derive(Debug)]
+pub struct Ipam {
+    network: u32,
+    prefix_len: u8,
+    state: Mutex<IpamState>,
+}
+
+#[derive(Debug)]
+struct IpamState {
+    used: HashSet<u32>,
+    cursor: u32,
+}
+
+impl Ipam {
+    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Result<Self, RuntimeError> {
+        if !(8..=28).contains(&prefix_len) {
+            return Err(RuntimeError::Config(format!(
+                "sandbox subnet prefix /{prefix_len} must be between /8 and /28"
+            )));
+        }
+        let mask = u32::MAX << (32 - prefix_len as u32);
+        Ok(Ipam {
+            network: u32::from(network) & mask,
+            prefix_len,
+            state: Mutex::new(IpamState {
+                used: HashSet::new(),
+                cursor: 2,
+            }),
+        })
+    }
+
+    fn size(&self) -> u32 {
+        1u32 << (32 - self.prefix_len as u32)
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network + 1)
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network)
+    }
+
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.network(), self.prefix_len)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let offset = u32::from(ip).wrapping_sub(self.network);
+        offset < self.size()
+    }
+
+    pub fn allocate(&self) -> Result<Ipv4Addr, RuntimeError> {
+        let mut st = self.state.lock().unwrap();
+        let usable = self.size() - 3; // network, gateway, broadcast
+        for _ in 0..usable {
+            let offset = st.cursor;
+            st.cursor = if st.cursor + 1 >= self.size() - 1 {
+                2
+            } else {
+                st.cursor + 1
+            };
+            if st.used.insert(offset) {
+                return Ok(Ipv4Addr::from(self.network + offset));
+            }
+        }
+        Err(RuntimeError::AddressPoolExhausted(self.cidr()))
+    }
+
+    /// Marks an address as used (for a re-adopted sandbox). Returns false if it already was.
+    pub fn claim(&self, ip: Ipv4Addr) -> bool {
+        if !self.contains(ip) {
+            return false;
+        }
+        let offset = u32::from(ip) - self.network;
+        self.state.lock().unwrap().used.insert(offset)
+    }
+
+    pub fn release(&self, ip: Ipv4Addr) {
+        if self.contains(ip) {
+            let offset = u32::from(ip) - self.network;
+            self.state.lock().unwrap().used.remove(&offset);
+        }
+    }
+
+    pub fn in_use(&self) -> Vec<Ipv4Addr> {
+        let st = self.state.lock().unwrap();
+        st.used
+            .iter()
+            .map(|o| Ipv4Addr::from(self.network + o))
+            .collect()
+    }
+}
+
+fn nl_err(
+    op: &'static str,
+    object: impl Into<String>,
+) -> impl FnOnce(rtnetlink::Error) -> RuntimeError {
+    let object = object.into();
+    move |e| RuntimeError::Netlink {
+        op,
+        object,
+        message: e.to_string(),
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+/// The daemon's host network: bridge, nftables table and the netlink handle.
+pub struct HostNetwork {
+    handle: Handle,
+    pub bridge: String,
+    bridge_index: u32,
+    pub ipam: Ipam,
+    table: String,
+    veth_prefix: String,
+    peer_prefix: String,
+}
+
+impl HostNetwork {
+    /// Creates (or re-uses) the bridge, enables forwarding and installs the nftables rules.
+    pub async fn setup(
+        bridge: &str,
+        name_prefix: &str,
+        network: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<Self, RuntimeError> {
+        let ipam = Ipam::new(network, prefix_len)?;
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| RuntimeError::io("open", "netlink socket", e))?;
+        tokio::spawn(conn);
+
+        check_subnet_free(&handle, bridge, &ipam).await?;
+        let bridge_index = match link_index(&handle, bridge).await? {
+            Some(i) => i,
+            None => {
+                handle
+                    .link()
+                    .add(LinkBridge::new(bridge).build())
+                    .execute()
+                    .await
+                    .or_else(|e| {
+                        if is_errno(&e, libc::EEXIST) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(nl_err("create bridge", bridge))?;
+                link_index(&handle, bridge)
+                    .await?
+                    .ok_or_else(|| RuntimeError::Netlink {
+                        op: "find bridge",
+                        object: bridge.to_string(),
+                        message: "missing after creation".into(),
+                    })?
+            }
+        };
+        handle
+            .address()
+            .add(bridge_index, IpAddr::V4(ipam.gateway()), prefix_len)
+            .execute()
+            .await
+            .or_else(|e| {
+                if is_errno(&e, libc::EEXIST) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(nl_err("add address", bridge))?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(bridge_index).up().build())
+            .execute()
+            .await
+            .map_err(nl_err("set up", bridge))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| RuntimeError::io("enable", "/proc/sys/net/ipv4/ip_forward", e))?;
+
+        let net = HostNetwork {
+            handle,
+            bridge: bridge.to_string(),
+            bridge_index,
+            table: format!("warren_{name_prefix}"),
+            veth_prefix: format!("{name_prefix}h"),
+            peer_prefix: format!("{name_prefix}p"),
+            ipam,
+        };
+        net.install_rules()?;
+        Ok(net)
+    }
+
+    fn install_rules(&self) -> Result<(), RuntimeError> {
+        let (t, br, subnet) = (&self.table, &self.bridge, self.ipam.cidr());
+        // `add` is idempotent for tables, sets and chains; flushing the chains (not the set) keeps
+        // the no-internet addresses of sandboxes that survive a daemon restart.
+        let script = format!(
+            r#"add table inet {t}
+add set inet {t} no_internet {{ type ipv4_addr; }}
+add chain inet {t} forward {{ type filter hook forward priority -10; policy accept; }}
+add chain inet {t} input {{ type filter hook input priority -10; policy accept; }}
+add chain inet {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+flush chain inet {t} forward
+flush chain inet {t} input
+flush chain inet {t} postrouting
+add rule inet {t} forward iifname "{br}" oifname "{br}" drop
+add rule inet {t} forward iifname "{br}" ip saddr @no_internet drop
+add rule inet {t} forward oifname "{br}" ip daddr @no_internet ct state new drop
+add rule inet {t} input iifname "{br}" ct state established,related accept
+add rule inet {t} input iifname "{br}" drop
+add rule inet {t} postrouting ip saddr {subnet} oifname != "{br}" masquerade
+add table bridge {t}
+add chain bridge {t} forward {{ type filter hook forward priority -10; policy accept; }}
+flush chain bridge {t} forward
+add rule bridge {t} forward meta ibrname "{br}" drop
+"#
+        );
+        nft(&script)
+    }
+
+    /// Removes the nftables tables and the bridge (when the daemon is told to clean up the host).
+    pub async fn teardown(&self) -> Result<(), RuntimeError> {
+        let t = &self.table;
+        let _ = nft(&format!("delete table inet {t}\ndelete table bridge {t}\n"));
+        self.handle
+            .link()
+            .del(self.bridge_index)
+            .execute()
+            .await
+            .or_else(|e| {
+                if is_errno(&e, libc::ENODEV) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(nl_err("delete bridge", &self.bridge))
+    }
+
+    /// Host and sandbox end names of a sandbox's veth pair (at most 15 bytes each).
+    pub fn veth_names(&self, id: &str) -> (String, String) {
+        let short: String = id.chars().take(8).collect();
+        self.names_for_short(&short)
+    }
+
+    fn names_for_short(&self, short: &str) -> (String, String) {
+        (
+            format!("{}{short}", self.veth_prefix),
+            format!("{}{short}", self.peer_prefix),
+        )
+    }
+
+    /// Creates the sandbox's veth pair with the host end on the bridge and up. Returns the index
+    /// of the end that goes into the sandbox.
+    pub async fn create_veth(&self, id: &str) -> Result<u32, RuntimeError> {
+        let (host, peer) = self.veth_names(id);
+        // A leftover pair of a crashed create with the same name would make `add` fail.
+        if let Some(idx) = link_index(&self.handle, &host).await? {
+            let _ = self.handle.link().del(idx).execute().await;
+        }
+        self.handle
+            .link()
+            .add(LinkVeth::new(&host, &peer).build())
+            .execute()
+            .await
+            .map_err(nl_err("create veth", &host))?;
+        let host_idx =
+            link_index(&self.handle, &host)
+                .await?
+                .ok_or_else(|| RuntimeError::Netlink {
+                    op: "find veth",
+                    object: host.clone(),
+                    message: "missing after creation".into(),
+                })?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(host_idx)
+                    .controller(self.bridge_index)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err("attach to bridge", &host))?;
+        link_index(&self.handle, &peer)
+            .await?
+            .ok_or_else(|| RuntimeError::Netlink {
+                op: "find veth peer",
+                object: peer,
+                message: "missing after creation".into(),
+            })
+    }
+
+    /// Moves a link into the network namespace of `pid`.
+    pub async fn move_into(&self, index: u32, pid: u32) -> Result<(), RuntimeError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).setns_by_pid(pid).build())
+            .execute()
+            .await
+            .map_err(nl_err(
+                "move into sandbox netns",
+                format!("link {index} -> pid {pid}"),
+            ))
+    }
+
+    /// Deletes a veth pair given its host end name; the sandbox end goes with it, or, if a create
+    /// failed before moving it, is deleted by name too. Idempotent.
+    pub async fn delete_veth(&self, host_name: &str) -> Result<(), RuntimeError> {
+        let short = host_name
+            .strip_prefix(&self.veth_prefix)
+            .unwrap_or(host_name);
+        let (host, peer) = self.names_for_short(short);
+        for name in [host, peer] {
+            if let Some(idx) = link_index(&self.handle, &name).await? {
+                self.handle
+                    .link()
+                    .del(idx)
+                    .execute()
+                    .await
+                    .or_else(|e| {
+                        if is_errno(&e, libc::ENODEV) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(nl_err("delete veth", &name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Host-side veth names of this daemon currently present.
+    pub async fn list_veths(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut links = self.handle.link().get().execute();
+        let mut names = Vec::new();
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(nl_err("list links", "host"))?
+        {
+            for attr in msg.attributes {
+                if let rtnetlink::packet_route::link::LinkAttribute::IfName(name) = attr {
+                    if name.starts_with(&self.veth_prefix) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn veth_prefix(&self) -> &str {
+        &self.veth_prefix
+    }
+
+    /// Cuts a sandbox off from everything outside the sandbox subnet.
+    pub fn deny_internet(&self, ip: Ipv4Addr) -> Result<(), RuntimeError> {
+        nft(&format!(
+            "add element inet {} no_internet {{ {ip} }}\n",
+            self.table
+        ))
+    }
+
+    /// Removes a sandbox address from the no-internet set. Idempotent.
+    pub fn allow_internet(&self, ip: Ipv4Addr) -> Result<(), RuntimeError> {
+        match nft(&format!(
+            "delete element inet {} no_internet {{ {ip} }}\n",
+            self.table
+        )) {
+            Ok(()) => Ok(()),
+            Err(RuntimeError::Nft(msg)) if msg.contains("No such file") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Addresses currently in the no-internet set.
+    pub fn denied_addresses(&self) -> Result<Vec<Ipv4Addr>, RuntimeError> {
+        let out = Command::new("nft")
+            .args(["-j", "list", "set", "inet", &self.table, "no_internet"])
+            .output()
+            .map_err(|e| RuntimeError::Nft(format!("running nft: {e}")))?;
+        if !out.status.success() {
+            return Err(RuntimeError::Nft(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| RuntimeError::Nft(format!("parsing nft -j output: {e}")))?;
+        let mut ips = Vec::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            for elem in item["set"]["elem"].as_array().into_iter().flatten() {
+                if let Some(ip) = elem.as_str().and_then(|s| s.parse().ok()) {
+                    ips.push(ip);
+                }
+            }
+        }
+        Ok(ips)
+    }
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, RuntimeError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(msg.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+        Err(e) => Err(nl_err("get link", name)(e)),
+    }
+}
+
+/// Refuses a subnet that another interface of the host already uses (another daemon, a VPN...).
+async fn check_subnet_free(handle: &Handle, bridge: &str, ipam: &Ipam) -> Result<(), RuntimeError> {
+    let own = link_index(handle, bridge).await?;
+    let mut addrs = handle.address().get().execute();
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .map_err(nl_err("list addresses", "host"))?
+    {
+        if Some(msg.header.index) == own {
+            continue;
+        }
+        for attr in &msg.attributes {
+            if let rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) =
+                attr
+            {
+                if ipam.contains(*ip) {
+                    return Err(RuntimeError::Config(format!(
+                        "sandbox subnet {} overlaps address {ip} of another host interface; \
+                         choose another subnet",
+                        ipam.cidr()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs an nftables script.
+pub fn nft(script: &str) -> Result<(), RuntimeError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            RuntimeError::Nft(format!(
+                "cannot run `nft` ({e}); install the nftables package"
+            ))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| RuntimeError::Nft(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| RuntimeError::Nft(format!("waiting for nft: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RuntimeError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipam_hands_out_each_address_once() {
+        let ipam = Ipam::new(Ipv4Addr::new(10, 9, 0, 0), 28).unwrap();
+        assert_eq!(ipam.gateway(), Ipv4Addr::new(10, 9, 0, 1));
+        let mut seen = HashSet::new();
+        for _ in 0..13 {
+            let ip = ipam.allocate().unwrap();
+            assert!(ip != ipam.gateway() && ip != Ipv4Addr::new(10, 9, 0, 15));
+            assert!(seen.insert(ip));
+        }
+        assert!(matches!(
+            ipam.allocate(),
+            Err(RuntimeError::AddressPoolExhausted(_))
+        ));
+        ipam.release(Ipv4Addr::new(10, 9, 0, 5));
+        assert_eq!(ipam.allocate().unwrap(), Ipv4Addr::new(10, 9, 0, 5));
+    }
+
+    #[test]
+    fn ipam_claim_marks_used() {
+        let ipam = Ipam::new(Ipv4Addr::new(10, 9, 0, 0), 24).unwrap();
+        assert!(ipam.claim(Ipv4Addr::new(10, 9, 0, 2)));
+        assert!(!ipam.claim(Ipv4Addr::new(10, 9, 0, 2)));
+        assert!(!ipam.claim(Ipv4Addr::new(10, 8, 0, 2)));
+        assert_ne!(ipam.allocate().unwrap(), Ipv4Addr::new(10, 9, 0, 2));
+    }
+}

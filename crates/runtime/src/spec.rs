@@ -1,0 +1,104 @@
+//! Plain data exchanged between the control plane and the runtime, and between the runtime and the
+//! sandbox's init.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// The port envd serves on inside every sandbox (the E2B convention).
+pub const ENVD_PORT: u16 = 49983;
+
+/// Everything the runtime needs to make one sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SandboxSpec {
+    /// Sandbox id: `[a-z0-9]+`, also the hostname inside.
+    pub id: String,
+    pub rootfs: RootfsSpec,
+    pub resources: Resources,
+    pub network: NetworkPolicy,
+    pub envd: EnvdSettings,
+}
+
+/// How the sandbox's root filesystem is assembled: an overlay of read-only template layers under a
+/// fresh per-sandbox upper dir, plus read-only bind mounts of host directories (the `base` template
+/// shows the host's `/usr` this way).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RootfsSpec {
+    /// Read-only lower layers, topmost first.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Read-only bind mounts applied on top of the overlay.
+    pub ro_binds: Vec<BindMount>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BindMount {
+    /// Path on the host.
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox.
+    pub target: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Resources {
+    /// CPU quota in whole vCPUs (CFS quota = vcpus × period).
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub pids_max: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            vcpus: 2,
+            memory_mb: 512,
+            pids_max: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetworkPolicy {
+    /// NAT egress to anything outside the sandbox subnet. Traffic between sandboxes is always dropped.
+    pub allow_internet: bool,
+}
+
+impl Default for NetworkPolicy {
+    fn default() -> Self {
+        NetworkPolicy {
+            allow_internet: true,
+        }
+    }
+}
+
+/// Settings handed to envd when the sandbox starts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EnvdSettings {
+    /// When set, every envd request but `/health` and signed `/files` must carry it as `X-Access-Token`.
+    pub access_token: Option<String>,
+    /// Sandbox-wide environment variables, given to every process started in the sandbox.
+    pub env_vars: BTreeMap<String, String>,
+    /// The user processes run as when a request names none (`user`).
+    pub default_user: String,
+}
+
+/// Where a running sandbox lives, as the runtime placed it. Stored by the control plane so that a
+/// restarted daemon can find and re-adopt (or clean up) the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Placement {
+    /// Host pid of the sandbox's init (envd).
+    pub init_pid: u32,
+    /// Start time of that pid in clock ticks since boot (field 22 of /proc/PID/stat), so a reused
+    /// pid is never mistaken for the sandbox.
+    pub init_start_ticks: u64,
+    /// The sandbox's address on the host bridge.
+    pub ip: Ipv4Addr,
+    /// Host-side veth name.
+    pub veth: String,
+}
+
+impl Placement {
+    pub fn envd_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((self.ip, ENVD_PORT))
+    }
+}
