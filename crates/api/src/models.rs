@@ -1,0 +1,180 @@
+//! The E2B JSON shapes (field names exactly as the SDK's generated models read and write them).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use warren_core::SandboxRecord;
+
+/// `NewSandboxV2` (and the v1 `NewSandbox`). Fields the SDK may send that Warren does not act on
+/// (`network`, `mcp`, `volumeMounts`, …) are ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub timeout: Option<i64>,
+    pub auto_pause: Option<bool>,
+    // The SDK's one snake_case key.
+    #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
+    pub allow_internet_access: Option<bool>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TimeoutBody {
+    pub timeout: i64,
+}
+
+/// `ConnectSandboxV2`, the v1 connect body and the v1 resume body.
+#[derive(Debug, Default, Deserialize)]
+pub struct ConnectBody {
+    pub timeout: Option<i64>,
+}
+
+/// Pause takes `{}` or options Warren does not distinguish (`memory`, `requireHealthyGuest`).
+#[derive(Debug, Default, Deserialize)]
+pub struct PauseBody {}
+
+fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// `Sandbox`: the create and connect response.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxJson {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    pub envd_version: String,
+    pub alias: String,
+    pub envd_access_token: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+impl SandboxJson {
+    pub fn new(r: &SandboxRecord, envd_version: &str, domain: Option<&str>) -> Self {
+        SandboxJson {
+            template_id: r.template_id.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: r.team_id.clone(),
+            envd_version: envd_version.into(),
+            alias: r.template_id.clone(),
+            envd_access_token: r.envd_access_token.clone(),
+            domain: domain.map(Into::into),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    pub auto_resume: bool,
+    pub on_timeout: &'static str,
+}
+
+/// `SandboxDetail` (GET /sandboxes/{id}).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxDetailJson {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub alias: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    pub started_at: String,
+    pub end_at: String,
+    pub envd_version: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: &'static str,
+    pub metadata: BTreeMap<String, String>,
+    pub envd_access_token: String,
+    pub allow_internet_access: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    pub lifecycle: Lifecycle,
+}
+
+fn public_state(r: &SandboxRecord) -> &'static str {
+    // Records handed to the API are visible ones; "running" is the safe reading otherwise.
+    r.state.public().map(|s| s.as_str()).unwrap_or("running")
+}
+
+impl SandboxDetailJson {
+    pub fn new(r: &SandboxRecord, envd_version: &str, domain: Option<&str>) -> Self {
+        SandboxDetailJson {
+            template_id: r.template_id.clone(),
+            alias: r.template_id.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: r.team_id.clone(),
+            started_at: rfc3339(&r.started_at),
+            end_at: rfc3339(&r.end_at),
+            envd_version: envd_version.into(),
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_mb,
+            state: public_state(r),
+            metadata: r.metadata.clone(),
+            envd_access_token: r.envd_access_token.clone(),
+            allow_internet_access: r.allow_internet,
+            domain: domain.map(Into::into),
+            lifecycle: Lifecycle {
+                auto_resume: false,
+                on_timeout: if r.auto_pause { "pause" } else { "kill" },
+            },
+        }
+    }
+}
+
+/// `ListedSandbox` (GET /v2/sandboxes, GET /sandboxes).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSandboxJson {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub alias: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    pub started_at: String,
+    pub end_at: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: &'static str,
+    pub envd_version: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ListedSandboxJson {
+    pub fn new(r: &SandboxRecord, envd_version: &str) -> Self {
+        ListedSandboxJson {
+            template_id: r.template_id.clone(),
+            alias: r.template_id.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: r.team_id.clone(),
+            started_at: rfc3339(&r.started_at),
+            end_at: rfc3339(&r.end_at),
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_mb,
+            state: public_state(r),
+            envd_version: envd_version.into(),
+            metadata: r.metadata.clone(),
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The sandbox router: requests addressed to a sandbox port are forwarded to the sandbox, on the
+//! same listener as the API.
+//!
+//! A request is addressed to a sandbox when it carries `E2b-Sandbox-Id` + `E2b-Sandbox-Port`
+//! (what the SDK sends, necessary when `E2B_SANDBOX_URL` collapses every sandbox onto one URL) or,
+//! with a configured domain, when its Host is `<port>-<id>.<domain>`. Bodies stream both ways
+//! (Connect streams, chunked uploads); connection upgrades (WebSocket) are spliced.
+//!
+//! The router only routes: envd checks the sandbox's access token itself. Proxied traffic does
+//! not extend a sandbox's deadline.
+
+use crate::error::{no_retry, ApiError};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::Duration;
+
+pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+
+/// A pooled HTTP/1 client to sandboxes.
+#[derive(Clone)]
+pub struct SandboxProxy {
+    client: Client<HttpConnector, Body>,
+}
+
+impl Default for SandboxProxy {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        // A sandbox is on a local bridge: an answer takes microseconds, silence means trouble.
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        SandboxProxy { client }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub sandbox_id: String,
+    pub port: u16,
+}
+
+/// Where a request goes: `Ok(None)` is the API; `Err` is a malformed sandbox address.
+pub fn target_of(headers: &HeaderMap, domain: Option<&str>) -> Result<Option<Target>, ApiError> {
+    let id = headers.get(SANDBOX_ID_HEADER);
+    let port = headers.get(SANDBOX_PORT_HEADER);
+    match (id, port) {
+        (None, None) => Ok(host_target(headers, domain)),
+        (None, Some(_)) => Err(bad_request("Missing header: E2b-Sandbox-Id")),
+        (Some(_), None) => Err(bad_request("Missing header: E2b-Sandbox-Port")),
+        (Some(id), Some(port)) => {
+            let id = id
+                .to_str()
+                .ok()
+                .filter(|s| valid_id(s))
+                .ok_or_else(|| bad_request("invalid sandbox id"))?;
+            let port = port
+                .to_str()
+                .ok()
+                .and_then(|p| p.trim().parse::<u16>().ok())
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad_request("invalid sandbox port"))?;
+            Ok(Some(Target {
+                sandbox_id: id.to_string(),
+                port,
+            }))
+        }
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// `<port>-<id>.<domain>` (the Host may carry the listener's port, and so may the domain).
+fn host_target(headers: &HeaderMap, domain: Option<&str>) -> Option<Target> {
+    let domain = domain?.to_ascii_lowercase();
+    let host = headers
+        .get(header::HOST)?
+        .to_str()
+        .ok()?
+        .to_ascii_lowercase();
+    let without_port = host.rsplit_once(':').map(|(h, _)| h.to_string());
+    let label = [Some(host.as_str()), without_port.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(|h| h.strip_suffix(&domain)?.strip_suffix('.'))?;
+    let (port, id) = label.split_once('-')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    valid_id(id).then(|| Target {
+        sandbox_id: id.to_string(),
+        port,
+    })
+}
+
+fn bad_request(message: &str) -> ApiError {
+    ApiError::bad_request(message)
+}
+
+/// The E2B proxy's answer for a sandbox that is not running; the SDK keys on "was not found".
+fn sandbox_error(id: &str, message: &str) -> Response {
+    let body = serde_json::json!({"sandboxId": id, "message": message, "code": 502});
+    let mut resp = (StatusCode::BAD_GATEWAY, Json(body)).into_response();
+    no_retry(StatusCode::BAD_GATEWAY, &mut resp);
+    resp
+}
+
+/// Middleware in front of the API: sandbox traffic never reaches the API's routes.
+pub async fn dispatch(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match target_of(req.headers(), st.domain.as_deref()) {
+        Ok(None) => next.run(req).await,
+        Ok(Some(target)) => st.proxy.forward(&st, target, req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes headers that describe one connection, not the message. For an upgrade the
+/// `Connection: upgrade` + `Upgrade` pair is what the next hop needs, so it is kept.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+impl SandboxProxy {
+    pub async fn forward(&self, st: &AppState, target: Target, mut req: Request) -> Response {
+        let id = target.sandbox_id;
+        let Some(ip) = st.warren.route(&id) else {
+            return sandbox_error(&id, "The sandbox was not found");
+        };
+        let upgrade = is_upgrade(req.headers());
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = match format!("http://{ip}:{}{path}", target.port).parse() {
+            Ok(u) => u,
+            Err(_) => return bad_request("invalid request path").into_response(),
+        };
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        let out = Request::from_parts(parts, body);
+
+        let mut resp = match self.client.request(out).await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return sandbox_error(
+                    &id,
+                    &format!(
+                        "The sandbox is running but port is not open (port {})",
+                        target.port
+                    ),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, port = target.port, error = %e, "proxy error");
+                return sandbox_error(&id, &format!("error talking to the sandbox: {e}"));
+            }
+        };
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(client_side)) = (switched, client_side) {
+            let sandbox_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_side, sandbox_side) {
+                    Ok((c, s)) => {
+                        let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        strip_hop_by_hop(resp.headers_mut(), switched);
+        resp.map(Body::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn targets() {
+        let t = |p: &[(&str, &str)], d: Option<&str>| target_of(&headers(p), d).ok().flatten();
+        assert_eq!(
+            t(
+                &[("e2b-sandbox-id", "abc1"), ("e2b-sandbox-port", "49983")],
+                None
+            ),
+            Some(Target {
+                sandbox_id: "abc1".into(),
+                port: 49983
+            })
+        );
+        assert_eq!(
+            t(&[("host", "49999-abc1.sbx.local:3000")], Some("sbx.local")),
+            Some(Target {
+                sandbox_id: "abc1".into(),
+                port: 49999
+            })
+        );
+        assert_eq!(
+            t(
+                &[("host", "8080-abc1.localhost:3000")],
+                Some("localhost:3000")
+            ),
+            Some(Target {
+                sandbox_id: "abc1".into(),
+                port: 8080
+            })
+        );
+        assert_eq!(
+            t(&[("host", "localhost:3000")], Some("localhost:3000")),
+            None
+        );
+        assert_eq!(t(&[("host", "49983-abc1.other")], Some("sbx.local")), None);
+        assert_eq!(t(&[("host", "49983-abc1.sbx.local")], None), None);
+        assert!(target_of(&headers(&[("e2b-sandbox-id", "abc")]), None).is_err());
+        assert!(target_of(&headers(&[("e2b-sandbox-port", "1")]), None).is_err());
+        for bad in ["x", "0", "65536", "-1"] {
+            assert!(target_of(
+                &headers(&[("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", bad)]),
+                None
+            )
+            .is_err());
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("x-access-token", "t"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-access-token"));
+
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+}

@@ -1,0 +1,241 @@
+//! Handlers of the E2B control-plane endpoints: parse, call the orchestrator, shape the answer.
+
+use crate::error::ApiError;
+use crate::extract::{Auth, JsonBody};
+use crate::models::*;
+use crate::AppState;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use percent_encoding::percent_decode_str;
+use warren_core::{ConnectOutcome, CreateRequest, ListOrder, ListQuery, PublicState};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub async fn create(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    JsonBody(body): JsonBody<NewSandbox>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    let req = CreateRequest {
+        template_id: body.template_id,
+        timeout_secs: body.timeout,
+        metadata: body.metadata.unwrap_or_default(),
+        env_vars: body.env_vars.unwrap_or_default(),
+        allow_internet: body.allow_internet_access,
+        auto_pause: body.auto_pause.unwrap_or(false),
+    };
+    let rec = st.warren.create(&who, req).await?;
+    Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
+}
+
+pub async fn get(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxDetailJson>> {
+    let rec = st.warren.get(&who, &id).await?;
+    Ok(Json(SandboxDetailJson::new(
+        &rec,
+        &st.warren.config().envd_version,
+        st.domain.as_deref(),
+    )))
+}
+
+pub async fn list_v2(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let q = parse_list_query(query.as_deref().unwrap_or(""))?;
+    let page = st.warren.list(&who, &q).await?;
+    let items: Vec<ListedSandboxJson> = page
+        .sandboxes
+        .iter()
+        .map(|r| ListedSandboxJson::new(r, &st.warren.config().envd_version))
+        .collect();
+    let mut resp = Json(items).into_response();
+    if let Some(token) = page.next_token {
+        let v = HeaderValue::from_str(&token).expect("tokens are base64");
+        resp.headers_mut().insert("x-next-token", v);
+    }
+    Ok(resp)
+}
+
+/// v1 list: same filters, one page with everything.
+pub async fn list_v1(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<Vec<ListedSandboxJson>>> {
+    let mut q = parse_list_query(query.as_deref().unwrap_or(""))?;
+    q.limit = None;
+    q.next_token = None;
+    let page = st.warren.list(&who, &q).await?;
+    Ok(Json(
+        page.sandboxes
+            .iter()
+            .map(|r| ListedSandboxJson::new(r, &st.warren.config().envd_version))
+            .collect(),
+    ))
+}
+
+pub async fn kill(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.warren.kill(&who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn set_timeout(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TimeoutBody>,
+) -> ApiResult<StatusCode> {
+    st.warren.set_timeout(&who, &id, body.timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn pause(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(_): JsonBody<PauseBody>,
+) -> ApiResult<StatusCode> {
+    st.warren.pause(&who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// v2 connect (and the v1 alias): 201 when a paused sandbox was resumed, 200 when it was running.
+pub async fn connect(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ConnectBody>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    let (rec, outcome) = st.warren.connect(&who, &id, body.timeout).await?;
+    let status = match outcome {
+        ConnectOutcome::Resumed => StatusCode::CREATED,
+        ConnectOutcome::AlreadyRunning => StatusCode::OK,
+    };
+    Ok((status, Json(st.sandbox_json(&rec))))
+}
+
+/// v1 resume: like connect, but a running sandbox is a conflict (as upstream answers it).
+pub async fn resume(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ConnectBody>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    let rec = st.warren.get(&who, &id).await?;
+    if rec.state.public() == Some(PublicState::Running) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already running"),
+        ));
+    }
+    let (rec, _) = st.warren.connect(&who, &id, body.timeout).await?;
+    Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
+}
+
+/// Warren keeps no metrics history yet: an empty series for a sandbox that exists.
+pub async fn metrics(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    st.warren.get(&who, &id).await?;
+    Ok(Json(vec![]))
+}
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} not allowed on {}", uri.path()),
+    )
+}
+
+/// Parses the query of `GET /v2/sandboxes`.
+///
+/// `metadata` is how the SDK encodes it: each key and value percent-quoted, joined as a query
+/// string, sent as one parameter. So: decode the parameter (done by the outer parse), parse it as
+/// a query string, then unquote each key and value.
+pub fn parse_list_query(raw: &str) -> ApiResult<ListQuery> {
+    let mut q = ListQuery::default();
+    for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
+        match k.as_ref() {
+            "metadata" => {
+                for (mk, mv) in url::form_urlencoded::parse(v.as_bytes()) {
+                    let unquote = |s: &str| {
+                        percent_decode_str(s)
+                            .decode_utf8()
+                            .map(|c| c.into_owned())
+                            .map_err(|_| ApiError::bad_request("metadata filter is not UTF-8"))
+                    };
+                    q.metadata.insert(unquote(&mk)?, unquote(&mv)?);
+                }
+            }
+            "state" => {
+                let mut states = vec![];
+                for s in v.split(',').filter(|s| !s.is_empty()) {
+                    states.push(match s {
+                        "running" => PublicState::Running,
+                        "paused" => PublicState::Paused,
+                        other => {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid state {other:?}: expected running or paused"
+                            )))
+                        }
+                    });
+                }
+                q.states = Some(states);
+            }
+            "limit" => {
+                q.limit = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "invalid limit {v:?}: expected a positive integer"
+                    ))
+                })?)
+            }
+            "nextToken" => q.next_token = Some(v.into_owned()).filter(|t| !t.is_empty()),
+            "order" => {
+                q.order = match v.as_ref() {
+                    "asc" => ListOrder::Asc,
+                    "desc" => ListOrder::Desc,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid order {other:?}: expected asc or desc"
+                        )))
+                    }
+                }
+            }
+            "template" => q.template = Some(v.into_owned()),
+            "startedAfter" => {
+                let t = DateTime::parse_from_rfc3339(&v).map_err(|e| {
+                    ApiError::bad_request(format!("invalid startedAfter {v:?}: {e}"))
+                })?;
+                q.started_after = Some(t.with_timezone(&Utc));
+            }
+            // Unknown parameters are ignored, like upstream.
+            _ => {}
+        }
+    }
+    Ok(q)
+}
