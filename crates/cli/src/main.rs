@@ -1,0 +1,128 @@
+//! `warren`: the daemon (`warren serve`) and a command-line client of its HTTP API.
+
+mod client;
+mod exec;
+mod output;
+mod serve;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "warren",
+    version,
+    about = "Self-hosted E2B-compatible sandboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: E2B API and sandbox router on one listener.
+    Serve(serve::ServeArgs),
+    /// Manage sandboxes through a running daemon.
+    #[command(visible_alias = "sb")]
+    Sandbox {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Daemon URL.
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_URL",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub url: String,
+    /// API key (default: the key in the daemon's config.json, if readable).
+    #[arg(long, global = true, env = "WARREN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox and print its id.
+    Create(client::CreateArgs),
+    /// List running and paused sandboxes.
+    #[command(visible_alias = "ls")]
+    List(client::ListArgs),
+    /// Show one sandbox.
+    Get { id: String },
+    /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
+    Exec(exec::ExecArgs),
+    /// Pause (freeze) a sandbox.
+    Pause { id: String },
+    /// Resume a paused sandbox.
+    Resume {
+        id: String,
+        /// New lifetime in seconds (default: the daemon's default, 300).
+        #[arg(long)]
+        timeout: Option<i64>,
+    },
+    /// Kill a sandbox.
+    #[command(visible_alias = "rm")]
+    Kill { id: String },
+    /// Set a sandbox's remaining lifetime.
+    Timeout { id: String, seconds: i64 },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await.map(|()| 0),
+            Command::Sandbox { client, command } => run_client(client, command).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("warren: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_client(args: ClientArgs, command: SandboxCommand) -> anyhow::Result<u8> {
+    let api = client::ApiClient::new(&args)?;
+    let out = args.output;
+    match command {
+        SandboxCommand::Create(c) => client::create(&api, out, c).await?,
+        SandboxCommand::List(l) => client::list(&api, out, l).await?,
+        SandboxCommand::Get { id } => client::get(&api, out, &id).await?,
+        SandboxCommand::Exec(e) => return exec::run(&api, &args, e).await,
+        SandboxCommand::Pause { id } => client::pause(&api, &id).await?,
+        SandboxCommand::Resume { id, timeout } => client::resume(&api, out, &id, timeout).await?,
+        SandboxCommand::Kill { id } => client::kill(&api, &id).await?,
+        SandboxCommand::Timeout { id, seconds } => client::set_timeout(&api, &id, seconds).await?,
+    }
+    Ok(0)
+}

@@ -1,0 +1,157 @@
+//! `warren serve`: the daemon.
+
+use anyhow::Context;
+use clap::Args;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use warren_core::{ApiKeys, Store, TemplateRegistry, Warren, WarrenConfig};
+use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address of the API and sandbox router.
+    #[arg(long, env = "WARREN_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Where the database, config, templates and sandbox state live.
+    #[arg(long, env = "WARREN_DATA_DIR", default_value = "/var/lib/warren")]
+    data_dir: PathBuf,
+    /// Extra templates: each `<dir>/<name>/rootfs` is a template named `<name>`.
+    #[arg(long, env = "WARREN_TEMPLATES_DIR")]
+    templates_dir: Option<PathBuf>,
+    /// The accepted API key (replaces the keys of `<data-dir>/config.json`).
+    #[arg(long, env = "WARREN_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Sandbox domain: also route Host `<port>-<id>.<domain>` and report it to SDKs.
+    #[arg(long, env = "WARREN_DOMAIN")]
+    domain: Option<String>,
+    /// Path of warren-envd (default: next to this executable, else /usr/local/bin/warren-envd).
+    #[arg(long, env = "WARREN_ENVD_BINARY")]
+    envd_binary: Option<PathBuf>,
+}
+
+fn default_envd_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("warren-envd")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/warren-envd"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    // Owner-only: it holds the API keys, the database with access tokens, and sandbox disks.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging();
+    let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir.clone());
+    create_data_dir(&data_dir)?;
+
+    let (keys, generated) =
+        ApiKeys::load_or_init(&data_dir, args.api_key.as_deref()).context("loading API keys")?;
+    if let Some(key) = generated {
+        println!(
+            "Generated API key (stored in {}):\n\n    {key}\n\nUse it as E2B_API_KEY / WARREN_API_KEY.",
+            warren_core::auth::config_path(&data_dir).display()
+        );
+    }
+
+    let envd = args.envd_binary.clone().unwrap_or_else(default_envd_binary);
+    let runtime = LinuxRuntime::new(LinuxRuntimeConfig::derived(data_dir.clone(), envd))
+        .await
+        .context("initialising the sandbox runtime (warren serve needs root)")?;
+
+    let templates = TemplateRegistry::new(args.templates_dir.clone());
+    let dd = data_dir.clone();
+    let base = tokio::task::spawn_blocking(move || prepare_base_template(&dd))
+        .await?
+        .context("preparing the base template")?;
+    templates.register("base", base);
+
+    let store = Store::open(&data_dir).context("opening the database")?;
+    let warren = Arc::new(Warren::new(
+        Arc::new(runtime),
+        store,
+        templates,
+        keys,
+        WarrenConfig::default(),
+    ));
+    let report = warren.recover().await.context("recovering sandboxes")?;
+    tracing::info!(
+        adopted = report.adopted.len(),
+        removed = report.killed.len(),
+        swept = report.swept.len(),
+        "recovery done"
+    );
+    let background = warren.spawn_background();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, data_dir = %data_dir.display(), "warren is serving");
+
+    let app = warren_api::app(
+        warren.clone(),
+        warren_api::ApiOptions {
+            domain: args.domain.clone(),
+        },
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    let mut server = std::pin::pin!(server);
+
+    tokio::select! {
+        res = &mut server => {
+            background.abort();
+            return res.context("server task")?.context("serving");
+        }
+        sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down; sandboxes keep running"),
+    }
+    let _ = stop_tx.send(());
+    background.abort();
+    // Open streams (a running `commands.run`) would keep a graceful shutdown waiting forever;
+    // give them a moment, then go. Sandboxes are unaffected and are re-adopted at next start.
+    if tokio::time::timeout(Duration::from_secs(5), &mut server)
+        .await
+        .is_err()
+    {
+        tracing::info!("closing remaining connections");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
