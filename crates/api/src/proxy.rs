@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+use warren_runtime::ENVD_PORT;
 
 /// A pooled HTTP/1 client to sandboxes.
 #[derive(Clone)]
@@ -120,10 +121,60 @@ fn sandbox_error(id: &str, message: &str) -> Response {
 /// Middleware in front of the API: sandbox traffic never reaches the API's routes.
 pub async fn dispatch(State(st): State<AppState>, req: Request, next: Next) -> Response {
     match target_of(req.headers(), st.domain.as_deref()) {
-        Ok(None) => next.run(req).await,
+        Ok(None) => match signed_file_target(&req, &st) {
+            Some((id, ip)) => st.proxy.forward_to(&id, ip, ENVD_PORT, req).await,
+            None => next.run(req).await,
+        },
         Ok(Some(target)) => st.proxy.forward(&st, target, req).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The SDK's signed file URLs (`download_url`/`upload_url`) are fetched by plain clients without
+/// sandbox headers. With one URL for all sandboxes, the signature is the only address: find the
+/// running sandbox whose envd token reproduces it (`v1_` + base64(sha256(path:op:user:token[:exp]))).
+/// envd verifies the signature again; this only routes.
+fn signed_file_target(req: &Request, st: &AppState) -> Option<(String, std::net::Ipv4Addr)> {
+    if req.uri().path() != "/files" {
+        return None;
+    }
+    let op = match *req.method() {
+        axum::http::Method::GET => "read",
+        axum::http::Method::POST => "write",
+        _ => return None,
+    };
+    let mut path = None;
+    let mut user = String::new();
+    let mut signature = None;
+    let mut expiration = None;
+    for (k, v) in url::form_urlencoded::parse(req.uri().query()?.as_bytes()) {
+        match k.as_ref() {
+            "path" => path = Some(v.into_owned()),
+            "username" => user = v.into_owned(),
+            "signature" => signature = Some(v.into_owned()),
+            "signature_expiration" => expiration = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let (path, signature) = (path?, signature?);
+    st.warren.route_by_token(|token| {
+        let mut text = format!("{path}:{op}:{user}:{token}");
+        if let Some(exp) = &expiration {
+            text.push(':');
+            text.push_str(exp);
+        }
+        file_signature(&text) == signature
+    })
+}
+
+fn file_signature(text: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -172,11 +223,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 impl SandboxProxy {
-    pub async fn forward(&self, st: &AppState, target: Target, mut req: Request) -> Response {
+    pub async fn forward(&self, st: &AppState, target: Target, req: Request) -> Response {
         let id = target.sandbox_id;
         let Some(ip) = st.warren.route(&id) else {
             return sandbox_error(&id, "The sandbox was not found");
         };
+        self.forward_to(&id, ip, target.port, req).await
+    }
+
+    async fn forward_to(
+        &self,
+        id: &str,
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        mut req: Request,
+    ) -> Response {
         let upgrade = is_upgrade(req.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -185,7 +246,7 @@ impl SandboxProxy {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        parts.uri = match format!("http://{ip}:{}{path}", target.port).parse() {
+        parts.uri = match format!("http://{ip}:{port}{path}").parse() {
             Ok(u) => u,
             Err(_) => return bad_request("invalid request path").into_response(),
         };
@@ -196,16 +257,13 @@ impl SandboxProxy {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
                 return sandbox_error(
-                    &id,
-                    &format!(
-                        "The sandbox is running but port is not open (port {})",
-                        target.port
-                    ),
+                    id,
+                    &format!("The sandbox is running but port is not open (port {port})"),
                 )
             }
             Err(e) => {
-                tracing::warn!(sandbox = %id, port = target.port, error = %e, "proxy error");
-                return sandbox_error(&id, &format!("error talking to the sandbox: {e}"));
+                tracing::warn!(sandbox = %id, port, error = %e, "proxy error");
+                return sandbox_error(id, &format!("error talking to the sandbox: {e}"));
             }
         };
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -286,6 +344,15 @@ mod tests {
             )
             .is_err());
         }
+    }
+
+    #[test]
+    fn file_signature_matches_the_sdk() {
+        // Vector from e2b.sandbox.signature.get_signature("/home/user/a.txt", "read", "user", "tok123").
+        assert_eq!(
+            file_signature("/home/user/a.txt:read:user:tok123"),
+            "v1_HB2bgZ+RgifWQVkD4WDT8wNBFTVrggZWSRD5EqI0H/0"
+        );
     }
 
     #[test]

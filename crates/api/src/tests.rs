@@ -789,3 +789,39 @@ async fn router_forwards_streams_and_reports_closed_ports() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn signed_file_urls_route_without_headers() {
+    use base64::Engine;
+    use sha2::Digest;
+    let app = test_app(None);
+    let created = create(&app, KEY1, r#"{"templateID":"base"}"#).await;
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let token = created["envdAccessToken"].as_str().unwrap().to_string();
+    let sign = |text: String| {
+        let d = sha2::Sha256::digest(text.as_bytes());
+        format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(d)
+        )
+    };
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let sig = sign(format!("/home/user/a.txt:read::{token}:1999999999"));
+    let uri = format!(
+        "/files?path=%2Fhome%2Fuser%2Fa.txt&signature={}&signature_expiration=1999999999",
+        enc(&sig)
+    );
+    // Routed to the sandbox's envd port on 127.0.0.1: usually nothing listens there (502 naming
+    // the sandbox), but an envd run by someone else on this host may answer; never the API.
+    let (s, v, _) = call(&app, "GET", &uri, None, None, &[]).await;
+    assert_ne!(v["message"], "no such endpoint: /files", "{v}");
+    if s == StatusCode::BAD_GATEWAY {
+        assert_eq!(v["sandboxId"], json!(id));
+    }
+
+    // A signature no sandbox made is not routed anywhere.
+    let uri = "/files?path=%2Fhome%2Fuser%2Fa.txt&signature=v1_bogus";
+    let (s, v, _) = call(&app, "GET", uri, None, None, &[]).await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    assert_eq!(v["message"], "no such endpoint: /files");
+}

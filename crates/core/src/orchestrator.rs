@@ -154,9 +154,9 @@ pub struct Warren {
     clock: Arc<dyn Clock>,
     /// Per-sandbox operation locks.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Address of every sandbox in state `Running`, kept in memory because the router asks on
-    /// every proxied request.
-    routes: RwLock<HashMap<String, Ipv4Addr>>,
+    /// Address and envd token of every sandbox in state `Running`, kept in memory because the
+    /// router asks on every proxied request.
+    routes: RwLock<HashMap<String, (Ipv4Addr, String)>>,
 }
 
 impl Warren {
@@ -222,14 +222,25 @@ impl Warren {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .copied()
+            .map(|(ip, _)| *ip)
+    }
+
+    /// For requests that carry no sandbox address but are signed with a sandbox's envd token
+    /// (the SDK's signed file URLs): the running sandbox whose token `signed_by` accepts.
+    pub fn route_by_token(&self, signed_by: impl Fn(&str) -> bool) -> Option<(String, Ipv4Addr)> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, (_, token))| signed_by(token))
+            .map(|(id, (ip, _))| (id.clone(), *ip))
     }
 
     fn set_route(&self, rec: &SandboxRecord) {
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         match (&rec.placement, rec.state) {
             (Some(p), SandboxState::Running) => {
-                routes.insert(rec.id.clone(), p.ip);
+                routes.insert(rec.id.clone(), (p.ip, rec.envd_access_token.clone()));
             }
             _ => {
                 routes.remove(&rec.id);

@@ -110,6 +110,12 @@ async fn create_runs_and_records() {
     );
     assert!(!fake.spec.network.allow_internet);
     assert_eq!(f.warren.route(&rec.id), Some(fake.placement.ip));
+    let token = rec.envd_access_token.clone();
+    assert_eq!(
+        f.warren.route_by_token(|t| t == token),
+        Some((rec.id.clone(), fake.placement.ip))
+    );
+    assert_eq!(f.warren.route_by_token(|_| false), None);
     assert_eq!(f.store.get(&rec.id).await.unwrap().unwrap(), rec);
 }
 
