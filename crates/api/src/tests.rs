@@ -825,3 +825,56 @@ async fn signed_file_urls_route_without_headers() {
     assert_error(s, &v, StatusCode::NOT_FOUND);
     assert_eq!(v["message"], "no such endpoint: /files");
 }
+
+/// Reads until the end of an HTTP head.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = vec![];
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "eof in head");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test]
+async fn router_splices_upgraded_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Upstream: answers any request with 101 and then echoes bytes.
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_port = up.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = up.accept().await.unwrap();
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        assert!(head.contains("upgrade: echo"), "{head}");
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (mut r, mut w) = s.into_split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+    });
+
+    let app = test_app(None);
+    let id = create(&app, KEY1, r#"{"templateID":"base"}"#).await["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(front, app).await.unwrap() });
+
+    let mut c = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\nE2b-Sandbox-Id: {id}\r\nE2b-Sandbox-Port: {up_port}\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
