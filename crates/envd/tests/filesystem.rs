@@ -275,15 +275,114 @@ async fn file_operations_run_with_the_users_permissions() {
 }
 
 #[tokio::test]
-async fn watchers_answer_unimplemented_for_now() {
+async fn polling_watcher_reports_events() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
     let envd = start_envd(root_config()).await;
     let (status, body) = envd
         .unary(
             "/filesystem.Filesystem/CreateWatcher",
-            json!({ "path": "/tmp" }),
+            json!({ "path": dir.path().to_str().unwrap(), "recursive": true }),
             None,
         )
         .await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
-    assert_eq!(body["code"], "unimplemented");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = body["watcherId"].as_str().unwrap().to_string();
+
+    std::fs::write(dir.path().join("new.txt"), b"1").unwrap();
+    std::fs::write(dir.path().join("sub/deep.txt"), b"2").unwrap();
+    std::fs::remove_file(dir.path().join("new.txt")).unwrap();
+
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for _ in 0..50 {
+        let (status, body) = envd
+            .unary(
+                "/filesystem.Filesystem/GetWatcherEvents",
+                json!({ "watcher_id": id }),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for event in body["events"].as_array().unwrap() {
+            seen.push((
+                event["name"].as_str().unwrap().to_string(),
+                event["type"].as_str().unwrap().to_string(),
+            ));
+        }
+        if seen
+            .iter()
+            .any(|(n, t)| n == "new.txt" && t == "EVENT_TYPE_REMOVE")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let has = |name: &str, kind: &str| seen.iter().any(|(n, t)| n == name && t == kind);
+    assert!(has("new.txt", "EVENT_TYPE_CREATE"), "{seen:?}");
+    assert!(has("new.txt", "EVENT_TYPE_WRITE"), "{seen:?}");
+    assert!(has("sub/deep.txt", "EVENT_TYPE_CREATE"), "{seen:?}");
+    assert!(has("new.txt", "EVENT_TYPE_REMOVE"), "{seen:?}");
+
+    let (status, _) = envd
+        .unary(
+            "/filesystem.Filesystem/RemoveWatcher",
+            json!({ "watcherId": id }),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = envd
+        .unary(
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({ "watcherId": id }),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "not_found");
+}
+
+#[tokio::test]
+async fn watch_dir_streams_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let envd = start_envd(root_config()).await;
+    let mut stream = envd
+        .stream(
+            "/filesystem.Filesystem/WatchDir",
+            json!({ "path": dir.path().to_str().unwrap(), "includeEntry": true }),
+            None,
+        )
+        .await;
+    let (flags, first) = stream.next().await.unwrap();
+    assert_eq!((flags, first), (0, json!({ "start": {} })));
+    std::fs::create_dir(dir.path().join("made")).unwrap();
+    let event = stream
+        .next_matching(|m| m.get("filesystem").is_some())
+        .await;
+    assert_eq!(event["filesystem"]["name"], "made");
+    assert_eq!(event["filesystem"]["type"], "EVENT_TYPE_CREATE");
+    assert_eq!(event["filesystem"]["entry"]["type"], "FILE_TYPE_DIRECTORY");
+}
+
+#[tokio::test]
+async fn watching_a_missing_directory_is_not_found() {
+    let envd = start_envd(root_config()).await;
+    let (status, body) = envd
+        .unary(
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({ "path": "/no/such/dir" }),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let mut stream = envd
+        .stream(
+            "/filesystem.Filesystem/WatchDir",
+            json!({ "path": "/no/such/dir" }),
+            None,
+        )
+        .await;
+    let (flags, message) = stream.next().await.unwrap();
+    assert_eq!(flags, 0x02);
+    assert_eq!(message["error"]["code"], "not_found");
 }
