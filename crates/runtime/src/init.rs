@@ -613,3 +613,42 @@ fn set_capabilities(mask: u64) -> Result<(), InitError> {
         format!("{mask:#x}"),
     )
 }
+
+/// The whole init sequence of `warren-envd init`: fork into the pid namespace, read the spec,
+/// build the sandbox, listen on the envd port, drop privileges, report ready, then hand the
+/// listener to `serve` (which never returns). Failures are reported to the daemon and end the
+/// process.
+pub fn run_sandbox_init<F>(serve: F) -> !
+where
+    F: FnOnce(EnvdSettings, std::net::TcpListener) -> std::io::Result<()>,
+{
+    let fatal = |msg: String| -> ! {
+        let line = format!("error {}\n", msg.replace('\n', " "));
+        // SAFETY: writing a valid buffer to fd 1 (the status pipe until setup detaches it).
+        unsafe {
+            libc::write(1, line.as_ptr().cast(), line.len());
+            libc::_exit(1)
+        }
+    };
+    if let Err(e) = fork_into_pid_namespace() {
+        fatal(e.to_string());
+    }
+    let spec = read_spec().unwrap_or_else(|e| fatal(e.to_string()));
+    let ready = setup_sandbox(&spec).unwrap_or_else(|e| fatal(e.to_string()));
+    let listener = match std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, crate::ENVD_PORT)) {
+        Ok(l) => l,
+        Err(e) => {
+            ready.fail(&format!("bind envd port {}: {e}", crate::ENVD_PORT));
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = lock_down() {
+        ready.fail(&e.to_string());
+        std::process::exit(1);
+    }
+    ready.ready();
+    match serve(spec.envd, listener) {
+        Ok(()) => std::process::exit(0),
+        Err(_) => std::process::exit(1),
+    }
+}

@@ -292,6 +292,14 @@ impl CgroupManager {
         Ok(())
     }
 
+    /// Removes this daemon's (empty) parent cgroups. Idempotent.
+    pub fn remove_parents(&self) {
+        let _ = std::fs::remove_dir(self.v2_root.join(&self.parent));
+        for c in &self.v1 {
+            let _ = std::fs::remove_dir(Path::new(CGROUP_ROOT).join(c).join(&self.parent));
+        }
+    }
+
     /// Ids of every sandbox cgroup of this daemon (in any hierarchy).
     pub fn list(&self) -> Vec<String> {
         let mut ids = std::collections::BTreeSet::new();

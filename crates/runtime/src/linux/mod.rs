@@ -135,10 +135,12 @@ impl LinuxRuntime {
         &self.cgroups
     }
 
-    /// Removes the bridge and nftables tables (for tests and `warren` uninstall paths); live
-    /// sandboxes lose their network.
-    pub async fn teardown_host_network(&self) -> Result<(), RuntimeError> {
-        self.net.teardown().await
+    /// Removes the host state shared by sandboxes: bridge, nftables tables and parent cgroups
+    /// (for tests and uninstalling). Call after every sandbox is destroyed.
+    pub async fn teardown_host(&self) -> Result<(), RuntimeError> {
+        self.net.teardown().await?;
+        self.cgroups.remove_parents();
+        Ok(())
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {

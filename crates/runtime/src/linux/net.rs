@@ -215,6 +215,7 @@ impl HostNetwork {
 
     fn install_rules(&self) -> Result<(), RuntimeError> {
         let (t, br, subnet) = (&self.table, &self.bridge, self.ipam.cidr());
+        let vp = &self.veth_prefix;
         // `add` is idempotent for tables, sets and chains; flushing the chains (not the set) keeps
         // the no-internet addresses of sandboxes that survive a daemon restart.
         let script = format!(
@@ -235,7 +236,7 @@ add rule inet {t} postrouting ip saddr {subnet} oifname != "{br}" masquerade
 add table bridge {t}
 add chain bridge {t} forward {{ type filter hook forward priority -10; policy accept; }}
 flush chain bridge {t} forward
-add rule bridge {t} forward meta ibrname "{br}" drop
+add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
 "#
         );
         nft(&script)
