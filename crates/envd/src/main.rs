@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use warren_envd::EnvdConfig;
 
 const USAGE: &str = "usage: warren-envd serve --listen ADDR [--access-token TOKEN] \
-[--default-user USER] [--env KEY=VALUE]...";
+[--default-user USER] [--env KEY=VALUE]...
+       warren-envd init   (started by the Warren daemon as a sandbox's first process)";
 
 struct ServeArgs {
     listen: String,
@@ -53,7 +54,33 @@ fn parse_serve_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Se
     Ok(ServeArgs { listen, config })
 }
 
+/// `warren-envd init`: build the sandbox around this process (see `warren_runtime::init`), then
+/// serve on the listener it bound. Never returns.
+fn sandbox_init() -> ! {
+    warren_runtime::init::run_sandbox_init(|settings, listener| {
+        let config = EnvdConfig {
+            access_token: settings.access_token,
+            env_vars: settings.env_vars,
+            default_user: settings.default_user,
+        };
+        warren_envd::start_reaper();
+        // One worker keeps the per-sandbox footprint small; blocking file work has its own pool.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            warren_envd::serve(config, listener).await
+        })
+    })
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        sandbox_init();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
