@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -98,6 +99,7 @@ impl EndInfo {
 pub enum ProcessEvent {
     Stdout(Bytes),
     Stderr(Bytes),
+    Pty(Bytes),
     End(EndInfo),
 }
 
@@ -122,6 +124,7 @@ pub struct ManagedProcess {
     pub spec: ProcessSpec,
     stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
     stdin_enabled: bool,
+    pty: Option<PtyMaster>,
     hub: Mutex<Hub>,
 }
 
@@ -181,6 +184,32 @@ impl ManagedProcess {
         })
     }
 
+    pub async fn write_pty(&self, data: &[u8]) -> Result<(), RpcError> {
+        let pty = self.pty.as_ref().ok_or_else(|| {
+            RpcError::new(
+                Code::FailedPrecondition,
+                format!("process {} has no PTY", self.pid),
+            )
+        })?;
+        pty.write_all(data).await.map_err(|err| {
+            RpcError::internal(format!(
+                "failed to write to the PTY of process {}: {err}",
+                self.pid
+            ))
+        })
+    }
+
+    pub fn resize_pty(&self, cols: u16, rows: u16) -> Result<(), RpcError> {
+        let pty = self.pty.as_ref().ok_or_else(|| {
+            RpcError::new(
+                Code::FailedPrecondition,
+                format!("process {} has no PTY", self.pid),
+            )
+        })?;
+        set_window_size(pty.writer.get_ref(), cols, rows)
+            .map_err(|err| RpcError::internal(format!("failed to resize the PTY: {err}")))
+    }
+
     pub async fn close_stdin(&self) -> Result<(), RpcError> {
         if !self.stdin_enabled {
             return Err(RpcError::new(
@@ -226,6 +255,8 @@ pub struct StartOptions {
     pub user: User,
     pub tag: Option<String>,
     pub stdin: bool,
+    /// Terminal size `(cols, rows)` when the process gets a PTY instead of pipes.
+    pub pty: Option<(u16, u16)>,
 }
 
 #[derive(Default)]
@@ -243,6 +274,8 @@ struct ChildSetup {
     cwd: CString,
     /// First signal number not to reset (`SIGRTMIN`, looked up before fork).
     reset_signals_below: libc::c_int,
+    /// stdin is a PTY slave that must become the controlling terminal.
+    controlling_tty: bool,
 }
 
 impl ChildSetup {
@@ -254,6 +287,9 @@ impl ChildSetup {
             // A new session makes the child a process-group leader, so signals can
             // target everything it starts, and detaches it from envd's terminal.
             if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if self.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             if self.switch_credentials {
@@ -400,19 +436,41 @@ impl ProcessManager {
             cwd: CString::new(options.cwd.as_os_str().as_bytes())
                 .map_err(|_| RpcError::invalid_argument("cwd contains a NUL byte"))?,
             reset_signals_below: libc::SIGRTMIN(),
+            controlling_tty: options.pty.is_some(),
         };
+        let pty = options
+            .pty
+            .map(|(cols, rows)| open_pty(cols, rows))
+            .transpose()
+            .map_err(|err| RpcError::internal(format!("failed to allocate a PTY: {err}")))?;
         let mut command = Command::new(&options.cmd);
         command
             .args(&options.args)
             .env_clear()
-            .envs(process_env(&options))
-            .stdin(if options.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .envs(process_env(&options));
+        match &pty {
+            Some((_, slave)) => {
+                let stdio = |fd: &OwnedFd| -> Result<Stdio, RpcError> {
+                    fd.try_clone().map(Stdio::from).map_err(|err| {
+                        RpcError::internal(format!("failed to set up the PTY: {err}"))
+                    })
+                };
+                command
+                    .stdin(stdio(slave)?)
+                    .stdout(stdio(slave)?)
+                    .stderr(stdio(slave)?);
+            }
+            None => {
+                command
+                    .stdin(if options.stdin {
+                        Stdio::piped()
+                    } else {
+                        Stdio::null()
+                    })
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+            }
+        }
         // SAFETY: `ChildSetup::apply` only makes async-signal-safe calls on data
         // prepared before fork (see its body).
         unsafe {
@@ -435,6 +493,8 @@ impl ProcessManager {
             )
         })?;
         let pid = child.id();
+        // Only the child may hold the slave, or the master never sees EOF/EIO.
+        let pty_master = pty.map(|(master, _slave)| master);
 
         let pipes = (|| -> io::Result<_> {
             let stdout = child.stdout.take().map(into_receiver).transpose()?;
@@ -444,11 +504,15 @@ impl ProcessManager {
                 .take()
                 .map(|fd| pipe::Sender::from_owned_fd(fd.into()))
                 .transpose()?;
-            Ok((stdout, stderr, stdin))
+            let pty = match pty_master {
+                Some(master) => Some(PtyMaster::new(master)?),
+                None => None,
+            };
+            Ok((stdout, stderr, stdin, pty))
         })();
         // Dropping `child` neither kills nor waits; the reaper owns its status.
         drop(child);
-        let (stdout, stderr, stdin) = match pipes {
+        let (stdout, stderr, stdin, pty) = match pipes {
             Ok(pipes) => pipes,
             Err(err) => {
                 // SAFETY: kill has no memory-safety preconditions.
@@ -470,14 +534,23 @@ impl ProcessManager {
                 tag: options.tag,
             },
             stdin: tokio::sync::Mutex::new(stdin),
-            stdin_enabled: options.stdin,
+            stdin_enabled: options.stdin && pty.is_none(),
+            pty: pty.as_ref().map(|(writer, _)| writer.clone_handle()),
             hub: Mutex::new(Hub {
                 subscribers: vec![owner_tx],
                 end: None,
             }),
         });
         self.table().insert(pid, process.clone());
-        tokio::spawn(pump(self.clone(), process.clone(), stdout, stderr, exit));
+        let pty_reader = pty.map(|(_, reader)| reader);
+        tokio::spawn(pump(
+            self.clone(),
+            process.clone(),
+            stdout,
+            stderr,
+            pty_reader,
+            exit,
+        ));
         Ok((process, owner_rx))
     }
 
@@ -486,8 +559,8 @@ impl ProcessManager {
     }
 }
 
-async fn read_pipe(
-    mut pipe: pipe::Receiver,
+async fn read_pipe<R: tokio::io::AsyncRead + Unpin>(
+    mut pipe: R,
     wrap: fn(Bytes) -> ProcessEvent,
     events: mpsc::Sender<ProcessEvent>,
     mut exited: watch::Receiver<bool>,
@@ -526,6 +599,7 @@ async fn pump(
     process: Arc<ManagedProcess>,
     stdout: Option<pipe::Receiver>,
     stderr: Option<pipe::Receiver>,
+    pty: Option<PtyReader>,
     mut exit: oneshot::Receiver<WaitStatus>,
 ) {
     let (exited_tx, exited_rx) = watch::channel(false);
@@ -542,6 +616,14 @@ async fn pump(
         tokio::spawn(read_pipe(
             stderr,
             ProcessEvent::Stderr,
+            events_tx.clone(),
+            exited_rx.clone(),
+        ));
+    }
+    if let Some(pty) = pty {
+        tokio::spawn(read_pipe(
+            pty,
+            ProcessEvent::Pty,
             events_tx.clone(),
             exited_rx.clone(),
         ));
@@ -575,4 +657,110 @@ async fn pump(
     process.hub().subscribers.clear();
     // Closing stdin lets nothing hold the pipe after the process is gone.
     process.stdin.lock().await.take();
+}
+
+fn set_window_size(fd: &OwnedFd, cols: u16, rows: u16) -> io::Result<()> {
+    let size = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(fd, size).map_err(io::Error::from)
+}
+
+/// Allocates a PTY pair sized `cols`×`rows`; returns `(master, slave)`.
+fn open_pty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let slave_path = ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        slave_path.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    set_window_size(&master, cols, rows)?;
+    Ok((master, slave))
+}
+
+fn register_nonblocking(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+    // SAFETY: the OwnedFd moves into the AsyncFd, stays open for its whole
+    // lifetime and always reports the same descriptor.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+/// The writing side of a PTY master (input and resizes).
+pub struct PtyMaster {
+    writer: Arc<AsyncFd<OwnedFd>>,
+}
+
+/// The reading side of a PTY master: terminal output as an `AsyncRead`.
+pub struct PtyReader {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PtyMaster {
+    fn new(master: OwnedFd) -> io::Result<(PtyMaster, PtyReader)> {
+        let reader = master.try_clone()?;
+        Ok((
+            PtyMaster {
+                writer: Arc::new(register_nonblocking(master)?),
+            },
+            PtyReader {
+                fd: register_nonblocking(reader)?,
+            },
+        ))
+    }
+
+    fn clone_handle(&self) -> PtyMaster {
+        PtyMaster {
+            writer: self.writer.clone(),
+        }
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.writer.writable().await?;
+            match guard.try_io(|fd| rustix::io::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
+                Ok(Ok(written)) => data = &data[written..],
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl tokio::io::AsyncRead for PtyReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::{ready, Poll};
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                rustix::io::read(fd.get_ref(), &mut *unfilled).map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Linux reports EIO on the master once every slave descriptor is
+                // closed: that is the terminal's end of file.
+                Ok(Err(err)) if err.raw_os_error() == Some(libc::EIO) => {
+                    return Poll::Ready(Ok(()))
+                }
+                Ok(Err(err)) => return Poll::Ready(Err(err)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
 }

@@ -12,8 +12,8 @@ use crate::connect::{self, stream_channel, EnvelopeReader, RpcError, StreamSende
 use crate::filesystem::resolve_path;
 use crate::process::{ManagedProcess, ProcessEvent, StartOptions, Subscription};
 use crate::proto::{
-    encode_bytes, ProcessSelector, SelectorRequest, SendInputRequest, SendSignalRequest, Signal,
-    StartRequest, StreamInputRequest, UpdateRequest,
+    encode_bytes, ProcessInput, ProcessSelector, PtySize, SelectorRequest, SendInputRequest,
+    SendSignalRequest, Signal, StartRequest, StreamInputRequest, UpdateRequest,
 };
 use crate::server::{rpc_user, stream_request, unary_request, unary_result, AppState};
 
@@ -108,11 +108,7 @@ async fn start_process(
     ),
     RpcError,
 > {
-    if req.pty.is_some() {
-        return Err(RpcError::unimplemented(
-            "PTY processes are not supported yet",
-        ));
-    }
+    let pty = req.pty.as_ref().map(|pty| terminal_size(pty.size));
     let config = req
         .process
         .ok_or_else(|| RpcError::invalid_argument("process config is required"))?;
@@ -134,6 +130,7 @@ async fn start_process(
         user,
         tag: req.tag,
         stdin: req.stdin.unwrap_or(false),
+        pty,
     };
     state.processes.start(options).await
 }
@@ -190,6 +187,9 @@ async fn forward_events(
                     }
                     Some(ProcessEvent::Stderr(data)) => {
                         event(json!({ "data": { "stderr": encode_bytes(&data) } }))
+                    }
+                    Some(ProcessEvent::Pty(data)) => {
+                        event(json!({ "data": { "pty": encode_bytes(&data) } }))
                     }
                     Some(ProcessEvent::End(end)) => {
                         if sender.send(&event(json!({ "end": end.to_json() }))).await {
@@ -262,20 +262,36 @@ async fn send_input(
     req: SendInputRequest,
 ) -> Result<serde_json::Value, RpcError> {
     let process = find(state, req.process.as_ref())?;
-    let input = req.input.unwrap_or_default();
-    if input.pty.is_some() {
-        return Err(RpcError::unimplemented("PTY input is not supported yet"));
+    write_input(&process, req.input.unwrap_or_default()).await?;
+    Ok(json!({}))
+}
+
+async fn write_input(process: &ManagedProcess, input: ProcessInput) -> Result<(), RpcError> {
+    if let Some(pty) = input.pty {
+        process.write_pty(&pty).await?;
     }
     if let Some(stdin) = input.stdin {
         process.write_stdin(&stdin).await?;
     }
-    Ok(json!({}))
+    Ok(())
+}
+
+/// `(cols, rows)`, with the conventional 80×24 for anything missing or zero.
+fn terminal_size(size: Option<PtySize>) -> (u16, u16) {
+    let size = size.unwrap_or_default();
+    let clamp = |value: Option<u32>, default: u16| {
+        value
+            .filter(|v| *v > 0)
+            .map_or(default, |v| v.min(u32::from(u16::MAX)) as u16)
+    };
+    (clamp(size.cols, 80), clamp(size.rows, 24))
 }
 
 fn update(state: &AppState, req: UpdateRequest) -> Result<serde_json::Value, RpcError> {
-    find(state, req.process.as_ref())?;
-    if req.pty.is_some() {
-        return Err(RpcError::unimplemented("PTY resize is not supported yet"));
+    let process = find(state, req.process.as_ref())?;
+    if let Some(pty) = req.pty {
+        let (cols, rows) = terminal_size(pty.size);
+        process.resize_pty(cols, rows)?;
     }
     Ok(json!({}))
 }
@@ -294,13 +310,7 @@ async fn stream_input(state: &Arc<AppState>, body: axum::body::Body) -> Response
                 let process = process.as_ref().ok_or_else(|| {
                     RpcError::invalid_argument("the first StreamInput message must be start")
                 })?;
-                let input = data.input.unwrap_or_default();
-                if input.pty.is_some() {
-                    return Err(RpcError::unimplemented("PTY input is not supported yet"));
-                }
-                if let Some(stdin) = input.stdin {
-                    process.write_stdin(&stdin).await?;
-                }
+                write_input(process, data.input.unwrap_or_default()).await?;
             }
         }
         Ok(())

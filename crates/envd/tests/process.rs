@@ -382,15 +382,71 @@ async fn many_fast_processes_all_get_their_exit_status() {
     assert_eq!(codes, (0..20).collect::<Vec<i64>>());
 }
 
+async fn read_pty_until(stream: &mut ConnectStream, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let message = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.next_matching(|m| m["event"].get("data").is_some()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no {needle:?} in PTY output {seen:?}"));
+        let data = &message["event"]["data"];
+        assert!(
+            data.get("stdout").is_none(),
+            "PTY output must come as data.pty"
+        );
+        seen.push_str(&String::from_utf8_lossy(&unb64(
+            data["pty"].as_str().unwrap(),
+        )));
+    }
+    seen
+}
+
 #[tokio::test]
-async fn pty_is_unimplemented_for_now() {
+async fn pty_runs_interactive_input_and_resizes() {
     let envd = start_envd(root_config()).await;
     let request = json!({
-        "process": { "cmd": "/bin/bash", "args": ["-i", "-l"] },
+        "process": { "cmd": "/bin/sh", "envs": { "TERM": "xterm-256color", "PS1": "$ " } },
         "pty": { "size": { "cols": 80, "rows": 24 } },
     });
-    let mut stream = envd.stream("/process.Process/Start", request, None).await;
-    let (flags, message) = stream.next().await.unwrap();
-    assert_eq!(flags, 0x02);
-    assert_eq!(message["error"]["code"], "unimplemented");
+    let mut stream = envd
+        .stream("/process.Process/Start", request, Some("root"))
+        .await;
+    let pid = stream.next().await.unwrap().1["event"]["start"]["pid"]
+        .as_u64()
+        .unwrap();
+    let send = |text: &'static str| {
+        let envd = &envd;
+        async move {
+            let (status, body) = envd
+                .unary(
+                    "/process.Process/SendInput",
+                    json!({ "process": { "pid": pid }, "input": { "pty": b64(text.as_bytes()) } }),
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    send("stty size; tty\n").await;
+    let output = read_pty_until(&mut stream, "/dev/pts/").await;
+    assert!(output.contains("24 80"), "{output:?}");
+
+    let (status, body) = envd
+        .unary(
+            "/process.Process/Update",
+            json!({ "process": { "pid": pid }, "pty": { "size": { "cols": 100, "rows": 30 } } }),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    send("stty size\n").await;
+    read_pty_until(&mut stream, "30 100").await;
+
+    send("exit 3\n").await;
+    let end = stream
+        .next_matching(|m| m["event"].get("end").is_some())
+        .await;
+    assert_eq!(end["event"]["end"]["exitCode"], 3);
 }
