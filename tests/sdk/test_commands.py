@@ -1,0 +1,128 @@
+"""commands.run and friends through the official SDK."""
+
+import time
+
+import pytest
+from e2b import CommandExitException, InvalidArgumentException, Sandbox, TimeoutException
+
+
+def test_create_and_echo(sandbox):
+    r = sandbox.commands.run("echo hi")
+    assert r.stdout == "hi\n"
+    assert r.stderr == ""
+    assert r.exit_code == 0
+    assert r.error is None
+
+
+def test_failing_command_raises_with_exit_code_and_stderr(sandbox):
+    with pytest.raises(CommandExitException) as ei:
+        sandbox.commands.run("echo out; echo oops >&2; exit 3")
+    e = ei.value
+    assert e.exit_code == 3
+    assert e.stdout == "out\n"
+    assert e.stderr == "oops\n"
+
+
+def test_stdout_and_stderr_streaming_callbacks(sandbox):
+    out, err = [], []
+    r = sandbox.commands.run(
+        "for i in 1 2 3; do echo $i; echo e$i >&2; done",
+        on_stdout=out.append,
+        on_stderr=err.append,
+    )
+    assert "".join(out) == "1\n2\n3\n"
+    assert "".join(err) == "e1\ne2\ne3\n"
+    assert r.stdout == "1\n2\n3\n"
+    assert r.stderr == "e1\ne2\ne3\n"
+
+
+def test_binary_and_large_output(sandbox):
+    r = sandbox.commands.run("head -c 300000 /dev/zero | tr '\\0' 'a'; echo")
+    assert r.stdout == "a" * 300000 + "\n"
+
+
+def test_envs_at_create_and_per_command(new_sandbox):
+    sbx = new_sandbox(envs={"SBX_VAR": "from-create", "OVR": "sandbox"})
+    assert sbx.commands.run("echo $SBX_VAR").stdout == "from-create\n"
+    assert sbx.commands.run("echo $CMD_VAR", envs={"CMD_VAR": "per-cmd"}).stdout == "per-cmd\n"
+    # per-command value wins over the sandbox-wide one, for that command only
+    assert sbx.commands.run("echo $OVR", envs={"OVR": "command"}).stdout == "command\n"
+    assert sbx.commands.run("echo $OVR").stdout == "sandbox\n"
+    assert sbx.commands.run("echo ${CMD_VAR:-unset}").stdout == "unset\n"
+    # sandbox env vars reach root's processes too
+    assert sbx.commands.run("echo $SBX_VAR", user="root").stdout == "from-create\n"
+
+
+def test_env_value_with_spaces_and_quotes(sandbox):
+    v = "a b 'c' \"d\" $e"
+    r = sandbox.commands.run('printf %s "$V"', envs={"V": v})
+    assert r.stdout == v
+
+
+def test_cwd(sandbox):
+    assert sandbox.commands.run("pwd").stdout == "/home/user\n"
+    assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    assert sandbox.commands.run("pwd", cwd="/").stdout == "/\n"
+
+
+def test_cwd_that_does_not_exist_fails(sandbox):
+    # upstream envd answers invalid_argument "cwd '/does/not/exist' does not exist"
+    with pytest.raises(InvalidArgumentException) as ei:
+        sandbox.commands.run("pwd", cwd="/does/not/exist")
+    assert "/does/not/exist" in str(ei.value)
+
+
+def test_default_user_and_root(sandbox):
+    assert sandbox.commands.run("id -un").stdout == "user\n"
+    assert sandbox.commands.run("id -u").stdout == "1000\n"
+    assert sandbox.commands.run("echo $HOME").stdout == "/home/user\n"
+    assert sandbox.commands.run("id -un", user="root").stdout == "root\n"
+    assert sandbox.commands.run("id -u", user="root").stdout == "0\n"
+    assert sandbox.commands.run("pwd", user="root").stdout == "/root\n"
+
+
+def test_hostname_is_sandbox_id(sandbox):
+    assert sandbox.commands.run("hostname").stdout == sandbox.sandbox_id + "\n"
+
+
+def test_background_process_list_and_kill(sandbox):
+    h = sandbox.commands.run("sleep 600", background=True)
+    assert isinstance(h.pid, int) and h.pid > 0
+    procs = {p.pid: p for p in sandbox.commands.list()}
+    assert h.pid in procs
+    assert procs[h.pid].cmd == "/bin/bash"
+    assert procs[h.pid].args == ["-l", "-c", "sleep 600"]
+    assert sandbox.commands.kill(h.pid) is True
+    with pytest.raises(CommandExitException) as ei:
+        h.wait()
+    assert ei.value.exit_code in (137, -1), ei.value.exit_code
+    assert h.pid not in {p.pid for p in sandbox.commands.list()}
+    assert sandbox.commands.kill(h.pid) is False
+
+
+def test_background_output_and_wait(sandbox):
+    h = sandbox.commands.run("sleep 0.3; echo done", background=True)
+    r = h.wait()
+    assert r.stdout == "done\n"
+    assert r.exit_code == 0
+
+
+def test_stdin(sandbox):
+    h = sandbox.commands.run("read line; echo got:$line", background=True, stdin=True)
+    sandbox.commands.send_stdin(h.pid, "hello\n")
+    r = h.wait()
+    assert r.stdout == "got:hello\n"
+
+
+def test_command_timeout(sandbox):
+    t = time.monotonic()
+    with pytest.raises(TimeoutException):
+        sandbox.commands.run("sleep 30", timeout=1)
+    assert time.monotonic() - t < 10
+
+
+def test_context_manager_kills(daemon):
+    with Sandbox.create(timeout=60) as sbx:
+        daemon.register(sbx.sandbox_id)
+        assert sbx.commands.run("echo in").stdout == "in\n"
+    assert sbx.sandbox_id not in daemon.list_ids()
