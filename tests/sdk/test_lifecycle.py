@@ -1,0 +1,192 @@
+"""Sandbox lifecycle through the official SDK: pause/resume, kill, list, timeouts, info."""
+
+import secrets
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import SandboxNotFoundException, SandboxNotRunningException
+
+
+def _list(query=None):
+    pager = Sandbox.list(query=query)
+    out = []
+    while True:
+        out.extend(pager.next_items())
+        if not pager.has_next:
+            return out
+
+
+def _counter(sbx) -> int:
+    return int(sbx.files.read("/tmp/counter").strip())
+
+
+def test_pause_then_connect_resumes_files_and_processes(new_sandbox):
+    sbx = new_sandbox()
+    sid = sbx.sandbox_id
+    sbx.files.write("/home/user/keep.txt", "kept across pause")
+    sleeper = sbx.commands.run("sleep 600", background=True)
+    sbx.commands.run(
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done",
+        background=True,
+    )
+    assert sbx.commands.run("sleep 0.5; cat /tmp/counter").exit_code == 0
+
+    c_before = _counter(sbx)
+    assert sbx.pause() is True
+    paused_at = time.monotonic()
+    assert sbx.is_running() is False
+    info = sbx.get_info()
+    assert info.state == SandboxState.PAUSED
+    assert Sandbox.get_info(sid).state == SandboxState.PAUSED
+    # already paused: the SDK maps 409 to False
+    assert Sandbox.pause(sid) is False
+    # listed as paused, not as running
+    assert sid in [s.sandbox_id for s in _list(SandboxQuery(state=[SandboxState.PAUSED]))]
+    assert sid not in [s.sandbox_id for s in _list(SandboxQuery(state=[SandboxState.RUNNING]))]
+    # envd behind a paused sandbox is not reachable
+    with pytest.raises(SandboxNotRunningException):
+        sbx.commands.run("echo should-not-run")
+
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - paused_at)))  # stay paused ~2 s
+
+    resumed = Sandbox.connect(sid)
+    assert resumed.sandbox_id == sid
+    assert resumed.is_running() is True
+    assert resumed.get_info().state == SandboxState.RUNNING
+    assert resumed.files.read("/home/user/keep.txt") == "kept across pause"
+    assert sleeper.pid in [p.pid for p in resumed.commands.list()]
+    c_resumed = _counter(resumed)
+    # frozen while paused: at 10/s, 2 s paused would add ~20 if it had kept running
+    assert c_resumed - c_before <= 6, (c_before, c_resumed)
+    time.sleep(1.0)
+    c_later = _counter(resumed)
+    assert c_later >= c_resumed + 3, (c_resumed, c_later)
+    # the old handle works again too
+    assert sbx.commands.run("echo back").stdout == "back\n"
+
+
+def test_instance_connect_resumes(sandbox):
+    sandbox.pause()
+    assert sandbox.is_running() is False
+    assert sandbox.connect() is sandbox
+    assert sandbox.is_running() is True
+    assert sandbox.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_kill(daemon, new_sandbox):
+    sbx = new_sandbox()
+    sid = sbx.sandbox_id
+    assert sbx.kill() is True
+    assert sbx.is_running() is False
+    assert Sandbox.kill(sid) is False
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sid)
+    with pytest.raises(SandboxNotRunningException):
+        sbx.commands.run("echo x")
+    assert sid not in daemon.list_ids()
+    assert sid not in daemon.sandbox_dirs()
+
+
+def test_kill_paused_sandbox(daemon, new_sandbox):
+    sbx = new_sandbox()
+    sbx.pause()
+    assert Sandbox.kill(sbx.sandbox_id) is True
+    assert sbx.sandbox_id not in daemon.list_ids()
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sbx.sandbox_id)
+
+
+def test_list_with_metadata_filter(new_sandbox):
+    run = secrets.token_hex(6)
+    a = new_sandbox(metadata={"suite": run, "n": "1"})
+    b = new_sandbox(metadata={"suite": run, "n": "2"})
+    new_sandbox(metadata={"suite": "other-" + run})
+
+    only_a = _list(SandboxQuery(metadata={"suite": run, "n": "1"}))
+    assert [s.sandbox_id for s in only_a] == [a.sandbox_id]
+    assert only_a[0].metadata == {"suite": run, "n": "1"}
+    assert only_a[0].state == SandboxState.RUNNING
+    assert only_a[0].template_id == "base"
+
+    both = _list(SandboxQuery(metadata={"suite": run}))
+    assert sorted(s.sandbox_id for s in both) == sorted([a.sandbox_id, b.sandbox_id])
+    assert _list(SandboxQuery(metadata={"suite": run, "n": "3"})) == []
+
+
+def test_list_metadata_filter_with_reserved_characters(new_sandbox):
+    key, value = "k&y =", "v=1&x 2/ü"
+    a = new_sandbox(metadata={key: value})
+    new_sandbox(metadata={key: value + "-no"})
+    got = _list(SandboxQuery(metadata={key: value}))
+    assert [s.sandbox_id for s in got] == [a.sandbox_id]
+    assert got[0].metadata == {key: value}
+
+
+def test_list_pagination(new_sandbox):
+    run = secrets.token_hex(6)
+    ids = sorted(new_sandbox(metadata={"page": run}).sandbox_id for _ in range(3))
+    pager = Sandbox.list(query=SandboxQuery(metadata={"page": run}), limit=2)
+    first = pager.next_items()
+    assert len(first) == 2
+    assert pager.has_next is True
+    second = pager.next_items()
+    assert len(second) == 1
+    assert pager.has_next is False
+    assert sorted(s.sandbox_id for s in first + second) == ids
+
+
+def test_get_info_fields(new_sandbox):
+    before = datetime.now(timezone.utc)
+    sbx = new_sandbox(timeout=120, metadata={"owner": "pytest", "x": "y"})
+    after = datetime.now(timezone.utc)
+    info = sbx.get_info()
+    assert info.sandbox_id == sbx.sandbox_id
+    assert info.template_id == "base"
+    assert info.metadata == {"owner": "pytest", "x": "y"}
+    assert info.state == SandboxState.RUNNING
+    slack = timedelta(seconds=2)
+    assert before - slack <= info.started_at <= after + slack
+    assert abs((info.end_at - info.started_at) - timedelta(seconds=120)) < timedelta(seconds=1)
+    assert isinstance(info.envd_version, str) and info.envd_version
+    assert info.cpu_count >= 1
+    assert info.memory_mb >= 1
+
+
+def test_set_timeout_and_connect_only_extends(sandbox):
+    sandbox.set_timeout(10)
+    now = datetime.now(timezone.utc)
+    end = sandbox.get_info().end_at
+    assert timedelta(seconds=8) <= end - now <= timedelta(seconds=12), end - now
+    sandbox.set_timeout(600)
+    end = sandbox.get_info().end_at
+    assert timedelta(seconds=598) <= end - datetime.now(timezone.utc) <= timedelta(seconds=602)
+    # connect(timeout) on a running sandbox never shortens
+    Sandbox.connect(sandbox.sandbox_id, timeout=30)
+    assert abs(sandbox.get_info().end_at - end) < timedelta(seconds=1)
+    # ... but extends
+    sandbox.set_timeout(20)
+    Sandbox.connect(sandbox.sandbox_id, timeout=300)
+    end = sandbox.get_info().end_at
+    assert timedelta(seconds=298) <= end - datetime.now(timezone.utc) <= timedelta(seconds=302)
+
+
+def test_timeout_kills_sandbox(daemon, new_sandbox):
+    t0 = time.monotonic()
+    sbx = new_sandbox(timeout=2)
+    sid = sbx.sandbox_id
+    assert sbx.commands.run("echo alive").stdout == "alive\n"
+    time.sleep(max(0.0, 4.0 - (time.monotonic() - t0)))
+    assert sbx.is_running() is False
+    assert sid not in daemon.list_ids()
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sid)
+    assert Sandbox.kill(sid) is False
+
+
+def test_set_timeout_shortens_to_expiry(daemon, sandbox):
+    sandbox.set_timeout(1)
+    time.sleep(3)
+    assert sandbox.is_running() is False
+    assert sandbox.sandbox_id not in daemon.list_ids()
