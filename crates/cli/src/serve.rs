@@ -83,8 +83,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     templates.register("base", base);
 
     let store = Store::open(&data_dir).context("opening the database")?;
+    let runtime = Arc::new(runtime);
     let warren = Arc::new(Warren::new(
-        Arc::new(runtime),
+        runtime.clone(),
         store,
         templates,
         keys,
@@ -136,6 +137,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::info!("closing remaining connections");
+    }
+    if let Err(e) = runtime.shutdown().await {
+        tracing::warn!(error = %e, "releasing host network state");
     }
     Ok(())
 }

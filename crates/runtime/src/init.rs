@@ -388,7 +388,7 @@ fn detach_host_fds() -> Result<ReadyPipe, InitError> {
 // Network: the daemon moved one veth end into our namespace; name it eth0, address it, bring it
 // and lo up, and route through the host bridge. ioctls keep this synchronous and dependency-free.
 
-fn configure_network(net: Option<&InitNet>) -> Result<(), InitError> {
+pub(crate) fn configure_network(net: Option<&InitNet>) -> Result<(), InitError> {
     // SAFETY: socket() has no preconditions; the fd is closed below.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
@@ -397,8 +397,11 @@ fn configure_network(net: Option<&InitNet>) -> Result<(), InitError> {
     let result = (|| {
         set_up(sock, "lo")?;
         let Some(net) = net else { return Ok(()) };
-        let current = find_veth()?;
-        if current != "eth0" {
+        // The daemon creates the interface as eth0; older daemons moved in a differently named
+        // one. (/sys/class/net shows the namespace of whoever mounted /sys, so it is consulted
+        // only when eth0 is absent, i.e. inside a sandbox with its own /sys.)
+        if !link_exists(sock, "eth0") {
+            let current = find_veth()?;
             rename_link(sock, &current, "eth0")?;
         }
         set_addr(sock, "eth0", libc::SIOCSIFADDR, net.address)?;
@@ -442,6 +445,12 @@ fn ifreq(name: &str) -> libc::ifreq {
         *dst = src as libc::c_char;
     }
     req
+}
+
+fn link_exists(sock: libc::c_int, name: &str) -> bool {
+    let mut req = ifreq(name);
+    // SAFETY: req is a valid ifreq for SIOCGIFFLAGS.
+    unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 }
 }
 
 fn set_up(sock: libc::c_int, name: &str) -> Result<(), InitError> {

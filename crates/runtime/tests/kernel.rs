@@ -399,3 +399,39 @@ async fn freeze_stops_cpu_and_thaw_resumes() {
     eprintln!("freeze took {took:?}");
     h.finish().await;
 }
+
+/// Not a pass/fail test: prints where create time goes (`cargo test -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn profile_create() {
+    let h = Harness::new("profile").await;
+    let mut times = vec![];
+    for i in 0..30 {
+        let id = format!("prof{i}");
+        let t = std::time::Instant::now();
+        h.rt.create(&h.spec(&id)).await.unwrap();
+        times.push(t.elapsed());
+        let t = std::time::Instant::now();
+        h.rt.destroy(&id).await.unwrap();
+        if i == 29 {
+            eprintln!("destroy {:?}", t.elapsed());
+        }
+    }
+    times.sort();
+    eprintln!(
+        "create p50 {:?} min {:?} max {:?}",
+        times[15], times[0], times[29]
+    );
+    let mut times = vec![];
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        h.rt.create(&h.spec(&format!("batch{i}"))).await.unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    eprintln!(
+        "create without destroys in between: p50 {:?} min {:?}",
+        times[10], times[0]
+    );
+    h.finish().await;
+}

@@ -73,6 +73,7 @@ impl CgroupManager {
                 }
             }
         }
+        favor_dynamic_modifications(&v2_root);
         let mgr = CgroupManager {
             layout,
             parent: parent.to_string(),
@@ -346,5 +347,74 @@ impl CgroupManager {
                     .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
             })
             .unwrap_or(0)
+    }
+}
+
+/// Turns on cgroup2's `favordynmods` (Linux ≥ 6.0) if it is off. Moving a task into a cgroup then
+/// no longer waits for an RCU grace period, which on a busy host (sandboxes being torn down) cost
+/// 10–20 ms of every sandbox start; forks and exits become slightly dearer, a good trade for a
+/// sandbox host. The option is host-wide; failures (older kernels) are logged and ignored.
+fn favor_dynamic_modifications(v2_root: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let target = v2_root.display().to_string();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.get(4) != Some(&target.as_str()) || fields.get(sep + 1) != Some(&"cgroup2") {
+            continue;
+        }
+        let super_opts = fields.get(sep + 3).copied().unwrap_or("");
+        if super_opts.split(',').any(|o| o == "favordynmods") {
+            return;
+        }
+        let mut flags: libc::c_ulong = libc::MS_REMOUNT;
+        for opt in fields.get(5).copied().unwrap_or("").split(',') {
+            flags |= match opt {
+                "ro" => libc::MS_RDONLY,
+                "nosuid" => libc::MS_NOSUID,
+                "nodev" => libc::MS_NODEV,
+                "noexec" => libc::MS_NOEXEC,
+                "relatime" => libc::MS_RELATIME,
+                "noatime" => libc::MS_NOATIME,
+                _ => 0,
+            };
+        }
+        let keep: Vec<&str> = super_opts
+            .split(',')
+            .filter(|o| *o != "rw" && *o != "ro" && !o.is_empty())
+            .collect();
+        let data = if keep.is_empty() {
+            "favordynmods".to_string()
+        } else {
+            format!("{},favordynmods", keep.join(","))
+        };
+        let (t, d) = (
+            std::ffi::CString::new(target.clone()).unwrap_or_default(),
+            std::ffi::CString::new(data).unwrap_or_default(),
+        );
+        // SAFETY: valid C strings; a remount changes only the options of an existing mount.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                t.as_ptr(),
+                std::ptr::null(),
+                flags,
+                d.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                mount = %target,
+                error = %std::io::Error::last_os_error(),
+                "cannot enable cgroup2 favordynmods; sandbox starts may be slower"
+            );
+        } else {
+            tracing::info!(mount = %target, "enabled cgroup2 favordynmods for fast cgroup moves");
+        }
+        return;
     }
 }

@@ -18,7 +18,7 @@ pub mod template;
 
 pub use template::prepare_base_template;
 
-use crate::init::{InitNet, InitSpec};
+use crate::init::InitSpec;
 use crate::{Placement, RuntimeError, SandboxRuntime, SandboxSpec};
 use async_trait::async_trait;
 use cgroup::CgroupManager;
@@ -52,6 +52,8 @@ pub struct LinuxRuntimeConfig {
     pub bridge: String,
     /// Prefix for host veth names, the nftables table and the cgroup directory (`w` + 3 chars).
     pub name_prefix: String,
+    /// How many network namespaces to keep prepared ahead of creates.
+    pub prepared_networks: usize,
 }
 
 impl LinuxRuntimeConfig {
@@ -77,6 +79,7 @@ impl LinuxRuntimeConfig {
             subnet: (Ipv4Addr::from(network), 20),
             bridge: format!("w{tag}br"),
             name_prefix: format!("w{tag}"),
+            prepared_networks: 4,
         }
     }
 }
@@ -91,7 +94,8 @@ struct Tracked {
 pub struct LinuxRuntime {
     config: LinuxRuntimeConfig,
     cgroups: CgroupManager,
-    net: HostNetwork,
+    net: Arc<HostNetwork>,
+    refilling: Arc<AtomicBool>,
     sandboxes: Mutex<HashMap<String, Tracked>>,
 }
 
@@ -112,6 +116,14 @@ impl LinuxRuntime {
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
+        let mut config = config;
+        config.subnet = net::choose_subnet(
+            &config.data_dir.join("subnet"),
+            &config.bridge,
+            config.subnet.0,
+            config.subnet.1,
+        )
+        .await?;
         let net = HostNetwork::setup(
             &config.bridge,
             &config.name_prefix,
@@ -119,12 +131,33 @@ impl LinuxRuntime {
             config.subnet.1,
         )
         .await?;
-        Ok(LinuxRuntime {
+        let rt = LinuxRuntime {
             config,
             cgroups,
-            net,
+            net: Arc::new(net),
+            refilling: Arc::new(AtomicBool::new(false)),
             sandboxes: Mutex::new(HashMap::new()),
-        })
+        };
+        rt.refill_networks();
+        Ok(rt)
+    }
+
+    /// Tops up the prepared network namespaces in the background (one refill at a time).
+    fn refill_networks(&self) {
+        if self.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (net, flag, target) = (
+            self.net.clone(),
+            self.refilling.clone(),
+            self.config.prepared_networks,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = net.refill(target).await {
+                tracing::warn!(error = %e, "preparing sandbox network namespaces");
+            }
+            flag.store(false, Ordering::SeqCst);
+        });
     }
 
     pub fn config(&self) -> &LinuxRuntimeConfig {
@@ -143,6 +176,22 @@ impl LinuxRuntime {
         Ok(())
     }
 
+    /// Called when the daemon stops: with no sandbox left, the host is given back its bridge,
+    /// nftables tables and cgroup parents (a restart recreates them); with sandboxes still
+    /// running, everything stays so they keep working and can be re-adopted.
+    pub async fn shutdown(&self) -> Result<(), RuntimeError> {
+        let live = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .any(|t| t.alive.load(Ordering::SeqCst));
+        if live || !self.cgroups.list().is_empty() {
+            return Ok(());
+        }
+        self.teardown_host().await
+    }
+
     fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.config.data_dir.join("sandboxes").join(id)
     }
@@ -150,8 +199,9 @@ impl LinuxRuntime {
     async fn create_inner(
         &self,
         spec: &SandboxSpec,
-        ip: Ipv4Addr,
+        slot: &net::NetSlot,
     ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
+        let t0 = std::time::Instant::now();
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
         let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
@@ -159,16 +209,22 @@ impl LinuxRuntime {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
         }
         let procs = self.cgroups.create(id, &spec.resources)?;
-        let peer_index = self.net.create_veth(id).await?;
         if !spec.network.allow_internet {
-            self.net.deny_internet(ip)?;
+            self.net.deny_internet(slot.ip)?;
         }
+        prof("prepared", &t0);
 
         let log_path = dir.join("init.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| RuntimeError::io("create", &log_path, e))?;
-        let mut child = spawn_init(&self.config.envd_binary, &procs, log)
-            .map_err(|e| RuntimeError::sys("spawn sandbox init", id, e))?;
+        let mut child = spawn_init(
+            &self.config.envd_binary,
+            &procs,
+            slot.netns.as_raw_fd(),
+            log,
+        )
+        .map_err(|e| RuntimeError::sys("spawn sandbox init", id, e))?;
+        prof("spawned", &t0);
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
 
@@ -178,7 +234,7 @@ impl LinuxRuntime {
                 .strip_prefix("pid ")
                 .and_then(|p| p.trim().parse().ok())
                 .ok_or_else(|| self.start_failure(id, &log_path, &first))?;
-            self.net.move_into(peer_index, pid).await?;
+            prof("forked", &t0);
             let init_spec = InitSpec {
                 id: id.clone(),
                 lower_dirs: spec.rootfs.lower_dirs.clone(),
@@ -186,11 +242,8 @@ impl LinuxRuntime {
                 work_dir: work.clone(),
                 rootfs_dir: rootfs.clone(),
                 ro_binds: spec.rootfs.ro_binds.clone(),
-                net: Some(InitNet {
-                    address: ip,
-                    prefix_len: self.net.ipam.prefix_len(),
-                    gateway: self.net.ipam.gateway(),
-                }),
+                // The prepared namespace is configured already.
+                net: None,
                 envd: spec.envd.clone(),
             };
             let json = serde_json::to_vec(&init_spec).expect("init spec serializes");
@@ -200,6 +253,7 @@ impl LinuxRuntime {
                 .map_err(|e| RuntimeError::sys("write init spec", id, e))?;
             drop(stdin);
             let status = lines.next_line().await.ok().flatten().unwrap_or_default();
+            prof("ready", &t0);
             if status != "ready" {
                 return Err(self.start_failure(id, &log_path, &status));
             }
@@ -220,12 +274,11 @@ impl LinuxRuntime {
             id: id.clone(),
             reason: "sandbox init exited right after starting".into(),
         })?;
-        let (veth, _) = self.net.veth_names(id);
         let placement = Placement {
             init_pid: started,
             init_start_ticks,
-            ip,
-            veth,
+            ip: slot.ip,
+            veth: slot.veth.clone(),
         };
         let alive = watch_exit(started, id.clone())?;
         Ok((placement, alive))
@@ -254,6 +307,7 @@ impl LinuxRuntime {
         &self,
         id: &str,
         ip: Option<Ipv4Addr>,
+        veth: Option<&str>,
         deny_rule: bool,
     ) -> Result<(), RuntimeError> {
         let cg = self.cgroups.clone();
@@ -261,8 +315,9 @@ impl LinuxRuntime {
         tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
             .await
             .expect("kill task does not panic")?;
-        let (veth, _) = self.net.veth_names(id);
-        self.net.delete_veth(&veth).await?;
+        if let Some(veth) = veth {
+            self.net.delete_veth(veth).await?;
+        }
         if let Some(ip) = ip {
             if deny_rule {
                 self.net.allow_internet(ip)?;
@@ -306,6 +361,7 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
 fn spawn_init(
     envd: &Path,
     cgroup_procs: &[PathBuf],
+    netns: std::os::fd::RawFd,
     log: std::fs::File,
 ) -> std::io::Result<tokio::process::Child> {
     // Opened before fork: the child may only make async-signal-safe syscalls.
@@ -326,8 +382,8 @@ fn spawn_init(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .kill_on_drop(true);
-    // SAFETY: the closure only calls write(2) and unshare(2) on values prepared before fork, which
-    // are async-signal-safe; it allocates nothing.
+    // SAFETY: the closure only calls write(2), setns(2) and unshare(2) on values prepared before
+    // fork, which are async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             for fd in &raw {
@@ -335,10 +391,12 @@ fn spawn_init(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let flags = libc::CLONE_NEWNS
                 | libc::CLONE_NEWUTS
                 | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWNET
                 | libc::CLONE_NEWCGROUP
                 | libc::CLONE_NEWPID;
             if libc::unshare(flags) != 0 {
@@ -424,8 +482,9 @@ impl SandboxRuntime for LinuxRuntime {
                 reason: "a sandbox with this id exists".into(),
             });
         }
-        let ip = self.net.ipam.allocate()?;
-        match self.create_inner(spec, ip).await {
+        let slot = self.net.take_slot().await?;
+        self.refill_networks();
+        match self.create_inner(spec, &slot).await {
             Ok((placement, alive)) => {
                 self.sandboxes.lock().unwrap().insert(
                     spec.id.clone(),
@@ -439,7 +498,12 @@ impl SandboxRuntime for LinuxRuntime {
             }
             Err(e) => {
                 if let Err(cleanup) = self
-                    .cleanup(&spec.id, Some(ip), !spec.network.allow_internet)
+                    .cleanup(
+                        &spec.id,
+                        Some(slot.ip),
+                        Some(&slot.veth),
+                        !spec.network.allow_internet,
+                    )
                     .await
                 {
                     tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
@@ -467,11 +531,18 @@ impl SandboxRuntime for LinuxRuntime {
 
     async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
         let tracked = self.sandboxes.lock().unwrap().remove(id);
-        let (ip, denied) = match &tracked {
-            Some(t) => (Some(t.placement.ip), t.internet_denied),
-            None => (None, false),
-        };
-        self.cleanup(id, ip, denied).await
+        match &tracked {
+            Some(t) => {
+                self.cleanup(
+                    id,
+                    Some(t.placement.ip),
+                    Some(&t.placement.veth),
+                    t.internet_denied,
+                )
+                .await
+            }
+            None => self.cleanup(id, None, None, false).await,
+        }
     }
 
     async fn adopt(&self, id: &str, placement: &Placement) -> Result<bool, RuntimeError> {
@@ -509,15 +580,19 @@ impl SandboxRuntime for LinuxRuntime {
         let mut cleaned: Vec<String> = leftovers.into_iter().collect();
         cleaned.sort();
         for id in &cleaned {
-            self.sandboxes.lock().unwrap().remove(id);
-            self.cleanup(id, None, false).await?;
+            self.destroy(id).await?;
         }
-        // Veths whose sandbox left no other trace.
-        let kept_shorts: HashSet<String> =
-            keep.iter().map(|id| id.chars().take(8).collect()).collect();
+        // Veths of no tracked sandbox, made by an earlier daemon process.
+        let mut live: HashSet<String> = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|t| t.placement.veth.clone())
+            .collect();
+        live.extend(self.net.ready_veths());
         for veth in self.net.list_veths().await? {
-            let short = &veth[self.net.veth_prefix().len()..];
-            if !kept_shorts.contains(short) {
+            if !live.contains(&veth) && !self.net.is_own_veth(&veth) {
                 self.net.delete_veth(&veth).await?;
             }
         }
@@ -539,6 +614,11 @@ impl SandboxRuntime for LinuxRuntime {
             .map(|t| t.alive.load(Ordering::SeqCst))
             .unwrap_or(false)
     }
+}
+
+/// Where create time goes, at debug level (`RUST_LOG=warren_runtime=debug`).
+fn prof(stage: &str, t0: &std::time::Instant) {
+    tracing::debug!(stage, elapsed_us = t0.elapsed().as_micros() as u64, "sandbox create");
 }
 
 #[cfg(test)]

@@ -5,11 +5,14 @@
 
 use crate::RuntimeError;
 use futures::TryStreamExt;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Address management for one subnet: the first host address is the gateway, the rest go to
@@ -137,6 +140,22 @@ pub struct HostNetwork {
     table: String,
     veth_prefix: String,
     peer_prefix: String,
+    next_slot: AtomicU64,
+    /// Network namespaces made ahead of time, ready to be entered by a new sandbox.
+    ready: Mutex<Vec<NetSlot>>,
+}
+
+/// A network namespace with its veth on the bridge, its address and default route configured,
+/// waiting for a sandbox. Creating a namespace and moving or creating a veth into it costs tens
+/// of milliseconds on a busy kernel (RCU grace periods under the rtnl lock), so the daemon makes
+/// them in the background and a create only enters one.
+#[derive(Debug)]
+pub struct NetSlot {
+    /// Holds the namespace alive until a sandbox process has entered it.
+    pub netns: OwnedFd,
+    pub ip: Ipv4Addr,
+    /// Host end of the veth pair.
+    pub veth: String,
 }
 
 impl HostNetwork {
@@ -207,6 +226,8 @@ impl HostNetwork {
             table: format!("warren_{name_prefix}"),
             veth_prefix: format!("{name_prefix}h"),
             peer_prefix: format!("{name_prefix}p"),
+            next_slot: AtomicU64::new(0),
+            ready: Mutex::new(Vec::new()),
             ipam,
         };
         net.install_rules()?;
@@ -261,72 +282,11 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             .map_err(nl_err("delete bridge", &self.bridge))
     }
 
-    /// Host and sandbox end names of a sandbox's veth pair (at most 15 bytes each).
-    pub fn veth_names(&self, id: &str) -> (String, String) {
-        let short: String = id.chars().take(8).collect();
-        self.names_for_short(&short)
-    }
-
     fn names_for_short(&self, short: &str) -> (String, String) {
         (
             format!("{}{short}", self.veth_prefix),
             format!("{}{short}", self.peer_prefix),
         )
-    }
-
-    /// Creates the sandbox's veth pair with the host end on the bridge and up. Returns the index
-    /// of the end that goes into the sandbox.
-    pub async fn create_veth(&self, id: &str) -> Result<u32, RuntimeError> {
-        let (host, peer) = self.veth_names(id);
-        // A leftover pair of a crashed create with the same name would make `add` fail.
-        if let Some(idx) = link_index(&self.handle, &host).await? {
-            let _ = self.handle.link().del(idx).execute().await;
-        }
-        self.handle
-            .link()
-            .add(LinkVeth::new(&host, &peer).build())
-            .execute()
-            .await
-            .map_err(nl_err("create veth", &host))?;
-        let host_idx =
-            link_index(&self.handle, &host)
-                .await?
-                .ok_or_else(|| RuntimeError::Netlink {
-                    op: "find veth",
-                    object: host.clone(),
-                    message: "missing after creation".into(),
-                })?;
-        self.handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(host_idx)
-                    .controller(self.bridge_index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl_err("attach to bridge", &host))?;
-        link_index(&self.handle, &peer)
-            .await?
-            .ok_or_else(|| RuntimeError::Netlink {
-                op: "find veth peer",
-                object: peer,
-                message: "missing after creation".into(),
-            })
-    }
-
-    /// Moves a link into the network namespace of `pid`.
-    pub async fn move_into(&self, index: u32, pid: u32) -> Result<(), RuntimeError> {
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).setns_by_pid(pid).build())
-            .execute()
-            .await
-            .map_err(nl_err(
-                "move into sandbox netns",
-                format!("link {index} -> pid {pid}"),
-            ))
     }
 
     /// Deletes a veth pair given its host end name; the sandbox end goes with it, or, if a create
@@ -378,6 +338,132 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
 
     pub fn veth_prefix(&self) -> &str {
         &self.veth_prefix
+    }
+
+    /// Takes a prepared network namespace, or makes one now when none is ready.
+    pub async fn take_slot(&self) -> Result<NetSlot, RuntimeError> {
+        let ready = self.ready.lock().unwrap().pop();
+        match ready {
+            Some(slot) => Ok(slot),
+            None => self.prepare_slot().await,
+        }
+    }
+
+    /// Number of prepared namespaces waiting.
+    pub fn ready_slots(&self) -> usize {
+        self.ready.lock().unwrap().len()
+    }
+
+    /// Prepares namespaces until `target` are ready.
+    pub async fn refill(&self, target: usize) -> Result<(), RuntimeError> {
+        while self.ready_slots() < target {
+            let slot = self.prepare_slot().await?;
+            self.ready.lock().unwrap().push(slot);
+        }
+        Ok(())
+    }
+
+    /// The first four characters of the short names of veths this daemon process makes, so that a
+    /// sweep never removes one that is being prepared right now.
+    pub fn own_tag(&self) -> String {
+        format!("{:04x}", std::process::id() & 0xffff)
+    }
+
+    /// Whether a host veth name was made by this daemon process.
+    pub fn is_own_veth(&self, name: &str) -> bool {
+        name.strip_prefix(&self.veth_prefix)
+            .is_some_and(|short| short.starts_with(&self.own_tag()))
+    }
+
+    /// Host veth names of the prepared namespaces (not leftovers).
+    pub fn ready_veths(&self) -> Vec<String> {
+        self.ready
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.veth.clone())
+            .collect()
+    }
+
+    /// Makes a network namespace with `lo` and `eth0` up, an address and a default route.
+    pub async fn prepare_slot(&self) -> Result<NetSlot, RuntimeError> {
+        let ip = self.ipam.allocate()?;
+        match self.prepare_slot_with(ip).await {
+            Ok(slot) => Ok(slot),
+            Err(e) => {
+                self.ipam.release(ip);
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare_slot_with(&self, ip: Ipv4Addr) -> Result<NetSlot, RuntimeError> {
+        let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let short = format!("{}{:04x}", self.own_tag(), n & 0xffff);
+        let (host, _) = self.names_for_short(&short);
+        // A namespace of its own for a thread that ends right after: the daemon's threads never
+        // change namespace, and the descriptor keeps the namespace alive.
+        let netns = on_fresh_thread(|| {
+            // SAFETY: unshare affects only this short-lived thread (network namespaces are per
+            // task); open returns a descriptor we own.
+            unsafe {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::open(
+                    c"/proc/thread-self/ns/net".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                );
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(OwnedFd::from_raw_fd(fd))
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::io("create network namespace", "/proc/thread-self/ns/net", e))?;
+
+        // One request: the pair, its sandbox end created inside the namespace as eth0, its host
+        // end on the bridge and up.
+        let peer = LinkUnspec::new_with_name("eth0")
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host.clone())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .controller(self.bridge_index)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create veth", &host))?;
+
+        let net = crate::init::InitNet {
+            address: ip,
+            prefix_len: self.ipam.prefix_len(),
+            gateway: self.ipam.gateway(),
+        };
+        let ns_fd = netns.as_raw_fd();
+        let configured = on_fresh_thread(move || {
+            // SAFETY: setns on this short-lived thread only, with a valid namespace descriptor.
+            if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            crate::init::configure_network(Some(&net)).map_err(std::io::Error::other)
+        })
+        .await;
+        if let Err(e) = configured {
+            let _ = self.delete_veth(&host).await;
+            return Err(RuntimeError::io("configure sandbox network", &host, e));
+        }
+        Ok(NetSlot {
+            netns,
+            ip,
+            veth: host,
+        })
     }
 
     /// Cuts a sandbox off from everything outside the sandbox subnet.
@@ -433,6 +519,43 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, RuntimeE
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
         Err(e) => Err(nl_err("get link", name)(e)),
     }
+}
+
+/// Picks the sandbox subnet: the one recorded in `record` (a data dir file) if any, else the first
+/// /N starting at `preferred` (stepping through 10.200.0.0/13) that no host interface but our own
+/// bridge uses, which is then recorded so a restart keeps the addresses of its sandboxes.
+pub async fn choose_subnet(
+    record: &std::path::Path,
+    bridge: &str,
+    preferred: Ipv4Addr,
+    prefix_len: u8,
+) -> Result<(Ipv4Addr, u8), RuntimeError> {
+    if let Ok(text) = std::fs::read_to_string(record) {
+        if let Some((net, len)) = text.trim().split_once('/') {
+            if let (Ok(net), Ok(len)) = (net.parse(), len.parse()) {
+                return Ok((net, len));
+            }
+        }
+    }
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| RuntimeError::io("open", "netlink socket", e))?;
+    tokio::spawn(conn);
+    let size = 1u32 << (32 - prefix_len as u32);
+    let base = u32::from(Ipv4Addr::new(10, 200, 0, 0));
+    let slots = (8u32 << 16) / size; // 10.200.0.0/13
+    let first = (u32::from(preferred).saturating_sub(base) / size) % slots.max(1);
+    for i in 0..slots {
+        let net = Ipv4Addr::from(base + ((first + i) % slots) * size);
+        let ipam = Ipam::new(net, prefix_len)?;
+        if check_subnet_free(&handle, bridge, &ipam).await.is_ok() {
+            std::fs::write(record, format!("{net}/{prefix_len}\n"))
+                .map_err(|e| RuntimeError::io("write", record, e))?;
+            return Ok((net, prefix_len));
+        }
+    }
+    Err(RuntimeError::Config(
+        "no free sandbox subnet left in 10.200.0.0/13; set one explicitly".into(),
+    ))
 }
 
 /// Refuses a subnet that another interface of the host already uses (another daemon, a VPN...).
@@ -492,6 +615,19 @@ pub fn nft(script: &str) -> Result<(), RuntimeError> {
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ))
     }
+}
+
+/// Runs `f` on a new OS thread that ends afterwards, for work that changes the thread's
+/// namespaces.
+async fn on_fresh_thread<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")))
 }
 
 #[cfg(test)]
