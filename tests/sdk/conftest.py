@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from warren_helpers import Daemon, new_daemon, remove_data_dir, wait_until
+from warren_helpers import Daemon, remove_data_dir, remove_host_state, start_daemon, wait_until
 
 _SESSION: dict = {}
 
@@ -21,14 +21,8 @@ _SESSION: dict = {}
 def daemon():
     if os.geteuid() != 0:
         pytest.exit("the warren daemon needs root (namespaces, cgroups, nftables)", returncode=2)
-    d = new_daemon()
+    d = start_daemon()
     _SESSION["daemon"] = d
-    try:
-        d.start()
-    except Exception:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        raise
     saved = {k: os.environ.get(k) for k in d.sdk_env()}
     saved["E2B_DEBUG"] = os.environ.pop("E2B_DEBUG", None)
     saved["E2B_DOMAIN"] = os.environ.pop("E2B_DOMAIN", None)
@@ -71,6 +65,8 @@ def _shutdown(d: Daemon) -> list:
         problems.append(f"sandbox dirs left under {d.data_dir}/sandboxes: {d.sandbox_dirs()}")
     if not wait_until(lambda: d.cgroup_leaks() == [], 15):
         problems.append(f"sandbox cgroups left while the daemon runs: {d.cgroup_leaks()}")
+    if not wait_until(lambda: d.veths() == [], 15):
+        problems.append(f"sandbox veths left while the daemon runs: {d.veths()}")
 
     status = d.stop()
     if status != 0:
@@ -83,6 +79,10 @@ def _shutdown(d: Daemon) -> list:
         problems.append(f"sandbox cgroups left after the daemon stopped: {leaks}")
     if d.sandbox_dirs():
         problems.append(f"sandbox dirs left after the daemon stopped: {d.sandbox_dirs()}")
+    # The daemon keeps its bridge, nftables tables and cgroup parents on exit (so sandboxes
+    # survive restarts); this data dir is throwaway, so remove them.
+    if not problems:
+        problems += remove_host_state(d.prefix)
     return problems
 
 

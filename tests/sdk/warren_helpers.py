@@ -69,6 +69,46 @@ def derived_name_prefix(data_dir: str) -> str:
     return "w" + "".join(alphabet[(h >> (i * 8)) % 36] for i in range(3))
 
 
+def host_state(prefix: str) -> List[str]:
+    """Host objects named after a daemon's `w<tag>` prefix: its bridge, veths, nftables tables
+    and cgroup parents."""
+    out = []
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(prefix):
+            out.append(f"link {name}")
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    for line in tables.splitlines():
+        if line.strip().endswith(f" warren_{prefix}"):
+            out.append(line.strip())
+    out += sorted(glob.glob(f"/sys/fs/cgroup/*/warren-{prefix}") + glob.glob(f"/sys/fs/cgroup/warren-{prefix}"))
+    return out
+
+
+def remove_host_state(prefix: str) -> List[str]:
+    """Removes what `host_state` lists (the daemon leaves it behind on purpose so that sandboxes
+    survive a restart; a test daemon with a throwaway data dir must not). Returns failures."""
+    failures = []
+    for item in host_state(prefix):
+        if item.startswith("link "):
+            cmd = ["ip", "link", "del", item.split()[1]]
+        elif item.startswith("table "):
+            cmd = ["nft", "delete"] + item.split()
+        else:
+            # cgroup parent: children first (there should be none), then the parent
+            for child in sorted(glob.glob(item + "/**/", recursive=True), key=len, reverse=True):
+                try:
+                    os.rmdir(child)
+                except OSError as e:
+                    failures.append(f"rmdir {child}: {e}")
+            continue
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 and "No such" not in r.stderr and "Cannot find" not in r.stderr:
+            failures.append(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    return failures
+
+
 def mounts_under(path: str) -> List[str]:
     prefix = os.path.abspath(path).rstrip("/") + "/"
     out = []
@@ -95,6 +135,13 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def prefix(self) -> str:
+        return derived_name_prefix(self.data_dir)
+
+    def veths(self) -> List[str]:
+        return [x for x in host_state(self.prefix) if x.startswith("link ") and x != f"link {self.prefix}br"]
 
     @property
     def cgroup_name(self) -> str:
@@ -274,9 +321,13 @@ def new_daemon() -> Daemon:
     envd = binary.parent / "warren-envd"
     if not envd.is_file():
         raise RuntimeError(f"warren-envd not found next to {binary}")
-    data_dir = tempfile.mkdtemp(prefix="warren-pytest-")
     log_fd, log_path = tempfile.mkstemp(prefix="warren-pytest-", suffix=".log")
     os.close(log_fd)
+    while True:
+        data_dir = tempfile.mkdtemp(prefix="warren-pytest-")
+        if not host_state(derived_name_prefix(data_dir)):
+            break
+        os.rmdir(data_dir)  # another daemon owns these names: pick another data dir
     return Daemon(
         binary=binary,
         envd=envd,
@@ -285,6 +336,26 @@ def new_daemon() -> Daemon:
         data_dir=data_dir,
         log_path=log_path,
     )
+
+
+def start_daemon(attempts: int = 6) -> Daemon:
+    """Starts a daemon on a fresh data dir. The daemon derives its /20 subnet from the data dir
+    (128 slots), so it can clash with another daemon's bridge: then retry with another dir."""
+    last = None
+    for _ in range(attempts):
+        d = new_daemon()
+        try:
+            d.start()
+            return d
+        except RuntimeError as e:
+            last = e
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
+            remove_host_state(derived_name_prefix(d.data_dir))
+            remove_data_dir(d)
+            if "overlaps" not in str(e):
+                raise
+    raise RuntimeError(f"no free sandbox subnet after {attempts} data dirs: {last}")
 
 
 def remove_data_dir(daemon: Daemon) -> None:
