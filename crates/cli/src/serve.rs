@@ -113,11 +113,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .into_future(),
+        // Connect streams are many small writes: without TCP_NODELAY, Nagle's algorithm holds
+        // each one until the client's delayed ACK (40 ms per command round trip).
+        axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY");
+                }
+            }),
+            app,
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .into_future(),
     );
     let mut server = std::pin::pin!(server);
 
