@@ -618,7 +618,11 @@ impl SandboxRuntime for LinuxRuntime {
 
 /// Where create time goes, at debug level (`RUST_LOG=warren_runtime=debug`).
 fn prof(stage: &str, t0: &std::time::Instant) {
-    tracing::debug!(stage, elapsed_us = t0.elapsed().as_micros() as u64, "sandbox create");
+    tracing::debug!(
+        stage,
+        elapsed_us = t0.elapsed().as_micros() as u64,
+        "sandbox create"
+    );
 }
 
 #[cfg(test)]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The benchmark command: builds release binaries, installs the peer runtimes (crun, runc, runsc),
+# starts a daemon on a scratch data dir and runs bench/bench.py against it. Run as root.
+#   bench/run.sh [-n SAMPLES]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=50
+[ "${1:-}" = "-n" ] && N="$2"
+
+scripts/install-deps.sh
+for p in crun runc runsc; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || {
+    apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq crun runc runsc >/dev/null; break; }
+done
+python3 -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+cargo build --release -q -p warren -p warren-envd
+
+# crun 1.8 refuses hybrid cgroup hosts while a controller (hugetlb here) is left to cgroup v2;
+# binding hugetlb to a v1 hierarchy is the documented workaround (it changes nothing for Warren).
+if [ -n "$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)" ]; then
+  mkdir -p /sys/fs/cgroup/hugetlb
+  mountpoint -q /sys/fs/cgroup/hugetlb || mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
+fi
+
+DATA=$(mktemp -d /tmp/warren-bench.XXXXXX)
+PORT=$((20000 + RANDOM % 10000))
+KEY=bench-$RANDOM$RANDOM
+WARREN_API_KEY=$KEY target/release/warren serve --listen 127.0.0.1:$PORT --data-dir "$DATA" >"$DATA.log" 2>&1 &
+DAEMON=$!
+trap 'kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null; rm -rf "$DATA"' EXIT
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, kernel $(uname -r)"
+python3 bench/bench.py --url "http://127.0.0.1:$PORT" --key "$KEY" --rootfs "$DATA/templates/base/rootfs" -n "$N" --json "$DATA.json"
+cp "$DATA.json" bench/last-run.json

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Warren needs at run time and for its tests. Idempotent; run as root.
+set -euo pipefail
+
+packages=(
+  nftables      # nft: sandbox egress rules, NAT, east-west drop
+  iproute2      # ip: used by tests to build their own "outside" network namespace
+  util-linux    # nsenter: used by the runtime's kernel tests
+  procps        # ps, visible inside sandboxes through the host's /usr
+  python3       # Debian's /usr/bin/python3, visible inside base-template sandboxes
+  ca-certificates
+  curl
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
