@@ -12,7 +12,14 @@ import os
 
 import pytest
 
-from warren_helpers import Daemon, remove_data_dir, remove_host_state, start_daemon, wait_until
+from warren_helpers import (
+    Daemon,
+    host_state,
+    remove_data_dir,
+    remove_host_state,
+    start_daemon,
+    wait_until,
+)
 
 _SESSION: dict = {}
 
@@ -65,7 +72,8 @@ def _shutdown(d: Daemon) -> list:
         problems.append(f"sandbox dirs left under {d.data_dir}/sandboxes: {d.sandbox_dirs()}")
     if not wait_until(lambda: d.cgroup_leaks() == [], 15):
         problems.append(f"sandbox cgroups left while the daemon runs: {d.cgroup_leaks()}")
-    if not wait_until(lambda: d.veths() == [], 15):
+    # Each network namespace the daemon prepares ahead of creates (4) has a veth on the bridge.
+    if not wait_until(lambda: len(d.veths()) <= 4, 15):
         problems.append(f"sandbox veths left while the daemon runs: {d.veths()}")
 
     status = d.stop()
@@ -79,10 +87,11 @@ def _shutdown(d: Daemon) -> list:
         problems.append(f"sandbox cgroups left after the daemon stopped: {leaks}")
     if d.sandbox_dirs():
         problems.append(f"sandbox dirs left after the daemon stopped: {d.sandbox_dirs()}")
-    # The daemon keeps its bridge, nftables tables and cgroup parents on exit (so sandboxes
-    # survive restarts); this data dir is throwaway, so remove them.
-    if not problems:
-        problems += remove_host_state(d.prefix)
+    # With no sandbox left, a stopping daemon gives back its bridge, prepared namespaces,
+    # nftables tables and cgroup parents.
+    if not wait_until(lambda: host_state(d.prefix) == [], 5):
+        problems.append(f"host state left after the daemon stopped: {host_state(d.prefix)}")
+    problems += remove_host_state(d.prefix)
     return problems
 
 
@@ -111,6 +120,13 @@ def sandbox(new_sandbox):
     return new_sandbox()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     d = _SESSION.get("daemon")
     if d is None:
@@ -121,3 +137,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if exitstatus != 0:
         terminalreporter.write_sep("-", f"warren daemon log ({d.log_path}), last lines")
         terminalreporter.write_line(d.log_tail(40))
+    else:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            os.unlink(d.log_path)

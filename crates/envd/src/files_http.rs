@@ -23,6 +23,8 @@ use crate::filesystem::{resolve_path, run_as};
 use crate::server::AppState;
 use crate::users::{User, UserDb};
 
+/// Files up to this size are read in one go (see `download_file`).
+const WHOLE_READ_BYTES: u64 = 4 << 20;
 const DOWNLOAD_CHUNK_BYTES: usize = 64 * 1024;
 
 /// An error answered in envd's HTTP shape: `{"code": <status>, "message": "..."}`.
@@ -115,9 +117,10 @@ fn check_access(
     params: &HashMap<String, String>,
     operation: FileOperation,
 ) -> Result<(), HttpError> {
-    let Some(token) = state.config.access_token.as_deref() else {
+    let Some(token) = state.live().access_token else {
         return Ok(());
     };
+    let token = token.as_str();
     if auth::header_token_valid(Some(token), headers) {
         return Ok(());
     }
@@ -156,7 +159,7 @@ fn resolve_user(state: &AppState, params: &HashMap<String, String>) -> Result<Us
         .get("username")
         .filter(|n| !n.is_empty())
         .cloned()
-        .unwrap_or_else(|| state.config.default_user.clone());
+        .unwrap_or_else(|| state.live().default_user);
     UserDb::load()
         .user(&name)
         .ok_or_else(|| http_error(StatusCode::UNAUTHORIZED, format!("invalid user: '{name}'")))
@@ -208,14 +211,25 @@ async fn download_file(
         .ok_or_else(|| http_error(StatusCode::BAD_REQUEST, "missing path query parameter"))?;
     let path = resolve_path(raw_path, &user).map_err(rpc_to_http)?;
 
+    // Small files are read whole, so the body always matches the length announced even if the
+    // file changes meanwhile (a process rewriting it). Larger ones stream without a length: a
+    // file that shrinks during the download then ends early instead of breaking the protocol.
     let open_path = path.clone();
     let opened = run_as(&user, move || {
-        let file = std::fs::File::open(&open_path)?;
+        use std::io::Read;
+        let mut file = std::fs::File::open(&open_path)?;
         let meta = file.metadata()?;
-        Ok::<_, io::Error>((file, meta))
+        let whole = if meta.is_file() && meta.len() <= WHOLE_READ_BYTES {
+            let mut content = Vec::with_capacity(meta.len() as usize);
+            file.read_to_end(&mut content)?;
+            Some(content)
+        } else {
+            None
+        };
+        Ok::<_, io::Error>((file, meta, whole))
     })
     .await;
-    let (file, meta) = opened
+    let (file, meta, whole) = opened
         .map_err(rpc_to_http)?
         .map_err(|err| io_to_http(&err, &path))?;
     if meta.is_dir() {
@@ -225,26 +239,37 @@ async fn download_file(
         ));
     }
 
-    let file = tokio::fs::File::from_std(file);
-    let stream = futures::stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let mut buffer = vec![0u8; DOWNLOAD_CHUNK_BYTES];
-        match file.read(&mut buffer).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buffer.truncate(n);
-                Some((Ok(Bytes::from(buffer)), Some(file)))
-            }
-            Err(err) => Some((Err(err), None)),
+    let mut response = match whole {
+        Some(content) => {
+            let len = content.len();
+            let mut response = Response::new(Body::from(content));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            response
         }
-    });
-    let mut response = Response::new(Body::from_stream(stream));
+        None => {
+            let file = tokio::fs::File::from_std(file);
+            let stream = futures::stream::unfold(Some(file), |file| async move {
+                let mut file = file?;
+                let mut buffer = vec![0u8; DOWNLOAD_CHUNK_BYTES];
+                match file.read(&mut buffer).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buffer.truncate(n);
+                        Some((Ok(Bytes::from(buffer)), Some(file)))
+                    }
+                    Err(err) => Some((Err(err), None)),
+                }
+            });
+            Response::new(Body::from_stream(stream))
+        }
+    };
     let response_headers = response.headers_mut();
     response_headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len()));
     response_headers.insert(header::CONTENT_DISPOSITION, content_disposition(&path));
     Ok(response)
 }
