@@ -322,6 +322,7 @@ impl Warren {
                 access_token: Some(token.clone()),
                 env_vars: req.env_vars.clone(),
                 default_user: self.config.default_user.clone(),
+                admin_token: None,
             },
         };
         let now = self.clock.now();

@@ -9,6 +9,7 @@ pub mod connect;
 pub mod files_http;
 pub mod filesystem;
 mod filesystem_service;
+pub mod init;
 pub mod process;
 mod process_service;
 pub mod proto;
@@ -29,6 +30,9 @@ pub struct EnvdConfig {
     pub env_vars: BTreeMap<String, String>,
     /// The user for requests that do not name one.
     pub default_user: String,
+    /// Secret of the Warren daemon for `POST /init` (claim-time reconfiguration). `None`
+    /// disables `/init`. Never given to sandbox users.
+    pub admin_token: Option<String>,
 }
 
 impl Default for EnvdConfig {
@@ -37,6 +41,7 @@ impl Default for EnvdConfig {
             access_token: None,
             env_vars: BTreeMap::new(),
             default_user: "user".to_string(),
+            admin_token: None,
         }
     }
 }

@@ -21,6 +21,7 @@ fn parse_serve_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Se
         access_token: None,
         env_vars: BTreeMap::new(),
         default_user: "user".to_string(),
+        admin_token: None,
     };
     while let Some(flag) = args.next() {
         let (flag, inline_value) = match flag.split_once('=') {
@@ -62,6 +63,7 @@ fn sandbox_init() -> ! {
             access_token: settings.access_token,
             env_vars: settings.env_vars,
             default_user: settings.default_user,
+            admin_token: settings.admin_token,
         };
         warren_envd::start_reaper();
         // One worker keeps the per-sandbox footprint small; blocking file work has its own pool.

@@ -125,7 +125,7 @@ async fn start_process(
         cmd,
         args: config.args.unwrap_or_default(),
         envs: config.envs.unwrap_or_default(),
-        base_env: state.config.env_vars.clone(),
+        base_env: state.live().env_vars,
         cwd,
         user,
         tag: req.tag,

@@ -18,19 +18,31 @@ use crate::watch::Watchers;
 use crate::{auth, filesystem_service, process_service, EnvdConfig};
 
 pub struct AppState {
+    /// The settings envd started with; the access token, env vars and default user among them
+    /// may be replaced by `POST /init`, so read those through [`AppState::live`].
     pub config: EnvdConfig,
+    pub live: std::sync::RwLock<crate::init::LiveSettings>,
     pub processes: Arc<ProcessManager>,
     pub watchers: Arc<Watchers>,
 }
 
+impl AppState {
+    /// The current access token, env vars and default user.
+    pub fn live(&self) -> crate::init::LiveSettings {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 pub fn router(config: EnvdConfig) -> Router {
     let state = Arc::new(AppState {
+        live: std::sync::RwLock::new(crate::init::LiveSettings::from(&config)),
         config,
         processes: Arc::new(ProcessManager::new()),
         watchers: Arc::new(Watchers::default()),
     });
     Router::new()
         .route("/health", get(health))
+        .route("/init", axum::routing::post(crate::init::init))
         .route(
             "/files",
             get(files_http::download)
@@ -47,7 +59,7 @@ async fn health() -> StatusCode {
 
 /// The user an RPC acts as: `Authorization: Basic base64("user:")`, else the default.
 pub fn rpc_user(state: &AppState, headers: &HeaderMap) -> Result<User, RpcError> {
-    let name = auth::basic_auth_user(headers).unwrap_or_else(|| state.config.default_user.clone());
+    let name = auth::basic_auth_user(headers).unwrap_or_else(|| state.live().default_user);
     UserDb::load().user(&name).ok_or_else(|| {
         RpcError::new(
             connect::Code::Unauthenticated,
@@ -80,7 +92,7 @@ pub fn unary_result(result: Result<serde_json::Value, RpcError>) -> Response {
 }
 
 async fn connect_dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    if !auth::header_token_valid(state.config.access_token.as_deref(), request.headers()) {
+    if !auth::header_token_valid(state.live().access_token.as_deref(), request.headers()) {
         return http_error(StatusCode::UNAUTHORIZED, auth::UNAUTHORIZED_MESSAGE).into_response();
     }
     let path = request.uri().path().to_string();

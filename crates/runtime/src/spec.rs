@@ -102,3 +102,7 @@ impl Placement {
         std::net::SocketAddr::from((self.ip, ENVD_PORT))
     }
 }
+    /// The daemon's secret for envd's `POST /init`, which replaces the access token and env vars
+    /// when a warm-pool member is claimed. `None` disables `/init`.
+    #[serde(default)]
+    pub admin_token: Option<String>,

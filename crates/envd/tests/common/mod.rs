@@ -49,6 +49,7 @@ pub fn root_config() -> EnvdConfig {
         access_token: None,
         env_vars: BTreeMap::new(),
         default_user: "root".to_string(),
+        admin_token: None,
     }
 }
 
