@@ -1,0 +1,93 @@
+"""A daemon restart (SIGTERM, start again on the same data dir) keeps sandboxes running and
+re-adopts them. Uses its own daemon, not the session one."""
+
+import os
+import threading
+import time
+
+import pytest
+from e2b import Sandbox
+
+from warren_helpers import Daemon, host_state, remove_data_dir, remove_host_state, start_daemon, wait_until
+
+
+@pytest.fixture
+def own_daemon(request):
+    d = start_daemon()
+    daemons = [d]
+    yield daemons
+    last = daemons[-1]
+    if last.alive():
+        for sid in last.list_ids():
+            last.request("DELETE", f"/sandboxes/{sid}")
+        wait_until(lambda: last.sandbox_dirs() == [], 10)
+        last.stop()
+    for x in daemons:
+        if x.alive():
+            x.stop()
+    remove_host_state(d.prefix)
+    remove_data_dir(d)
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        for x in daemons:
+            if os.path.exists(x.log_path):
+                os.unlink(x.log_path)
+
+
+def test_restart_readopts_sandboxes(own_daemon):
+    d = own_daemon[0]
+    opts = dict(api_key=d.api_key, api_url=d.url, sandbox_url=d.url)
+    sbx = Sandbox.create(timeout=120, **opts)
+    sid = sbx.sandbox_id
+    sbx.files.write("/home/user/survive.txt", "across restarts")
+    sleeper = sbx.commands.run("sleep 600", background=True)
+
+    # a command stream open through the router while the daemon is told to stop
+    streaming = {}
+
+    def long_run():
+        try:
+            sbx.commands.run("sleep 60")
+            streaming["outcome"] = "returned"
+        except Exception as e:  # noqa: BLE001
+            streaming["outcome"] = e
+
+    th = threading.Thread(target=long_run)
+    th.start()
+    time.sleep(0.3)
+
+    t = time.monotonic()
+    assert d.stop(timeout=20) == 0
+    assert time.monotonic() - t < 12, "SIGTERM took too long with an open command stream"
+    th.join(10)
+    assert not th.is_alive()
+
+    # the sandbox keeps running without the daemon, and so do its bridge and cgroups
+    assert d.processes_in_cgroup() != []
+    assert f"link {d.prefix}br" in host_state(d.prefix)
+
+    d2 = Daemon(
+        binary=d.binary,
+        envd=d.envd,
+        port=d.port,
+        api_key=d.api_key,
+        data_dir=d.data_dir,
+        log_path=d.log_path + ".2",
+    )
+    own_daemon.append(d2)
+    d2.start()
+    assert d2.list_ids() == [sid]
+
+    again = Sandbox.connect(sid, **opts)
+    assert again.files.read("/home/user/survive.txt") == "across restarts"
+    assert sleeper.pid in [p.pid for p in again.commands.list()]
+    assert again.commands.run("echo after-restart").stdout == "after-restart\n"
+    assert again.get_info().metadata == {}
+
+    assert again.kill() is True
+    assert wait_until(lambda: d2.sandbox_dirs() == [], 10)
+    assert d2.cgroup_leaks() == []
+    assert d2.stop() == 0
+    assert wait_until(lambda: d2.processes_in_cgroup() == [], 5), d2.processes_in_cgroup()
+    # no sandbox left: the stopped daemon gave back its bridge, tables and cgroup parents
+    assert wait_until(lambda: host_state(d2.prefix) == [], 5), host_state(d2.prefix)
