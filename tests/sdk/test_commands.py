@@ -128,3 +128,35 @@ def test_context_manager_kills(daemon):
         daemon.register(sbx.sandbox_id)
         assert sbx.commands.run("echo in").stdout == "in\n"
     assert sbx.sandbox_id not in daemon.list_ids()
+
+
+def test_stdin_is_closed_by_default(sandbox):
+    # without stdin=True a reader sees EOF at once instead of hanging
+    t = time.monotonic()
+    r = sandbox.commands.run("cat; echo eof", timeout=10)
+    assert r.stdout == "eof\n"
+    assert time.monotonic() - t < 5
+
+
+def test_multibyte_character_split_across_writes(sandbox):
+    r = sandbox.commands.run("printf '\\342\\202'; sleep 0.2; printf '\\254\\n'")
+    assert r.stdout == "\u20ac\n"
+
+
+def test_orphans_are_reaped(sandbox):
+    for _ in range(3):
+        sandbox.commands.run("for i in $(seq 20); do (sleep 0.05 &) ; done; true")
+    time.sleep(0.5)
+    r = sandbox.commands.run("ps -eo stat= | grep -c '^Z' || true")
+    assert r.stdout == "0\n"
+
+
+def test_memory_limit_is_enforced(sandbox):
+    info = sandbox.get_info()
+    assert (info.cpu_count, info.memory_mb) == (2, 512)
+    ok = sandbox.commands.run("python3 -c \"b = b'x' * (100 << 20); print(len(b) >> 20)\"")
+    assert ok.stdout == "100\n"
+    with pytest.raises(CommandExitException) as ei:
+        sandbox.commands.run("python3 -c \"b = b'x' * (700 << 20); print('survived')\"")
+    assert "survived" not in ei.value.stdout
+    assert sandbox.commands.run("echo alive").stdout == "alive\n"
