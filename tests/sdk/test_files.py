@@ -180,3 +180,59 @@ def test_user_cannot_write_root_owned_dir(sandbox):
     with pytest.raises(SandboxException):
         sandbox.files.write("/root/denied.txt", "no")
     assert sandbox.commands.run("test -e /root/denied.txt || echo absent", user="root").stdout == "absent\n"
+
+
+def _http(method, url, body=None, headers=None):
+    import http.client
+    import urllib.parse
+
+    p = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(p.hostname, p.port, timeout=30)
+    try:
+        c.request(method, p.path + "?" + p.query, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def test_signed_download_and_upload_urls_without_headers(sandbox):
+    import json
+
+    sandbox.files.write("/home/user/d.txt", "download me")
+    # a plain client: no E2b-Sandbox-Id / X-Access-Token headers, only the signature
+    assert _http("GET", sandbox.download_url("/home/user/d.txt")) == (200, b"download me")
+    assert _http("GET", sandbox.download_url("/home/user/d.txt", use_signature_expiration=30)) == (
+        200,
+        b"download me",
+    )
+    boundary = "wptboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="up.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\nuploaded\r\n--{boundary}--\r\n"
+    ).encode()
+    status, resp = _http(
+        "POST",
+        sandbox.upload_url("/home/user/up.txt"),
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status == 200, resp
+    assert json.loads(resp) == [{"name": "up.txt", "path": "/home/user/up.txt", "type": "file"}]
+    assert sandbox.files.read("/home/user/up.txt") == "uploaded"
+
+
+def test_signed_url_expired_and_tampered(sandbox):
+    import json
+    import time
+
+    sandbox.files.write("/home/user/d.txt", "x")
+    url = sandbox.download_url("/home/user/d.txt", use_signature_expiration=1)
+    time.sleep(2.1)
+    status, body = _http("GET", url)
+    assert status == 401
+    assert json.loads(body) == {"code": 401, "message": "signature is already expired"}
+    # a signature for another path opens nothing
+    status, body = _http("GET", sandbox.download_url("/home/user/d.txt").replace("d.txt", "e.txt"))
+    assert status in (401, 404), (status, body)
+    assert json.loads(body)["code"] == status

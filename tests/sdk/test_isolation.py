@@ -3,6 +3,7 @@
 import os
 import secrets
 import socket
+import subprocess
 
 import pytest
 from e2b import CommandExitException
@@ -103,3 +104,26 @@ def test_sandbox_cannot_reach_another_sandbox(new_sandbox):
         pytest.fail("B's own http server never came up")
     with pytest.raises(CommandExitException):
         a.commands.run(probe + b_ip)
+
+
+def test_sandbox_cannot_reach_host_services(sandbox):
+    gw = sandbox.commands.run("ip route show default | awk '{print $3}'").stdout.strip()
+    host_ip = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
+    ).stdout
+    assert gw and gw in host_ip, (gw, host_ip)
+    srv = socket.socket()
+    srv.bind(("0.0.0.0", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    try:
+        # positive control: the listener is reachable on the bridge address from the host
+        socket.create_connection((gw, port), timeout=2).close()
+        probe = (
+            "python3 -c \"import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), "
+            "timeout=2); print('open')\" "
+        )
+        with pytest.raises(CommandExitException):
+            sandbox.commands.run(f"{probe} {gw} {port}")
+    finally:
+        srv.close()
