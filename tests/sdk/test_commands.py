@@ -160,3 +160,15 @@ def test_memory_limit_is_enforced(sandbox):
         sandbox.commands.run("python3 -c \"b = b'x' * (700 << 20); print('survived')\"")
     assert "survived" not in ei.value.stdout
     assert sandbox.commands.run("echo alive").stdout == "alive\n"
+
+
+def test_list_shows_process_config(sandbox):
+    h = sandbox.commands.run("sleep 300", background=True, envs={"TAGGED": "yes"}, cwd="/tmp")
+    try:
+        [p] = [p for p in sandbox.commands.list() if p.pid == h.pid]
+        assert p.cmd == "/bin/bash"
+        assert p.args == ["-l", "-c", "sleep 300"]
+        assert p.envs.get("TAGGED") == "yes"
+        assert p.cwd == "/tmp"
+    finally:
+        sandbox.commands.kill(h.pid)

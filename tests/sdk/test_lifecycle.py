@@ -247,3 +247,19 @@ def test_pause_kill_race_ends_killed(daemon, new_sandbox):
         assert p.result() in (True, "gone")
     assert sbx.sandbox_id not in daemon.list_ids()
     assert wait_until(lambda: sbx.sandbox_id not in daemon.sandbox_dirs(), 5)
+
+
+def test_connect_to_process_after_resume_streams_the_rest(new_sandbox):
+    sbx = new_sandbox()
+    h = sbx.commands.run("for i in $(seq 1 30); do echo line$i; sleep 0.1; done", background=True)
+    time.sleep(0.5)
+    assert sbx.pause() is True
+    time.sleep(0.5)
+    resumed = Sandbox.connect(sbx.sandbox_id)
+    res = resumed.commands.connect(h.pid).wait()
+    lines = res.stdout.splitlines()
+    assert res.exit_code == 0
+    assert lines[-1] == "line30"
+    # consecutive, no gaps or repeats from wherever it joined
+    first = int(lines[0][4:])
+    assert lines == [f"line{i}" for i in range(first, 31)]

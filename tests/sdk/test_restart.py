@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, SandboxState
 
 from warren_helpers import Daemon, host_state, remove_data_dir, remove_host_state, start_daemon, wait_until
 
@@ -41,6 +41,11 @@ def test_restart_readopts_sandboxes(own_daemon):
     sid = sbx.sandbox_id
     sbx.files.write("/home/user/survive.txt", "across restarts")
     sleeper = sbx.commands.run("sleep 600", background=True)
+    # a paused sandbox, and one whose timeout runs out while the daemon is down
+    paused = Sandbox.create(timeout=120, **opts)
+    paused.files.write("/tmp/p.txt", "paused across restarts")
+    assert paused.pause() is True
+    expiring = Sandbox.create(timeout=3, **opts)
 
     # a command stream open through the router while the daemon is told to stop
     streaming = {}
@@ -75,8 +80,16 @@ def test_restart_readopts_sandboxes(own_daemon):
         log_path=d.log_path + ".2",
     )
     own_daemon.append(d2)
+    time.sleep(max(0.0, 3.5 - (time.monotonic() - t)))
     d2.start()
-    assert d2.list_ids() == [sid]
+    # the expired one is killed at (or right after) start
+    assert wait_until(lambda: expiring.sandbox_id not in d2.list_ids(), 5), d2.list_ids()
+    assert wait_until(lambda: expiring.sandbox_id not in d2.sandbox_dirs(), 5)
+    assert d2.list_ids() == sorted([sid, paused.sandbox_id])
+    assert Sandbox.get_info(paused.sandbox_id, **opts).state == SandboxState.PAUSED
+    p2 = Sandbox.connect(paused.sandbox_id, **opts)
+    assert p2.files.read("/tmp/p.txt") == "paused across restarts"
+    assert p2.kill() is True
 
     again = Sandbox.connect(sid, **opts)
     assert again.files.read("/home/user/survive.txt") == "across restarts"
