@@ -14,6 +14,7 @@ for p in crun runc runsc; do
 done
 python3 -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 cargo build --release -q -p warren -p warren-envd
+BIN="${CARGO_TARGET_DIR:-target}/release"
 
 # crun 1.8 refuses hybrid cgroup hosts while a controller (hugetlb here) is left to cgroup v2;
 # binding hugetlb to a v1 hierarchy is the documented workaround (it changes nothing for Warren).
@@ -25,7 +26,7 @@ fi
 DATA=$(mktemp -d /tmp/warren-bench.XXXXXX)
 PORT=$((20000 + RANDOM % 10000))
 KEY=bench-$RANDOM$RANDOM
-WARREN_API_KEY=$KEY target/release/warren serve --listen 127.0.0.1:$PORT --data-dir "$DATA" >"$DATA.log" 2>&1 &
+WARREN_API_KEY=$KEY "$BIN/warren" serve --listen 127.0.0.1:$PORT --data-dir "$DATA" >"$DATA.log" 2>&1 &
 DAEMON=$!
 trap 'kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null; rm -rf "$DATA"' EXIT
 for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
