@@ -8,10 +8,11 @@
 pub mod error;
 pub mod extract;
 pub mod models;
+pub mod network;
 pub mod proxy;
 pub mod sandboxes;
 
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use std::sync::Arc;
 use warren_core::{SandboxRecord, Warren};
@@ -60,7 +61,8 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .route("/sandboxes/{id}/resume", post(h::resume))
         .route("/sandboxes/{id}/connect", post(h::connect))
         .route("/v2/sandboxes/{id}/connect", post(h::connect))
-        .route("/sandboxes/{id}/metrics", get(h::metrics))
+        .route("/sandboxes/{id}/metrics", get(network::metrics))
+        .route("/sandboxes/{id}/network", put(network::update_network))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .with_state(state.clone());

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use warren_core::SandboxRecord;
 
 /// `NewSandboxV2` (and the v1 `NewSandbox`). Fields the SDK may send that Warren does not act on
-/// (`network`, `mcp`, `volumeMounts`, …) are ignored.
+/// (`mcp`, `volumeMounts`, parts of `network`, …) are ignored.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
@@ -19,6 +19,7 @@ pub struct NewSandbox {
     pub allow_internet_access: Option<bool>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub env_vars: Option<BTreeMap<String, String>>,
+    pub network: Option<crate::network::NetworkConfigJson>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +54,8 @@ pub struct SandboxJson {
     pub envd_version: String,
     pub alias: String,
     pub envd_access_token: String,
+    /// Present when the sandbox's ports are private (`allowPublicTraffic: false`).
+    pub traffic_access_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
 }
@@ -66,6 +69,8 @@ impl SandboxJson {
             envd_version: envd_version.into(),
             alias: r.template_id.clone(),
             envd_access_token: r.envd_access_token.clone(),
+            traffic_access_token: (!r.spec.network.allow_public_traffic)
+                .then(|| warren_core::traffic_access_token(&r.envd_access_token)),
             domain: domain.map(Into::into),
         }
     }
@@ -104,6 +109,7 @@ pub struct SandboxDetailJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
     pub lifecycle: Lifecycle,
+    pub network: crate::network::NetworkInfoJson,
 }
 
 fn public_state(r: &SandboxRecord) -> &'static str {
@@ -133,6 +139,7 @@ impl SandboxDetailJson {
                 auto_resume: false,
                 on_timeout: if r.auto_pause { "pause" } else { "kill" },
             },
+            network: crate::network::NetworkInfoJson::new(r),
         }
     }
 }

@@ -24,6 +24,12 @@ use std::time::Duration;
 
 pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// Compares secrets without leaking how long a prefix matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 use warren_runtime::ENVD_PORT;
 
 /// A pooled HTTP/1 client to sandboxes.
@@ -228,6 +234,26 @@ impl SandboxProxy {
         let Some(ip) = st.warren.route(&id) else {
             return sandbox_error(&id, "The sandbox was not found");
         };
+        // Private ports (`allowPublicTraffic: false`) need the sandbox's traffic token; envd
+        // has its own access token.
+        if target.port != ENVD_PORT {
+            if let Some(token) = st.warren.traffic_token(&id) {
+                let given = req
+                    .headers()
+                    .get(TRAFFIC_TOKEN_HEADER)
+                    .map(|v| v.as_bytes());
+                if !given.is_some_and(|g| constant_time_eq(g, token.as_bytes())) {
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "sandbox {id} does not accept public traffic: send its traffic \
+                             access token in the E2B-Traffic-Access-Token header"
+                        ),
+                    )
+                    .into_response();
+                }
+            }
+        }
         self.forward_to(&id, ip, target.port, req).await
     }
 

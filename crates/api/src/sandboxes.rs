@@ -26,6 +26,7 @@ pub async fn create(
         env_vars: body.env_vars.unwrap_or_default(),
         allow_internet: body.allow_internet_access,
         auto_pause: body.auto_pause.unwrap_or(false),
+        network: body.network.unwrap_or_default().into_request(),
     };
     let rec = st.warren.create(&who, req).await?;
     Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
@@ -142,16 +143,6 @@ pub async fn resume(
     }
     let (rec, _) = st.warren.connect(&who, &id, body.timeout).await?;
     Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
-}
-
-/// Warren keeps no metrics history yet: an empty series for a sandbox that exists.
-pub async fn metrics(
-    State(st): State<AppState>,
-    Auth(who): Auth,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Vec<serde_json::Value>>> {
-    st.warren.get(&who, &id).await?;
-    Ok(Json(vec![]))
 }
 
 pub async fn health() -> Json<serde_json::Value> {

@@ -11,6 +11,8 @@ pub mod templates;
 
 pub use auth::{ApiKey, ApiKeys, Principal};
 pub use error::CoreError;
+pub use orchestrator::metrics::MetricPoint;
+pub use orchestrator::network::{traffic_access_token, NetworkRequest, NetworkUpdate};
 pub use orchestrator::{
     Clock, ConnectOutcome, CreateRequest, ListOrder, ListPage, ListQuery, ManualClock,
     RecoveryReport, SystemClock, Warren, WarrenConfig,

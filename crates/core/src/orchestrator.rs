@@ -16,12 +16,13 @@ use crate::store::{SandboxRecord, Store};
 use crate::templates::TemplateRegistry;
 use base64::Engine;
 use chrono::{DateTime, Utc};
+use network::NetworkRequest;
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use warren_runtime::{EnvdSettings, NetworkPolicy, Resources, SandboxRuntime, SandboxSpec};
+use warren_runtime::{EnvdSettings, Resources, SandboxRuntime, SandboxSpec};
 
 /// Source of "now", injectable so deadline logic is testable without sleeping.
 pub trait Clock: Send + Sync + 'static {
@@ -95,6 +96,8 @@ pub struct CreateRequest {
     pub allow_internet: Option<bool>,
     /// Pause instead of kill when the timeout expires.
     pub auto_pause: bool,
+    /// Egress rules and private traffic.
+    pub network: NetworkRequest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,6 +160,9 @@ pub struct Warren {
     /// Address and envd token of every sandbox in state `Running`, kept in memory because the
     /// router asks on every proxied request.
     routes: RwLock<HashMap<String, (Ipv4Addr, String)>>,
+    /// Traffic token of every routed sandbox whose ports are private (`allowPublicTraffic: false`).
+    private_traffic: RwLock<HashMap<String, String>>,
+    metrics: metrics::MetricsBook,
 }
 
 impl Warren {
@@ -194,6 +200,8 @@ impl Warren {
             clock,
             locks: Mutex::default(),
             routes: RwLock::default(),
+            private_traffic: RwLock::default(),
+            metrics: metrics::MetricsBook::default(),
         }
     }
 
@@ -236,7 +244,31 @@ impl Warren {
             .map(|(id, (ip, _))| (id.clone(), *ip))
     }
 
+    /// The token the router must see on traffic to the sandbox's ports other than envd's, when
+    /// the sandbox was created with private traffic; `None` when its ports are public.
+    pub fn traffic_token(&self, id: &str) -> Option<String> {
+        self.private_traffic
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
     fn set_route(&self, rec: &SandboxRecord) {
+        {
+            let mut private = self
+                .private_traffic
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            match network::private_traffic_token(rec) {
+                Some(t) if rec.state == SandboxState::Running => {
+                    private.insert(rec.id.clone(), t);
+                }
+                _ => {
+                    private.remove(&rec.id);
+                }
+            }
+        }
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         match (&rec.placement, rec.state) {
             (Some(p), SandboxState::Running) => {
@@ -311,13 +343,14 @@ impl Warren {
         }
         let id = new_sandbox_id();
         let token = generate_access_token();
-        let allow_internet = req.allow_internet.unwrap_or(true);
+        let network = req.network.policy(req.allow_internet)?;
+        let allow_internet = network.allow_internet;
         let resources = self.config.default_resources;
         let spec = SandboxSpec {
             id: id.clone(),
             rootfs,
             resources,
-            network: NetworkPolicy { allow_internet },
+            network,
             envd: EnvdSettings {
                 access_token: Some(token.clone()),
                 env_vars: req.env_vars.clone(),
@@ -640,6 +673,7 @@ impl Warren {
             loop {
                 every.tick().await;
                 me.tick().await;
+                me.sample_metrics().await;
             }
         })
     }
@@ -745,6 +779,9 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     let nanos: i64 = nanos.parse().map_err(|_| bad())?;
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
+
+pub mod metrics;
+pub mod network;
 
 #[cfg(test)]
 mod tests;

@@ -193,6 +193,29 @@ impl Store {
         .await
     }
 
+    /// Changes fields other than the state (and the deadline) in one transaction; the record
+    /// must be in a state `allowed` accepts, checked inside the transaction.
+    pub async fn update(
+        &self,
+        id: &str,
+        allowed: impl FnOnce(SandboxState) -> bool + Send + 'static,
+        update: impl FnOnce(&mut SandboxRecord) + Send + 'static,
+    ) -> Result<SandboxRecord, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let mut rec = read_row(&tx, &id)?.ok_or_else(|| StoreError::Missing(id.clone()))?;
+            if !allowed(rec.state) {
+                return Err(StoreError::Missing(id));
+            }
+            update(&mut rec);
+            write_row(&tx, &rec, false)?;
+            tx.commit()?;
+            Ok(rec)
+        })
+        .await
+    }
+
     /// Changes a sandbox's deadline (not a state change). `only_if_later` makes it an extension
     /// that never shortens, decided inside the transaction.
     pub async fn set_end_at(

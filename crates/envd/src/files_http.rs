@@ -4,7 +4,7 @@
 //! (and creating parent directories) happens with the user's identity, the data
 //! then flows through the already-open descriptor.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -271,6 +271,22 @@ async fn download_file(
         HeaderValue::from_static("application/octet-stream"),
     );
     response_headers.insert(header::CONTENT_DISPOSITION, content_disposition(&path));
+    let wants_gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::gzip::accepts_gzip);
+    if wants_gzip {
+        let (mut parts, body) = response.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts
+            .headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        parts
+            .headers
+            .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        let packed = crate::gzip::gzip(body.into_data_stream());
+        response = Response::from_parts(parts, Body::from_stream(packed));
+    }
     Ok(response)
 }
 
@@ -294,7 +310,12 @@ async fn create_file(user: &User, path: &Path) -> Result<tokio::fs::File, HttpEr
     }
 }
 
-async fn write_body<S, E>(user: &User, path: &Path, mut chunks: S) -> Result<(), HttpError>
+async fn write_body<S, E>(
+    user: &User,
+    path: &Path,
+    mut chunks: S,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), HttpError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -313,15 +334,27 @@ where
     }
     // tokio's File completes writes in the background; flush surfaces their errors.
     file.flush().await.map_err(|err| io_to_http(&err, path))?;
+    if !metadata.is_empty() {
+        crate::file_metadata::write(&file, metadata).map_err(|err| {
+            http_error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot store metadata on '{}': {err}", path.display()),
+            )
+        })?;
+    }
     Ok(())
 }
 
-fn upload_entry(path: &Path) -> serde_json::Value {
-    serde_json::json!({
+fn upload_entry(path: &Path, metadata: &BTreeMap<String, String>) -> serde_json::Value {
+    let mut entry = serde_json::json!({
         "path": path.to_string_lossy(),
         "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         "type": "file",
-    })
+    });
+    if !metadata.is_empty() {
+        entry["metadata"] = serde_json::json!(metadata);
+    }
+    entry
 }
 
 pub async fn upload(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -348,12 +381,28 @@ async fn upload_files(state: &AppState, request: Request) -> Result<Response, Ht
         .and_then(|v| v.to_str().ok())
         .unwrap_or("identity")
         .to_ascii_lowercase();
-    if content_encoding != "identity" && !content_encoding.is_empty() {
-        return Err(http_error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("unsupported content encoding '{content_encoding}'"),
-        ));
-    }
+    let gzipped = match content_encoding.trim() {
+        "" | "identity" => false,
+        "gzip" | "x-gzip" => true,
+        other => {
+            return Err(http_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported content encoding '{other}': use gzip or none"),
+            ))
+        }
+    };
+    let metadata = crate::file_metadata::from_headers(request.headers())
+        .map_err(|m| http_error(StatusCode::BAD_REQUEST, m))?;
+    // A gzip body is inflated as it streams in, before multipart parsing or the disk see it.
+    let request = if gzipped {
+        let (mut parts, body) = request.into_parts();
+        parts.headers.remove(header::CONTENT_ENCODING);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let inflated = crate::gzip::gunzip(body.into_data_stream());
+        Request::from_parts(parts, Body::from_stream(inflated))
+    } else {
+        request
+    };
 
     let mut written: Vec<PathBuf> = Vec::new();
     if content_type.starts_with("multipart/form-data") {
@@ -381,7 +430,7 @@ async fn upload_files(state: &AppState, request: Request) -> Result<Response, Ht
             let path = resolve_path(&raw_path, &user).map_err(rpc_to_http)?;
             // A multipart field is itself a stream of body chunks.
             let chunks = Box::pin(field);
-            write_body(&user, &path, chunks).await?;
+            write_body(&user, &path, chunks, &metadata).await?;
             written.push(path);
         }
     } else {
@@ -389,7 +438,7 @@ async fn upload_files(state: &AppState, request: Request) -> Result<Response, Ht
             .ok_or_else(|| http_error(StatusCode::BAD_REQUEST, "missing path query parameter"))?;
         let path = resolve_path(&raw_path, &user).map_err(rpc_to_http)?;
         let body = request.into_body().into_data_stream();
-        write_body(&user, &path, body).await?;
+        write_body(&user, &path, body, &metadata).await?;
         written.push(path);
     }
 
@@ -399,7 +448,7 @@ async fn upload_files(state: &AppState, request: Request) -> Result<Response, Ht
             "no file part in the request",
         ));
     }
-    let entries: Vec<_> = written.iter().map(|p| upload_entry(p)).collect();
+    let entries: Vec<_> = written.iter().map(|p| upload_entry(p, &metadata)).collect();
     Ok(json_response(
         StatusCode::OK,
         serde_json::Value::Array(entries).to_string(),

@@ -191,6 +191,7 @@ pub fn entry_info(path: &Path, db: &UserDb) -> io::Result<EntryInfo> {
         modified_time: rfc3339(meta.mtime(), meta.mtime_nsec()),
         symlink_target: symlink_target.map(|t| t.to_string_lossy().into_owned()),
         is_symlink: file_type.is_symlink(),
+        metadata: crate::file_metadata::read(path),
     })
 }
 

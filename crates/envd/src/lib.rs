@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 
 pub mod auth;
 pub mod connect;
+pub mod file_metadata;
 pub mod files_http;
 pub mod filesystem;
 mod filesystem_service;
+mod gzip;
 pub mod init;
 pub mod process;
 mod process_service;

@@ -273,6 +273,9 @@ pub struct EntryInfo {
     pub symlink_target: Option<String>,
     #[serde(skip_serializing_if = "is_false")]
     pub is_symlink: bool,
+    /// User metadata (`user.e2b.*` extended attributes).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 #[cfg(test)]
@@ -320,6 +323,7 @@ mod tests {
             modified_time: "2024-01-02T03:04:05Z".into(),
             symlink_target: None,
             is_symlink: false,
+            metadata: Default::default(),
         };
         let json = serde_json::to_value(&entry).unwrap();
         assert_eq!(json["size"], "12");

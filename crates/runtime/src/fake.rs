@@ -2,7 +2,7 @@
 //! state a real runtime would have (which sandboxes exist, which are frozen) without touching the
 //! kernel, and can be told to fail, so error paths are testable without root.
 
-use crate::{Placement, RuntimeError, SandboxRuntime, SandboxSpec};
+use crate::{NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec, SandboxStats};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -15,6 +15,8 @@ pub struct FakeSandbox {
     pub placement: Placement,
     pub frozen: bool,
     pub alive: bool,
+    /// What [`SandboxRuntime::stats`] answers; tests set it with [`FakeRuntime::set_stats`].
+    pub stats: SandboxStats,
 }
 
 #[derive(Default)]
@@ -54,6 +56,13 @@ impl FakeRuntime {
         ids
     }
 
+    /// Sets the usage the sandbox reports from now on.
+    pub fn set_stats(&self, id: &str, stats: SandboxStats) {
+        if let Some(s) = self.sandboxes.lock().unwrap().get_mut(id) {
+            s.stats = stats;
+        }
+    }
+
     /// Pretends a sandbox survived a daemon restart (it exists in the kernel, not yet adopted).
     pub fn insert_leftover(&self, spec: SandboxSpec, placement: Placement) {
         self.sandboxes.lock().unwrap().insert(
@@ -63,6 +72,7 @@ impl FakeRuntime {
                 placement,
                 frozen: false,
                 alive: true,
+                stats: SandboxStats::default(),
             },
         );
     }
@@ -98,6 +108,7 @@ impl SandboxRuntime for FakeRuntime {
                 placement: placement.clone(),
                 frozen: false,
                 alive: true,
+                stats: SandboxStats::default(),
             },
         );
         Ok(placement)
@@ -141,6 +152,24 @@ impl SandboxRuntime for FakeRuntime {
             map.remove(id);
         }
         Ok(gone)
+    }
+
+    async fn set_network(&self, id: &str, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+        let mut map = self.sandboxes.lock().unwrap();
+        let s = map
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownSandbox(id.into()))?;
+        s.spec.network = policy.clone();
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError> {
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|s| s.stats)
+            .ok_or_else(|| RuntimeError::UnknownSandbox(id.into()))
     }
 
     fn is_alive(&self, id: &str) -> bool {

@@ -9,6 +9,7 @@
 //! runs as the first process of a new sandbox to mount its root filesystem, configure its network
 //! interface and drop privileges before it starts serving.
 
+pub mod egress;
 pub mod error;
 pub mod fake;
 pub mod init;
@@ -17,10 +18,11 @@ pub mod linux;
 pub mod seccomp;
 pub mod spec;
 
+pub use egress::{Cidr, EgressRules};
 pub use error::RuntimeError;
 pub use spec::{
     BindMount, EnvdSettings, NetworkPolicy, Placement, Resources, RootfsSpec, SandboxSpec,
-    ENVD_PORT,
+    SandboxStats, ENVD_PORT,
 };
 
 use async_trait::async_trait;
@@ -54,4 +56,11 @@ pub trait SandboxRuntime: Send + Sync + 'static {
 
     /// Whether the sandbox's init process is still alive (false once it has exited).
     fn is_alive(&self, id: &str) -> bool;
+
+    /// Replaces the egress policy of a live (running or frozen) sandbox: `allow_internet` and
+    /// the allow/deny rules, atomically. `allow_public_traffic` is not the runtime's business.
+    async fn set_network(&self, id: &str, policy: &NetworkPolicy) -> Result<(), RuntimeError>;
+
+    /// Current cumulative resource usage of a live sandbox (for metrics).
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError>;
 }

@@ -1,6 +1,7 @@
 //! Plain data exchanged between the control plane and the runtime, and between the runtime and the
 //! sandbox's init.
 
+use crate::egress::EgressRules;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -61,14 +62,41 @@ impl Default for Resources {
 pub struct NetworkPolicy {
     /// NAT egress to anything outside the sandbox subnet. Traffic between sandboxes is always dropped.
     pub allow_internet: bool,
+    /// Per-destination exceptions on top of `allow_internet` (see [`crate::egress`]).
+    #[serde(default)]
+    pub egress: EgressRules,
+    /// Whether the router forwards traffic to the sandbox's ports (other than envd's) without
+    /// the sandbox's traffic access token. Enforced by the router, not the kernel; kept here so
+    /// it lives and survives restarts with the rest of the network settings.
+    #[serde(default = "yes")]
+    pub allow_public_traffic: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for NetworkPolicy {
     fn default() -> Self {
         NetworkPolicy {
             allow_internet: true,
+            egress: EgressRules::default(),
+            allow_public_traffic: true,
         }
     }
+}
+
+/// Cumulative resource usage of a sandbox at one instant, read from its cgroup and upper dir.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SandboxStats {
+    /// CPU time used by every process of the sandbox since it started, in nanoseconds.
+    pub cpu_usage_ns: u64,
+    /// Memory charged to the sandbox (including page cache), in bytes.
+    pub memory_bytes: u64,
+    /// The page-cache part of `memory_bytes`.
+    pub memory_cache_bytes: u64,
+    /// Bytes the sandbox wrote to its root filesystem (its overlay upper dir).
+    pub disk_bytes: u64,
 }
 
 /// Settings handed to envd when the sandbox starts.
@@ -80,6 +108,10 @@ pub struct EnvdSettings {
     pub env_vars: BTreeMap<String, String>,
     /// The user processes run as when a request names none (`user`).
     pub default_user: String,
+    /// The daemon's secret for envd's `POST /init`, which replaces the access token and env vars
+    /// when a warm-pool member is claimed. `None` disables `/init`.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 /// Where a running sandbox lives, as the runtime placed it. Stored by the control plane so that a
@@ -102,7 +134,3 @@ impl Placement {
         std::net::SocketAddr::from((self.ip, ENVD_PORT))
     }
 }
-    /// The daemon's secret for envd's `POST /init`, which replaces the access token and env vars
-    /// when a warm-pool member is claimed. `None` disables `/init`.
-    #[serde(default)]
-    pub admin_token: Option<String>,

@@ -435,3 +435,72 @@ async fn profile_create() {
     );
     h.finish().await;
 }
+
+#[tokio::test]
+async fn egress_rules_allow_exceptions_update_live_and_go_with_the_sandbox() {
+    use warren_runtime::EgressRules;
+    let h = Harness::new("egress").await;
+    let a = Outside::start("ega", 78);
+    let b = Outside::start("egb", 79);
+    let reach = |id: &str, pid: u32, addr: std::net::Ipv4Addr| {
+        let out = in_sandbox_cgroup(id, pid, &format!("{CONNECT} {addr} 18080 2>&1"));
+        String::from_utf8_lossy(&out.stdout).contains("hello-from-outside")
+    };
+
+    // Deny everything but A.
+    let mut spec = h.spec("egone");
+    spec.network.egress =
+        EgressRules::parse(&[format!("{}", a.addr)], &["0.0.0.0/0".to_string()]).unwrap();
+    let p = h.rt.create(&spec).await.expect("create");
+    assert!(
+        reach("egone", p.init_pid, a.addr),
+        "allowOut is an exception"
+    );
+    assert!(
+        !reach("egone", p.init_pid, b.addr),
+        "denyOut 0.0.0.0/0 blocks"
+    );
+
+    // Live update: no rules at all, internet on.
+    let mut policy = spec.network.clone();
+    policy.egress = EgressRules::default();
+    h.rt.set_network("egone", &policy)
+        .await
+        .expect("clear rules");
+    assert!(reach("egone", p.init_pid, a.addr) && reach("egone", p.init_pid, b.addr));
+
+    // Live update: internet off, B allowed as an exception.
+    policy.allow_internet = false;
+    policy.egress = EgressRules::parse(&[b.addr.to_string()], &[]).unwrap();
+    h.rt.set_network("egone", &policy)
+        .await
+        .expect("deny with exception");
+    assert!(!reach("egone", p.init_pid, a.addr), "no internet");
+    assert!(
+        reach("egone", p.init_pid, b.addr),
+        "allowOut beats allow_internet=false"
+    );
+
+    // A deny list only.
+    policy.allow_internet = true;
+    policy.egress = EgressRules::parse(&[], &[format!("{}/24", a.addr)]).unwrap();
+    h.rt.set_network("egone", &policy).await.expect("deny A");
+    assert!(!reach("egone", p.init_pid, a.addr) && reach("egone", p.init_pid, b.addr));
+
+    let stats = h.rt.stats("egone").await.expect("stats");
+    assert!(
+        stats.cpu_usage_ns > 0 && stats.memory_bytes > 0,
+        "{stats:?}"
+    );
+
+    h.rt.destroy("egone").await.unwrap();
+    let rules = Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&rules.stdout);
+    assert!(!text.contains("eg_egone"), "egress chain removed: {text}");
+    assert!(!text.contains(&p.ip.to_string()), "map element removed");
+    drop((a, b));
+    h.finish().await;
+}

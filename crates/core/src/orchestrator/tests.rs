@@ -493,3 +493,5 @@ async fn recovery_finishes_interrupted_operations() {
     assert!(f.rt.get(&a.id).unwrap().frozen);
     assert!(f.rt.get(&b.id).is_none());
 }
+
+mod parity;

@@ -331,6 +331,47 @@ impl CgroupManager {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
+    /// CPU time used by the sandbox's processes since its cgroup was made, in nanoseconds.
+    pub fn cpu_usage_ns(&self, id: &str) -> Option<u64> {
+        match self.layout {
+            Layout::Unified => {
+                let stat = std::fs::read_to_string(self.v2_dir(id).join("cpu.stat")).ok()?;
+                let usec: u64 = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())?;
+                Some(usec * 1000)
+            }
+            Layout::Hybrid => {
+                // cpuacct may be co-mounted with cpu (`cpu,cpuacct`); both paths then resolve.
+                let dir = if self.v1.contains(&"cpuacct") {
+                    self.v1_dir("cpuacct", id)
+                } else {
+                    self.v1_dir("cpu", id)
+                };
+                std::fs::read_to_string(dir.join("cpuacct.usage"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            }
+        }
+    }
+
+    /// Page cache charged to the sandbox, in bytes.
+    pub fn memory_cache(&self, id: &str) -> Option<u64> {
+        let (path, key) = match self.layout {
+            Layout::Unified => (self.v2_dir(id).join("memory.stat"), "file "),
+            Layout::Hybrid => (
+                self.v1_dir("memory", id).join("memory.stat"),
+                "total_cache ",
+            ),
+        };
+        std::fs::read_to_string(path)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+    }
+
     /// How many times the kernel's OOM killer fired inside the sandbox.
     pub fn oom_kills(&self, id: &str) -> u64 {
         let (path, key) = match self.layout {

@@ -19,7 +19,7 @@ pub mod template;
 pub use template::prepare_base_template;
 
 use crate::init::InitSpec;
-use crate::{Placement, RuntimeError, SandboxRuntime, SandboxSpec};
+use crate::{NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec, SandboxStats};
 use async_trait::async_trait;
 use cgroup::CgroupManager;
 use net::HostNetwork;
@@ -46,8 +46,12 @@ pub struct LinuxRuntimeConfig {
     pub data_dir: PathBuf,
     /// Path of the `warren-envd` binary on the host.
     pub envd_binary: PathBuf,
-    /// Sandbox subnet: network address and prefix length.
+    /// Sandbox subnet: network address and prefix length. Unless `subnet_fixed`, this is only a
+    /// preference: the first start probes from here for a subnet no host interface uses and
+    /// records it in the data dir.
     pub subnet: (Ipv4Addr, u8),
+    /// The operator chose `subnet` (`warren serve --subnet`): use exactly it.
+    pub subnet_fixed: bool,
     /// Host bridge name (at most 15 bytes).
     pub bridge: String,
     /// Prefix for host veth names, the nftables table and the cgroup directory (`w` + 3 chars).
@@ -77,6 +81,7 @@ impl LinuxRuntimeConfig {
             data_dir,
             envd_binary,
             subnet: (Ipv4Addr::from(network), 20),
+            subnet_fixed: false,
             bridge: format!("w{tag}br"),
             name_prefix: format!("w{tag}"),
             prepared_networks: 4,
@@ -88,6 +93,8 @@ impl LinuxRuntimeConfig {
 struct Tracked {
     placement: Placement,
     internet_denied: bool,
+    /// Whether the sandbox has an egress chain in nftables.
+    egress: bool,
     alive: Arc<AtomicBool>,
 }
 
@@ -120,8 +127,8 @@ impl LinuxRuntime {
         config.subnet = net::choose_subnet(
             &config.data_dir.join("subnet"),
             &config.bridge,
-            config.subnet.0,
-            config.subnet.1,
+            config.subnet,
+            config.subnet_fixed,
         )
         .await?;
         let net = HostNetwork::setup(
@@ -211,6 +218,9 @@ impl LinuxRuntime {
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {
             self.net.deny_internet(slot.ip)?;
+        }
+        if !spec.network.egress.is_empty() {
+            self.net.set_egress(id, slot.ip, &spec.network.egress)?;
         }
         prof("prepared", &t0);
 
@@ -309,6 +319,7 @@ impl LinuxRuntime {
         ip: Option<Ipv4Addr>,
         veth: Option<&str>,
         deny_rule: bool,
+        egress: bool,
     ) -> Result<(), RuntimeError> {
         let cg = self.cgroups.clone();
         let id_owned = id.to_string();
@@ -322,6 +333,9 @@ impl LinuxRuntime {
             if deny_rule {
                 self.net.allow_internet(ip)?;
             }
+        }
+        if egress {
+            self.net.clear_egress(id, ip)?;
         }
         let dir = self.sandbox_dir(id);
         let cg = self.cgroups.clone();
@@ -491,6 +505,7 @@ impl SandboxRuntime for LinuxRuntime {
                     Tracked {
                         placement: placement.clone(),
                         internet_denied: !spec.network.allow_internet,
+                        egress: !spec.network.egress.is_empty(),
                         alive,
                     },
                 );
@@ -503,6 +518,7 @@ impl SandboxRuntime for LinuxRuntime {
                         Some(slot.ip),
                         Some(&slot.veth),
                         !spec.network.allow_internet,
+                        !spec.network.egress.is_empty(),
                     )
                     .await
                 {
@@ -538,10 +554,11 @@ impl SandboxRuntime for LinuxRuntime {
                     Some(t.placement.ip),
                     Some(&t.placement.veth),
                     t.internet_denied,
+                    t.egress,
                 )
                 .await
             }
-            None => self.cleanup(id, None, None, false).await,
+            None => self.cleanup(id, None, None, false, false).await,
         }
     }
 
@@ -558,11 +575,17 @@ impl SandboxRuntime for LinuxRuntime {
             .denied_addresses()
             .map(|ips| ips.contains(&placement.ip))
             .unwrap_or(false);
+        let egress = self
+            .net
+            .egress_chains()
+            .map(|ids| ids.iter().any(|c| c == id))
+            .unwrap_or(false);
         self.sandboxes.lock().unwrap().insert(
             id.to_string(),
             Tracked {
                 placement: placement.clone(),
                 internet_denied: denied,
+                egress,
                 alive,
             },
         );
@@ -596,6 +619,18 @@ impl SandboxRuntime for LinuxRuntime {
                 self.net.delete_veth(&veth).await?;
             }
         }
+        // Egress rules of sandboxes no longer tracked.
+        let tracked: HashSet<String> = self.sandboxes.lock().unwrap().keys().cloned().collect();
+        for (ip, id) in self.net.egress_entries()? {
+            if !tracked.contains(&id) {
+                self.net.clear_egress(&id, Some(ip))?;
+            }
+        }
+        for id in self.net.egress_chains()? {
+            if !tracked.contains(&id) {
+                self.net.clear_egress(&id, None)?;
+            }
+        }
         // No-internet entries of addresses no kept sandbox holds.
         let in_use: HashSet<Ipv4Addr> = self.net.ipam.in_use().into_iter().collect();
         for ip in self.net.denied_addresses()? {
@@ -606,6 +641,54 @@ impl SandboxRuntime for LinuxRuntime {
         Ok(cleaned)
     }
 
+    async fn set_network(&self, id: &str, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+        let (ip, denied, had_egress) = {
+            let map = self.sandboxes.lock().unwrap();
+            let t = map
+                .get(id)
+                .ok_or_else(|| RuntimeError::UnknownSandbox(id.to_string()))?;
+            (t.placement.ip, t.internet_denied, t.egress)
+        };
+        // Rules first, then the no-internet set: a sandbox gaining exceptions while losing
+        // internet access never has a moment without either.
+        let egress = !policy.egress.is_empty();
+        if egress {
+            self.net.set_egress(id, ip, &policy.egress)?;
+        } else if had_egress {
+            self.net.clear_egress(id, Some(ip))?;
+        }
+        match (denied, policy.allow_internet) {
+            (false, false) => self.net.deny_internet(ip)?,
+            (true, true) => self.net.allow_internet(ip)?,
+            _ => {}
+        }
+        if let Some(t) = self.sandboxes.lock().unwrap().get_mut(id) {
+            t.internet_denied = !policy.allow_internet;
+            t.egress = egress;
+        }
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError> {
+        if !self.sandboxes.lock().unwrap().contains_key(id) {
+            return Err(RuntimeError::UnknownSandbox(id.to_string()));
+        }
+        let cg = self.cgroups.clone();
+        let upper = self.sandbox_dir(id).join("upper");
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let memory_bytes = cg.memory_usage(&id).unwrap_or(0);
+            SandboxStats {
+                cpu_usage_ns: cg.cpu_usage_ns(&id).unwrap_or(0),
+                memory_bytes,
+                memory_cache_bytes: cg.memory_cache(&id).unwrap_or(0).min(memory_bytes),
+                disk_bytes: disk_usage(&upper),
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
+    }
+
     fn is_alive(&self, id: &str) -> bool {
         self.sandboxes
             .lock()
@@ -614,6 +697,28 @@ impl SandboxRuntime for LinuxRuntime {
             .map(|t| t.alive.load(Ordering::SeqCst))
             .unwrap_or(false)
     }
+}
+
+/// Bytes allocated to the files under `dir` (like `du`), without following symlinks or
+/// crossing into other file systems. Hard links count once per link: good enough for metrics.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    let dev = std::fs::symlink_metadata(dir).map(|m| m.dev()).ok();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            total += m.blocks() * 512;
+            if m.is_dir() && Some(m.dev()) == dev {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
 }
 
 /// Where create time goes, at debug level (`RUST_LOG=warren_runtime=debug`).

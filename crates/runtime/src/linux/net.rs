@@ -237,11 +237,14 @@ impl HostNetwork {
     fn install_rules(&self) -> Result<(), RuntimeError> {
         let (t, br, subnet) = (&self.table, &self.bridge, self.ipam.cidr());
         let vp = &self.veth_prefix;
-        // `add` is idempotent for tables, sets and chains; flushing the chains (not the set) keeps
-        // the no-internet addresses of sandboxes that survive a daemon restart.
+        // `add` is idempotent for tables, sets and chains; flushing the chains (not the set, map
+        // and per-sandbox chains) keeps the egress policy of sandboxes that survive a daemon
+        // restart. The egress map comes after the east-west drop (rules never open traffic
+        // between sandboxes) and before the no-internet drop (allowed blocks are exceptions).
         let script = format!(
             r#"add table inet {t}
 add set inet {t} no_internet {{ type ipv4_addr; }}
+add map inet {t} egress {{ type ipv4_addr : verdict; }}
 add chain inet {t} forward {{ type filter hook forward priority -10; policy accept; }}
 add chain inet {t} input {{ type filter hook input priority -10; policy accept; }}
 add chain inet {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
@@ -249,6 +252,7 @@ flush chain inet {t} forward
 flush chain inet {t} input
 flush chain inet {t} postrouting
 add rule inet {t} forward iifname "{br}" oifname "{br}" drop
+add rule inet {t} forward iifname "{br}" ip saddr vmap @egress
 add rule inet {t} forward iifname "{br}" ip saddr @no_internet drop
 add rule inet {t} forward oifname "{br}" ip daddr @no_internet ct state new drop
 add rule inet {t} input iifname "{br}" ct state established,related accept
@@ -486,6 +490,72 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
         }
     }
 
+    /// Installs or replaces the egress rules of the sandbox at `ip`, atomically (one nft
+    /// transaction): its chain `eg_<id>`, jumped to through the `egress` map.
+    pub fn set_egress(
+        &self,
+        id: &str,
+        ip: Ipv4Addr,
+        rules: &crate::egress::EgressRules,
+    ) -> Result<(), RuntimeError> {
+        let t = &self.table;
+        let mut script = format!("add chain inet {t} eg_{id}\nflush chain inet {t} eg_{id}\n");
+        for rule in rules.nft_rules() {
+            script.push_str(&format!("add rule inet {t} eg_{id} {rule}\n"));
+        }
+        script.push_str(&format!(
+            "add element inet {t} egress {{ {ip} : jump eg_{id} }}\n"
+        ));
+        nft(&script)
+    }
+
+    /// Removes the egress rules of a sandbox (map element, then chain). Idempotent.
+    pub fn clear_egress(&self, id: &str, ip: Option<Ipv4Addr>) -> Result<(), RuntimeError> {
+        let t = &self.table;
+        let missing = |r: Result<(), RuntimeError>| match r {
+            Err(RuntimeError::Nft(msg)) if msg.contains("No such file") => Ok(()),
+            other => other,
+        };
+        if let Some(ip) = ip {
+            missing(nft(&format!("delete element inet {t} egress {{ {ip} }}\n")))?;
+        }
+        missing(nft(&format!("delete chain inet {t} eg_{id}\n")))
+    }
+
+    /// Entries of the egress map: sandbox address and the id its chain is named after.
+    pub fn egress_entries(&self) -> Result<Vec<(Ipv4Addr, String)>, RuntimeError> {
+        let v = nft_json(&["list", "map", "inet", &self.table, "egress"])?;
+        let mut out = Vec::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            for elem in item["map"]["elem"].as_array().into_iter().flatten() {
+                let ip = elem[0].as_str().and_then(|s| s.parse().ok());
+                let chain = elem[1]["jump"]["target"].as_str();
+                if let (Some(ip), Some(chain)) = (ip, chain) {
+                    if let Some(id) = chain.strip_prefix("eg_") {
+                        out.push((ip, id.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids of the sandboxes that have an egress chain.
+    pub fn egress_chains(&self) -> Result<Vec<String>, RuntimeError> {
+        let v = nft_json(&["list", "chains", "inet"])?;
+        let mut out = Vec::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let chain = &item["chain"];
+            if chain["table"].as_str() != Some(self.table.as_str()) {
+                continue;
+            }
+            if let Some(id) = chain["name"].as_str().and_then(|n| n.strip_prefix("eg_")) {
+                out.push(id.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Addresses currently in the no-internet set.
     pub fn denied_addresses(&self) -> Result<Vec<Ipv4Addr>, RuntimeError> {
         let out = Command::new("nft")
@@ -521,15 +591,30 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, RuntimeE
     }
 }
 
-/// Picks the sandbox subnet: the one recorded in `record` (a data dir file) if any, else the first
-/// /N starting at `preferred` (stepping through 10.200.0.0/13) that no host interface but our own
-/// bridge uses, which is then recorded so a restart keeps the addresses of its sandboxes.
+/// Picks the sandbox subnet. A `fixed` one (chosen by the operator) is used as given, after
+/// checking that no other host interface uses it. Otherwise: the one recorded in `record` (a
+/// data dir file) if any, else the first /N from `preferred` on (stepping through 10.200.0.0/13)
+/// that no host interface but our own bridge uses. The choice is recorded so that a restart keeps
+/// the addresses of running sandboxes.
 pub async fn choose_subnet(
     record: &std::path::Path,
     bridge: &str,
-    preferred: Ipv4Addr,
-    prefix_len: u8,
+    preferred: (Ipv4Addr, u8),
+    fixed: bool,
 ) -> Result<(Ipv4Addr, u8), RuntimeError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| RuntimeError::io("open", "netlink socket", e))?;
+    tokio::spawn(conn);
+    let remember = |net: Ipv4Addr, len: u8| {
+        std::fs::write(record, format!("{net}/{len}\n"))
+            .map_err(|e| RuntimeError::io("write", record, e))
+    };
+    if fixed {
+        let ipam = Ipam::new(preferred.0, preferred.1)?;
+        check_subnet_free(&handle, bridge, &ipam).await?;
+        remember(ipam.network(), preferred.1)?;
+        return Ok((ipam.network(), preferred.1));
+    }
     if let Ok(text) = std::fs::read_to_string(record) {
         if let Some((net, len)) = text.trim().split_once('/') {
             if let (Ok(net), Ok(len)) = (net.parse(), len.parse()) {
@@ -537,24 +622,21 @@ pub async fn choose_subnet(
             }
         }
     }
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| RuntimeError::io("open", "netlink socket", e))?;
-    tokio::spawn(conn);
+    let prefix_len = preferred.1;
     let size = 1u32 << (32 - prefix_len as u32);
     let base = u32::from(Ipv4Addr::new(10, 200, 0, 0));
-    let slots = (8u32 << 16) / size; // 10.200.0.0/13
-    let first = (u32::from(preferred).saturating_sub(base) / size) % slots.max(1);
+    let slots = ((8u32 << 16) / size).max(1); // 10.200.0.0/13
+    let first = (u32::from(preferred.0).saturating_sub(base) / size) % slots;
     for i in 0..slots {
         let net = Ipv4Addr::from(base + ((first + i) % slots) * size);
         let ipam = Ipam::new(net, prefix_len)?;
         if check_subnet_free(&handle, bridge, &ipam).await.is_ok() {
-            std::fs::write(record, format!("{net}/{prefix_len}\n"))
-                .map_err(|e| RuntimeError::io("write", record, e))?;
+            remember(net, prefix_len)?;
             return Ok((net, prefix_len));
         }
     }
     Err(RuntimeError::Config(
-        "no free sandbox subnet left in 10.200.0.0/13; set one explicitly".into(),
+        "no free sandbox subnet left in 10.200.0.0/13; choose one with --subnet".into(),
     ))
 }
 
@@ -585,6 +667,22 @@ async fn check_subnet_free(handle: &Handle, bridge: &str, ipam: &Ipam) -> Result
         }
     }
     Ok(())
+}
+
+/// Runs `nft -j <args>` and parses its JSON output.
+fn nft_json(args: &[&str]) -> Result<serde_json::Value, RuntimeError> {
+    let out = Command::new("nft")
+        .arg("-j")
+        .args(args)
+        .output()
+        .map_err(|e| RuntimeError::Nft(format!("running nft: {e}")))?;
+    if !out.status.success() {
+        return Err(RuntimeError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| RuntimeError::Nft(format!("parsing nft -j output: {e}")))
 }
 
 /// Runs an nftables script.

@@ -1,0 +1,138 @@
+//! Network and metrics endpoints, and the JSON shapes they share with create and get:
+//! `PUT /sandboxes/{id}/network` (E2B's `SandboxNetworkUpdateConfig`) and
+//! `GET /sandboxes/{id}/metrics` (`[SandboxMetric]`).
+
+use crate::error::ApiError;
+use crate::extract::{Auth, JsonBody};
+use crate::AppState;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::SecondsFormat;
+use serde::{Deserialize, Serialize};
+use warren_core::{MetricPoint, NetworkRequest, NetworkUpdate, SandboxRecord};
+
+/// E2B's `SandboxNetworkConfig` as a create request carries it. Fields Warren does not act on
+/// (`dnsServers`, `egressProxy`, `maskRequestHost`, `rules`, …) are ignored; domain names in
+/// `allowOut` are refused by the control plane.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfigJson {
+    #[serde(alias = "allow_public_traffic")]
+    pub allow_public_traffic: Option<bool>,
+    #[serde(default, alias = "allow_out")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, alias = "deny_out")]
+    pub deny_out: Option<Vec<String>>,
+}
+
+impl NetworkConfigJson {
+    pub fn into_request(self) -> NetworkRequest {
+        NetworkRequest {
+            allow_out: self.allow_out.unwrap_or_default(),
+            deny_out: self.deny_out.unwrap_or_default(),
+            allow_public_traffic: self.allow_public_traffic,
+        }
+    }
+}
+
+/// `SandboxNetworkUpdateConfig`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdateJson {
+    #[serde(default, alias = "allow_out")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, alias = "deny_out")]
+    pub deny_out: Option<Vec<String>>,
+    // The SDK's snake_case key, as in create.
+    #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
+    pub allow_internet_access: Option<bool>,
+}
+
+/// The network part of `SandboxDetail`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkInfoJson {
+    pub allow_public_traffic: bool,
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
+}
+
+impl NetworkInfoJson {
+    pub fn new(r: &SandboxRecord) -> Self {
+        let n = &r.spec.network;
+        NetworkInfoJson {
+            allow_public_traffic: n.allow_public_traffic,
+            allow_out: n.egress.allow_out.iter().map(|c| c.to_string()).collect(),
+            deny_out: n.egress.deny_out.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+}
+
+/// `SandboxMetric`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricJson {
+    pub timestamp: String,
+    pub timestamp_unix: i64,
+    pub cpu_count: u32,
+    pub cpu_used_pct: f64,
+    pub mem_used: u64,
+    pub mem_total: u64,
+    pub mem_cache: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
+impl From<MetricPoint> for MetricJson {
+    fn from(p: MetricPoint) -> Self {
+        MetricJson {
+            timestamp: p.timestamp.to_rfc3339_opts(SecondsFormat::Millis, true),
+            timestamp_unix: p.timestamp.timestamp(),
+            cpu_count: p.cpu_count,
+            cpu_used_pct: p.cpu_used_pct,
+            mem_used: p.mem_used,
+            mem_total: p.mem_total,
+            mem_cache: p.mem_cache,
+            disk_used: p.disk_used,
+            disk_total: p.disk_total,
+        }
+    }
+}
+
+pub async fn update_network(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<NetworkUpdateJson>,
+) -> Result<StatusCode, ApiError> {
+    let update = NetworkUpdate {
+        allow_internet: body.allow_internet_access,
+        allow_out: body.allow_out.unwrap_or_default(),
+        deny_out: body.deny_out.unwrap_or_default(),
+    };
+    st.warren.update_network(&who, &id, update).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?start=<unix>&end=<unix>`, both optional.
+pub async fn metrics(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<MetricJson>>, ApiError> {
+    let (mut start, mut end) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        let slot = match k.as_ref() {
+            "start" => &mut start,
+            "end" => &mut end,
+            _ => continue,
+        };
+        *slot = Some(v.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!("invalid {k} {v:?}: expected unix seconds"))
+        })?);
+    }
+    let points = st.warren.metrics(&who, &id, start, end).await?;
+    Ok(Json(points.into_iter().map(MetricJson::from).collect()))
+}
