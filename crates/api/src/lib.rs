@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod models;
 pub mod network;
+pub mod pools;
 pub mod proxy;
 pub mod sandboxes;
 
@@ -53,6 +54,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
     use sandboxes as h;
     let api = Router::new()
         .route("/health", get(h::health))
+        .merge(pools::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))
         .route("/v2/sandboxes", post(h::create).get(h::list_v2))
         .route("/sandboxes/{id}", get(h::get).delete(h::kill))

@@ -123,6 +123,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }),
             app,
         )
+    // Warm pools: refill, rolling updates and autoscalers.
+    let pools = warren.spawn_pool_loop();
         .with_graceful_shutdown(async {
             let _ = stop_rx.await;
         })
@@ -157,12 +159,14 @@ async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
+            pools.abort();
         Err(e) => {
             tracing::error!(error = %e, "cannot watch SIGTERM");
             let _ = tokio::signal::ctrl_c().await;
             return "SIGINT";
         }
     };
+    pools.abort();
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",

@@ -3,10 +3,16 @@
 //! into calls on [`Warren`] and its results back into responses.
 
 pub mod auth;
+pub mod autoscaler;
+pub mod envd_client;
 pub mod error;
+pub mod objects;
 pub mod orchestrator;
+pub mod pool;
+pub mod pool_store;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod templates;
 
 pub use auth::{ApiKey, ApiKeys, Principal};

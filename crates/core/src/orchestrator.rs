@@ -163,6 +163,8 @@ pub struct Warren {
     /// Traffic token of every routed sandbox whose ports are private (`allowPublicTraffic: false`).
     private_traffic: RwLock<HashMap<String, String>>,
     metrics: metrics::MetricsBook,
+    /// Warm pools and their autoscalers (see `pools.rs`).
+    pools: crate::pool::Pools,
 }
 
 impl Warren {
@@ -202,6 +204,7 @@ impl Warren {
             routes: RwLock::default(),
             private_traffic: RwLock::default(),
             metrics: metrics::MetricsBook::default(),
+            pools: crate::pool::Pools::default(),
         }
     }
 
@@ -340,6 +343,10 @@ impl Warren {
                     "invalid environment variable name {k:?}"
                 )));
             }
+        }
+        // A warm pool of this template hands out a ready member instead of a cold start.
+        if let Some(rec) = self.claim_from_pool(who, &req, timeout).await? {
+            return Ok(rec);
         }
         let id = new_sandbox_id();
         let token = generate_access_token();
@@ -643,7 +650,9 @@ impl Warren {
                 _ => continue,
             };
             let result = match rec.state {
-                SandboxState::Running | SandboxState::Paused if !self.runtime.is_alive(&id) => {
+                SandboxState::Running | SandboxState::Paused | SandboxState::Pooled
+                    if !self.runtime.is_alive(&id) =>
+                {
                     tracing::warn!(sandbox = %id, "sandbox init died; removing it");
                     self.kill_locked(&id).await
                 }
@@ -703,6 +712,7 @@ impl Warren {
             }
         }
         report.swept = self.runtime.sweep(&keep).await?;
+        self.load_pools().await?;
         if !report.swept.is_empty() {
             tracing::info!(swept = ?report.swept, "removed leftover sandboxes");
         }
@@ -720,6 +730,11 @@ impl Warren {
             }
             SandboxState::Killing => {
                 self.finish_kill(id).await?;
+                return Ok(false);
+            }
+            // The client never got this sandbox (its create failed or timed out).
+            SandboxState::Claiming => {
+                self.kill_locked(id).await?;
                 return Ok(false);
             }
             _ => {}
@@ -782,6 +797,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
 
 pub mod metrics;
 pub mod network;
+pub mod pools;
 
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,10 @@
 //! | `Resuming` | `ResumeFailed`  | `Paused`  | the thaw failed; the sandbox stays paused                  |
 //! | `Running`, `Paused`, `Pausing`, `Resuming` | `Kill` | `Killing` | kill requested, timeout expired, init died, or not re-adoptable after a restart |
 //! | `Killing`  | `Destroyed`     | `Killed`  | the runtime removed everything                             |
+//! | `Creating` | `Warmed`        | `Pooled`  | a warm-pool member is up and waits, unclaimed              |
+//! | `Pooled`   | `Claim`         | `Claiming`| a create request took this member (exactly one request can)|
+//! | `Claiming` | `Claimed`       | `Running` | envd took the claimant's env vars and access token         |
+//! | `Pooled`, `Claiming` | `Kill` | `Killing` | scale-down, rolling update, a failed claim, init died, or not re-adoptable |
 //!
 //! `Killed` and `Failed` are terminal: the store deletes the row in the transaction that reaches
 //! them, so the database only ever holds sandboxes that exist (or are being made or removed).
@@ -23,8 +27,9 @@
 //! a crash in the middle of one, which is why recovery knows how to finish each of them.
 //!
 //! What clients see ([`SandboxState::public`]): `Running` and `Pausing` show as `running`,
-//! `Paused` and `Resuming` as `paused`; `Creating`, `Killing` and the terminal states are invisible
-//! (the sandbox is "not found").
+//! `Paused` and `Resuming` as `paused`; `Creating`, `Killing`, the pool states `Pooled` and
+//! `Claiming`, and the terminal states are invisible (the sandbox is "not found"). A pool member
+//! becomes visible only to the team that claimed it, once the claim completed.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -41,6 +46,10 @@ pub enum SandboxState {
     Killing,
     Killed,
     Failed,
+    /// A warm-pool member nobody owns yet.
+    Pooled,
+    /// A pool member being handed to a create request.
+    Claiming,
 }
 
 /// Something that happened to a sandbox.
@@ -56,6 +65,9 @@ pub enum Event {
     ResumeFailed,
     Kill,
     Destroyed,
+    Warmed,
+    Claim,
+    Claimed,
 }
 
 /// The state the E2B API reports.
@@ -96,13 +108,17 @@ pub fn transition(from: SandboxState, event: Event) -> Result<SandboxState, Ille
         (S::Resuming, E::ResumeFailed) => S::Paused,
         (S::Running | S::Paused | S::Pausing | S::Resuming, E::Kill) => S::Killing,
         (S::Killing, E::Destroyed) => S::Killed,
+        (S::Creating, E::Warmed) => S::Pooled,
+        (S::Pooled, E::Claim) => S::Claiming,
+        (S::Claiming, E::Claimed) => S::Running,
+        (S::Pooled | S::Claiming, E::Kill) => S::Killing,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
 }
 
 impl SandboxState {
-    pub const ALL: [SandboxState; 8] = [
+    pub const ALL: [SandboxState; 10] = [
         SandboxState::Creating,
         SandboxState::Running,
         SandboxState::Pausing,
@@ -111,6 +127,8 @@ impl SandboxState {
         SandboxState::Killing,
         SandboxState::Killed,
         SandboxState::Failed,
+        SandboxState::Pooled,
+        SandboxState::Claiming,
     ];
 
     /// Terminal states are never stored.
@@ -137,6 +155,8 @@ impl SandboxState {
             SandboxState::Killing => "killing",
             SandboxState::Killed => "killed",
             SandboxState::Failed => "failed",
+            SandboxState::Pooled => "pooled",
+            SandboxState::Claiming => "claiming",
         }
     }
 }
@@ -163,7 +183,7 @@ mod tests {
     use Event as E;
     use SandboxState as S;
 
-    const EVENTS: [Event; 10] = [
+    const EVENTS: [Event; 13] = [
         E::Started,
         E::CreateFailed,
         E::Pause,
@@ -174,9 +194,12 @@ mod tests {
         E::ResumeFailed,
         E::Kill,
         E::Destroyed,
+        E::Warmed,
+        E::Claim,
+        E::Claimed,
     ];
 
-    const LEGAL: [(SandboxState, Event, SandboxState); 13] = [
+    const LEGAL: [(SandboxState, Event, SandboxState); 18] = [
         (S::Creating, E::Started, S::Running),
         (S::Creating, E::CreateFailed, S::Failed),
         (S::Running, E::Pause, S::Pausing),
@@ -190,6 +213,11 @@ mod tests {
         (S::Pausing, E::Kill, S::Killing),
         (S::Resuming, E::Kill, S::Killing),
         (S::Killing, E::Destroyed, S::Killed),
+        (S::Creating, E::Warmed, S::Pooled),
+        (S::Pooled, E::Claim, S::Claiming),
+        (S::Claiming, E::Claimed, S::Running),
+        (S::Pooled, E::Kill, S::Killing),
+        (S::Claiming, E::Kill, S::Killing),
     ];
 
     #[test]
@@ -241,6 +269,8 @@ mod tests {
         assert_eq!(S::Resuming.public(), Some(PublicState::Paused));
         assert_eq!(S::Creating.public(), None);
         assert_eq!(S::Killing.public(), None);
+        assert_eq!(S::Pooled.public(), None);
+        assert_eq!(S::Claiming.public(), None);
         for s in S::ALL {
             assert_eq!(s.as_str().parse::<S>(), Ok(s));
         }

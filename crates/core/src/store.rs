@@ -39,6 +39,8 @@ const MIGRATIONS: &[&str] = &[
         spec TEXT NOT NULL
     );
     CREATE INDEX sandboxes_team ON sandboxes(team_id, started_at);",
+    // 2: warm pools (see pool_store.rs).
+    crate::pool_store::MIGRATION_POOLS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +113,7 @@ impl Store {
     }
 
     /// Runs `f` with the connection on the blocking pool.
-    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -266,7 +268,11 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serializes")
 }
 
-fn write_row(conn: &Connection, r: &SandboxRecord, insert: bool) -> Result<(), StoreError> {
+pub(crate) fn write_row(
+    conn: &Connection,
+    r: &SandboxRecord,
+    insert: bool,
+) -> Result<(), StoreError> {
     let sql = if insert {
         "INSERT INTO sandboxes (id, template_id, team_id, api_key_id, state, metadata, env_vars,
             envd_access_token, cpu_count, memory_mb, disk_mb, allow_internet, auto_pause,
@@ -303,14 +309,14 @@ fn write_row(conn: &Connection, r: &SandboxRecord, insert: bool) -> Result<(), S
     Ok(())
 }
 
-fn read_row(conn: &Connection, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+pub(crate) fn read_row(conn: &Connection, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
     conn.query_row("SELECT * FROM sandboxes WHERE id = ?1", [id], row_to_record)
         .optional()?
         .transpose()
 }
 
 /// Decodes a row; the outer `Result` is SQLite's, the inner one our own decoding.
-fn row_to_record(row: &Row<'_>) -> rusqlite::Result<Result<SandboxRecord, StoreError>> {
+pub(crate) fn row_to_record(row: &Row<'_>) -> rusqlite::Result<Result<SandboxRecord, StoreError>> {
     let id: String = row.get("id")?;
     let state: String = row.get("state")?;
     let metadata: String = row.get("metadata")?;
