@@ -21,3 +21,7 @@ cargo build --workspace --all-targets
 cargo test --workspace
 echo "== E2B Python SDK conformance (pytest)"
 WARREN_BIN="$PWD/target/debug/warren" python3 -m pytest tests/sdk -q
+echo "== E2B JS SDK conformance (node --test)"
+# Node comes with the machine; a fresh Debian 12 gets Debian's (node:test exists since 18).
+command -v npm >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error && WARREN_BIN="$PWD/../../target/debug/warren" node --test --test-concurrency=1 .)

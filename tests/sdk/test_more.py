@@ -61,13 +61,6 @@ def test_octet_stream_upload(sandbox):
     assert bytes(sandbox.files.read("/tmp/it.bin", format="bytes")) == b"ab" + b"cd" * 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="envd bug: POST /files with Content-Type application/octet-stream and "
-    "Content-Encoding: gzip -> 415 \"unsupported content encoding 'gzip'\" "
-    "(crates/envd/src/files_http.rs), although envdVersion 0.6.4 >= 0.5.7 makes the SDK "
-    "send gzip uploads for files.write(..., gzip=True)",
-)
 def test_gzip_upload(sandbox):
     data = bytes(range(256)) * 100
     sandbox.files.write("/tmp/g.bin", data, gzip=True)
