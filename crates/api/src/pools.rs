@@ -140,3 +140,6 @@ async fn delete_scaler(
     st.warren.delete_autoscaler(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests;

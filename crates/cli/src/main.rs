@@ -3,6 +3,7 @@
 mod client;
 mod exec;
 mod output;
+mod pools;
 mod serve;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -31,6 +32,34 @@ enum Command {
         #[command(subcommand)]
         command: SandboxCommand,
     },
+    /// Create or update SandboxSets and PoolingAutoScalers from a YAML file (`-` for stdin).
+    Apply {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
+    /// Delete the objects named in a YAML file.
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
+    /// Warm pools.
+    Pool {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Ready / starting / claimed members per pool.
+    #[command(visible_alias = "ls")]
+    List,
 }
 
 #[derive(Args, Clone)]
@@ -100,6 +129,18 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await.map(|()| 0),
             Command::Sandbox { client, command } => run_client(client, command).await,
+            Command::Apply { client, file } => {
+                pools::apply(&client::ApiClient::new(&client)?, &file).await
+            }
+            Command::Delete { client, file } => {
+                pools::delete(&client::ApiClient::new(&client)?, &file).await
+            }
+            Command::Pool {
+                client,
+                command: PoolCommand::List,
+            } => pools::list(&client::ApiClient::new(&client)?, client.output)
+                .await
+                .map(|()| 0),
         }
     });
     match result {
