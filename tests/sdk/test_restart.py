@@ -109,16 +109,6 @@ def test_restart_readopts_running_sandboxes(own_daemon):
     assert wait_until(lambda: host_state(d2.prefix) == [], 5), host_state(d2.prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug (race at restart): a sandbox paused before a daemon restart can get its IP "
-    "handed to one of the network namespaces the restarted daemon prepares ahead of creates; "
-    "after Sandbox.connect the router reaches that empty namespace and every envd call fails "
-    "with SandboxUnreachableException 'The sandbox is running but port is not open (port "
-    "49983)' (host: TCP to the IP is refused and ARP answers with a MAC that is not the "
-    "sandbox's eth0). Hit in about 3 of 5 restarts with 2 paused sandboxes; this test "
-    "restarts up to 5 times",
-)
 def test_paused_sandboxes_survive_restarts(own_daemon):
     d = own_daemon[0]
     opts = dict(api_key=d.api_key, api_url=d.url, sandbox_url=d.url)

@@ -145,7 +145,8 @@ impl LinuxRuntime {
             refilling: Arc::new(AtomicBool::new(false)),
             sandboxes: Mutex::new(HashMap::new()),
         };
-        rt.refill_networks();
+        // Network namespaces are prepared only after recovery (the end of `sweep`, or the first
+        // create): until the surviving sandboxes are adopted, their addresses look free.
         Ok(rt)
     }
 
@@ -638,6 +639,7 @@ impl SandboxRuntime for LinuxRuntime {
                 self.net.allow_internet(ip)?;
             }
         }
+        self.refill_networks();
         Ok(cleaned)
     }
 
