@@ -1,0 +1,376 @@
+//! One `POST /execute`: runs a cell in a context's kernel and turns its iopub messages into NDJSON
+//! lines for the response body, as they come.
+//!
+//! The response body reads from a small channel. The execution never blocks on a slow client:
+//! lines wait in a queue bounded in bytes, and stream output beyond that bound is dropped (and
+//! said so), so endless or huge output costs bounded memory while the kernel's iopub is always
+//! drained and its `idle` never missed. When the client goes away (disconnect, or the SDK's own
+//! timeout) the kernel is interrupted; a kernel that dies is reported and replaced.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::contexts::Context;
+use crate::kernel::{Kernel, Language};
+use crate::output::{map_iopub, Event, Line};
+use crate::wire::Message;
+
+/// Bytes of output lines that may wait for a slow client.
+pub const MAX_PENDING_BYTES: usize = 8 << 20;
+/// Results and errors are kept beyond the stream bound, up to this many bytes.
+const MAX_PENDING_ESSENTIAL_BYTES: usize = 4 * MAX_PENDING_BYTES;
+/// How long an interrupted kernel gets to go idle before it is killed and replaced.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+
+struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    dropped_bytes: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, line: &Line) {
+        let essential = !matches!(line, Line::Stdout { .. } | Line::Stderr { .. });
+        let bytes = line.to_bytes();
+        let limit = if essential {
+            MAX_PENDING_ESSENTIAL_BYTES
+        } else {
+            MAX_PENDING_BYTES
+        };
+        // One line alone is always let through, so that any single output can be delivered.
+        if self.pending_bytes > 0 && self.pending_bytes + bytes.len() > limit {
+            self.dropped_bytes += bytes.len();
+            return;
+        }
+        if self.dropped_bytes > 0 && self.pending_bytes < MAX_PENDING_BYTES / 2 {
+            let note = Line::Stderr {
+                text: format!(
+                    "[warren: {} bytes of output were dropped: the code wrote faster than the \
+                     client read]\n",
+                    self.dropped_bytes
+                ),
+                timestamp: crate::wire::now_iso(),
+            }
+            .to_bytes();
+            self.dropped_bytes = 0;
+            self.pending_bytes += note.len();
+            self.pending.push_back(note);
+        }
+        self.pending_bytes += bytes.len();
+        self.pending.push_back(bytes);
+    }
+
+    /// Hands queued lines to the response body while it has room. False once the client is gone.
+    fn flush(&mut self) -> bool {
+        while let Some(b) = self.pending.pop_front() {
+            let len = b.len();
+            match self.tx.try_send(b) {
+                Ok(()) => self.pending_bytes -= len,
+                Err(mpsc::error::TrySendError::Full(b)) => {
+                    self.pending.push_front(b);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        !self.tx.is_closed()
+    }
+
+    /// Sends everything queued, waiting for the client. False if it went away.
+    async fn drain(&mut self) -> bool {
+        while let Some(b) = self.pending.pop_front() {
+            self.pending_bytes -= b.len();
+            if self.tx.send(b).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+enum Outcome {
+    Idle,
+    ClientGone,
+    Died(String),
+}
+
+/// Forwards the messages of one request to `out` until the kernel is idle, dies or the client
+/// leaves. With `out` = None (silent helper requests) output is discarded.
+async fn drive(
+    kernel: &Kernel,
+    rx: &mut mpsc::Receiver<Message>,
+    mut out: Option<&mut Outbox>,
+) -> Outcome {
+    loop {
+        let tx = match out.as_deref_mut() {
+            Some(o) => {
+                if !o.flush() {
+                    return Outcome::ClientGone;
+                }
+                Some((o.tx.clone(), !o.pending.is_empty()))
+            }
+            None => None,
+        };
+        let waiting = tx.as_ref().is_some_and(|(_, w)| *w);
+        let closed = async {
+            match &tx {
+                Some((tx, _)) => tx.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let room = async {
+            match &tx {
+                Some((tx, true)) => {
+                    let _ = tx.reserve().await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = closed => return Outcome::ClientGone,
+            _ = room, if waiting => continue,
+            m = rx.recv() => match m {
+                Some(m) => match map_iopub(&m) {
+                    Event::Idle => return Outcome::Idle,
+                    Event::Output(line) => {
+                        if let Some(o) = out.as_deref_mut() {
+                            o.push(&line);
+                        }
+                    }
+                    Event::Ignore => {}
+                },
+                // The kernel object is gone (context removed or restarted).
+                None => return Outcome::Died(kernel.exit_reason()),
+            },
+            _ = kernel.exited() => return Outcome::Died(kernel.exit_reason()),
+        }
+    }
+}
+
+/// Runs a helper request (env setup and reset) and waits for it to finish.
+async fn run_silent(kernel: &Kernel, code: &str) -> Result<(), String> {
+    let (id, mut rx) = kernel
+        .execute(code, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = drive(kernel, &mut rx, None).await;
+    kernel.unroute(&id);
+    match r {
+        Outcome::Idle => Ok(()),
+        Outcome::Died(why) => Err(why),
+        Outcome::ClientGone => Ok(()),
+    }
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn valid_shell_name(k: &str) -> bool {
+    let mut c = k.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+/// Checks the names of per-execution env vars for `language`.
+pub fn validate_envs(language: Language, envs: &BTreeMap<String, String>) -> Result<(), String> {
+    for k in envs.keys() {
+        let ok = match language {
+            Language::Python => !k.is_empty() && !k.contains('=') && !k.contains('\0'),
+            Language::Bash => valid_shell_name(k),
+        };
+        if !ok {
+            return Err(format!("invalid environment variable name {k:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Code that sets `envs` for the next execution, and code that puts back what was there before.
+fn env_code(language: Language, envs: &BTreeMap<String, String>) -> (String, String) {
+    let json = serde_json::to_string(envs).unwrap_or_default();
+    match language {
+        Language::Python => (
+            format!(
+                "import os as __warren_os, json as __warren_json\n\
+                 __warren_new = __warren_json.loads({})\n\
+                 __warren_saved = {{k: __warren_os.environ.get(k) for k in __warren_new}}\n\
+                 __warren_os.environ.update(__warren_new)\n",
+                serde_json::to_string(&json).unwrap_or_default()
+            ),
+            "for __warren_k, __warren_v in __warren_saved.items():\n    \
+             if __warren_v is None: __warren_os.environ.pop(__warren_k, None)\n    \
+             else: __warren_os.environ[__warren_k] = __warren_v\n\
+             del __warren_saved, __warren_new\n"
+                .to_string(),
+        ),
+        Language::Bash => {
+            let mut set = String::new();
+            let mut reset = String::new();
+            for (k, v) in envs {
+                set += &format!(
+                    "if [ -n \"${{{k}+x}}\" ]; then __warren_had_{k}=1; __warren_old_{k}=\"${k}\"; \
+                     else unset __warren_had_{k}; fi; export {k}={}\n",
+                    sh_quote(v)
+                );
+                reset += &format!(
+                    "if [ -n \"${{__warren_had_{k}+x}}\" ]; then export {k}=\"$__warren_old_{k}\"; \
+                     else unset {k}; fi; unset __warren_had_{k} __warren_old_{k}\n"
+                );
+            }
+            (set, reset)
+        }
+    }
+}
+
+/// Runs `code` in `ctx` and streams its NDJSON lines into `tx` (the response body).
+pub async fn run(
+    ctx: Arc<Context>,
+    code: String,
+    envs: BTreeMap<String, String>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut out = Outbox {
+        tx,
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        dropped_bytes: 0,
+    };
+    // Cells of one context run one after the other; a client that leaves while waiting never
+    // runs its cell.
+    let _turn = tokio::select! {
+        g = ctx.exec.lock() => g,
+        _ = out.tx.closed() => return,
+    };
+    let kernel = tokio::select! {
+        k = ctx.kernel() => k,
+        _ = out.tx.closed() => return,
+    };
+    let kernel = match kernel {
+        Ok(k) => k,
+        Err(e) => {
+            out.push(&Line::error("KernelStartError", e.to_string()));
+            out.push(&Line::EndOfExecution);
+            out.drain().await;
+            return;
+        }
+    };
+
+    let (setup, reset) = env_code(ctx.language, &envs);
+    if !envs.is_empty() {
+        if let Err(why) = run_silent(&kernel, &setup).await {
+            died(&ctx, &mut out, &why).await;
+            return;
+        }
+    }
+    let (id, mut rx) = match kernel.execute(&code, false).await {
+        Ok(x) => x,
+        Err(e) => {
+            died(&ctx, &mut out, &e.to_string()).await;
+            return;
+        }
+    };
+    let outcome = drive(&kernel, &mut rx, Some(&mut out)).await;
+    match outcome {
+        Outcome::Idle => {}
+        Outcome::Died(why) => {
+            kernel.unroute(&id);
+            died(&ctx, &mut out, &why).await;
+            return;
+        }
+        Outcome::ClientGone => {
+            tracing::info!(context = %ctx.id, "client went away: interrupting the kernel");
+            kernel.interrupt();
+            let finished =
+                tokio::time::timeout(INTERRUPT_GRACE, drive(&kernel, &mut rx, None)).await;
+            if !matches!(finished, Ok(Outcome::Idle)) {
+                tracing::warn!(context = %ctx.id, "kernel did not stop after an interrupt: restarting it");
+                kernel.unroute(&id);
+                kernel.kill();
+                // Keep the turn until it is really gone, so the next cell never gets it.
+                let _ = tokio::time::timeout(INTERRUPT_GRACE, kernel.exited()).await;
+                ctx.prestart();
+                return;
+            }
+        }
+    }
+    kernel.unroute(&id);
+    if !envs.is_empty() {
+        if let Err(why) = run_silent(&kernel, &reset).await {
+            died(&ctx, &mut out, &why).await;
+            return;
+        }
+    }
+    out.push(&Line::EndOfExecution);
+    out.drain().await;
+}
+
+async fn died(ctx: &Arc<Context>, out: &mut Outbox, why: &str) {
+    tracing::warn!(context = %ctx.id, reason = why, "kernel died during an execution");
+    out.push(&Line::error(
+        "DeadKernelError",
+        format!(
+            "the kernel died while running this code ({why}); a new kernel is starting, the \
+             context's state is lost"
+        ),
+    ));
+    out.push(&Line::UnexpectedEndOfExecution);
+    out.drain().await;
+    // The next execution should find a fresh kernel ready.
+    ctx.prestart();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_bounds_stream_output() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut o = Outbox {
+            tx,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            dropped_bytes: 0,
+        };
+        let chunk = Line::Stdout {
+            text: "x".repeat(1 << 20),
+            timestamp: String::new(),
+        };
+        for _ in 0..100 {
+            o.push(&chunk);
+        }
+        assert!(o.pending_bytes <= MAX_PENDING_BYTES);
+        assert!(o.dropped_bytes > 80 << 20);
+        // Results still fit beyond the stream bound.
+        o.push(&Line::error("E", "v"));
+        assert!(matches!(o.pending.back(), Some(b) if b.starts_with(b"{\"type\":\"error\"")));
+    }
+
+    #[test]
+    fn env_code_quotes() {
+        let mut envs = BTreeMap::new();
+        envs.insert("A".to_string(), "it's \"x\"\n".to_string());
+        let (set, reset) = env_code(Language::Bash, &envs);
+        assert!(set.contains(
+            r#"export A='it'\''s "x"
+'"#
+        ));
+        assert!(reset.contains("unset A"));
+        let (set, _) = env_code(Language::Python, &envs);
+        assert!(
+            set.contains(r#"loads("{\"A\":\"it's \\\"x\\\"\\n\"}")"#),
+            "{set}"
+        );
+        assert!(validate_envs(Language::Bash, &envs).is_ok());
+        envs.insert("1BAD".into(), String::new());
+        assert!(validate_envs(Language::Bash, &envs).is_err());
+        assert!(validate_envs(Language::Python, &envs).is_ok());
+    }
+}

@@ -1,0 +1,476 @@
+//! One Jupyter kernel process and this server's ZeroMQ connection to it.
+//!
+//! The kernel binds its sockets (ports chosen here and written in its connection file); the server
+//! connects a DEALER to shell and control and a SUB to iopub. stdin is not connected: executions
+//! are sent with `allow_stdin: false`, so `input()` fails at once instead of hanging, and hb is not
+//! needed because the server owns the kernel process and sees it exit. Replies and iopub messages
+//! are routed to whoever sent the request, by the `msg_id` in their parent header.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::wire::{Message, Session};
+
+/// How long a kernel may take to answer its first `kernel_info_request`.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Messages buffered per request before the socket reader waits for the request's consumer.
+const ROUTE_CAPACITY: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Language {
+    Python,
+    Bash,
+}
+
+impl Language {
+    /// The languages of the SDK's `language` argument that this template has a kernel for.
+    pub fn parse(s: &str) -> Option<Language> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "python" | "python3" | "py" => Some(Language::Python),
+            "bash" | "sh" | "shell" => Some(Language::Bash),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Bash => "bash",
+        }
+    }
+
+    /// The Python module that runs this language's kernel.
+    fn module(self) -> &'static str {
+        match self {
+            Language::Python => "ipykernel_launcher",
+            Language::Bash => "bash_kernel",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot start the {language} kernel: {detail}")]
+    Start {
+        language: &'static str,
+        detail: String,
+    },
+    #[error("the kernel is not running: {0}")]
+    Dead(String),
+    #[error("cannot talk to the kernel: {0}")]
+    Zmq(#[from] zeromq::ZmqError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Where and how kernels run.
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    /// The Python with ipykernel (and bash_kernel) installed.
+    pub python: PathBuf,
+    /// Holds the connection files (with the signing keys): root-only.
+    pub runtime_dir: PathBuf,
+    /// Added to every kernel's environment (on top of the server's own).
+    pub env: Vec<(String, String)>,
+}
+
+type Routes = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
+
+pub struct Kernel {
+    pub language: Language,
+    pid: i32,
+    session: Session,
+    shell: tokio::sync::Mutex<zeromq::DealerSendHalf>,
+    control: tokio::sync::Mutex<zeromq::DealerSendHalf>,
+    routes: Routes,
+    /// `Some(reason)` once the process has ended.
+    exit: watch::Receiver<Option<String>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    connection_file: PathBuf,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    // Held together so that the kernel gets n distinct ports; released just before it binds them.
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> KernelError + 'a {
+    move |source| KernelError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn route(routes: &Routes, msg: Message) -> Option<(mpsc::Sender<Message>, Message)> {
+    let id = msg.parent_id()?;
+    let tx = routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(id)?
+        .clone();
+    Some((tx, msg))
+}
+
+/// Reads one socket forever, handing each message to the request it answers.
+fn spawn_reader<S: SocketRecv + Send + 'static>(
+    mut socket: S,
+    session: Session,
+    routes: Routes,
+    name: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let frames = match socket.recv().await {
+                Ok(m) => m.into_vec(),
+                Err(e) => {
+                    tracing::debug!(socket = name, error = %e, "kernel socket closed");
+                    return;
+                }
+            };
+            match session.decode(&frames) {
+                Ok(msg) => {
+                    if let Some((tx, msg)) = route(&routes, msg) {
+                        // A gone consumer just means nobody waits for this request any more.
+                        let _ = tx.send(msg).await;
+                    }
+                }
+                Err(e) => tracing::warn!(socket = name, error = %e, "dropping kernel message"),
+            }
+        }
+    })
+}
+
+async fn connect<S: Socket>(mut s: S, port: u16) -> Result<S, KernelError> {
+    s.connect(&format!("tcp://127.0.0.1:{port}")).await?;
+    Ok(s)
+}
+
+impl Kernel {
+    /// Starts a kernel in `cwd` and waits until it answers on shell and publishes on iopub.
+    pub async fn start(
+        config: &KernelConfig,
+        language: Language,
+        cwd: &Path,
+    ) -> Result<Kernel, KernelError> {
+        let fail = |detail: String| KernelError::Start {
+            language: language.name(),
+            detail,
+        };
+        let dir = &config.runtime_dir;
+        std::fs::create_dir_all(dir).map_err(io_err("mkdir", dir))?;
+        let key = crate::wire::random_id();
+        let ports = free_ports(5).map_err(|e| fail(format!("no free port: {e}")))?;
+        let connection_file = dir.join(format!("kernel-{}.json", crate::wire::random_id()));
+        let conn = json!({
+            "shell_port": ports[0], "iopub_port": ports[1], "stdin_port": ports[2],
+            "control_port": ports[3], "hb_port": ports[4], "ip": "127.0.0.1",
+            "key": key, "transport": "tcp", "signature_scheme": "hmac-sha256",
+            "kernel_name": language.name(),
+        });
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&connection_file)
+                .map_err(io_err("create", &connection_file))?;
+            f.write_all(conn.to_string().as_bytes())
+                .map_err(io_err("write", &connection_file))?;
+        }
+
+        let mut cmd = tokio::process::Command::new(&config.python);
+        cmd.arg("-m")
+            .arg(language.module())
+            .arg("-f")
+            .arg(&connection_file)
+            .current_dir(cwd)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            // Its own process group, so an interrupt or kill reaches whatever the kernel started.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(&connection_file);
+            fail(format!("{}: {e}", config.python.display()))
+        })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+
+        let stderr_tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        let mut tasks = Vec::new();
+        if let Some(stderr) = child.stderr.take() {
+            let tail = stderr_tail.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!(kernel_pid = pid, "kernel: {line}");
+                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    if t.len() == 20 {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }));
+        }
+        let (exit_tx, exit) = watch::channel(None);
+        tasks.push(tokio::spawn(async move {
+            let why = match child.wait().await {
+                Ok(status) => format!("kernel process exited ({status})"),
+                Err(e) => format!("waiting for the kernel process: {e}"),
+            };
+            let _ = exit_tx.send(Some(why));
+        }));
+
+        let session = Session::new(key.into_bytes());
+        let routes: Routes = Arc::default();
+        let mut kernel_exit = exit.clone();
+        let connected = async {
+            let shell = connect(zeromq::DealerSocket::new(), ports[0]).await?;
+            let control = connect(zeromq::DealerSocket::new(), ports[3]).await?;
+            let mut iopub = connect(zeromq::SubSocket::new(), ports[1]).await?;
+            iopub.subscribe("").await?;
+            Ok::<_, KernelError>((shell, control, iopub))
+        };
+        let died = async {
+            let _ = kernel_exit.wait_for(Option::is_some).await;
+        };
+        let connected = tokio::select! {
+            r = tokio::time::timeout(START_TIMEOUT, connected) => r,
+            _ = died => Ok(Err(KernelError::Dead(String::new()))),
+        };
+        let abort_all = |tasks: &[JoinHandle<()>]| tasks.iter().for_each(JoinHandle::abort);
+        let (shell, control, iopub) = match connected {
+            Ok(Ok(s)) => s,
+            other => {
+                kill_group(pid, libc::SIGKILL);
+                abort_all(&tasks);
+                let _ = std::fs::remove_file(&connection_file);
+                let detail = match other {
+                    Err(_) => "timed out connecting to it".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                return Err(fail(format!(
+                    "{detail}; its stderr ends with:\n{}",
+                    tail_text(&stderr_tail)
+                )));
+            }
+        };
+        tasks.push(spawn_reader(
+            iopub,
+            session.clone(),
+            routes.clone(),
+            "iopub",
+        ));
+        let (shell, shell_rx) = shell.split();
+        tasks.push(spawn_reader(
+            shell_rx,
+            session.clone(),
+            routes.clone(),
+            "shell",
+        ));
+        let (control, control_rx) = control.split();
+        tasks.push(spawn_reader(
+            control_rx,
+            session.clone(),
+            routes.clone(),
+            "control",
+        ));
+        let kernel = Kernel {
+            language,
+            pid,
+            session,
+            shell: tokio::sync::Mutex::new(shell),
+            control: tokio::sync::Mutex::new(control),
+            routes,
+            exit,
+            stderr_tail,
+            connection_file,
+            tasks,
+        };
+        match tokio::time::timeout(START_TIMEOUT, kernel.wait_ready()).await {
+            Ok(Ok(())) => Ok(kernel),
+            Ok(Err(e)) => Err(fail(format!(
+                "{e}; its stderr ends with:\n{}",
+                tail_text(&kernel.stderr_tail)
+            ))),
+            Err(_) => Err(fail(format!(
+                "no kernel_info_reply within {START_TIMEOUT:?}; its stderr ends with:\n{}",
+                tail_text(&kernel.stderr_tail)
+            ))),
+        }
+    }
+
+    /// Waits for a `kernel_info_reply` on shell and a status message on iopub for the same
+    /// request: only then is the SUB socket surely subscribed (a PUB drops what it publishes
+    /// before that), so no output of the first execution can be lost.
+    async fn wait_ready(&self) -> Result<(), KernelError> {
+        loop {
+            let msg = self.session.request("kernel_info_request", json!({}));
+            let mut rx = self.send(Channel::Shell, &msg).await?;
+            let (mut replied, mut published) = (false, false);
+            let deadline = tokio::time::sleep(Duration::from_millis(500));
+            tokio::pin!(deadline);
+            let mut exit = self.exit.clone();
+            while !(replied && published) {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) if m.msg_type() == "kernel_info_reply" => replied = true,
+                        Some(m) if m.msg_type() == "status" => published = true,
+                        Some(_) => {}
+                        None => break,
+                    },
+                    _ = exit.wait_for(Option::is_some) => {
+                        return Err(KernelError::Dead(self.exit_reason()));
+                    }
+                    _ = &mut deadline => break,
+                }
+            }
+            self.unroute(&msg.header.msg_id);
+            if replied && published {
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Why the kernel is not running, or an empty string while it is.
+    pub fn exit_reason(&self) -> String {
+        self.exit.borrow().clone().unwrap_or_default()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
+    /// Resolves once the kernel process has ended.
+    pub async fn exited(&self) {
+        let mut exit = self.exit.clone();
+        let _ = exit.wait_for(Option::is_some).await;
+    }
+
+    /// Sends a request; everything that names it as parent (reply, iopub output) comes out of
+    /// the returned receiver until [`Kernel::unroute`].
+    pub async fn send(
+        &self,
+        channel: Channel,
+        msg: &Message,
+    ) -> Result<mpsc::Receiver<Message>, KernelError> {
+        if !self.is_alive() {
+            return Err(KernelError::Dead(self.exit_reason()));
+        }
+        let (tx, rx) = mpsc::channel(ROUTE_CAPACITY);
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(msg.header.msg_id.clone(), tx);
+        let frames = ZmqMessage::try_from(self.session.encode(msg))
+            .map_err(|_| KernelError::Dead("empty message".into()))?;
+        let sent = match channel {
+            Channel::Shell => self.shell.lock().await.send(frames).await,
+            Channel::Control => self.control.lock().await.send(frames).await,
+        };
+        if let Err(e) = sent {
+            self.unroute(&msg.header.msg_id);
+            return Err(e.into());
+        }
+        Ok(rx)
+    }
+
+    pub fn unroute(&self, msg_id: &str) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(msg_id);
+    }
+
+    /// Starts executing `code`; returns the request id and its messages.
+    pub async fn execute(
+        &self,
+        code: &str,
+        silent: bool,
+    ) -> Result<(String, mpsc::Receiver<Message>), KernelError> {
+        let msg = self.session.request(
+            "execute_request",
+            json!({
+                "code": code, "silent": silent, "store_history": !silent,
+                "user_expressions": {}, "allow_stdin": false, "stop_on_error": true,
+            }),
+        );
+        let rx = self.send(Channel::Shell, &msg).await?;
+        Ok((msg.header.msg_id, rx))
+    }
+
+    /// Interrupts the running execution the way jupyter_client does for kernels with
+    /// `interrupt_mode: signal` (ipykernel and bash_kernel): SIGINT to the process group.
+    pub fn interrupt(&self) {
+        if self.is_alive() {
+            kill_group(self.pid, libc::SIGINT);
+        }
+    }
+
+    /// Ends the kernel and everything it started, at once: contexts are thrown away whole, so
+    /// there is nothing for a graceful `shutdown_request` to save.
+    pub fn kill(&self) {
+        // Also after the kernel itself exited: what it started may live on in its group (Linux
+        // does not reuse a pid while a process group of that id exists).
+        kill_group(self.pid, libc::SIGKILL);
+    }
+}
+
+/// The kernel sockets a request can go to.
+#[derive(Debug, Clone, Copy)]
+pub enum Channel {
+    Shell,
+    Control,
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        self.kill();
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.connection_file);
+    }
+}
+
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    t.iter().cloned().collect::<Vec<_>>().join("\n")
+}
+
+/// Sends `signal` to the kernel's process group.
+fn kill_group(pid: i32, signal: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+        unsafe {
+            libc::kill(-pid, signal);
+        }
+    }
+}
