@@ -81,6 +81,14 @@ pub async fn stream_request<T: DeserializeOwned>(body: Body) -> Result<T, RpcErr
         .next_message()
         .await?
         .ok_or_else(|| RpcError::invalid_argument("protocol error: missing request message"))?;
+    // Read the body to its end (the chunked terminator follows the one message at once): a body
+    // left unread makes the HTTP server close the connection after the response, and a proxy that
+    // pooled the connection then fails its next request on it. A client that keeps the body open
+    // longer is not waited for.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+        while let Ok(Some(_)) = reader.next_message().await {}
+    })
+    .await;
     connect::decode(&payload)
 }
 
