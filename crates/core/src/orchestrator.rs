@@ -337,10 +337,17 @@ impl Warren {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
         }
         let rootfs = self.templates.resolve(&req.template_id)?;
-        for k in req.env_vars.keys() {
+        for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(CoreError::InvalidArgument(format!(
                     "invalid environment variable name {k:?}"
+                )));
+            }
+            // The kernel's environment is NUL-terminated strings: such a value could never reach
+            // a process, and every later command would fail.
+            if v.contains('\0') {
+                return Err(CoreError::InvalidArgument(format!(
+                    "environment variable {k:?} has a NUL byte in its value"
                 )));
             }
         }
