@@ -221,6 +221,9 @@ fn mount_rootfs(spec: &InitSpec) -> Result<(), InitError> {
         spec.work_dir.display()
     );
     mount_raw("overlay", root, "overlay", 0, Some(&data))?;
+    // /etc/hostname agrees with the kernel's hostname (the sandbox id). Best effort: a template
+    // without /etc simply has no such file.
+    let _ = std::fs::write(root.join("etc/hostname"), format!("{}\n", spec.id));
 
     for bind in &spec.ro_binds {
         let target = root.join(bind.target.strip_prefix("/").unwrap_or(&bind.target));
