@@ -29,9 +29,13 @@ venv="$tmp/rootfs$VENV_IN_SANDBOX"
 mkdir -p "$tmp/rootfs/opt/warren"
 "$PY" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir -r "$REQ"
-# The venv was made at a host path: point its scripts and config at the path sandboxes see, so
-# `pip`, `jupyter` and friends work inside a sandbox too.
-grep -rlF "$venv" "$venv/bin" "$venv/pyvenv.cfg" | while read -r f; do
+# Matplotlib's font cache, built now rather than in each sandbox's first plotting cell (seconds).
+mpl="$tmp/rootfs/opt/warren/matplotlib"
+mkdir -p "$mpl"
+MPLCONFIGDIR="$mpl" "$venv/bin/python" -c "import matplotlib.font_manager"
+# The venv was made at a host path: point its scripts, config and the font cache at the path
+# sandboxes see, so `pip`, `jupyter` and friends work inside a sandbox too.
+grep -rlF "$venv" "$venv/bin" "$venv/pyvenv.cfg" "$mpl" | while read -r f; do
   sed -i "s#$venv#$VENV_IN_SANDBOX#g" "$f"
 done
 "$venv/bin/python" -m pip freeze --disable-pip-version-check >"$tmp/rootfs/opt/warren/packages.txt"

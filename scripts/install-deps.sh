@@ -8,6 +8,7 @@ packages=(
   util-linux    # nsenter: used by the runtime's kernel tests
   procps        # ps, visible inside sandboxes through the host's /usr
   python3       # Debian's /usr/bin/python3, visible inside base-template sandboxes
+  python3-venv  # the venv of the code-interpreter-v1 template (scripts/build-code-interpreter-template.sh)
   ca-certificates
   curl
 )
@@ -20,3 +21,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The Python layer of the code-interpreter-v1 template (pip from PyPI into the layer; rebuilt only
+# when its requirements change).
+"$(dirname "$0")/build-code-interpreter-template.sh"

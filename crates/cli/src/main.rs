@@ -1,6 +1,7 @@
 //! `warren`: the daemon (`warren serve`) and a command-line client of its HTTP API.
 
 mod client;
+mod code_interpreter;
 mod exec;
 mod output;
 mod pools;

@@ -30,6 +30,14 @@ pub struct ServeArgs {
     /// Path of warren-envd (default: next to this executable, else /usr/local/bin/warren-envd).
     #[arg(long, env = "WARREN_ENVD_BINARY")]
     envd_binary: Option<PathBuf>,
+    /// The Python layer of the code-interpreter-v1 template, as built by
+    /// scripts/build-code-interpreter-template.sh (the template is left out when it is missing).
+    #[arg(long, env = "WARREN_CODE_INTERPRETER_LAYER", default_value = crate::code_interpreter::DEFAULT_LAYER_DIR)]
+    code_interpreter_layer: PathBuf,
+    /// Path of warren-code-interpreter (default: next to this executable, else
+    /// /usr/local/bin/warren-code-interpreter).
+    #[arg(long, env = "WARREN_CODE_INTERPRETER_BINARY")]
+    code_interpreter_binary: Option<PathBuf>,
 }
 
 fn default_envd_binary() -> PathBuf {
@@ -80,7 +88,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let base = tokio::task::spawn_blocking(move || prepare_base_template(&dd))
         .await?
         .context("preparing the base template")?;
-    templates.register("base", base);
+    templates.register("base", base.clone());
+    let ci_binary = args
+        .code_interpreter_binary
+        .clone()
+        .unwrap_or_else(crate::code_interpreter::default_server_binary);
+    crate::code_interpreter::register(
+        &templates,
+        &data_dir,
+        &args.code_interpreter_layer,
+        &ci_binary,
+        &base,
+    )
+    .context("preparing the code-interpreter-v1 template")?;
 
     let store = Store::open(&data_dir).context("opening the database")?;
     let runtime = Arc::new(runtime);

@@ -370,6 +370,7 @@ impl Warren {
                 env_vars: req.env_vars.clone(),
                 default_user: self.config.default_user.clone(),
                 admin_token: None,
+                start_command: self.templates.start_command(&req.template_id),
             },
         };
         let now = self.clock.now();

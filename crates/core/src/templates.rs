@@ -4,7 +4,8 @@
 //! Two sources: templates registered by the daemon at start (`base`, prepared by the runtime), and
 //! directories of an optional templates dir, looked up on each create so that an operator can add
 //! a template without restarting: `<dir>/<name>/rootfs` is a template with that single read-only
-//! layer and no bind mounts.
+//! layer and no bind mounts, and the optional file `<dir>/<name>/start_command` holds its start
+//! command (see [`warren_runtime::EnvdSettings::start_command`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ pub enum TemplateError {
 #[derive(Default)]
 pub struct TemplateRegistry {
     registered: RwLock<HashMap<String, RootfsSpec>>,
+    start_commands: RwLock<HashMap<String, String>>,
     dir: Option<PathBuf>,
 }
 
@@ -27,6 +29,7 @@ impl TemplateRegistry {
     pub fn new(dir: Option<PathBuf>) -> Self {
         TemplateRegistry {
             registered: RwLock::default(),
+            start_commands: RwLock::default(),
             dir,
         }
     }
@@ -38,6 +41,32 @@ impl TemplateRegistry {
             .insert(name.into(), spec);
     }
 
+    /// Sets the command envd starts at boot in every sandbox of the registered template `name`.
+    pub fn set_start_command(&self, name: impl Into<String>, command: impl Into<String>) {
+        self.start_commands
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), command.into());
+    }
+
+    /// The start command of template `name`, if it has one.
+    pub fn start_command(&self, name: &str) -> Option<String> {
+        if let Some(c) = self
+            .start_commands
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Some(c.clone());
+        }
+        if !safe_name(name) {
+            return None;
+        }
+        let file = self.dir.as_ref()?.join(name).join("start_command");
+        let command = std::fs::read_to_string(file).ok()?;
+        Some(command.trim().to_string()).filter(|c| !c.is_empty())
+    }
+
     pub fn resolve(&self, name: &str) -> Result<RootfsSpec, TemplateError> {
         if let Some(spec) = self
             .registered
@@ -47,14 +76,7 @@ impl TemplateRegistry {
         {
             return Ok(spec.clone());
         }
-        // The name becomes a path component: refuse anything that could leave the dir.
-        let safe = !name.is_empty()
-            && name != "."
-            && name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if let (true, Some(dir)) = (safe, &self.dir) {
+        if let (true, Some(dir)) = (safe_name(name), &self.dir) {
             let rootfs = dir.join(name).join("rootfs");
             if rootfs.is_dir() {
                 return Ok(RootfsSpec {
@@ -90,6 +112,16 @@ impl TemplateRegistry {
     }
 }
 
+/// The name becomes a path component: refuse anything that could leave the dir.
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +150,25 @@ mod tests {
             );
         }
         assert_eq!(reg.names(), vec!["base".to_string(), "py".to_string()]);
+    }
+
+    #[test]
+    fn start_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("srv/rootfs")).unwrap();
+        std::fs::write(
+            dir.path().join("srv/start_command"),
+            "/bin/server --port 1\n",
+        )
+        .unwrap();
+        let reg = TemplateRegistry::new(Some(dir.path().into()));
+        reg.set_start_command("ci", "/opt/ci");
+        assert_eq!(reg.start_command("ci").as_deref(), Some("/opt/ci"));
+        assert_eq!(
+            reg.start_command("srv").as_deref(),
+            Some("/bin/server --port 1")
+        );
+        assert_eq!(reg.start_command("base"), None);
+        assert_eq!(reg.start_command("../srv"), None);
     }
 }

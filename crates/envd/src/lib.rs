@@ -17,6 +17,7 @@ mod process_service;
 pub mod proto;
 pub mod reaper;
 pub mod server;
+pub mod start_command;
 pub mod users;
 pub mod watch;
 
@@ -35,6 +36,8 @@ pub struct EnvdConfig {
     /// Secret of the Warren daemon for `POST /init` (claim-time reconfiguration). `None`
     /// disables `/init`. Never given to sandbox users.
     pub admin_token: Option<String>,
+    /// Started once at boot (see [`start_command`]); `None` starts nothing.
+    pub start_command: Option<String>,
 }
 
 impl Default for EnvdConfig {
@@ -44,6 +47,7 @@ impl Default for EnvdConfig {
             env_vars: BTreeMap::new(),
             default_user: "user".to_string(),
             admin_token: None,
+            start_command: None,
         }
     }
 }

@@ -22,6 +22,7 @@ fn parse_serve_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Se
         env_vars: BTreeMap::new(),
         default_user: "user".to_string(),
         admin_token: None,
+        start_command: None,
     };
     while let Some(flag) = args.next() {
         let (flag, inline_value) = match flag.split_once('=') {
@@ -64,6 +65,7 @@ fn sandbox_init() -> ! {
             env_vars: settings.env_vars,
             default_user: settings.default_user,
             admin_token: settings.admin_token,
+            start_command: settings.start_command,
         };
         warren_envd::start_reaper();
         // One worker keeps the per-sandbox footprint small; blocking file work has its own pool.

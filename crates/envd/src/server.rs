@@ -40,6 +40,9 @@ pub fn router(config: EnvdConfig) -> Router {
         processes: Arc::new(ProcessManager::new()),
         watchers: Arc::new(Watchers::default()),
     });
+    if let Some(command) = state.config.start_command.clone() {
+        crate::start_command::spawn(state.clone(), command);
+    }
     Router::new()
         .route("/health", get(health))
         .route("/init", axum::routing::post(crate::init::init))

@@ -112,6 +112,11 @@ pub struct EnvdSettings {
     /// when a warm-pool member is claimed. `None` disables `/init`.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// The template's start command (`/bin/sh -c`), which envd starts as root once it serves,
+    /// like the start command of an E2B template: the server a template exists for (the code
+    /// interpreter of `code-interpreter-v1`). `None` starts nothing.
+    #[serde(default)]
+    pub start_command: Option<String>,
 }
 
 /// Where a running sandbox lives, as the runtime placed it. Stored by the control plane so that a

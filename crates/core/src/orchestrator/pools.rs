@@ -565,6 +565,7 @@ impl Warren {
                 env_vars: BTreeMap::new(),
                 default_user: self.config.default_user.clone(),
                 admin_token: Some(generate_access_token()),
+                start_command: self.templates.start_command(&set.spec.template),
             },
         };
         let now = self.clock.now();

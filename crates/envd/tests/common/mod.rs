@@ -50,6 +50,7 @@ pub fn root_config() -> EnvdConfig {
         env_vars: BTreeMap::new(),
         default_user: "root".to_string(),
         admin_token: None,
+        start_command: None,
     }
 }
 
