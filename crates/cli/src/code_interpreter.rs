@@ -81,5 +81,6 @@ pub fn register(
         },
     );
     templates.set_start_command(TEMPLATE, format!("/{SERVER_PATH}"));
+    templates.set_ready_port(TEMPLATE, 49999);
     Ok(true)
 }

@@ -337,6 +337,7 @@ impl Warren {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
         }
         let rootfs = self.templates.resolve(&req.template_id)?;
+        let ready_port = self.templates.ready_port(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(CoreError::InvalidArgument(format!(
@@ -407,6 +408,9 @@ impl Warren {
                 return Err(e.into());
             }
         };
+        if let Some(port) = ready_port {
+            wait_for_port(&id, std::net::SocketAddr::from((placement.ip, port))).await;
+        }
         let started = self.clock.now();
         let applied = self
             .store
@@ -806,6 +810,27 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
 pub mod metrics;
 pub mod network;
 pub mod pools;
+
+/// How long a create waits for the port of its template's start command.
+const READY_PORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until the server of a template's start command accepts connections, so a client's first
+/// request to it never meets a closed port (as with E2B, whose sandboxes resume from a snapshot
+/// taken once the server was ready). A server that does not come up only costs the timeout: the
+/// sandbox itself works, and its port reports "not open".
+async fn wait_for_port(id: &str, addr: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + READY_PORT_TIMEOUT;
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await;
+        match attempt {
+            Ok(Ok(_)) => return,
+            Err(_) => break,
+            Ok(Err(_)) if tokio::time::Instant::now() >= deadline => break,
+            Ok(Err(_)) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
+    tracing::warn!(sandbox = %id, %addr, "the template's start command did not open its port in time");
+}
 
 #[cfg(test)]
 mod tests;

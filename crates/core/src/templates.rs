@@ -22,6 +22,7 @@ pub enum TemplateError {
 pub struct TemplateRegistry {
     registered: RwLock<HashMap<String, RootfsSpec>>,
     start_commands: RwLock<HashMap<String, String>>,
+    ready_ports: RwLock<HashMap<String, u16>>,
     dir: Option<PathBuf>,
 }
 
@@ -30,6 +31,7 @@ impl TemplateRegistry {
         TemplateRegistry {
             registered: RwLock::default(),
             start_commands: RwLock::default(),
+            ready_ports: RwLock::default(),
             dir,
         }
     }
@@ -47,6 +49,23 @@ impl TemplateRegistry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.into(), command.into());
+    }
+
+    /// Sets the port the start command of template `name` listens on: a create returns only once
+    /// it accepts connections.
+    pub fn set_ready_port(&self, name: impl Into<String>, port: u16) {
+        self.ready_ports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), port);
+    }
+
+    pub fn ready_port(&self, name: &str) -> Option<u16> {
+        self.ready_ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
     }
 
     /// The start command of template `name`, if it has one.
@@ -164,6 +183,9 @@ mod tests {
         let reg = TemplateRegistry::new(Some(dir.path().into()));
         reg.set_start_command("ci", "/opt/ci");
         assert_eq!(reg.start_command("ci").as_deref(), Some("/opt/ci"));
+        assert_eq!(reg.ready_port("ci"), None);
+        reg.set_ready_port("ci", 49999);
+        assert_eq!(reg.ready_port("ci"), Some(49999));
         assert_eq!(
             reg.start_command("srv").as_deref(),
             Some("/bin/server --port 1")

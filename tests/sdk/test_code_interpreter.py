@@ -1,0 +1,271 @@
+"""The unmodified `e2b-code-interpreter` SDK against the `code-interpreter-v1` template: stateful
+`run_code` over real Jupyter kernels (ipykernel, bash_kernel) behind warren-code-interpreter on
+port 49999, reached through the daemon's router."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import pytest
+from e2b import NotFoundException, SandboxException, TimeoutException
+from e2b_code_interpreter import AsyncSandbox, Context, Sandbox
+
+
+@pytest.fixture
+def new_ci(daemon):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("timeout", 120)
+        sbx = Sandbox.create(**kwargs)
+        daemon.register(sbx.sandbox_id)
+        made.append(sbx)
+        return sbx
+
+    yield make
+    for sbx in made:
+        Sandbox.kill(sbx.sandbox_id)
+    assert daemon.alive(), f"warren died during the test:\n{daemon.log_tail()}"
+
+
+@pytest.fixture
+def ci(new_ci):
+    return new_ci()
+
+
+def test_default_template_and_state(ci):
+    info = Sandbox.get_info(ci.sandbox_id)
+    assert info.template_id == "code-interpreter-v1"
+    first = ci.run_code("x = 1")
+    assert first.error is None and first.results == []
+    second = ci.run_code("x + 1")
+    assert second.text == "2"
+    assert second.results[0].is_main_result is True
+    assert second.execution_count == first.execution_count + 1
+    r = ci.run_code("print('hello'); 'quoted'")
+    assert r.logs.stdout == ["hello\n"]
+    assert r.text == "quoted"
+    # The server is the template's start command, a process envd tracks.
+    procs = ci.commands.list()
+    assert any("warren-code-interpreter" in " ".join([p.cmd] + p.args) for p in procs)
+    assert ci.commands.run("curl -s localhost:49999/health").stdout == '"OK"'
+
+
+def test_callbacks_fire_while_the_cell_runs(ci):
+    seen = []
+    start = time.monotonic()
+    r = ci.run_code(
+        "import sys, time\nprint('a', flush=True)\nprint('e', file=sys.stderr, flush=True)\n"
+        "time.sleep(1.5)\nprint('b')\n7",
+        on_stdout=lambda m: seen.append(("out", m.line, time.monotonic() - start)),
+        on_stderr=lambda m: seen.append(("err", m.line, time.monotonic() - start)),
+        on_result=lambda res: seen.append(("result", res.text, time.monotonic() - start)),
+    )
+    end = time.monotonic() - start
+    assert [(k, v) for k, v, _ in seen] == [("out", "a\n"), ("err", "e\n"), ("out", "b\n"), ("result", "7")]
+    assert seen[0][2] < end - 1.0, seen
+    assert r.logs.stdout == ["a\n", "b\n"] and r.logs.stderr == ["e\n"]
+
+
+def test_errors(ci):
+    errors = []
+    r = ci.run_code("1/0", on_error=errors.append)
+    assert r.error.name == "ZeroDivisionError"
+    assert r.error.value == "division by zero"
+    assert "ZeroDivisionError" in r.error.traceback
+    assert errors and errors[0].name == "ZeroDivisionError"
+    assert ci.run_code("def f(:\n  pass").error.name == "SyntaxError"
+    assert ci.run_code("undefined_name").error.name == "NameError"
+    # The kernel keeps serving after errors.
+    assert ci.run_code("40 + 2").text == "42"
+
+
+def test_contexts(ci):
+    ci.run_code("v = 'default'")
+    ctx = ci.create_code_context(cwd="/tmp")
+    assert ctx.language == "python" and ctx.cwd == "/tmp"
+    assert ci.run_code("import os; os.getcwd()", context=ctx).text == "/tmp"
+    assert ci.run_code("'v' in globals()", context=ctx).text == "False"
+    ci.run_code("v = 'ctx'", context=ctx)
+    assert ci.run_code("v").text == "default"
+    assert ci.run_code("v", context=ctx).text == "ctx"
+    ids = [c.id for c in ci.list_code_contexts()]
+    assert ctx.id in ids and len(ids) == 2  # the default python context and this one
+
+    ci.restart_code_context(ctx)
+    assert ci.run_code("v", context=ctx).error.name == "NameError"
+    assert ci.run_code("v").text == "default"
+
+    ci.remove_code_context(ctx.id)
+    assert ctx.id not in [c.id for c in ci.list_code_contexts()]
+    with pytest.raises(NotFoundException):
+        ci.run_code("1", context=ctx)
+    with pytest.raises(NotFoundException):
+        ci.remove_code_context(ctx.id)
+    with pytest.raises(NotFoundException):
+        ci.restart_code_context(ctx.id)
+
+
+def test_bash(ci):
+    ctx = ci.create_code_context(language="bash", cwd="/tmp")
+    assert ctx.language == "bash"
+    r = ci.run_code("echo $((1 + 2)); pwd; X=5", context=ctx)
+    assert "".join(r.logs.stdout) == "3\n/tmp\n"
+    assert "".join(ci.run_code("echo $X", context=ctx).logs.stdout) == "5\n"
+    # The default bash context, by language.
+    ci.run_code("Y=7", language="bash")
+    assert "".join(ci.run_code("echo $Y", language="bash").logs.stdout) == "7\n"
+    assert ci.run_code("exit_status_test_cmd_that_does_not_exist", language="bash").error is not None
+    assert {c.language for c in ci.list_code_contexts()} == {"python", "bash"}
+
+
+def test_envs(ci):
+    r = ci.run_code("import os; print(os.environ.get('FOO'), os.environ['HOME'])", envs={"FOO": "bar 'q'"})
+    assert r.logs.stdout == ["bar 'q' /root\n"]
+    # Per-execution: gone (or back to what it was) afterwards.
+    assert ci.run_code("import os; print(os.environ.get('FOO'))").logs.stdout == ["None\n"]
+    ci.run_code("os.environ['KEEP'] = 'old'")
+    assert ci.run_code("print(os.environ['KEEP'])", envs={"KEEP": "new"}).logs.stdout == ["new\n"]
+    assert ci.run_code("print(os.environ['KEEP'])").logs.stdout == ["old\n"]
+    r = ci.run_code("echo \"$FOO\"", language="bash", envs={"FOO": "it's $HOME"})
+    assert r.logs.stdout == ["it's $HOME\n"]
+    assert ci.run_code('echo "[${FOO-unset}]"', language="bash").logs.stdout == ["[unset]\n"]
+
+
+def test_sandbox_env_vars_reach_the_kernel(new_ci):
+    sbx = new_ci(envs={"SANDBOX_WIDE": "yes"})
+    assert sbx.run_code("import os; os.environ['SANDBOX_WIDE']").text == "yes"
+
+
+def test_timeout_interrupts_and_keeps_state(ci):
+    ci.run_code("kept = 41")
+    start = time.monotonic()
+    with pytest.raises(TimeoutException):
+        ci.run_code("import time; time.sleep(60)", timeout=2)
+    assert time.monotonic() - start < 10
+    # Interrupted, not restarted: the state is still there, and the kernel answers at once.
+    start = time.monotonic()
+    assert ci.run_code("kept + 1").text == "42"
+    assert time.monotonic() - start < 5
+
+
+def test_kernel_death_is_reported_and_the_next_run_works(ci):
+    ci.run_code("before = 1")
+    r = ci.run_code("import os; os._exit(1)")
+    assert r.error is not None and r.error.name == "DeadKernelError"
+    assert ci.run_code("1 + 1").text == "2"
+    assert ci.run_code("before").error.name == "NameError"  # a new kernel
+
+
+def test_matplotlib_png(ci):
+    r = ci.run_code(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()"
+    )
+    assert r.error is None, r.error
+    pngs = [res.png for res in r.results if res.png]
+    assert len(pngs) == 1
+    assert base64.b64decode(pngs[0]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "png" in r.results[0].formats()
+
+
+def test_pandas_dataframe(ci):
+    r = ci.run_code("import pandas as pd\npd.DataFrame({'name': ['a', 'b'], 'n': [1, 2]})")
+    assert r.error is None, r.error
+    res = r.results[0]
+    assert res.is_main_result
+    assert "<table" in res.html and "name" in res.html
+    assert "name" in res.text and "n" in res.text
+    assert set(res.formats()) >= {"text", "html"}
+
+
+def test_several_display_results(ci):
+    r = ci.run_code(
+        "from IPython.display import display, HTML, Markdown, JSON, Latex, SVG\n"
+        "display(1)\ndisplay(HTML('<b>x</b>'))\ndisplay(Markdown('# t'))\n"
+        "display(Latex('$x$'))\ndisplay(JSON({'a': 1}))\n"
+        "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\"></svg>'))\n'last'"
+    )
+    assert r.error is None, r.error
+    assert [res.is_main_result for res in r.results] == [False] * 6 + [True]
+    assert r.results[0].text == "1"
+    assert r.results[1].html == "<b>x</b>"
+    assert r.results[2].markdown == "# t"
+    assert r.results[3].latex == "$x$"
+    assert r.results[4].json == {"a": 1}
+    assert r.results[5].svg.startswith("<svg")
+    assert r.text == "last"
+
+
+def test_bad_input(ci):
+    with pytest.raises(SandboxException, match="unsupported language"):
+        ci.run_code("1", language="cobol")
+    with pytest.raises(SandboxException, match="unsupported language"):
+        ci.create_code_context(language="cobol")
+    with pytest.raises(SandboxException, match="not an existing directory"):
+        ci.create_code_context(cwd="/nonexistent")
+    with pytest.raises(NotFoundException):
+        ci.run_code("1", context=Context("no-such-context", "python", "/"))
+    with pytest.raises(SandboxException, match="not both"):
+        ci.run_code("1", language="python", context=Context("x", "python", "/"))
+    # Binary garbage on stdout is decoded lossily, not fatal.
+    r = ci.run_code("import os, time; os.write(1, bytes(range(256)) + b'\\n'); time.sleep(0.3)")
+    assert r.error is None
+    assert "".join(r.logs.stdout).endswith("\n") and "\ufffd" in "".join(r.logs.stdout)
+    # input() cannot hang the kernel: stdin is not offered.
+    assert ci.run_code("input()").error.name == "StdinNotImplementedError"
+    assert ci.run_code("1 + 1").text == "2"
+
+
+def test_huge_output(ci):
+    r = ci.run_code("print('x' * 20_000_000)")
+    assert r.error is None
+    assert sum(len(s) for s in r.logs.stdout) == 20_000_001
+    assert ci.run_code("1 + 1").text == "2"
+
+
+def test_endless_output_with_timeout(ci):
+    start = time.monotonic()
+    with pytest.raises(TimeoutException):
+        ci.run_code("while True: print('y' * 1000)", timeout=3)
+    assert time.monotonic() - start < 15
+    start = time.monotonic()
+    assert ci.run_code("1 + 1").text == "2"
+    assert time.monotonic() - start < 10
+    # The server's memory stays bounded (it does not keep what the client never read).
+    rss = ci.commands.run("ps -o rss= -C warren-code-interpreter", user="root").stdout.split()
+    assert rss and int(rss[0]) < 200_000, rss
+
+
+@pytest.mark.asyncio
+async def test_async_sdk(daemon):
+    sbx = await AsyncSandbox.create(timeout=120)
+    daemon.register(sbx.sandbox_id)
+    try:
+        await sbx.run_code("x = 20")
+        lines = []
+
+        async def on_stdout(m):
+            lines.append(m.line)
+
+        r = await sbx.run_code("print('hi'); x + 1", on_stdout=on_stdout)
+        assert r.text == "21" and lines == ["hi\n"]
+        ctx = await sbx.create_code_context(language="bash")
+        r = await sbx.run_code("echo $((6 * 7))", context=ctx)
+        assert r.logs.stdout == ["42\n"]
+        assert ctx.id in [c.id for c in await sbx.list_code_contexts()]
+        with pytest.raises(TimeoutException):
+            await sbx.run_code("import time; time.sleep(30)", timeout=1)
+        assert (await sbx.run_code("x")).text == "20"
+        # Two contexts run at the same time.
+        other = await sbx.create_code_context()
+        t0 = time.monotonic()
+        await asyncio.gather(
+            sbx.run_code("import time; time.sleep(1)"),
+            sbx.run_code("import time; time.sleep(1)", context=other),
+        )
+        assert time.monotonic() - t0 < 1.9
+        await sbx.remove_code_context(other)
+    finally:
+        await sbx.kill()
