@@ -38,6 +38,25 @@ pub struct ServeArgs {
     /// /usr/local/bin/warren-code-interpreter).
     #[arg(long, env = "WARREN_CODE_INTERPRETER_BINARY")]
     code_interpreter_binary: Option<PathBuf>,
+    /// Sandbox subnet in CIDR form, e.g. 10.210.0.0/20 (default: a free /20 in 10.200.0.0/13,
+    /// recorded in the data dir at first start).
+    #[arg(long, env = "WARREN_SUBNET", value_parser = parse_subnet)]
+    subnet: Option<(std::net::Ipv4Addr, u8)>,
+}
+
+fn parse_subnet(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (net, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not in CIDR form (like 10.210.0.0/20)"))?;
+    let net = net
+        .parse()
+        .map_err(|_| format!("{net:?} is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| (8..=28).contains(l))
+        .ok_or_else(|| format!("prefix length {len:?} must be between 8 and 28"))?;
+    Ok((net, len))
 }
 
 fn default_envd_binary() -> PathBuf {
@@ -79,7 +98,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let envd = args.envd_binary.clone().unwrap_or_else(default_envd_binary);
-    let runtime = LinuxRuntime::new(LinuxRuntimeConfig::derived(data_dir.clone(), envd))
+    let mut runtime_config = LinuxRuntimeConfig::derived(data_dir.clone(), envd);
+    if let Some(subnet) = args.subnet {
+        runtime_config.subnet = subnet;
+        runtime_config.subnet_fixed = true;
+    }
+    let runtime = LinuxRuntime::new(runtime_config)
         .await
         .context("initialising the sandbox runtime (warren serve needs root)")?;
 
@@ -119,6 +143,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "recovery done"
     );
     let background = warren.spawn_background();
+    // Warm pools: refill, rolling updates and autoscalers.
+    let pools = warren.spawn_pool_loop();
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -143,8 +169,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }),
             app,
         )
-    // Warm pools: refill, rolling updates and autoscalers.
-    let pools = warren.spawn_pool_loop();
         .with_graceful_shutdown(async {
             let _ = stop_rx.await;
         })
@@ -155,12 +179,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tokio::select! {
         res = &mut server => {
             background.abort();
+            pools.abort();
             return res.context("server task")?.context("serving");
         }
         sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down; sandboxes keep running"),
     }
     let _ = stop_tx.send(());
     background.abort();
+    pools.abort();
     // Open streams (a running `commands.run`) would keep a graceful shutdown waiting forever;
     // give them a moment, then go. Sandboxes are unaffected and are re-adopted at next start.
     if tokio::time::timeout(Duration::from_secs(5), &mut server)
@@ -179,14 +205,12 @@ async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
-            pools.abort();
         Err(e) => {
             tracing::error!(error = %e, "cannot watch SIGTERM");
             let _ = tokio::signal::ctrl_c().await;
             return "SIGINT";
         }
     };
-    pools.abort();
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
