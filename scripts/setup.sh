@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what Warren needs, builds it, installs `warren` and `warren-envd` into /usr/local/bin and
-# starts the daemon with the embedded `base` template. Run as root from the repository root.
+# Installs what Warren needs, builds it, installs `warren`, `warren-envd` and `warren-code-interpreter`
+# into /usr/local/bin and starts the daemon with the embedded `base` template (and
+# `code-interpreter-v1`, whose Python layer install-deps.sh builds). Run as root from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,8 +10,9 @@ DATA_DIR="${WARREN_DATA_DIR:-/var/lib/warren}"
 LOG="${WARREN_LOG:-/var/log/warren.log}"
 
 scripts/install-deps.sh
-cargo build --release -p warren -p warren-envd
-install -m 0755 target/release/warren target/release/warren-envd /usr/local/bin/
+cargo build --release -p warren -p warren-envd -p warren-codeinterp
+install -m 0755 target/release/warren target/release/warren-envd \
+  target/release/warren-code-interpreter /usr/local/bin/
 
 if curl -fsS "http://$LISTEN/health" >/dev/null 2>&1; then
   echo "a daemon already answers on $LISTEN; stop it first to restart with the new build"
