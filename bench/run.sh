@@ -34,5 +34,9 @@ for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, kernel $(uname -r)"
 python3 bench/bench.py --url "http://127.0.0.1:$PORT" --key "$KEY" --rootfs "$DATA/templates/base/rootfs" -n "$N" --json "$DATA.json"
 cp "$DATA.json" bench/last-run.json
+# Warm pools: claim latency (HTTP, SDK), bursts of 100 against a pool of 100 and an empty pool,
+# refill rate.
+python3 bench/pools.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --json "$DATA.pools.json"
+cp "$DATA.pools.json" bench/last-run-pools.json
 # Issue 3 figures: commands.run rate, /files throughput, router overhead (BENCHMARKS.md).
 python3 bench/parity.py --url "http://127.0.0.1:$PORT" --key "$KEY" --json "$DATA.parity.json"

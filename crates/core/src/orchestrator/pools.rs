@@ -97,6 +97,7 @@ impl Warren {
                 return Ok(None);
             };
             let id = rec.id.clone();
+            let t_claimed = began.elapsed();
             let lock = self.lock_for(&id);
             let _guard = lock.lock().await;
             let init = InitRequest {
@@ -114,6 +115,7 @@ impl Warren {
                 (Some(p), Some(admin)) => envd.init(p.envd_addr(), admin, &init).await,
                 _ => Err("member has no placement or admin token".into()),
             };
+            let t_init = began.elapsed();
             if let Err(e) = result {
                 tracing::warn!(sandbox = %id, pool = %pool, error = %e, "claim: envd refused /init; discarding member");
                 if let Err(e) = self.kill_locked(&id).await {
@@ -130,6 +132,7 @@ impl Warren {
                 })
                 .await?;
             self.set_route(&rec);
+            tracing::debug!(sandbox = %id, claim_tx = ?t_claimed, init = ?t_init, done = ?began.elapsed(), "claim timings");
             let label = PoolLabel { pool: pool.clone() };
             self.pools.metrics.claims.get_or_create(&label).inc();
             self.pools
