@@ -210,12 +210,20 @@ impl HostNetwork {
                 }
             })
             .map_err(nl_err("add address", bridge))?;
+        // A bridge without an address of its own takes the lowest MAC of its ports, so it changed
+        // whenever a sandbox came or went, and sandboxes holding the old gateway MAC lost their
+        // packets to the host until their ARP entry expired (seconds-long stalls under churn).
         handle
             .link()
-            .set(LinkUnspec::new_with_index(bridge_index).up().build())
+            .set(
+                LinkUnspec::new_with_index(bridge_index)
+                    .address(bridge_mac(bridge).to_vec())
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(nl_err("set up", bridge))?;
+            .map_err(nl_err("set address and up", bridge))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| RuntimeError::io("enable", "/proc/sys/net/ipv4/ip_forward", e))?;
 
@@ -429,7 +437,11 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
 
         // One request: the pair, its sandbox end created inside the namespace as eth0, its host
         // end on the bridge and up.
+        // The sandbox's MAC is derived from its address (as Docker does): an address handed out
+        // again, after a kill or a daemon restart, comes with the same MAC, so a neighbour entry
+        // the host still holds for it is right instead of silently black-holing the first packets.
         let peer = LinkUnspec::new_with_name("eth0")
+            .address(sandbox_mac(ip).to_vec())
             .setns_by_fd(netns.as_raw_fd())
             .build();
         let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
@@ -715,6 +727,24 @@ pub fn nft(script: &str) -> Result<(), RuntimeError> {
     }
 }
 
+/// The MAC of a sandbox's eth0: locally administered unicast `02:42` followed by its IPv4 address.
+fn sandbox_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// A stable, locally administered unicast MAC for the bridge, derived from its name.
+fn bridge_mac(bridge: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bridge.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    // 0x02: locally administered, unicast.
+    [0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
 /// Runs `f` on a new OS thread that ends afterwards, for work that changes the thread's
 /// namespaces.
 async fn on_fresh_thread<T: Send + 'static>(
@@ -748,6 +778,22 @@ mod tests {
         ));
         ipam.release(Ipv4Addr::new(10, 9, 0, 5));
         assert_eq!(ipam.allocate().unwrap(), Ipv4Addr::new(10, 9, 0, 5));
+    }
+
+    #[test]
+    fn sandbox_mac_follows_the_address() {
+        assert_eq!(
+            sandbox_mac(Ipv4Addr::new(10, 200, 1, 2)),
+            [0x02, 0x42, 10, 200, 1, 2]
+        );
+    }
+
+    #[test]
+    fn bridge_mac_is_stable_local_unicast() {
+        let a = bridge_mac("wabcbr");
+        assert_eq!(a, bridge_mac("wabcbr"));
+        assert_ne!(a, bridge_mac("wabdbr"));
+        assert_eq!(a[0] & 0x03, 0x02);
     }
 
     #[test]
