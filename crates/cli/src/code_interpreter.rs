@@ -80,7 +80,11 @@ pub fn register(
             ro_binds: base.ro_binds.clone(),
         },
     );
-    templates.set_start_command(TEMPLATE, format!("/{SERVER_PATH}"));
+    // Its log (kernel starts, deaths, interrupts) is kept in the sandbox for whoever debugs it.
+    templates.set_start_command(
+        TEMPLATE,
+        format!("exec /{SERVER_PATH} 2>>/var/log/warren-code-interpreter.log"),
+    );
     templates.set_ready_port(TEMPLATE, 49999);
     Ok(true)
 }

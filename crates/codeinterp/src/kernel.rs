@@ -21,8 +21,9 @@ use crate::wire::{Message, Session};
 
 /// How long a kernel may take to answer its first `kernel_info_request`.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Messages buffered per request before the socket reader waits for the request's consumer.
-const ROUTE_CAPACITY: usize = 64;
+/// Messages buffered per request before the socket reader waits for the request's consumer
+/// (a stream message of endless output can be tens of MB).
+const ROUTE_CAPACITY: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Language {
@@ -102,15 +103,41 @@ pub struct Kernel {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Ports for a kernel, below the ephemeral range (32768-60999 by default), so that no outgoing
+/// connection ever takes one: a connect to a port that is not bound yet can otherwise pick that
+/// very port as its source and connect to itself.
 fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    // Held together so that the kernel gets n distinct ports; released just before it binds them.
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    let mut tries = 0;
+    while ports.len() < n {
+        tries += 1;
+        if tries > 1000 {
+            return Err(std::io::Error::other("no free port in 10000-32767"));
+        }
+        let port = rand::random_range(10000..32768u16);
+        if ports.contains(&port) {
+            continue;
+        }
+        // Held together so that the kernel gets n distinct ports; released just before it binds.
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+            ports.push(port);
+        }
+    }
+    Ok(ports)
+}
+
+/// Waits until the kernel listens on `port`. The ZeroMQ connect retries by itself, but with an
+/// exponential backoff that makes a kernel that binds after 1 s wait until the next try at 1.5 s,
+/// one that binds after 3 s until 6 s.
+async fn wait_bound(port: u16) {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> KernelError + 'a {
@@ -161,6 +188,7 @@ fn spawn_reader<S: SocketRecv + Send + 'static>(
 }
 
 async fn connect<S: Socket>(mut s: S, port: u16) -> Result<S, KernelError> {
+    wait_bound(port).await;
     s.connect(&format!("tcp://127.0.0.1:{port}")).await?;
     Ok(s)
 }
@@ -217,6 +245,9 @@ impl Kernel {
             fail(format!("{}: {e}", config.python.display()))
         })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // When user code exhausts the sandbox's memory, the kernel is what should die (it is
+        // reported and replaced), not this server. Raising the score needs no privilege.
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
 
         let stderr_tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let mut tasks = Vec::new();
