@@ -13,7 +13,7 @@ for p in crun runc runsc; do
     apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq crun runc runsc >/dev/null; break; }
 done
 python3 -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
-cargo build --release -q -p warren -p warren-envd
+cargo build --release -q -p warren -p warren-envd -p warren-codeinterp
 BIN="${CARGO_TARGET_DIR:-target}/release"
 
 # crun 1.8 refuses hybrid cgroup hosts while a controller (hugetlb here) is left to cgroup v2;
@@ -40,3 +40,5 @@ python3 bench/pools.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --jso
 cp "$DATA.pools.json" bench/last-run-pools.json
 # Issue 3 figures: commands.run rate, /files throughput, router overhead (BENCHMARKS.md).
 python3 bench/parity.py --url "http://127.0.0.1:$PORT" --key "$KEY" --json "$DATA.parity.json"
+# Issue 4 figures: code-interpreter-v1 create → first run_code, warm run_code, idle memory.
+python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --json "$DATA.codeinterp.json"
