@@ -1,5 +1,8 @@
 // The official @e2b/code-interpreter JS package against the code-interpreter-v1 template: state,
 // streaming callbacks, errors, contexts (bash too), envs, timeout, rich results, bad input.
+// Calls that get an error status pass a short `requestTimeoutMs`: the SDK (2.8.0) leaves its
+// request timer running when it throws on an error status, which would hold the test process open
+// for the default 60 s.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { Sandbox } from '@e2b/code-interpreter'
@@ -62,7 +65,7 @@ test('contexts, bash and envs', async () => {
   assert.ok((await sbx.listCodeContexts()).some((c) => c.id === ctx.id))
   await sbx.restartCodeContext(ctx)
   await sbx.removeCodeContext(ctx)
-  await assert.rejects(sbx.runCode('echo', { context: ctx }), NotFoundError)
+  await assert.rejects(sbx.runCode('echo', { context: ctx, requestTimeoutMs: 2000 }), NotFoundError)
   const py = await sbx.runCode("import os; print(os.environ.get('V'))", { envs: { V: 'per-run' } })
   assert.deepEqual(py.logs.stdout, ['per-run\n'])
 })
@@ -74,7 +77,7 @@ test('timeout interrupts; the kernel keeps its state', async () => {
 })
 
 test('bad input', async () => {
-  await assert.rejects(sbx.runCode('1', { language: 'cobol' }), SandboxError)
+  await assert.rejects(sbx.runCode('1', { language: 'cobol', requestTimeoutMs: 2000 }), SandboxError)
   const dead = await sbx.runCode('import os; os._exit(1)')
   assert.equal(dead.error.name, 'DeadKernelError')
   assert.equal((await sbx.runCode('1 + 1')).text, '2')
