@@ -8,14 +8,15 @@
 # (see crates/cli/src/code_interpreter.rs). Idempotent: rebuilds only when the requirements, this
 # script or the host python change. Run as root.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(realpath "$0")"
+cd "$(dirname "$SELF")/.."
 
 DEST="${WARREN_CODE_INTERPRETER_LAYER:-/var/lib/warren-templates/code-interpreter-v1}"
 REQ=templates/code-interpreter/requirements.txt
 PY=/usr/bin/python3
 VENV_IN_SANDBOX=/opt/warren/venv
 
-stamp="$( (cat "$REQ" "$0"; "$PY" -VV) | sha256sum | cut -d' ' -f1)"
+stamp="$( (cat "$REQ" "$SELF"; "$PY" -VV) | sha256sum | cut -d' ' -f1)"
 if [ -f "$DEST/stamp" ] && [ "$(cat "$DEST/stamp")" = "$stamp" ] && [ -d "$DEST/rootfs" ]; then
   exit 0
 fi
