@@ -32,6 +32,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 use warren_runtime::ENVD_PORT;
 
+/// Largest request body the router keeps for a resend (see `SandboxProxy::forward_to`).
+const REPLAY_LIMIT: usize = 1 << 20;
+
+/// The length of a request body if it is known and small enough to keep for a resend: `Some(0)`
+/// for no body, `None` for a streamed (chunked) or large one.
+fn small_body_len(headers: &HeaderMap) -> Option<usize> {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    match headers.get(http::header::CONTENT_LENGTH) {
+        None => Some(0),
+        Some(v) => v
+            .to_str()
+            .ok()?
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= REPLAY_LIMIT),
+    }
+}
+
 /// A pooled HTTP/1 client to sandboxes.
 #[derive(Clone)]
 pub struct SandboxProxy {
@@ -277,9 +297,55 @@ impl SandboxProxy {
             Err(_) => return bad_request("invalid request path").into_response(),
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        let out = Request::from_parts(parts, body);
 
-        let mut resp = match self.client.request(out).await {
+        // A pooled connection can be closed by the sandbox's server just as it is reused (after
+        // an interrupted stream, say), which fails the request before any answer. A small body
+        // is kept so the request can be sent once more on a fresh connection; a large or
+        // streamed one (uploads, Connect client streams) is passed through and not retried.
+        if upgrade || small_body_len(&parts.headers).is_none() {
+            let out = Request::from_parts(parts, body);
+            return self.send(id, port, out, client_side).await;
+        }
+        let bytes = match axum::body::to_bytes(body, REPLAY_LIMIT).await {
+            Ok(b) => b,
+            Err(_) => return bad_request("request body larger than announced").into_response(),
+        };
+        let copy = |b: bytes::Bytes| {
+            let mut r = Request::new(Body::from(b));
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            r
+        };
+        match self.client.request(copy(bytes.clone())).await {
+            Err(e) if !e.is_connect() => {
+                tracing::debug!(sandbox = %id, port, error = %e, "retrying on a fresh connection");
+                self.send(id, port, copy(bytes), None).await
+            }
+            first => self.finish(id, port, first, None),
+        }
+    }
+
+    async fn send(
+        &self,
+        id: &str,
+        port: u16,
+        out: Request,
+        client_side: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response {
+        let result = self.client.request(out).await;
+        self.finish(id, port, result, client_side)
+    }
+
+    fn finish(
+        &self,
+        id: &str,
+        port: u16,
+        result: Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+        client_side: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response {
+        let mut resp = match result {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
                 return sandbox_error(
