@@ -152,12 +152,6 @@ def test_parallel_creates(daemon):
             assert list(ex.map(lambda s: s.kill(), sbxs)) == [True] * 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: the Idempotency-Key header of POST /v2/sandboxes is ignored (no code "
-    "reads it): two Sandbox.create(idempotency_key=K) calls create two sandboxes, so an SDK "
-    "retry of a create duplicates the sandbox",
-)
 def test_idempotency_key_returns_the_same_sandbox(daemon):
     key = "pytest-" + os.urandom(8).hex()
     a = Sandbox.create(timeout=60, idempotency_key=key)

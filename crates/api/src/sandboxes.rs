@@ -17,8 +17,12 @@ type ApiResult<T> = Result<T, ApiError>;
 pub async fn create(
     State(st): State<AppState>,
     Auth(who): Auth,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<NewSandbox>,
 ) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or(""));
     let req = CreateRequest {
         template_id: body.template_id,
         timeout_secs: body.timeout,
@@ -28,7 +32,7 @@ pub async fn create(
         auto_pause: body.auto_pause.unwrap_or(false),
         network: body.network.unwrap_or_default().into_request(),
     };
-    let rec = st.warren.create(&who, req).await?;
+    let rec = st.warren.create_idempotent(&who, req, key).await?;
     Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
 }
 

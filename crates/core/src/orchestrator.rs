@@ -165,7 +165,13 @@ pub struct Warren {
     metrics: metrics::MetricsBook,
     /// Warm pools and their autoscalers (see `pools.rs`).
     pools: crate::pool::Pools,
+    /// Creates by `Idempotency-Key`: (team, key) → sandbox id and when it was made. Held across a
+    /// keyed create, so two concurrent retries of one create make one sandbox.
+    idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
 }
+
+/// How long an `Idempotency-Key` names the sandbox its create made.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(3600);
 
 impl Warren {
     pub fn new(
@@ -205,6 +211,7 @@ impl Warren {
             private_traffic: RwLock::default(),
             metrics: metrics::MetricsBook::default(),
             pools: crate::pool::Pools::default(),
+            idempotency: tokio::sync::Mutex::default(),
         }
     }
 
@@ -325,6 +332,40 @@ impl Warren {
             Some(rec) if rec.team_id == who.team && rec.state.public().is_some() => Ok(rec),
             _ => Err(CoreError::NotFound(format!("sandbox {id} not found"))),
         }
+    }
+
+    /// [`Self::create`] with E2B's `Idempotency-Key`: a create repeated with the same key (an SDK
+    /// retry after a lost answer) gets the sandbox the first one made, while it exists.
+    pub async fn create_idempotent(
+        &self,
+        who: &Principal,
+        req: CreateRequest,
+        key: Option<&str>,
+    ) -> Result<SandboxRecord, CoreError> {
+        let Some(key) = key else {
+            return self.create(who, req).await;
+        };
+        let valid = !key.is_empty()
+            && key.len() <= 255
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(CoreError::InvalidArgument(
+                "Idempotency-Key must be 1-255 characters of [a-z0-9-]".into(),
+            ));
+        }
+        let mut seen = self.idempotency.lock().await;
+        seen.retain(|_, (_, at)| at.elapsed() < IDEMPOTENCY_TTL);
+        let slot = (who.team.clone(), key.to_string());
+        if let Some((id, _)) = seen.get(&slot) {
+            if let Ok(rec) = self.get(who, id).await {
+                return Ok(rec);
+            }
+        }
+        let rec = self.create(who, req).await?;
+        seen.insert(slot, (rec.id.clone(), std::time::Instant::now()));
+        Ok(rec)
     }
 
     pub async fn create(

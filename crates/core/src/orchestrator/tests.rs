@@ -495,3 +495,41 @@ async fn recovery_finishes_interrupted_operations() {
 }
 
 mod parity;
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_sandbox_per_team() {
+    let f = fixture();
+    let a = f
+        .warren
+        .create_idempotent(&t1(), base(), Some("retry-1"))
+        .await
+        .unwrap();
+    let b = f
+        .warren
+        .create_idempotent(&t1(), base(), Some("retry-1"))
+        .await
+        .unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(f.rt.ids().len(), 1, "the retry made no second sandbox");
+    // Another team's identical key is another create.
+    let c = f
+        .warren
+        .create_idempotent(&t2(), base(), Some("retry-1"))
+        .await
+        .unwrap();
+    assert_ne!(c.id, a.id);
+    // Once the first sandbox is gone, the key makes a new one.
+    f.warren.kill(&t1(), &a.id).await.unwrap();
+    let d = f
+        .warren
+        .create_idempotent(&t1(), base(), Some("retry-1"))
+        .await
+        .unwrap();
+    assert_ne!(d.id, a.id);
+    for bad in ["", "UPPER", "has space", &"x".repeat(256)] {
+        assert!(matches!(
+            f.warren.create_idempotent(&t1(), base(), Some(bad)).await,
+            Err(CoreError::InvalidArgument(_))
+        ));
+    }
+}
