@@ -127,6 +127,12 @@ fn nl_err(
     }
 }
 
+/// For `Result::or_else`: treats the netlink error `errno` (EEXIST on create, ENODEV on delete)
+/// as success, which makes the operation idempotent.
+fn tolerate(errno: i32) -> impl FnOnce(rtnetlink::Error) -> Result<(), rtnetlink::Error> {
+    move |e| if is_errno(&e, errno) { Ok(()) } else { Err(e) }
+}
+
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
 }
@@ -180,13 +186,7 @@ impl HostNetwork {
                     .add(LinkBridge::new(bridge).build())
                     .execute()
                     .await
-                    .or_else(|e| {
-                        if is_errno(&e, libc::EEXIST) {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
+                    .or_else(tolerate(libc::EEXIST))
                     .map_err(nl_err("create bridge", bridge))?;
                 link_index(&handle, bridge)
                     .await?
@@ -202,13 +202,7 @@ impl HostNetwork {
             .add(bridge_index, IpAddr::V4(ipam.gateway()), prefix_len)
             .execute()
             .await
-            .or_else(|e| {
-                if is_errno(&e, libc::EEXIST) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
+            .or_else(tolerate(libc::EEXIST))
             .map_err(nl_err("add address", bridge))?;
         // A bridge without an address of its own takes the lowest MAC of its ports, so it changed
         // whenever a sandbox came or went, and sandboxes holding the old gateway MAC lost their
@@ -284,13 +278,7 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             .del(self.bridge_index)
             .execute()
             .await
-            .or_else(|e| {
-                if is_errno(&e, libc::ENODEV) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
+            .or_else(tolerate(libc::ENODEV))
             .map_err(nl_err("delete bridge", &self.bridge))
     }
 
@@ -315,13 +303,7 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
                     .del(idx)
                     .execute()
                     .await
-                    .or_else(|e| {
-                        if is_errno(&e, libc::ENODEV) {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
+                    .or_else(tolerate(libc::ENODEV))
                     .map_err(nl_err("delete veth", &name))?;
             }
         }
