@@ -181,11 +181,20 @@ impl Default for Pools {
 }
 
 impl Pools {
+    /// The SandboxSets, for reading. A panic while the lock was held poisons it but leaves the
+    /// map consistent (every writer replaces whole entries), so poisoning is ignored.
+    pub fn sets(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, SetEntry>> {
+        self.sets.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The SandboxSets, for writing (see [`Pools::sets`] on poisoning).
+    pub fn sets_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, SetEntry>> {
+        self.sets.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The pool serving creates of `template`: (name, current revision, internet access).
     pub fn for_template(&self, template: &str) -> Option<(String, String, bool)> {
-        self.sets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        self.sets()
             .values()
             .find(|e| e.object.spec.template == template)
             .map(|e| {

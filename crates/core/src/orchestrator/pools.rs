@@ -179,7 +179,7 @@ impl Warren {
             .resolve(&set.spec.template)
             .map(|r| revision(&set, &r))
             .unwrap_or_else(|_| "template-missing".into());
-        let mut sets = self.pools.sets.write().unwrap_or_else(|e| e.into_inner());
+        let mut sets = self.pools.sets_mut();
         sets.insert(
             set.metadata.name.clone(),
             SetEntry {
@@ -199,9 +199,7 @@ impl Warren {
             .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
         let initial = desired.unwrap_or_else(|| {
             self.pools
-                .sets
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
+                .sets()
                 .get(&policy.target)
                 .map(|s| s.object.spec.replicas)
                 .unwrap_or(policy.min_replicas)
@@ -234,9 +232,7 @@ impl Warren {
         }
         let clash = self
             .pools
-            .sets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .sets()
             .values()
             .find(|e| {
                 e.object.spec.template == set.spec.template
@@ -265,13 +261,7 @@ impl Warren {
             .store
             .delete_object(ObjectTable::SandboxSets, name)
             .await?;
-        let removed = self
-            .pools
-            .sets
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-            .is_some();
+        let removed = self.pools.sets_mut().remove(name).is_some();
         if !existed && !removed {
             return Err(CoreError::NotFound(format!("SandboxSet {name} not found")));
         }
@@ -293,12 +283,7 @@ impl Warren {
 
     pub async fn list_sandbox_sets(&self) -> Result<Vec<SandboxSetView>, CoreError> {
         let statuses = self.pool_statuses().await?;
-        let sets = self
-            .pools
-            .sets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sets = self.pools.sets().clone();
         Ok(sets
             .into_values()
             .map(|e| {
@@ -378,12 +363,7 @@ impl Warren {
     /// Ready / starting / claimed per pool.
     pub async fn pool_statuses(&self) -> Result<Vec<PoolStatus>, CoreError> {
         let members = self.store.members().await?;
-        let sets = self
-            .pools
-            .sets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sets = self.pools.sets().clone();
         Ok(sets
             .values()
             .map(|e| {
@@ -417,29 +397,18 @@ impl Warren {
     async fn reconcile_pass(self: &Arc<Self>) -> Result<(), CoreError> {
         // Template changes show up here: a replaced template directory changes the revision.
         let names: Vec<String> = {
-            let sets = self.pools.sets.read().unwrap_or_else(|e| e.into_inner());
+            let sets = self.pools.sets();
             sets.keys().cloned().collect()
         };
         for name in &names {
-            let set = self
-                .pools
-                .sets
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(name)
-                .map(|e| e.object.clone());
+            let set = self.pools.sets().get(name).map(|e| e.object.clone());
             if let Some(set) = set {
                 self.install_set(set);
             }
         }
         let members = self.store.members().await?;
         let now = self.clock.now();
-        let sets = self
-            .pools
-            .sets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sets = self.pools.sets().clone();
 
         // Autoscalers observe their pools first, so the plan uses the size they chose.
         {
