@@ -17,6 +17,7 @@ from warren_helpers import (
     host_state,
     remove_data_dir,
     remove_host_state,
+    sandbox_factory,
     start_daemon,
     wait_until,
 )
@@ -100,19 +101,7 @@ def new_sandbox(daemon):
     """Factory: `new_sandbox(**Sandbox.create kwargs)`; every sandbox is killed afterwards."""
     from e2b import Sandbox
 
-    made = []
-
-    def make(**kwargs):
-        kwargs.setdefault("timeout", 120)
-        sbx = Sandbox.create(**kwargs)
-        daemon.register(sbx.sandbox_id)
-        made.append(sbx)
-        return sbx
-
-    yield make
-    for sbx in made:
-        Sandbox.kill(sbx.sandbox_id)
-    assert daemon.alive(), f"warren died during the test:\n{daemon.log_tail()}"
+    yield from sandbox_factory(daemon, Sandbox)
 
 
 @pytest.fixture

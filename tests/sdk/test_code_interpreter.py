@@ -12,22 +12,12 @@ import pytest
 from e2b import NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Context, Sandbox
 
+from warren_helpers import sandbox_factory
+
 
 @pytest.fixture
 def new_ci(daemon):
-    made = []
-
-    def make(**kwargs):
-        kwargs.setdefault("timeout", 120)
-        sbx = Sandbox.create(**kwargs)
-        daemon.register(sbx.sandbox_id)
-        made.append(sbx)
-        return sbx
-
-    yield make
-    for sbx in made:
-        Sandbox.kill(sbx.sandbox_id)
-    assert daemon.alive(), f"warren died during the test:\n{daemon.log_tail()}"
+    yield from sandbox_factory(daemon, Sandbox)
 
 
 @pytest.fixture

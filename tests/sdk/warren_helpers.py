@@ -373,3 +373,21 @@ def wait_until(pred, timeout: float, interval: float = 0.05):
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(interval)
+
+
+def sandbox_factory(daemon, sandbox_class):
+    """Generator behind the `new_sandbox`-style fixtures: yields `make(**create kwargs)` for
+    `sandbox_class` (the core SDK's or the code interpreter's) and kills every sandbox it made."""
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("timeout", 120)
+        sbx = sandbox_class.create(**kwargs)
+        daemon.register(sbx.sandbox_id)
+        made.append(sbx)
+        return sbx
+
+    yield make
+    for sbx in made:
+        sandbox_class.kill(sbx.sandbox_id)
+    assert daemon.alive(), f"warren died during the test:\n{daemon.log_tail()}"
