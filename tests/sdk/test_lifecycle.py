@@ -207,17 +207,28 @@ def test_on_timeout_pause_pauses_instead_of_killing(new_sandbox):
     assert again.files.read("/tmp/x") == "kept"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon gap: Sandbox.create(lifecycle={'on_timeout': 'pause', 'auto_resume': True}) "
-    "sends autoResume {enabled: true}; it is accepted (201) and dropped: get_info().lifecycle "
-    "says auto_resume False and envd traffic to the paused sandbox gets 502 instead of resuming it",
-)
 def test_auto_resume(new_sandbox):
     sbx = new_sandbox(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
     assert sbx.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
+    sbx.commands.run("echo 41 > /tmp/state")
     sbx.pause()
-    assert sbx.commands.run("echo woke").stdout == "woke\n"
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+    # Any traffic through the router wakes it: envd here, with memory and files kept.
+    assert sbx.commands.run("cat /tmp/state").stdout == "41\n"
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.state == SandboxState.RUNNING
+    # It runs for the timeout it was created with again.
+    remaining = (info.end_at - datetime.now(timezone.utc)).total_seconds()
+    assert 50 < remaining <= 61
+
+
+def test_auto_resume_after_timeout_pause(new_sandbox):
+    sbx = new_sandbox(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    sbx.files.write("/tmp/x", "kept")
+    time.sleep(4)
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+    assert sbx.files.read("/tmp/x") == "kept"
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
 
 
 def test_concurrent_kills_exactly_one_wins(new_sandbox):

@@ -14,12 +14,20 @@ pub struct NewSandbox {
     pub template_id: String,
     pub timeout: Option<i64>,
     pub auto_pause: Option<bool>,
+    pub auto_resume: Option<AutoResume>,
     // The SDK's one snake_case key.
     #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
     pub allow_internet_access: Option<bool>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub env_vars: Option<BTreeMap<String, String>>,
     pub network: Option<crate::network::NetworkConfigJson>,
+}
+
+/// `autoResume` of `NewSandboxV2`.
+#[derive(Debug, Deserialize)]
+pub struct AutoResume {
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,7 +144,7 @@ impl SandboxDetailJson {
             allow_internet_access: r.allow_internet,
             domain: domain.map(Into::into),
             lifecycle: Lifecycle {
-                auto_resume: false,
+                auto_resume: r.auto_resume_secs.is_some(),
                 on_timeout: if r.auto_pause { "pause" } else { "kill" },
             },
             network: crate::network::NetworkInfoJson::new(r),

@@ -251,7 +251,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 impl SandboxProxy {
     pub async fn forward(&self, st: &AppState, target: Target, req: Request) -> Response {
         let id = target.sandbox_id;
-        let Some(ip) = st.warren.route(&id) else {
+        let Some(ip) = st.warren.route_or_wake(&id).await else {
             return sandbox_error(&id, "The sandbox was not found");
         };
         // Private ports (`allowPublicTraffic: false`) need the sandbox's traffic token; envd

@@ -30,6 +30,7 @@ pub async fn create(
         env_vars: body.env_vars.unwrap_or_default(),
         allow_internet: body.allow_internet_access,
         auto_pause: body.auto_pause.unwrap_or(false),
+        auto_resume: body.auto_resume.is_some_and(|a| a.enabled),
         network: body.network.unwrap_or_default().into_request(),
     };
     let rec = st.warren.create_idempotent(&who, req, key).await?;

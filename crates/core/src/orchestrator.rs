@@ -96,6 +96,9 @@ pub struct CreateRequest {
     pub allow_internet: Option<bool>,
     /// Pause instead of kill when the timeout expires.
     pub auto_pause: bool,
+    /// Resume the sandbox when traffic reaches it while it is paused (E2B's
+    /// `lifecycle.auto_resume`); it then runs for this request's timeout again.
+    pub auto_resume: bool,
     /// Egress rules and private traffic.
     pub network: NetworkRequest,
 }
@@ -241,6 +244,36 @@ impl Warren {
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .map(|(ip, _)| *ip)
+    }
+
+    /// Like [`Self::route`], but traffic for a paused sandbox created with auto-resume wakes it
+    /// first (E2B's `lifecycle.auto_resume`), for the timeout it was created with. Team-blind
+    /// like `route`: whoever may reach a sandbox's ports may wake it, as on E2B.
+    pub async fn route_or_wake(&self, id: &str) -> Option<Ipv4Addr> {
+        if let Some(ip) = self.route(id) {
+            return Some(ip);
+        }
+        // Checked before taking the per-sandbox lock so that traffic for ids that match nothing
+        // creates no lock entries.
+        let wakeable =
+            |r: &SandboxRecord| r.state == SandboxState::Paused && r.auto_resume_secs.is_some();
+        let rec = self.store.get(id).await.ok().flatten()?;
+        if !wakeable(&rec) {
+            return None;
+        }
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        // Another request may have woken it while this one waited for the lock.
+        let rec = self.store.get(id).await.ok().flatten()?;
+        if wakeable(&rec) {
+            let secs = chrono::Duration::seconds(rec.auto_resume_secs.unwrap_or(0).into());
+            if let Err(e) = self.resume_locked(id, secs).await {
+                tracing::warn!(sandbox = %id, error = %e, "auto-resume failed");
+                return None;
+            }
+            tracing::info!(sandbox = %id, "sandbox auto-resumed by traffic");
+        }
+        self.route(id)
     }
 
     /// For requests that carry no sandbox address but are signed with a sandbox's envd token
@@ -430,6 +463,7 @@ impl Warren {
             disk_mb: self.config.disk_size_mb,
             allow_internet,
             auto_pause: req.auto_pause,
+            auto_resume_secs: req.auto_resume.then_some(timeout.num_seconds() as u32),
             started_at: now,
             end_at: now + timeout,
             placement: None,

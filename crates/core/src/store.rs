@@ -41,6 +41,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sandboxes_team ON sandboxes(team_id, started_at);",
     // 2: warm pools (see pool_store.rs).
     crate::pool_store::MIGRATION_POOLS,
+    // 3: E2B's lifecycle.autoResume: traffic to a paused sandbox resumes it for this many seconds.
+    "ALTER TABLE sandboxes ADD COLUMN auto_resume_secs INTEGER;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,9 @@ pub struct SandboxRecord {
     pub disk_mb: u64,
     pub allow_internet: bool,
     pub auto_pause: bool,
+    /// When set, traffic for the sandbox while it is paused resumes it with this timeout
+    /// (E2B's `lifecycle.auto_resume`, which resumes with the timeout given at create).
+    pub auto_resume_secs: Option<u32>,
     pub started_at: DateTime<Utc>,
     pub end_at: DateTime<Utc>,
     pub placement: Option<Placement>,
@@ -276,12 +281,13 @@ pub(crate) fn write_row(
     let sql = if insert {
         "INSERT INTO sandboxes (id, template_id, team_id, api_key_id, state, metadata, env_vars,
             envd_access_token, cpu_count, memory_mb, disk_mb, allow_internet, auto_pause,
-            started_at, end_at, placement, spec)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+            started_at, end_at, placement, spec, auto_resume_secs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
     } else {
         "UPDATE sandboxes SET template_id=?2, team_id=?3, api_key_id=?4, state=?5, metadata=?6,
             env_vars=?7, envd_access_token=?8, cpu_count=?9, memory_mb=?10, disk_mb=?11,
-            allow_internet=?12, auto_pause=?13, started_at=?14, end_at=?15, placement=?16, spec=?17
+            allow_internet=?12, auto_pause=?13, started_at=?14, end_at=?15, placement=?16, spec=?17,
+            auto_resume_secs=?18
          WHERE id=?1"
     };
     conn.execute(
@@ -304,6 +310,7 @@ pub(crate) fn write_row(
             ts(&r.end_at),
             r.placement.as_ref().map(json),
             json(&r.spec),
+            r.auto_resume_secs,
         ],
     )?;
     Ok(())
@@ -334,6 +341,7 @@ pub(crate) fn row_to_record(row: &Row<'_>) -> rusqlite::Result<Result<SandboxRec
     let cpu_count = row.get("cpu_count")?;
     let allow_internet = row.get("allow_internet")?;
     let auto_pause = row.get("auto_pause")?;
+    let auto_resume_secs = row.get("auto_resume_secs")?;
 
     let corrupt = |reason: String| StoreError::Corrupt {
         id: id.clone(),
@@ -361,6 +369,7 @@ pub(crate) fn row_to_record(row: &Row<'_>) -> rusqlite::Result<Result<SandboxRec
             disk_mb: disk_mb as u64,
             allow_internet,
             auto_pause,
+            auto_resume_secs,
             started_at: time(&started_at)?,
             end_at: time(&end_at)?,
             placement: placement
@@ -394,6 +403,7 @@ pub(crate) mod tests {
             disk_mb: 1024,
             allow_internet: true,
             auto_pause: false,
+            auto_resume_secs: None,
             started_at: now,
             end_at: now + chrono::Duration::seconds(300),
             placement: None,

@@ -76,6 +76,7 @@ impl Warren {
             let (team, key) = (who.team.clone(), who.key_id.clone());
             let (metadata, env_vars) = (req.metadata.clone(), req.env_vars.clone());
             let (auto_pause, tok) = (req.auto_pause, token.clone());
+            let auto_resume_secs = req.auto_resume.then_some(timeout.num_seconds() as u32);
             let end_at = self.clock.now() + timeout;
             let claimed = self
                 .store
@@ -88,6 +89,7 @@ impl Warren {
                     r.spec.envd.access_token = Some(tok.clone());
                     r.envd_access_token = tok;
                     r.auto_pause = auto_pause;
+                    r.auto_resume_secs = auto_resume_secs;
                     r.end_at = end_at;
                 })
                 .await?;
@@ -555,6 +557,7 @@ impl Warren {
             disk_mb: self.config.disk_size_mb,
             allow_internet: set.spec.allow_internet_access,
             auto_pause: false,
+            auto_resume_secs: None,
             started_at: now,
             end_at: now,
             placement: None,

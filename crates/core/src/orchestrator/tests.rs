@@ -533,3 +533,33 @@ async fn idempotency_key_returns_the_first_sandbox_per_team() {
         ));
     }
 }
+
+#[tokio::test]
+async fn traffic_wakes_only_auto_resume_sandboxes_for_their_create_timeout() {
+    let f = fixture();
+    let mut req = base();
+    req.timeout_secs = Some(60);
+    req.auto_pause = true;
+    let plain = f.warren.create(&t1(), req.clone()).await.unwrap();
+    req.auto_resume = true;
+    let waking = f.warren.create(&t1(), req).await.unwrap();
+    for id in [&plain.id, &waking.id] {
+        f.warren.pause(&t1(), id).await.unwrap();
+        assert_eq!(f.warren.route(id), None);
+    }
+
+    assert_eq!(f.warren.route_or_wake(&plain.id).await, None);
+    assert!(f.rt.get(&plain.id).unwrap().frozen);
+
+    f.clock.advance(Duration::from_secs(1000));
+    let ip = f.warren.route_or_wake(&waking.id).await;
+    assert!(ip.is_some());
+    assert_eq!(ip, f.warren.route(&waking.id));
+    assert!(!f.rt.get(&waking.id).unwrap().frozen);
+    let rec = f.warren.get(&t1(), &waking.id).await.unwrap();
+    assert_eq!(rec.state, SandboxState::Running);
+    assert_eq!(rec.end_at, f.clock.now() + chrono::Duration::seconds(60));
+
+    // Unknown ids neither wake anything nor leave per-sandbox state behind.
+    assert_eq!(f.warren.route_or_wake("nosuchsandbox").await, None);
+}
