@@ -43,6 +43,9 @@ class Response:
         return body
 
 
+SANDBOX_DOMAIN = "sbx.warren.test"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -175,6 +178,10 @@ class Daemon:
                 self.data_dir,
                 "--api-key",
                 self.api_key,
+                # Host routing (`<port>-<id>.<domain>`) and get_host(); the SDK keeps sending envd
+                # traffic to E2B_SANDBOX_URL, so nothing needs to resolve this name.
+                "--domain",
+                SANDBOX_DOMAIN,
                 "--envd-binary",
                 str(self.envd),
             ],

@@ -82,7 +82,7 @@ pub fn target_of(headers: &HeaderMap, domain: Option<&str>) -> Result<Option<Tar
     let id = headers.get(SANDBOX_ID_HEADER);
     let port = headers.get(SANDBOX_PORT_HEADER);
     match (id, port) {
-        (None, None) => Ok(host_target(headers, domain)),
+        (None, None) => host_target(headers, domain),
         (None, Some(_)) => Err(bad_request("Missing header: E2b-Sandbox-Id")),
         (Some(_), None) => Err(bad_request("Missing header: E2b-Sandbox-Port")),
         (Some(id), Some(port)) => {
@@ -112,24 +112,53 @@ fn valid_id(s: &str) -> bool {
 }
 
 /// `<port>-<id>.<domain>` (the Host may carry the listener's port, and so may the domain).
-fn host_target(headers: &HeaderMap, domain: Option<&str>) -> Option<Target> {
-    let domain = domain?.to_ascii_lowercase();
-    let host = headers
-        .get(header::HOST)?
-        .to_str()
-        .ok()?
-        .to_ascii_lowercase();
+/// Other names under the domain (say `api.<domain>`) are the API's; a name that has the
+/// `<digits>-` shape of a sandbox address but a bad port or id is an error, not the API.
+fn host_target(headers: &HeaderMap, domain: Option<&str>) -> Result<Option<Target>, ApiError> {
+    let Some(domain) = domain.map(str::to_ascii_lowercase) else {
+        return Ok(None);
+    };
+    let Some(host) = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase)
+    else {
+        return Ok(None);
+    };
     let without_port = host.rsplit_once(':').map(|(h, _)| h.to_string());
-    let label = [Some(host.as_str()), without_port.as_deref()]
+    let Some(label) = [Some(host.as_str()), without_port.as_deref()]
         .into_iter()
         .flatten()
-        .find_map(|h| h.strip_suffix(&domain)?.strip_suffix('.'))?;
-    let (port, id) = label.split_once('-')?;
-    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    valid_id(id).then(|| Target {
+        .find_map(|h| h.strip_suffix(&domain)?.strip_suffix('.'))
+    else {
+        return Ok(None);
+    };
+    let Some((port, id)) = label
+        .split_once('-')
+        .filter(|(p, _)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return Ok(None);
+    };
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            bad_request(&format!(
+                "host {host}: port {port} is out of range (1-65535); sandbox host names are \
+                 <port>-<sandboxID>.{domain}"
+            ))
+        })?;
+    if !valid_id(id) {
+        return Err(bad_request(&format!(
+            "host {host}: {id:?} is not a sandbox id; sandbox host names are \
+             <port>-<sandboxID>.{domain}"
+        )));
+    }
+    Ok(Some(Target {
         sandbox_id: id.to_string(),
         port,
-    })
+    }))
 }
 
 fn bad_request(message: &str) -> ApiError {
@@ -465,5 +494,52 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    fn by_host(host: &str) -> Result<Option<Target>, ApiError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        target_of(&h, Some("sbx.test"))
+    }
+
+    fn message(r: Result<Option<Target>, ApiError>) -> String {
+        let e = r.expect_err("an error");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        e.message
+    }
+
+    #[test]
+    fn sandbox_host_names() {
+        let t = by_host("8000-abc123.sbx.test:3000").unwrap().unwrap();
+        assert_eq!((t.sandbox_id.as_str(), t.port), ("abc123", 8000));
+        let t = by_host("49983-abc123.SBX.test").unwrap().unwrap();
+        assert_eq!(t.port, 49983);
+    }
+
+    #[test]
+    fn other_names_are_the_api() {
+        for host in [
+            "api.sbx.test",
+            "sbx.test",
+            "localhost:3000",
+            "8000-abc.other.test",
+            "x-1.sbx.test",
+        ] {
+            assert_eq!(by_host(host).unwrap(), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn malformed_sandbox_host_names_are_clear_400s() {
+        assert!(message(by_host("70000-abc.sbx.test")).contains("out of range"));
+        assert!(message(by_host("0-abc.sbx.test")).contains("out of range"));
+        assert!(message(by_host("99999999999999999999-abc.sbx.test")).contains("out of range"));
+        assert!(message(by_host("8000-ABC_x.sbx.test")).contains("not a sandbox id"));
+        assert!(message(by_host("8000-.sbx.test")).contains("not a sandbox id"));
     }
 }
