@@ -172,3 +172,14 @@ def test_list_shows_process_config(sandbox):
         assert p.cwd == "/tmp"
     finally:
         sandbox.commands.kill(h.pid)
+
+
+def test_login_shell_path_for_root_and_user(sandbox):
+    # Commands run in a login shell (bash -l): /etc/profile sets PATH by user, as on Debian.
+    root = sandbox.commands.run("echo $PATH", user="root").stdout.strip().split(":")
+    user = sandbox.commands.run("echo $PATH", user="user").stdout.strip().split(":")
+    assert root[:2] == ["/usr/local/sbin", "/usr/local/bin"] and "/usr/sbin" in root, root
+    assert "/usr/sbin" not in user and "/usr/bin" in user, user
+    # sh (dash) has no $EUID: the profile still works there.
+    out = sandbox.commands.run("sh -lc 'echo $PATH'", user="root").stdout
+    assert out.startswith("/usr/local/sbin:"), out
