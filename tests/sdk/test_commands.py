@@ -5,6 +5,8 @@ import time
 import pytest
 from e2b import CommandExitException, InvalidArgumentException, Sandbox, TimeoutException
 
+from warren_helpers import wait_until
+
 
 def test_create_and_echo(sandbox):
     r = sandbox.commands.run("echo hi")
@@ -119,8 +121,20 @@ def test_stdin(sandbox):
 def test_command_timeout(sandbox):
     t = time.monotonic()
     with pytest.raises(TimeoutException):
-        sandbox.commands.run("sleep 30", timeout=1)
+        sandbox.commands.run("sleep 30 && echo late > /tmp/late", timeout=1)
     assert time.monotonic() - t < 10
+    # As on E2B, the command's deadline ends the command itself, not only the client's wait.
+    assert wait_until(lambda: "sleep 30" not in sandbox.commands.run("ps -eo args").stdout, 5)
+    assert not sandbox.files.exists("/tmp/late")
+
+
+def test_timeout_zero_outlives_the_default_deadline(sandbox):
+    h = sandbox.commands.run("sleep 300", background=True, timeout=0)
+    short = sandbox.commands.run("sleep 300", background=True, timeout=1)
+    time.sleep(2)
+    pids = [p.pid for p in sandbox.commands.list()]
+    assert h.pid in pids and short.pid not in pids
+    h.kill()
 
 
 def test_context_manager_kills(daemon):

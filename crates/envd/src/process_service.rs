@@ -84,6 +84,9 @@ fn keepalive_interval(headers: &HeaderMap) -> Duration {
 async fn start(state: &Arc<AppState>, headers: &HeaderMap, req: StartRequest) -> Response {
     match start_process(state, headers, req).await {
         Ok((process, events)) => {
+            if let Some(limit) = connect_timeout(headers) {
+                kill_after(state.clone(), process.clone(), limit);
+            }
             let (sender, response) = stream_channel();
             tokio::spawn(forward_events(
                 sender,
@@ -95,6 +98,38 @@ async fn start(state: &Arc<AppState>, headers: &HeaderMap, req: StartRequest) ->
         }
         Err(err) => err.stream_response(),
     }
+}
+
+/// The client's deadline (`connect-timeout-ms`), which the SDK sets from a command's `timeout`
+/// (absent for `timeout=0`).
+fn connect_timeout(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get("connect-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+}
+
+/// As E2B's envd does, a started process lives at most as long as the deadline of the request
+/// that started it: `commands.run("sleep 30", timeout=1)` leaves no `sleep` behind, and a
+/// background server meant to outlive it is started with `timeout=0`. A client that merely
+/// disconnects does not kill it (it can `connect` again).
+fn kill_after(state: Arc<AppState>, process: Arc<ManagedProcess>, limit: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(limit).await;
+        // Only while it is still the live process of that pid (the table forgets ended ones).
+        if let Ok(current) = state.processes.find(Some(process.pid), None) {
+            if Arc::ptr_eq(&current, &process) {
+                tracing::info!(
+                    pid = process.pid,
+                    ?limit,
+                    "process exceeded its request deadline; killing it"
+                );
+                let _ = process.signal(libc::SIGKILL);
+            }
+        }
+    });
 }
 
 async fn start_process(
