@@ -127,7 +127,7 @@ test('control plane: info, list, setTimeout, connect, metrics, network', async (
   assert.ok(metrics.length >= 1)
   assert.equal(metrics[0].memTotal, 512 * 1024 * 1024)
   await sbx.updateNetwork({ denyOut: ['10.0.0.0/8'], allowOut: ['10.1.2.3'] })
-  await assert.rejects(sbx.updateNetwork({ allowOut: ['example.com'] }), SandboxError)
+  await assert.rejects(sbx.updateNetwork({ denyOut: ['example.com'] }), SandboxError)
 })
 
 test('private traffic: trafficAccessToken', async () => {

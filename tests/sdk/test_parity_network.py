@@ -106,8 +106,11 @@ def test_allow_internet_access_false_at_create_blocks(new_sandbox, outside):
 def test_update_network_errors(new_sandbox, daemon):
     sbx = new_sandbox()
     with pytest.raises(SandboxException) as e:
-        sbx.update_network({"allow_out": ["example.com"]})
-    assert "400" in str(e.value) and "domain" in str(e.value)
+        sbx.update_network({"deny_out": ["example.com"]})
+    assert "400" in str(e.value) and "allow_out" in str(e.value)
+    with pytest.raises(SandboxException) as e:
+        sbx.update_network({"allow_out": ["not a name!"]})
+    assert "400" in str(e.value)
     with pytest.raises(SandboxNotFoundException):
         Sandbox.update_network("nosuchsandbox", {"deny_out": ["1.2.3.4"]})
     with pytest.raises(AuthenticationException):

@@ -44,6 +44,9 @@ class Response:
 
 
 SANDBOX_DOMAIN = "sbx.warren.test"
+# The DNS server the daemon's DNS filter (domain names in allow_out) forwards to: a fake one that
+# tests/sdk/test_network_domains.py runs in a network namespace of its own at this address.
+DNS_UPSTREAM = "10.254.253.2"
 
 
 def free_port() -> int:
@@ -182,6 +185,8 @@ class Daemon:
                 # traffic to E2B_SANDBOX_URL, so nothing needs to resolve this name.
                 "--domain",
                 SANDBOX_DOMAIN,
+                "--dns-upstream",
+                DNS_UPSTREAM,
                 "--envd-binary",
                 str(self.envd),
             ],

@@ -14,7 +14,8 @@ use warren_core::{MetricPoint, NetworkRequest, NetworkUpdate, SandboxRecord};
 
 /// E2B's `SandboxNetworkConfig` as a create request carries it. Fields Warren does not act on
 /// (`dnsServers`, `egressProxy`, `maskRequestHost`, `rules`, …) are ignored; domain names in
-/// `allowOut` are refused by the control plane.
+/// `allowOut` go through the runtime's DNS filter (whatever server the sandbox asks, so
+/// `dnsServers` needs no opening).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfigJson {
@@ -63,7 +64,7 @@ impl NetworkInfoJson {
         let n = &r.spec.network;
         NetworkInfoJson {
             allow_public_traffic: n.allow_public_traffic,
-            allow_out: n.egress.allow_out.iter().map(|c| c.to_string()).collect(),
+            allow_out: n.egress.allow_out_strings(),
             deny_out: n.egress.deny_out.iter().map(|c| c.to_string()).collect(),
         }
     }

@@ -42,6 +42,16 @@ pub struct ServeArgs {
     /// recorded in the data dir at first start).
     #[arg(long, env = "WARREN_SUBNET", value_parser = parse_subnet)]
     subnet: Option<(std::net::Ipv4Addr, u8)>,
+    /// DNS server (IP or IP:PORT) that sandboxes with domain names in their egress rules are
+    /// resolved through; repeatable (default: the host's resolvers from /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_parser = parse_dns_upstream)]
+    dns_upstreams: Vec<std::net::SocketAddr>,
+}
+
+fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
 fn parse_subnet(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -99,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let envd = args.envd_binary.clone().unwrap_or_else(default_envd_binary);
     let mut runtime_config = LinuxRuntimeConfig::derived(data_dir.clone(), envd);
+    runtime_config.dns_upstreams = args.dns_upstreams.clone();
     if let Some(subnet) = args.subnet {
         runtime_config.subnet = subnet;
         runtime_config.subnet_fixed = true;

@@ -34,8 +34,8 @@ fn egress_rules(allow: &[String], deny: &[String]) -> Result<EgressRules, CoreEr
 }
 
 impl NetworkRequest {
-    /// The runtime's policy for a new sandbox; rejects entries that are not IPv4 addresses or
-    /// blocks (domain names included: Warren has no DNS-aware filter).
+    /// The runtime's policy for a new sandbox; rejects entries that are not IPv4 addresses,
+    /// blocks or (in `allow_out` only) domain names.
     pub fn policy(&self, allow_internet: Option<bool>) -> Result<NetworkPolicy, CoreError> {
         Ok(NetworkPolicy {
             allow_internet: allow_internet.unwrap_or(true),
@@ -113,15 +113,24 @@ mod tests {
     }
 
     #[test]
-    fn request_policy_defaults_and_rejects_domains() {
+    fn request_policy_defaults_and_domains_only_in_allow_out() {
         let p = NetworkRequest::default().policy(None).unwrap();
         assert_eq!(p, NetworkPolicy::default());
-        let bad = NetworkRequest {
+        let names = NetworkRequest {
             allow_out: vec!["example.com".into()],
             ..Default::default()
         };
+        assert!(names
+            .policy(Some(true))
+            .unwrap()
+            .egress
+            .allows_name("example.com"));
+        let bad = NetworkRequest {
+            deny_out: vec!["example.com".into()],
+            ..Default::default()
+        };
         assert!(
-            matches!(bad.policy(Some(true)), Err(CoreError::InvalidArgument(m)) if m.contains("domain"))
+            matches!(bad.policy(Some(true)), Err(CoreError::InvalidArgument(m)) if m.contains("allow_out"))
         );
     }
 }

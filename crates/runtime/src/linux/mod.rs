@@ -13,6 +13,7 @@
 //! nftables element, the upper dir and the cgroups.
 
 pub mod cgroup;
+pub mod dns;
 pub mod net;
 pub mod template;
 
@@ -58,6 +59,9 @@ pub struct LinuxRuntimeConfig {
     pub name_prefix: String,
     /// How many network namespaces to keep prepared ahead of creates.
     pub prepared_networks: usize,
+    /// Where the DNS filter (domain names in egress rules) sends the questions it allows;
+    /// empty means the host's resolvers from `/etc/resolv.conf`.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl LinuxRuntimeConfig {
@@ -85,9 +89,13 @@ impl LinuxRuntimeConfig {
             bridge: format!("w{tag}br"),
             name_prefix: format!("w{tag}"),
             prepared_networks: 4,
+            dns_upstreams: Vec::new(),
         }
     }
 }
+
+/// The sandbox's egress rules as last installed, in its dir.
+const EGRESS_FILE: &str = "egress.json";
 
 /// What the runtime tracks of each live sandbox.
 struct Tracked {
@@ -138,10 +146,16 @@ impl LinuxRuntime {
             config.subnet.1,
         )
         .await?;
+        let net = Arc::new(net);
+        let upstreams = match &config.dns_upstreams {
+            u if u.is_empty() => dns::host_upstreams(),
+            u => u.clone(),
+        };
+        dns::DnsFilter::start(net.clone(), upstreams).await?;
         let rt = LinuxRuntime {
             config,
             cgroups,
-            net: Arc::new(net),
+            net,
             refilling: Arc::new(AtomicBool::new(false)),
             sandboxes: Mutex::new(HashMap::new()),
         };
@@ -204,6 +218,21 @@ impl LinuxRuntime {
         self.config.data_dir.join("sandboxes").join(id)
     }
 
+    /// Installs a sandbox's egress rules and records them in its dir, where a restarted daemon
+    /// finds them again ([`SandboxRuntime::adopt`] gets no spec, and the DNS filter keeps its
+    /// domain rules in memory).
+    fn set_egress(
+        &self,
+        id: &str,
+        ip: Ipv4Addr,
+        rules: &crate::egress::EgressRules,
+    ) -> Result<(), RuntimeError> {
+        self.net.set_egress(id, ip, rules)?;
+        let path = self.sandbox_dir(id).join(EGRESS_FILE);
+        let json = serde_json::to_vec(rules).expect("plain data serializes");
+        std::fs::write(&path, json).map_err(|e| RuntimeError::io("write", &path, e))
+    }
+
     async fn create_inner(
         &self,
         spec: &SandboxSpec,
@@ -221,7 +250,7 @@ impl LinuxRuntime {
             self.net.deny_internet(slot.ip)?;
         }
         if !spec.network.egress.is_empty() {
-            self.net.set_egress(id, slot.ip, &spec.network.egress)?;
+            self.set_egress(id, slot.ip, &spec.network.egress)?;
         }
         prof("prepared", &t0);
 
@@ -581,6 +610,16 @@ impl SandboxRuntime for LinuxRuntime {
             .egress_chains()
             .map(|ids| ids.iter().any(|c| c == id))
             .unwrap_or(false);
+        if egress {
+            // Re-installing is idempotent and gives the DNS filter the sandbox's domain rules.
+            let path = self.sandbox_dir(id).join(EGRESS_FILE);
+            if let Some(rules) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<crate::egress::EgressRules>(&b).ok())
+            {
+                self.net.set_egress(id, placement.ip, &rules)?;
+            }
+        }
         self.sandboxes.lock().unwrap().insert(
             id.to_string(),
             Tracked {
@@ -655,7 +694,7 @@ impl SandboxRuntime for LinuxRuntime {
         // internet access never has a moment without either.
         let egress = !policy.egress.is_empty();
         if egress {
-            self.net.set_egress(id, ip, &policy.egress)?;
+            self.set_egress(id, ip, &policy.egress)?;
         } else if had_egress {
             self.net.clear_egress(id, Some(ip))?;
         }

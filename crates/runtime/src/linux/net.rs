@@ -3,11 +3,12 @@
 //! the sandbox's network namespace), NAT egress, and an nftables table that drops traffic between
 //! sandboxes, from sandboxes to the host, and egress of sandboxes created without internet access.
 
+use crate::egress::EgressRules;
 use crate::RuntimeError;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -137,6 +138,14 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
 }
 
+/// nft's answer for deleting what is not there, which cleanup treats as done.
+fn absent_ok(r: Result<(), RuntimeError>) -> Result<(), RuntimeError> {
+    match r {
+        Err(RuntimeError::Nft(msg)) if msg.contains("No such file") => Ok(()),
+        other => other,
+    }
+}
+
 /// The daemon's host network: bridge, nftables table and the netlink handle.
 pub struct HostNetwork {
     handle: Handle,
@@ -149,6 +158,8 @@ pub struct HostNetwork {
     next_slot: AtomicU64,
     /// Network namespaces made ahead of time, ready to be entered by a new sandbox.
     ready: Mutex<Vec<NetSlot>>,
+    /// Egress rules with domain names, by sandbox address: what the DNS filter answers for.
+    dns_rules: Mutex<HashMap<Ipv4Addr, (String, EgressRules)>>,
 }
 
 /// A network namespace with its veth on the bridge, its address and default route configured,
@@ -230,6 +241,7 @@ impl HostNetwork {
             peer_prefix: format!("{name_prefix}p"),
             next_slot: AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
+            dns_rules: Mutex::new(HashMap::new()),
             ipam,
         };
         net.install_rules()?;
@@ -247,12 +259,15 @@ impl HostNetwork {
             r#"add table inet {t}
 add set inet {t} no_internet {{ type ipv4_addr; }}
 add map inet {t} egress {{ type ipv4_addr : verdict; }}
+add set inet {t} dns_redirect {{ type ipv4_addr; }}
+add chain inet {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
 add chain inet {t} forward {{ type filter hook forward priority -10; policy accept; }}
 add chain inet {t} input {{ type filter hook input priority -10; policy accept; }}
 add chain inet {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
 flush chain inet {t} forward
 flush chain inet {t} input
 flush chain inet {t} postrouting
+flush chain inet {t} prerouting
 add rule inet {t} forward iifname "{br}" oifname "{br}" drop
 add rule inet {t} forward iifname "{br}" ip saddr vmap @egress
 add rule inet {t} forward iifname "{br}" ip saddr @no_internet drop
@@ -485,35 +500,109 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
     }
 
     /// Installs or replaces the egress rules of the sandbox at `ip`, atomically (one nft
-    /// transaction): its chain `eg_<id>`, jumped to through the `egress` map.
+    /// transaction): its chain `eg_<id>`, jumped to through the `egress` map. With domain names,
+    /// also its set `dns_<id>` of resolved addresses and the redirect of its DNS traffic to the
+    /// DNS filter.
     pub fn set_egress(
         &self,
         id: &str,
         ip: Ipv4Addr,
-        rules: &crate::egress::EgressRules,
+        rules: &EgressRules,
     ) -> Result<(), RuntimeError> {
         let t = &self.table;
-        let mut script = format!("add chain inet {t} eg_{id}\nflush chain inet {t} eg_{id}\n");
-        for rule in rules.nft_rules() {
+        let resolved = format!("dns_{id}");
+        let domains = !rules.allow_domains.is_empty();
+        let mut script = String::new();
+        if domains {
+            script.push_str(&format!(
+                "add set inet {t} {resolved} {{ type ipv4_addr; flags timeout; }}\n"
+            ));
+        }
+        script.push_str(&format!(
+            "add chain inet {t} eg_{id}\nflush chain inet {t} eg_{id}\n"
+        ));
+        for rule in rules.nft_rules(&resolved) {
             script.push_str(&format!("add rule inet {t} eg_{id} {rule}\n"));
         }
         script.push_str(&format!(
             "add element inet {t} egress {{ {ip} : jump eg_{id} }}\n"
         ));
-        nft(&script)
+        if domains {
+            script.push_str(&format!("add element inet {t} dns_redirect {{ {ip} }}\n"));
+        }
+        nft(&script)?;
+        let mut registry = self.dns_rules.lock().unwrap_or_else(|e| e.into_inner());
+        if domains {
+            registry.insert(ip, (id.to_string(), rules.clone()));
+        } else {
+            registry.remove(&ip);
+            drop(registry);
+            self.drop_dns_state(id, Some(ip))?;
+        }
+        Ok(())
     }
 
-    /// Removes the egress rules of a sandbox (map element, then chain). Idempotent.
+    /// Removes the DNS redirect of `ip` and the resolved-address set of sandbox `id` (after its
+    /// chain stopped referring to it). Idempotent.
+    fn drop_dns_state(&self, id: &str, ip: Option<Ipv4Addr>) -> Result<(), RuntimeError> {
+        let t = &self.table;
+        if let Some(ip) = ip {
+            self.dns_rules
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&ip);
+            absent_ok(nft(&format!(
+                "delete element inet {t} dns_redirect {{ {ip} }}\n"
+            )))?;
+        }
+        absent_ok(nft(&format!("delete set inet {t} dns_{id}\n")))
+    }
+
+    /// Removes the egress rules of a sandbox (map element, then chain, then its DNS state).
+    /// Idempotent.
     pub fn clear_egress(&self, id: &str, ip: Option<Ipv4Addr>) -> Result<(), RuntimeError> {
         let t = &self.table;
-        let missing = |r: Result<(), RuntimeError>| match r {
-            Err(RuntimeError::Nft(msg)) if msg.contains("No such file") => Ok(()),
-            other => other,
-        };
         if let Some(ip) = ip {
-            missing(nft(&format!("delete element inet {t} egress {{ {ip} }}\n")))?;
+            absent_ok(nft(&format!("delete element inet {t} egress {{ {ip} }}\n")))?;
         }
-        missing(nft(&format!("delete chain inet {t} eg_{id}\n")))
+        absent_ok(nft(&format!("delete chain inet {t} eg_{id}\n")))?;
+        self.drop_dns_state(id, ip)
+    }
+
+    /// The egress rules the DNS filter applies to questions from `ip`, with the sandbox's id.
+    pub fn dns_rules_for(&self, ip: Ipv4Addr) -> Option<(String, EgressRules)> {
+        self.dns_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+
+    /// Redirects DNS (UDP and TCP port 53, any destination) of the sandboxes in `dns_redirect`
+    /// to the DNS filter on `<gateway>:<port>`, and lets exactly that redirected traffic in.
+    pub fn enable_dns_redirect(&self, port: u16) -> Result<(), RuntimeError> {
+        let (t, br, gw) = (&self.table, &self.bridge, self.ipam.gateway());
+        nft(&format!(
+            r#"flush chain inet {t} prerouting
+add rule inet {t} prerouting iifname "{br}" ip saddr @dns_redirect udp dport 53 dnat ip to {gw}:{port}
+add rule inet {t} prerouting iifname "{br}" ip saddr @dns_redirect tcp dport 53 dnat ip to {gw}:{port}
+insert rule inet {t} input iifname "{br}" ip daddr {gw} meta l4proto {{ udp, tcp }} th dport {port} ct status dnat accept
+"#
+        ))
+    }
+
+    /// Opens addresses the DNS filter resolved for sandbox `id` (address, seconds). Re-adding
+    /// an address restarts its timeout: add (so that it exists), delete, add, in one transaction.
+    pub fn open_resolved(&self, id: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), RuntimeError> {
+        let t = &self.table;
+        let mut script = String::new();
+        for (ip, secs) in addrs {
+            let set = format!("inet {t} dns_{id}");
+            script.push_str(&format!("add element {set} {{ {ip} timeout {secs}s }}\n"));
+            script.push_str(&format!("delete element {set} {{ {ip} }}\n"));
+            script.push_str(&format!("add element {set} {{ {ip} timeout {secs}s }}\n"));
+        }
+        nft(&script)
     }
 
     /// Entries of the egress map: sandbox address and the id its chain is named after.
