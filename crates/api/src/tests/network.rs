@@ -74,7 +74,8 @@ async fn network_rules_at_create_in_info_and_updated_live() {
 
     // Bad entries, other teams, unknown sandboxes.
     for body in [
-        r#"{"allowOut":["example.com"]}"#,
+        r#"{"denyOut":["example.com"]}"#,
+        r#"{"allowOut":["not a name"]}"#,
         r#"{"denyOut":["1.2.3.4/40"]}"#,
         r#"{"denyOut":"1.2.3.4"}"#,
     ] {
@@ -96,13 +97,13 @@ async fn network_rules_at_create_in_info_and_updated_live() {
     let (s, v, _) = call(&app, "PUT", &uri, None, Some("{}"), &[]).await;
     assert_error(s, &v, StatusCode::UNAUTHORIZED);
 
-    // A domain at create is refused before anything is made.
+    // A domain in denyOut at create is refused before anything is made.
     let (s, v, _) = call(
         &app,
         "POST",
         "/v2/sandboxes",
         Some(KEY1),
-        Some(r#"{"templateID":"base","network":{"allowOut":["example.com"]}}"#),
+        Some(r#"{"templateID":"base","network":{"denyOut":["example.com"]}}"#),
         &[],
     )
     .await;
