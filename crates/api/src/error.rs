@@ -31,7 +31,10 @@ impl From<CoreError> for ApiError {
             CoreError::Conflict(_) => StatusCode::CONFLICT,
             CoreError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            CoreError::Runtime(_) | CoreError::Store(_) => {
+            CoreError::Runtime(_)
+            | CoreError::Store(_)
+            | CoreError::Audit(_)
+            | CoreError::Internal(_) => {
                 tracing::error!(error = %e, "internal error");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -5,6 +5,7 @@
 //! E2B SDK expects. Requests addressed to a sandbox (by headers or Host) bypass the API entirely
 //! and go to [`proxy`].
 
+pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod models;
@@ -65,6 +66,11 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(h::connect))
         .route("/sandboxes/{id}/metrics", get(network::metrics))
         .route("/sandboxes/{id}/network", put(network::update_network))
+        .route("/warren/v1/audit", get(audit::query))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record_api,
+        ))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .with_state(state.clone());

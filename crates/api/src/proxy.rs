@@ -177,7 +177,7 @@ fn sandbox_error(id: &str, message: &str) -> Response {
 pub async fn dispatch(State(st): State<AppState>, req: Request, next: Next) -> Response {
     match target_of(req.headers(), st.domain.as_deref()) {
         Ok(None) => match signed_file_target(&req, &st) {
-            Some((id, ip)) => st.proxy.forward_to(&id, ip, ENVD_PORT, req).await,
+            Some((id, ip)) => st.proxy.forward_to_envd(&st, &id, ip, req).await,
             None => next.run(req).await,
         },
         Ok(Some(target)) => st.proxy.forward(&st, target, req).await,
@@ -303,7 +303,26 @@ impl SandboxProxy {
                 }
             }
         }
+        if target.port == ENVD_PORT {
+            return self.forward_to_envd(st, &id, ip, req).await;
+        }
         self.forward_to(&id, ip, target.port, req).await
+    }
+
+    /// Forwards to envd, recording in the audit log what it wants of the request.
+    async fn forward_to_envd(
+        &self,
+        st: &AppState,
+        id: &str,
+        ip: std::net::Ipv4Addr,
+        req: Request,
+    ) -> Response {
+        let (req, observed) = crate::audit::observe_envd(st, id, req).await;
+        let resp = self.forward_to(id, ip, ENVD_PORT, req).await;
+        match observed {
+            Some(obs) => obs.finish(resp),
+            None => resp,
+        }
     }
 
     async fn forward_to(

@@ -1,5 +1,6 @@
 //! `warren`: the daemon (`warren serve`) and a command-line client of its HTTP API.
 
+mod audit;
 mod client;
 mod code_interpreter;
 mod exec;
@@ -46,6 +47,13 @@ enum Command {
         client: ClientArgs,
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
+    },
+    /// Read the audit log: API calls, processes, file changes, network rules, state changes.
+    Audit {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: audit::AuditArgs,
     },
     /// Warm pools.
     Pool {
@@ -135,6 +143,11 @@ fn main() -> ExitCode {
             }
             Command::Delete { client, file } => {
                 pools::delete(&client::ApiClient::new(&client)?, &file).await
+            }
+            Command::Audit { client, args } => {
+                audit::run(&client::ApiClient::new(&client)?, client.output, args)
+                    .await
+                    .map(|()| 0)
             }
             Command::Pool {
                 client,

@@ -137,7 +137,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .context("preparing the code-interpreter-v1 template")?;
 
-    let store = Store::open(&data_dir).context("opening the database")?;
+    let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
+    let store = Store::open(&data_dir)
+        .context("opening the database")?
+        .with_audit(audit);
     let runtime = Arc::new(runtime);
     let warren = Arc::new(Warren::new(
         runtime.clone(),
@@ -208,6 +211,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Err(e) = runtime.shutdown().await {
         tracing::warn!(error = %e, "releasing host network state");
+    }
+    // Entries still queued for the audit writer go to disk before the process exits.
+    if let Some(audit) = warren.audit().cloned() {
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     }
     Ok(())
 }

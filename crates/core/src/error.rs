@@ -18,6 +18,10 @@ pub enum CoreError {
     Runtime(#[from] RuntimeError),
     #[error("store: {0}")]
     Store(StoreError),
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<StoreError> for CoreError {

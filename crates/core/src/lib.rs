@@ -2,6 +2,7 @@
 //! when, for whom) and drives the runtime. It holds no HTTP code: the API crate translates requests
 //! into calls on [`Warren`] and its results back into responses.
 
+pub mod audit;
 pub mod auth;
 pub mod autoscaler;
 pub mod envd_client;
@@ -15,6 +16,7 @@ pub mod store;
 pub mod telemetry;
 pub mod templates;
 
+pub use audit::{AuditEvent, AuditKind, AuditLog, AuditQuery};
 pub use auth::{ApiKey, ApiKeys, Principal};
 pub use error::CoreError;
 pub use orchestrator::metrics::MetricPoint;

@@ -162,7 +162,7 @@ pub struct Warren {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Address and envd token of every sandbox in state `Running`, kept in memory because the
     /// router asks on every proxied request.
-    routes: RwLock<HashMap<String, (Ipv4Addr, String)>>,
+    routes: RwLock<HashMap<String, Route>>,
     /// Traffic token of every routed sandbox whose ports are private (`allowPublicTraffic: false`).
     private_traffic: RwLock<HashMap<String, String>>,
     metrics: metrics::MetricsBook,
@@ -171,6 +171,15 @@ pub struct Warren {
     /// Creates by `Idempotency-Key`: (team, key) → sandbox id and when it was made. Held across a
     /// keyed create, so two concurrent retries of one create make one sandbox.
     idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
+}
+
+/// What the router needs of a running sandbox, kept in memory.
+struct Route {
+    ip: Ipv4Addr,
+    /// envd's access token (signed file URLs are matched against it).
+    token: String,
+    team: String,
+    key_id: String,
 }
 
 /// How long an `Idempotency-Key` names the sandbox its create made.
@@ -243,7 +252,40 @@ impl Warren {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .map(|(ip, _)| *ip)
+            .map(|r| r.ip)
+    }
+
+    /// Team and API key id of a running sandbox's owner: whom the router's audit entries for
+    /// its envd traffic name.
+    pub fn owner(&self, id: &str) -> Option<(String, String)> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|r| (r.team.clone(), r.key_id.clone()))
+    }
+
+    /// The audit log, when the daemon keeps one.
+    pub fn audit(&self) -> Option<&crate::audit::AuditLog> {
+        self.store.audit()
+    }
+
+    /// Audit entries matching `q`, of the caller's team only.
+    pub async fn query_audit(
+        &self,
+        who: &Principal,
+        mut q: crate::audit::AuditQuery,
+    ) -> Result<Vec<crate::audit::AuditEvent>, CoreError> {
+        let Some(audit) = self.store.audit().cloned() else {
+            return Err(CoreError::InvalidArgument(
+                "this daemon keeps no audit log".into(),
+            ));
+        };
+        q.team = Some(who.team.clone());
+        tokio::task::spawn_blocking(move || audit.query(&q))
+            .await
+            .map_err(|e| CoreError::Internal(format!("audit query task: {e}")))?
+            .map_err(CoreError::from)
     }
 
     /// Like [`Self::route`], but traffic for a paused sandbox created with auto-resume wakes it
@@ -283,8 +325,8 @@ impl Warren {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(_, (_, token))| signed_by(token))
-            .map(|(id, (ip, _))| (id.clone(), *ip))
+            .find(|(_, r)| signed_by(&r.token))
+            .map(|(id, r)| (id.clone(), r.ip))
     }
 
     /// The token the router must see on traffic to the sandbox's ports other than envd's, when
@@ -315,7 +357,13 @@ impl Warren {
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         match (&rec.placement, rec.state) {
             (Some(p), SandboxState::Running) => {
-                routes.insert(rec.id.clone(), (p.ip, rec.envd_access_token.clone()));
+                let route = Route {
+                    ip: p.ip,
+                    token: rec.envd_access_token.clone(),
+                    team: rec.team_id.clone(),
+                    key_id: rec.api_key_id.clone(),
+                };
+                routes.insert(rec.id.clone(), route);
             }
             _ => {
                 routes.remove(&rec.id);

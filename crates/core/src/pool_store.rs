@@ -53,6 +53,7 @@ impl Store {
         revision: &str,
     ) -> Result<(), StoreError> {
         let (pool, revision) = (pool.to_string(), revision.to_string());
+        let store = self.clone();
         self.with(move |c| {
             let tx = c.transaction()?;
             write_row(&tx, &rec, true)?;
@@ -61,6 +62,7 @@ impl Store {
                 params![rec.id, pool, revision],
             )?;
             tx.commit()?;
+            store.audit_transition(&rec, None, "InsertMember");
             Ok(())
         })
         .await
@@ -100,6 +102,7 @@ impl Store {
         update: impl FnOnce(&mut SandboxRecord) + Send + 'static,
     ) -> Result<Option<SandboxRecord>, StoreError> {
         let (pool, revision) = (pool.to_string(), revision.to_string());
+        let store = self.clone();
         self.with(move |c| {
             let tx = c.transaction()?;
             let id: Option<String> = tx
@@ -133,6 +136,7 @@ impl Store {
                 [&id],
             )?;
             tx.commit()?;
+            store.audit_transition(&rec, Some(SandboxState::Pooled), "Claim");
             Ok(Some(rec))
         })
         .await
@@ -147,6 +151,7 @@ impl Store {
         event: Event,
     ) -> Result<Option<SandboxRecord>, StoreError> {
         let id = id.to_string();
+        let store = self.clone();
         self.with(move |c| {
             let tx = c.transaction()?;
             let Some(mut rec) = read_row(&tx, &id)? else {
@@ -165,6 +170,7 @@ impl Store {
                 write_row(&tx, &rec, false)?;
             }
             tx.commit()?;
+            store.audit_transition(&rec, Some(from), &format!("{event:?}"));
             Ok(Some(rec))
         })
         .await

@@ -8,6 +8,7 @@
 //! SQLite calls block, so they run on tokio's blocking pool behind one `Mutex<Connection>`; the
 //! async threads never wait on disk.
 
+use crate::audit::{AuditEvent, AuditKind, AuditLog};
 use crate::state::{transition, Event, IllegalTransition, SandboxState};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -93,6 +94,8 @@ pub struct SandboxRecord {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Where state changes are recorded, when the daemon keeps an audit log.
+    audit: Option<AuditLog>,
 }
 
 impl Store {
@@ -114,7 +117,38 @@ impl Store {
         migrate(&mut conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            audit: None,
         })
+    }
+
+    /// Records every state change from now on in `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> Store {
+        self.audit = Some(audit);
+        self
+    }
+
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
+
+    /// Records a state change of `rec` (already committed).
+    pub(crate) fn audit_transition(
+        &self,
+        rec: &SandboxRecord,
+        from: Option<SandboxState>,
+        event: &str,
+    ) {
+        if let Some(audit) = &self.audit {
+            let action = match from {
+                Some(from) => format!("{from} -> {}", rec.state),
+                None => format!("-> {}", rec.state),
+            };
+            audit.record(
+                AuditEvent::new(AuditKind::Lifecycle, &rec.team_id, &rec.api_key_id, action)
+                    .sandbox(&rec.id)
+                    .detail(serde_json::json!({ "event": event, "template": rec.template_id })),
+            );
+        }
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -135,10 +169,12 @@ impl Store {
     }
 
     pub async fn insert(&self, rec: SandboxRecord) -> Result<(), StoreError> {
+        let store = self.clone();
         self.with(move |c| {
             let tx = c.transaction()?;
             write_row(&tx, &rec, true)?;
             tx.commit()?;
+            store.audit_transition(&rec, None, "Insert");
             Ok(())
         })
         .await
@@ -181,9 +217,11 @@ impl Store {
         update: impl FnOnce(&mut SandboxRecord) + Send + 'static,
     ) -> Result<SandboxRecord, StoreError> {
         let id = id.to_string();
+        let store = self.clone();
         self.with(move |c| {
             let tx = c.transaction()?;
             let mut rec = read_row(&tx, &id)?.ok_or_else(|| StoreError::Missing(id.clone()))?;
+            let from = rec.state;
             rec.state = transition(rec.state, event).map_err(|source| StoreError::Illegal {
                 id: id.clone(),
                 source,
@@ -195,6 +233,7 @@ impl Store {
                 write_row(&tx, &rec, false)?;
             }
             tx.commit()?;
+            store.audit_transition(&rec, Some(from), &format!("{event:?}"));
             Ok(rec)
         })
         .await

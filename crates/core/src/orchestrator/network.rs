@@ -84,6 +84,22 @@ impl Warren {
             allow_public_traffic: rec.spec.network.allow_public_traffic,
         };
         self.runtime.set_network(id, &policy).await?;
+        if let Some(audit) = self.store.audit() {
+            audit.record(
+                crate::audit::AuditEvent::new(
+                    crate::audit::AuditKind::Network,
+                    &who.team,
+                    &who.key_id,
+                    "update network",
+                )
+                .sandbox(id)
+                .detail(serde_json::json!({
+                    "allow_internet": policy.allow_internet,
+                    "allow_out": policy.egress.allow_out_strings(),
+                    "deny_out": policy.egress.deny_out.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                })),
+            );
+        }
         self.store
             .update(
                 id,
