@@ -269,6 +269,78 @@ fn mount_rootfs(spec: &InitSpec) -> Result<(), InitError> {
         Some("mode=755,size=64m"),
     )?;
     populate_dev(&sub("dev"))?;
+    restrict_kernel_files(root)?;
+    Ok(())
+}
+
+/// Paths made read-only, as OCI runtimes do by default: without a user namespace, root in the
+/// sandbox is root to the kernel's proc handlers, most of which check only file modes, and
+/// `/proc/sys` holds the host kernel's tunables (`vm.drop_caches`, `vm.overcommit_memory`...).
+const READ_ONLY_PATHS: &[&str] = &[
+    "proc/sys",
+    "proc/sysrq-trigger",
+    "proc/irq",
+    "proc/bus",
+    "proc/fs",
+];
+
+/// Paths hidden: files that expose host kernel state get `/dev/null` over them, directories an
+/// empty read-only tmpfs.
+const MASKED_PATHS: &[&str] = &[
+    "proc/asound",
+    "proc/acpi",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+];
+
+fn restrict_kernel_files(root: &std::path::Path) -> Result<(), InitError> {
+    let locked = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for rel in MASKED_PATHS {
+        let path = root.join(rel);
+        // A kernel without the file has nothing to hide.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            mount_raw(
+                "tmpfs",
+                &path,
+                "tmpfs",
+                locked | libc::MS_RDONLY,
+                Some("size=0"),
+            )?;
+        } else {
+            mount_raw(
+                &root.join("dev/null").display().to_string(),
+                &path,
+                "",
+                libc::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    for rel in READ_ONLY_PATHS {
+        let path = root.join(rel);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        let p = path.display().to_string();
+        mount_raw(&p, &path, "", libc::MS_BIND | libc::MS_REC, None)?;
+        mount_raw(
+            "none",
+            &path,
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | locked,
+            None,
+        )?;
+    }
     Ok(())
 }
 
