@@ -67,6 +67,73 @@ def run_rate(sbx_id, clients, seconds):
     return total / (time.monotonic() - t), errors
 
 
+WRK_SCRIPT = """
+local payload = '{"process":{"cmd":"/bin/bash","args":["-l","-c","true"],"envs":{}},"stdin":false}'
+local n = #payload
+wrk.method = "POST"
+wrk.body = string.char(0, 0, math.floor(n/65536)%256, math.floor(n/256)%256, n%256) .. payload
+wrk.headers["Content-Type"] = "application/connect+json"
+wrk.headers["Connect-Protocol-Version"] = "1"
+wrk.headers["E2b-Sandbox-Id"] = "SANDBOX_ID"
+wrk.headers["E2b-Sandbox-Port"] = "49983"
+wrk.headers["X-Access-Token"] = "ACCESS_TOKEN"
+"""
+
+
+def wrk_rate(url, sbx_id, token, connections, seconds):
+    """The same Start request the SDK sends for commands.run("true") (bash -l -c true), from
+    wrk: a C client whose own CPU cost is small, so the figure is what the daemon, envd and bash
+    can do on this machine. Also returns the CPU time the sandbox (envd + bash) and the daemon
+    spent per command."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT.replace("SANDBOX_ID", sbx_id).replace("ACCESS_TOKEN", token))
+    threads = min(2, connections)
+    cg = next(
+        (os.path.join(root, sbx_id, "cpuacct.usage") for root in
+         [f"/sys/fs/cgroup/cpuacct/{d}" for d in os.listdir("/sys/fs/cgroup/cpuacct") if d.startswith("warren-")]
+         if os.path.exists(os.path.join(root, sbx_id))),
+        None,
+    )
+    found = subprocess.run(["pgrep", "-f", "--", f"serve --listen {urllib.parse.urlparse(url).netloc}"],
+                           capture_output=True, text=True).stdout.split()
+    daemon_pid = int(found[0]) if found else None
+
+    def cpu():
+        sb = int(open(cg).read()) / 1e9 if cg else 0.0
+        if daemon_pid is None:
+            return sb, 0.0
+        fields = open(f"/proc/{daemon_pid}/stat").read().rsplit(")", 1)[1].split()
+        return sb, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    sb0, d0 = cpu()
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "-s", f.name, f"{url}/process.Process/Start"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    sb1, d1 = cpu()
+    os.unlink(f.name)
+    rate = float(next(l for l in out.splitlines() if l.startswith("Requests/sec:")).split()[1])
+    total = int(next(l for l in out.splitlines() if "requests in" in l).split()[0])
+    errors = sum(int(x) for l in out.splitlines() if l.startswith("  Non-2xx") for x in l.split()[-1:])
+    return rate, errors, (sb1 - sb0) / total * 1e3, (d1 - d0) / total * 1e3
+
+
+def js_rate(sbx_id, clients, seconds):
+    """commands.run("true") with the official JS SDK: `clients` concurrent callers in one Node process."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        ["node", os.path.join(here, "js", "cmdrate.mjs"), sbx_id, str(clients), str(seconds)],
+        capture_output=True, text=True, check=True, cwd=os.path.join(here, "js"),
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["rate"], r["errors"]
+
+
 def files_throughput(url, sbx_id, token, mib):
     u = urllib.parse.urlparse(url)
     headers = {
@@ -129,6 +196,8 @@ def main():
     ap.add_argument("--mib", type=int, default=100)
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--json")
+    ap.add_argument("--no-js", action="store_true", help="skip the JS SDK rate")
+    ap.add_argument("--only-rate", action="store_true", help="only the wrk command rate")
     a = ap.parse_args()
     os.environ.update(E2B_API_URL=a.url, E2B_SANDBOX_URL=a.url, E2B_API_KEY=a.key)
     from e2b import Sandbox
@@ -136,20 +205,33 @@ def main():
     sbx = Sandbox.create(timeout=600)
     out = {}
     try:
+        u = urllib.parse.urlparse(a.url)
+        info = http.client.HTTPConnection(u.hostname, u.port)
+        info.request("GET", f"/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": a.key})
+        token = json.loads(info.getresponse().read())["envdAccessToken"]
+        for c in (1, 16):
+            rate, errors, sb_ms, d_ms = wrk_rate(a.url, sbx.sandbox_id, token, c, a.seconds)
+            out[f"run_true_per_s_wrk_{c}_conn"] = rate
+            out[f"run_true_errors_wrk_{c}_conn"] = errors
+            out[f"run_true_cpu_ms_sandbox_wrk_{c}_conn"] = sb_ms
+            out[f"run_true_cpu_ms_daemon_wrk_{c}_conn"] = d_ms
+        if a.only_rate:
+            return report(out, a.json)
         out["run_true_per_s_1_client"], out["run_true_errors_1_client"] = run_rate(
             sbx.sandbox_id, 1, a.seconds
         )
         out["run_true_per_s_16_clients"], out["run_true_errors_16_clients"] = run_rate(
             sbx.sandbox_id, 16, a.seconds
         )
-        u = urllib.parse.urlparse(a.url)
-        info = http.client.HTTPConnection(u.hostname, u.port)
-        info.request("GET", f"/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": a.key})
-        token = json.loads(info.getresponse().read())["envdAccessToken"]
+        if not a.no_js:
+            for c in (1, 16):
+                out[f"run_true_per_s_js_{c}_clients"], out[f"run_true_errors_js_{c}_clients"] = js_rate(
+                    sbx.sandbox_id, c, a.seconds
+                )
         w, r = files_throughput(a.url, sbx.sandbox_id, token, a.mib)
         out["files_write_mib_s"], out["files_read_mib_s"] = w, r
 
-        sbx.commands.run(f"python3 -c '{SERVER}' >/dev/null 2>&1", background=True)
+        sbx.commands.run(f"python3 -c '{SERVER}' >/dev/null 2>&1", background=True, timeout=0)
         ip = sbx.commands.run("hostname -I").stdout.split()[0]
         time.sleep(0.5)
         via = get_latencies(
@@ -162,10 +244,14 @@ def main():
             out[f"get_{name}_mean_us"] = statistics.mean(xs)
     finally:
         sbx.kill()
+    report(out, a.json)
+
+
+def report(out, path):
     for k, v in out.items():
-        print(f"{k:32} {v:10.1f}")
-    if a.json:
-        with open(a.json, "w") as f:
+        print(f"{k:40} {v:10.2f}")
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=2)
 
 

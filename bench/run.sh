@@ -8,10 +8,11 @@ N=50
 [ "${1:-}" = "-n" ] && N="$2"
 
 scripts/install-deps.sh
-for p in crun runc runsc; do
+for p in crun runc runsc wrk; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || {
-    apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq crun runc runsc >/dev/null; break; }
+    apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq crun runc runsc wrk >/dev/null; break; }
 done
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 python3 -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 cargo build --release -q -p warren -p warren-envd -p warren-codeinterp
 BIN="${CARGO_TARGET_DIR:-target}/release"
@@ -40,5 +41,15 @@ python3 bench/pools.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --jso
 cp "$DATA.pools.json" bench/last-run-pools.json
 # Issue 3 figures: commands.run rate, /files throughput, router overhead (BENCHMARKS.md).
 python3 bench/parity.py --url "http://127.0.0.1:$PORT" --key "$KEY" --json "$DATA.parity.json"
+cp "$DATA.parity.json" bench/last-run-parity.json
+# What the audit log costs: the same command rate against a daemon that keeps none.
+NA_DATA=$(mktemp -d /tmp/warren-bench-noaudit.XXXXXX)
+NA_PORT=$((PORT + 1))
+WARREN_API_KEY=$KEY "$BIN/warren" serve --no-audit --listen 127.0.0.1:$NA_PORT --data-dir "$NA_DATA" >"$NA_DATA.log" 2>&1 &
+NA_DAEMON=$!
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$NA_PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
+python3 bench/parity.py --url "http://127.0.0.1:$NA_PORT" --key "$KEY" --only-rate --json "$DATA.noaudit.json"
+kill $NA_DAEMON; wait $NA_DAEMON 2>/dev/null || true
+rm -rf "$NA_DATA" "$NA_DATA.log"
 # Issue 4 figures: code-interpreter-v1 create → first run_code, warm run_code, idle memory.
 python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --json "$DATA.codeinterp.json"

@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// resolved through; repeatable (default: the host's resolvers from /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_parser = parse_dns_upstream)]
     dns_upstreams: Vec<std::net::SocketAddr>,
+    /// Keep no audit log (<data-dir>/audit.db); for measuring what it costs.
+    #[arg(long)]
+    no_audit: bool,
 }
 
 fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -137,10 +140,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .context("preparing the code-interpreter-v1 template")?;
 
-    let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
-    let store = Store::open(&data_dir)
-        .context("opening the database")?
-        .with_audit(audit);
+    let mut store = Store::open(&data_dir).context("opening the database")?;
+    if !args.no_audit {
+        let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
+        store = store.with_audit(audit);
+    }
     let runtime = Arc::new(runtime);
     let warren = Arc::new(Warren::new(
         runtime.clone(),
