@@ -2,12 +2,14 @@
 sandbox addressing. Each gets a clear Connect or HTTP error, envd and the daemon keep serving, and
 envd holds no more processes, watchers or file descriptors afterwards than before."""
 
+import glob
+import os
 import struct
 
 import pytest
 from e2b import InvalidArgumentException, NotFoundException, SandboxException
 
-from warren_helpers import SANDBOX_DOMAIN
+from warren_helpers import SANDBOX_DOMAIN, wait_until
 
 ENVD = "49983"
 
@@ -51,22 +53,46 @@ def end_of_stream_error(body: bytes) -> dict:
     raise AssertionError(f"no end-of-stream message in {body!r}")
 
 
-def envd_census(sandbox):
-    """What envd (pid 1) holds: open fds, inotify watchers among them, and child processes."""
-    out = sandbox.commands.run(
-        "ls /proc/1/fd | wc -l; ls -l /proc/1/fd | grep -c inotify; "
-        "ps -o pid= --ppid 1 | wc -l",
-        user="root",
-    ).stdout.split()
-    return tuple(int(x) for x in out)
+def envd_host_pid(daemon, sandbox):
+    """The host pid of the sandbox's envd (its pid 1): the first process of its cgroup whose
+    innermost pid is 1."""
+    for procs in glob.glob(f"/sys/fs/cgroup/*/{daemon.cgroup_name}/{sandbox.sandbox_id}/cgroup.procs"):
+        for pid in open(procs).read().split():
+            status = open(f"/proc/{pid}/status").read()
+            nspid = next(l for l in status.splitlines() if l.startswith("NSpid:")).split()
+            if nspid[-1] == "1":
+                return int(pid)
+    raise AssertionError("no envd found for " + sandbox.sandbox_id)
+
+
+def envd_census(daemon, sandbox):
+    """What envd holds, read from the host (envd is not dumpable, so root in the sandbox cannot
+    look): open fds other than sockets (its pooled HTTP connections come and go with the
+    router's), anon inodes among them (inotify, eventfd, pidfd), and its child processes."""
+    pid = envd_host_pid(daemon, sandbox)
+    kinds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed while we looked
+        kind = target.split(":")[0] if ":" in target else "file"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return sum(n for k, n in kinds.items() if k != "socket"), kinds.get("anon_inode", 0), len(children)
 
 
 @pytest.fixture
 def envd(daemon, sandbox):
-    before = envd_census(sandbox)
+    sandbox.commands.run("true")  # envd's lazily made state (reaper, pidfds) exists from here
+    before = envd_census(daemon, sandbox)
     yield Envd(daemon, sandbox)
     assert sandbox.commands.run("echo alive").stdout == "alive\n"
-    assert envd_census(sandbox) == before, "envd leaked fds, watchers or processes"
+    assert wait_until(lambda: envd_census(daemon, sandbox) == before, 5), (
+        "envd leaked fds, watchers or processes",
+        before,
+        envd_census(daemon, sandbox),
+    )
 
 
 # ---- Connect RPC -----------------------------------------------------------------------

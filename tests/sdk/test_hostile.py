@@ -47,6 +47,16 @@ def test_privileged_syscalls_fail_as_root(sandbox, name, args):
     assert fails(sandbox, SYSCALL.format(args)), name
 
 
+def test_envd_cannot_be_traced_or_read(sandbox):
+    # envd (pid 1) holds the sandbox's tokens; it is not dumpable and root here lacks
+    # CAP_SYS_PTRACE.
+    assert fails(sandbox, SYSCALL.format("101, 16, 1, 0, 0"))  # PTRACE_ATTACH
+    assert fails(sandbox, "cat /proc/1/environ")
+    assert fails(sandbox, "cat /proc/1/mem")
+    assert fails(sandbox, "readlink /proc/1/fd/0")
+    assert fails(sandbox, "ls /proc/1/root/")
+
+
 def test_setns_into_envd_namespaces_fails(sandbox):
     assert fails(sandbox, "nsenter -t 1 -m -p true")
 
@@ -90,8 +100,8 @@ def test_file_api_paths_and_symlinks_stay_inside(daemon, sandbox):
         sandbox.files.write("/tmp/link", "through a link", user="root")
         assert open(victim).read() == "host"
         assert sandbox.files.read(victim, user="root") == "through a link"
-        # /proc/1/root is the sandbox's root too.
-        assert run_root(sandbox, f"cat /proc/1/root{victim}").stdout == "through a link"
+        # /proc/self/root is the sandbox's root too (envd's /proc/1/root is not even readable).
+        assert run_root(sandbox, f"cat /proc/self/root{victim}").stdout == "through a link"
 
 
 def test_sandbox_cannot_reach_the_daemon_api(daemon, sandbox):

@@ -17,6 +17,7 @@ mod process_service;
 pub mod proto;
 pub mod reaper;
 pub mod server;
+pub mod spawn;
 pub mod start_command;
 pub mod users;
 pub mod watch;

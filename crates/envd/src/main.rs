@@ -67,6 +67,11 @@ fn sandbox_init() -> ! {
             admin_token: settings.admin_token,
             start_command: settings.start_command,
         };
+        // Non-dumpable: root in the sandbox has no CAP_SYS_PTRACE, so it can neither attach to
+        // envd nor read its memory, fds or environment (where the access and admin tokens
+        // live). Children get their own setting at exec.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
         warren_envd::start_reaper();
         // One worker keeps the per-sandbox footprint small; blocking file work has its own pool.
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -10,13 +10,9 @@
 //! and no subscriber silently loses output.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connect::{Code, RpcError};
 use crate::reaper::{self, WaitStatus};
+use crate::spawn::{self, ChildStdio, SpawnRequest};
 use crate::users::User;
 
 const READ_CHUNK_BYTES: usize = 32 * 1024;
@@ -264,68 +261,6 @@ pub struct ProcessManager {
     table: Mutex<HashMap<u32, Arc<ManagedProcess>>>,
 }
 
-/// Data for `pre_exec`, computed up front because only async-signal-safe calls
-/// may run between `fork` and `exec`.
-struct ChildSetup {
-    switch_credentials: bool,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    groups: Vec<libc::gid_t>,
-    cwd: CString,
-    /// First signal number not to reset (`SIGRTMIN`, looked up before fork).
-    reset_signals_below: libc::c_int,
-    /// stdin is a PTY slave that must become the controlling terminal.
-    controlling_tty: bool,
-}
-
-impl ChildSetup {
-    /// Runs in the forked child.
-    fn apply(&self) -> io::Result<()> {
-        // SAFETY: every call below is async-signal-safe and only touches data
-        // owned by `self`, which was fully built before fork.
-        unsafe {
-            // A new session makes the child a process-group leader, so signals can
-            // target everything it starts, and detaches it from envd's terminal.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if self.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if self.switch_credentials {
-                if libc::setgroups(self.groups.len(), self.groups.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(self.gid) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setuid(self.uid) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            // After the uid switch so the user's own permissions decide.
-            if libc::chdir(self.cwd.as_ptr()) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Ignored dispositions survive exec; the child deserves defaults.
-            for signal in 1..self.reset_signals_below {
-                if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                    libc::signal(signal, libc::SIG_DFL);
-                }
-            }
-            // Belt and braces: any descriptor someone opened without O_CLOEXEC must
-            // not leak into user processes. Failure (old kernel) is harmless.
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-        }
-        Ok(())
-    }
-}
-
 fn current_euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
@@ -428,63 +363,46 @@ impl ProcessManager {
             }
         }
 
-        let setup = ChildSetup {
-            switch_credentials: current_euid() == 0,
-            uid: options.user.uid,
-            gid: options.user.gid,
-            groups: options.user.groups.clone(),
-            cwd: CString::new(options.cwd.as_os_str().as_bytes())
-                .map_err(|_| RpcError::invalid_argument("cwd contains a NUL byte"))?,
-            reset_signals_below: libc::SIGRTMIN(),
-            controlling_tty: options.pty.is_some(),
-        };
         let pty = options
             .pty
             .map(|(cols, rows)| open_pty(cols, rows))
             .transpose()
             .map_err(|err| RpcError::internal(format!("failed to allocate a PTY: {err}")))?;
-        let mut command = Command::new(&options.cmd);
-        command
-            .args(&options.args)
-            .env_clear()
-            .envs(process_env(&options));
-        match &pty {
-            Some((_, slave)) => {
-                let stdio = |fd: &OwnedFd| -> Result<Stdio, RpcError> {
-                    fd.try_clone().map(Stdio::from).map_err(|err| {
-                        RpcError::internal(format!("failed to set up the PTY: {err}"))
-                    })
-                };
-                command
-                    .stdin(stdio(slave)?)
-                    .stdout(stdio(slave)?)
-                    .stderr(stdio(slave)?);
-            }
-            None => {
-                command
-                    .stdin(if options.stdin {
-                        Stdio::piped()
-                    } else {
-                        Stdio::null()
-                    })
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-            }
-        }
-        // SAFETY: `ChildSetup::apply` only makes async-signal-safe calls on data
-        // prepared before fork (see its body).
-        unsafe {
-            command.pre_exec(move || setup.apply());
-        }
+        let stdio =
+            match &pty {
+                Some((_, slave)) => ChildStdio::Pty(slave.try_clone().map_err(|err| {
+                    RpcError::internal(format!("failed to set up the PTY: {err}"))
+                })?),
+                None => ChildStdio::Pipes {
+                    stdin: options.stdin,
+                },
+            };
+        let request = SpawnRequest {
+            program: options.cmd.clone(),
+            args: options.args.clone(),
+            env: process_env(&options).into_iter().collect(),
+            cwd: options.cwd.clone(),
+            credentials: (current_euid() == 0).then(|| {
+                (
+                    options.user.uid,
+                    options.user.gid,
+                    options.user.groups.clone(),
+                )
+            }),
+            stdio,
+        };
 
-        // fork+exec blocks until exec succeeds; keep it off the async workers.
-        let spawned = tokio::task::spawn_blocking(move || reaper::spawn_tracked(&mut command))
-            .await
-            .map_err(|err| RpcError::internal(format!("spawn task failed: {err}")))?;
-        let (mut child, exit) = spawned.map_err(|err| {
+        // The calling thread waits until the child has exec'd; keep it off the async workers.
+        let spawned = tokio::task::spawn_blocking(move || {
+            reaper::spawn_tracked_with(|| spawn::spawn(request).map(|s| (s.pid as i32, s)))
+        })
+        .await
+        .map_err(|err| RpcError::internal(format!("spawn task failed: {err}")))?;
+        let (child, exit) = spawned.map_err(|err| {
             let code = match err.kind() {
                 io::ErrorKind::NotFound => Code::NotFound,
                 io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+                io::ErrorKind::InvalidInput => Code::InvalidArgument,
                 _ => Code::Internal,
             };
             RpcError::new(
@@ -492,26 +410,20 @@ impl ProcessManager {
                 format!("failed to start process '{}': {err}", options.cmd),
             )
         })?;
-        let pid = child.id();
+        let pid = child.pid;
         // Only the child may hold the slave, or the master never sees EOF/EIO.
         let pty_master = pty.map(|(master, _slave)| master);
 
         let pipes = (|| -> io::Result<_> {
-            let stdout = child.stdout.take().map(into_receiver).transpose()?;
-            let stderr = child.stderr.take().map(into_receiver).transpose()?;
-            let stdin = child
-                .stdin
-                .take()
-                .map(|fd| pipe::Sender::from_owned_fd(fd.into()))
-                .transpose()?;
+            let stdout = child.stdout.map(into_receiver).transpose()?;
+            let stderr = child.stderr.map(into_receiver).transpose()?;
+            let stdin = child.stdin.map(pipe::Sender::from_owned_fd).transpose()?;
             let pty = match pty_master {
                 Some(master) => Some(PtyMaster::new(master)?),
                 None => None,
             };
             Ok((stdout, stderr, stdin, pty))
         })();
-        // Dropping `child` neither kills nor waits; the reaper owns its status.
-        drop(child);
         let (stdout, stderr, stdin, pty) = match pipes {
             Ok(pipes) => pipes,
             Err(err) => {

@@ -149,6 +149,22 @@ pub fn spawn_tracked(command: &mut Command) -> io::Result<(Child, oneshot::Recei
     Ok((child, rx))
 }
 
+/// [`spawn_tracked`] for children started by other means than `Command` (see `spawn.rs`):
+/// `spawn` runs under the registry lock and returns the child's pid with whatever it made.
+pub fn spawn_tracked_with<T>(
+    spawn: impl FnOnce() -> io::Result<(i32, T)>,
+) -> io::Result<(T, oneshot::Receiver<WaitStatus>)> {
+    start_reaper();
+    let mut registry = lock_registry();
+    let (pid, made) = spawn()?;
+    let (tx, rx) = oneshot::channel();
+    registry.waiters.insert(pid, tx);
+    registry.spawn_generation += 1;
+    drop(registry);
+    reaper().child_spawned.notify_all();
+    Ok((made, rx))
+}
+
 /// Blocks until some child has exited and returns its pid without reaping it.
 fn peek_exited_child() -> io::Result<i32> {
     loop {
