@@ -4,4 +4,6 @@
 //! image layout of blobs plus one unpacked directory per layer, stacked by the runtime as overlay
 //! lower dirs) and the conversion of a sandbox's overlay upper dir into an OCI layer.
 
+pub mod commit;
 pub mod export;
+pub mod oci_layout;

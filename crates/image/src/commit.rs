@@ -1,0 +1,521 @@
+//! Commit: a sandbox's upper dir becomes the top layer of a new image in the local store.
+//!
+//! The work is split so that the sandbox is frozen only while its upper dir is read:
+//!
+//! 1. [`ImageStore::stage_upper`] (sandbox frozen): the upper dir is written as an uncompressed
+//!    layer tar to a staging file, hashing it on the way (diffID). Nothing is compressed here:
+//!    a plain sequential write is the fastest consistent copy we can make.
+//! 2. [`ImageStore::finish_commit`] (sandbox running again): the staged tar is gzipped into a
+//!    blob, the base image's config gets the new diffID and a history entry, a manifest names
+//!    config and layers, and the image gets its name in index.json. The staged tar is then
+//!    unpacked into `layers/<diffid-hex>`, so the new image is at once a template whose lower
+//!    dirs are layer dirs shared by every sandbox of it.
+//!
+//! **Base images of templates without one.** The base template (and a `<templates>/<name>/rootfs`
+//! dir) is not an image. Its lower dirs are exported once each as layers (cached by the dir's
+//! identity: path, device, inode and mtime, so a rebuilt template dir is exported again) and
+//! unpacked into the layer store like any other layer, so the committed image is complete and
+//! standalone — except for read-only host bind mounts: the `base` template shows the host's `/usr`
+//! (5 GB here) by a bind mount, which cannot sensibly become a layer. Such images carry the label
+//! [`HOST_BINDS_LABEL`] (`source:target` pairs); Warren re-creates the binds for sandboxes of
+//! the image, and any other runtime sees an image without `/usr`.
+
+use crate::export::{export_upper_dir, gzip_layer, ExportError, TarSummary};
+use crate::oci_layout::{
+    digest_hex, io_err, Blob, ImageRef, LayoutError, OciLayout, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
+    MEDIA_MANIFEST,
+};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Config label listing host bind mounts (`source:target`, comma-separated) the image's sandboxes
+/// need but the image does not contain.
+pub const HOST_BINDS_LABEL: &str = "dev.warren.host-binds";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("unpack layer {diff_id}: {source}")]
+    Unpack {
+        diff_id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid image name '{0}': {1}")]
+    BadName(String, String),
+}
+
+/// What stage 1 produced.
+#[derive(Debug)]
+pub struct StagedLayer {
+    pub tar: PathBuf,
+    pub summary: TarSummary,
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tar);
+    }
+}
+
+/// The base a commit builds on.
+pub enum Base {
+    /// An image of the local store (its config and layers are kept).
+    Image(ImageRef),
+    /// Plain directories in overlay format, lowest first, plus host binds (source, target).
+    Dirs {
+        lower_dirs: Vec<PathBuf>,
+        host_binds: Vec<(PathBuf, PathBuf)>,
+    },
+}
+
+/// The result of a commit.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub name: String,
+    /// Manifest digest: the image's identity.
+    pub digest: String,
+    pub manifest_size: u64,
+    /// The new layer's blob (compressed).
+    pub layer: Blob,
+    pub diff_id: String,
+    /// Sum of the compressed sizes of all layers.
+    pub image_size: u64,
+}
+
+/// How a sandbox of an image is assembled: the layer dirs (topmost first) and host binds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRootfs {
+    pub lower_dirs: Vec<PathBuf>,
+    pub host_binds: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct DirLayer {
+    diff_id: String,
+    digest: String,
+    size: u64,
+}
+
+pub struct ImageStore {
+    layout: OciLayout,
+    layers: PathBuf,
+    dir_cache_file: PathBuf,
+    /// One base-dir export at a time: two commits of the same template must not both export it.
+    dir_cache: Mutex<()>,
+}
+
+/// Checks an image name (`[registry/]repo[:tag]`), as used in index.json and for pushes.
+pub fn validate_image_name(name: &str) -> Result<(), CommitError> {
+    let bad = |why: &str| CommitError::BadName(name.to_string(), why.to_string());
+    if name.is_empty() || name.len() > 255 {
+        return Err(bad("must have 1 to 255 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:@".contains(c))
+    {
+        return Err(bad(
+            "use lower-case letters, digits and . _ - / : (like registry/repo:tag)",
+        ));
+    }
+    if name.starts_with(['/', ':', '.', '-']) || name.ends_with(['/', ':']) || name.contains("//") {
+        return Err(bad("malformed reference"));
+    }
+    if name.contains('@') {
+        return Err(bad("name the image by a tag, not a digest"));
+    }
+    Ok(())
+}
+
+impl ImageStore {
+    /// Opens the store under `images_dir` (`oci/`, `layers/`, `tmp/`).
+    pub fn open(images_dir: &Path) -> Result<ImageStore, CommitError> {
+        let layout = OciLayout::open(&images_dir.join("oci"), &images_dir.join("tmp"))?;
+        let layers = images_dir.join("layers");
+        std::fs::create_dir_all(&layers).map_err(io_err("mkdir", &layers))?;
+        Ok(ImageStore {
+            layout,
+            layers,
+            dir_cache_file: images_dir.join("dir-layers.json"),
+            dir_cache: Mutex::new(()),
+        })
+    }
+
+    pub fn layout(&self) -> &OciLayout {
+        &self.layout
+    }
+
+    pub fn layer_dir(&self, diff_id: &str) -> Result<PathBuf, LayoutError> {
+        Ok(self.layers.join(digest_hex(diff_id)?))
+    }
+
+    /// Stage 1, while the sandbox is frozen: the upper dir as an uncompressed tar in a staging
+    /// file.
+    pub fn stage_upper(&self, upper: &Path) -> Result<StagedLayer, CommitError> {
+        let tar = self.layout.temp_path("commit.tar");
+        let file = std::fs::File::create(&tar).map_err(io_err("create", &tar))?;
+        let staged = StagedLayer {
+            tar,
+            summary: TarSummary {
+                diff_id: String::new(),
+                size: 0,
+                entries: 0,
+            },
+        };
+        let mut staged = staged;
+        staged.summary = export_upper_dir(upper, BufWriter::with_capacity(1 << 20, file))?;
+        Ok(staged)
+    }
+
+    /// Gzips a tar file into a new blob; returns it.
+    fn tar_to_blob(&self, tar: &Path) -> Result<Blob, CommitError> {
+        let tmp = self.layout.temp_path("blob");
+        let res = (|| {
+            let src = std::fs::File::open(tar).map_err(io_err("open", tar))?;
+            let dst = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
+            let (_, digest, size) = gzip_layer(
+                BufReader::with_capacity(1 << 20, src),
+                BufWriter::with_capacity(1 << 20, dst),
+            )
+            .map_err(io_err("compress layer into", &tmp))?;
+            self.layout.put_blob_file(&tmp, &digest)?;
+            Ok(Blob {
+                media_type: MEDIA_LAYER_GZIP.into(),
+                digest,
+                size,
+            })
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Stage 2: the staged layer on top of `base`, named `name` in the store.
+    pub fn finish_commit(
+        &self,
+        staged: StagedLayer,
+        base: &Base,
+        name: &str,
+        created_by: &str,
+    ) -> Result<Committed, CommitError> {
+        validate_image_name(name)?;
+        let layer = self.tar_to_blob(&staged.tar)?;
+        let diff_id = staged.summary.diff_id.clone();
+        self.unpack_layer(&staged.tar, &diff_id)?;
+        drop(staged);
+
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let (mut config, mut layers) = match base {
+            Base::Image(img) => (img.config.clone(), img.layers()),
+            Base::Dirs {
+                lower_dirs,
+                host_binds,
+            } => {
+                let mut diff_ids = Vec::new();
+                let mut layers = Vec::new();
+                for dir in lower_dirs {
+                    let (d, blob) = self.dir_layer(dir)?;
+                    diff_ids.push(json!(d));
+                    layers.push(blob);
+                }
+                let mut cfg = json!({
+                    "architecture": oci_arch(),
+                    "os": "linux",
+                    "config": {
+                        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                    },
+                    "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                    "history": lower_dirs.iter().map(|d| json!({
+                        "created": now,
+                        "created_by": format!("warren: template layer {}", d.display()),
+                    })).collect::<Vec<_>>(),
+                });
+                if !host_binds.is_empty() {
+                    let binds: Vec<String> = host_binds
+                        .iter()
+                        .map(|(s, t)| format!("{}:{}", s.display(), t.display()))
+                        .collect();
+                    cfg["config"]["Labels"] = json!({ HOST_BINDS_LABEL: binds.join(",") });
+                }
+                (cfg, layers)
+            }
+        };
+        if !config["rootfs"]["diff_ids"].is_array() {
+            config["rootfs"] = json!({"type": "layers", "diff_ids": []});
+        }
+        if let Some(d) = config["rootfs"]["diff_ids"].as_array_mut() {
+            d.push(json!(diff_id));
+        }
+        if !config["history"].is_array() {
+            config["history"] = json!([]);
+        }
+        if let Some(h) = config["history"].as_array_mut() {
+            h.push(json!({"created": now, "created_by": created_by}));
+        }
+        config["created"] = json!(now);
+        let config_blob = self.layout.put_blob_bytes(
+            serde_json::to_vec(&config).unwrap_or_default().as_slice(),
+            MEDIA_CONFIG,
+        )?;
+        layers.push(layer.clone());
+        let image_size = layers.iter().map(|l| l.size).sum();
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": config_blob.descriptor(),
+            "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+            "annotations": {"org.opencontainers.image.created": now},
+        });
+        let manifest_blob = self.layout.put_blob_bytes(
+            serde_json::to_vec(&manifest).unwrap_or_default().as_slice(),
+            MEDIA_MANIFEST,
+        )?;
+        self.layout.set_ref(name, &manifest_blob)?;
+        Ok(Committed {
+            name: name.to_string(),
+            digest: manifest_blob.digest.clone(),
+            manifest_size: manifest_blob.size,
+            layer,
+            diff_id,
+            image_size,
+        })
+    }
+
+    /// The layer of a plain template dir: exported and unpacked once, then cached.
+    fn dir_layer(&self, dir: &Path) -> Result<(String, Blob), CommitError> {
+        let _guard = self.dir_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = std::fs::metadata(dir).map_err(io_err("stat", dir))?;
+        let key = format!(
+            "{}|{}|{}|{}",
+            dir.display(),
+            meta.dev(),
+            meta.ino(),
+            meta.mtime()
+        );
+        let mut cache: HashMap<String, DirLayer> = std::fs::read(&self.dir_cache_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if let Some(c) = cache.get(&key) {
+            if self.layout.has_blob(&c.digest) && self.layer_dir(&c.diff_id)?.is_dir() {
+                return Ok((
+                    c.diff_id.clone(),
+                    Blob {
+                        media_type: MEDIA_LAYER_GZIP.into(),
+                        digest: c.digest.clone(),
+                        size: c.size,
+                    },
+                ));
+            }
+        }
+        let staged = self.stage_upper(dir)?;
+        let blob = self.tar_to_blob(&staged.tar)?;
+        let diff_id = staged.summary.diff_id.clone();
+        self.unpack_layer(&staged.tar, &diff_id)?;
+        cache.insert(
+            key,
+            DirLayer {
+                diff_id: diff_id.clone(),
+                digest: blob.digest.clone(),
+                size: blob.size,
+            },
+        );
+        let tmp = self.layout.temp_path("dir-layers");
+        std::fs::write(&tmp, serde_json::to_vec(&cache).unwrap_or_default())
+            .map_err(io_err("write", &tmp))?;
+        std::fs::rename(&tmp, &self.dir_cache_file).map_err(io_err("rename", &tmp))?;
+        Ok((diff_id, blob))
+    }
+
+    /// Unpacks one of our own layer tars into `layers/<diffid-hex>` (temp dir + rename), in
+    /// overlay format. Only for tars this module wrote; untrusted layers go through the store's
+    /// hardened unpacker.
+    fn unpack_layer(&self, tar: &Path, diff_id: &str) -> Result<PathBuf, CommitError> {
+        let dst = self.layer_dir(diff_id)?;
+        if dst.is_dir() {
+            return Ok(dst);
+        }
+        let tmp = self.layout.temp_path("layer");
+        let res = unpack_overlay(tar, &tmp);
+        let res = res.and_then(|()| {
+            std::fs::rename(&tmp, &dst).or_else(|e| {
+                // Another commit of the same content won the race: its dir is as good as ours.
+                if dst.is_dir() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        });
+        if let Err(source) = res {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(CommitError::Unpack {
+                diff_id: diff_id.into(),
+                source,
+            });
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        Ok(dst)
+    }
+
+    /// How sandboxes of image `name` are assembled (every layer must be unpacked here).
+    pub fn image_rootfs(&self, name: &str) -> Result<ImageRootfs, CommitError> {
+        let img = self.layout.resolve(name)?;
+        let mut lower_dirs = Vec::new();
+        for d in img.diff_ids().iter().rev() {
+            let dir = self.layer_dir(d)?;
+            if !dir.is_dir() {
+                return Err(CommitError::Layout(LayoutError::MissingBlob(format!(
+                    "{d} (layer not unpacked)"
+                ))));
+            }
+            lower_dirs.push(dir);
+        }
+        let host_binds = img.config["config"]["Labels"][HOST_BINDS_LABEL]
+            .as_str()
+            .map(parse_binds)
+            .unwrap_or_default();
+        Ok(ImageRootfs {
+            lower_dirs,
+            host_binds,
+        })
+    }
+
+    /// Removes layer dirs that no image of the store uses and no path in `in_use` is. Returns
+    /// the removed dirs.
+    pub fn gc_layer_dirs(
+        &self,
+        in_use: &std::collections::HashSet<PathBuf>,
+    ) -> Result<Vec<PathBuf>, CommitError> {
+        let mut live = std::collections::HashSet::new();
+        for (name, _) in self.layout.refs()? {
+            if let Ok(img) = self.layout.resolve(&name) {
+                for d in img.diff_ids() {
+                    live.insert(self.layer_dir(&d)?);
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for e in std::fs::read_dir(&self.layers)
+            .map_err(io_err("read dir", &self.layers))?
+            .flatten()
+        {
+            let p = e.path();
+            if !live.contains(&p) && !in_use.contains(&p) {
+                std::fs::remove_dir_all(&p).map_err(io_err("remove", &p))?;
+                removed.push(p);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn parse_binds(s: &str) -> Vec<(PathBuf, PathBuf)> {
+    s.split(',')
+        .filter_map(|b| {
+            let (src, dst) = b.split_once(':')?;
+            Some((PathBuf::from(src), PathBuf::from(dst)))
+        })
+        .collect()
+}
+
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Unpacks a layer tar into `dst` in overlay format: `.wh.<name>` → 0:0 char device,
+/// `.wh..wh..opq` → `trusted.overlay.opaque=y` on its dir.
+fn unpack_overlay(tar: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::create_dir_all(dst)?;
+    let file = std::fs::File::open(tar)?;
+    let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_preserve_mtime(true);
+    ar.set_unpack_xattrs(true);
+    ar.set_overwrite(true);
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        let rel = entry.path()?.into_owned();
+        let name = rel
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default();
+        let parent = dst.join(rel.parent().unwrap_or(Path::new("")));
+        let kind = entry.header().entry_type();
+        if name == b".wh..wh..opq" {
+            std::fs::create_dir_all(&parent)?;
+            rustix::fs::lsetxattr(
+                &parent,
+                "trusted.overlay.opaque",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )?;
+        } else if let Some(hidden) = name.strip_prefix(b".wh.") {
+            std::fs::create_dir_all(&parent)?;
+            let target = parent.join(std::ffi::OsStr::from_bytes(hidden));
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &target,
+                rustix::fs::FileType::CharacterDevice,
+                rustix::fs::Mode::empty(),
+                rustix::fs::makedev(0, 0),
+            )?;
+        } else if matches!(
+            kind,
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo
+        ) {
+            std::fs::create_dir_all(&parent)?;
+            let h = entry.header();
+            let (ft, dev) = match kind {
+                tar::EntryType::Char => (
+                    rustix::fs::FileType::CharacterDevice,
+                    rustix::fs::makedev(
+                        h.device_major()?.unwrap_or(0),
+                        h.device_minor()?.unwrap_or(0),
+                    ),
+                ),
+                tar::EntryType::Block => (
+                    rustix::fs::FileType::BlockDevice,
+                    rustix::fs::makedev(
+                        h.device_major()?.unwrap_or(0),
+                        h.device_minor()?.unwrap_or(0),
+                    ),
+                ),
+                _ => (rustix::fs::FileType::Fifo, 0),
+            };
+            let target = dst.join(&rel);
+            let mode = h.mode()? & 0o7777;
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &target,
+                ft,
+                rustix::fs::Mode::from_raw_mode(mode),
+                dev,
+            )?;
+            std::os::unix::fs::lchown(&target, Some(h.uid()? as u32), Some(h.gid()? as u32))?;
+            // mknod applies the umask; the layer needs the mode as recorded.
+            rustix::fs::chmod(&target, rustix::fs::Mode::from_raw_mode(mode))?;
+        } else {
+            entry.unpack_in(dst)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+//! Commit round trip on real overlays: changes made through a mount, committed, then mounted again
+//! from the image's layer dirs must show the same tree; skopeo and umoci must read the layout.
+
+use super::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::process::Command;
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-ec").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "command failed: {cmd}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, at: &Path) -> Mount {
+    std::fs::create_dir_all(upper).unwrap();
+    std::fs::create_dir_all(work).unwrap();
+    std::fs::create_dir_all(at).unwrap();
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={},index=off,redirect_dir=off,metacopy=off",
+        upper.display(),
+        work.display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(at)
+        .status()
+        .unwrap();
+    assert!(st.success(), "overlay mount (tests need root)");
+    Mount(at.to_path_buf())
+}
+
+/// path → (type, mode, uid, gid, content or link target, link group), for comparing trees.
+fn manifest(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, String> = BTreeMap::new();
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut BTreeMap<String, String>,
+        inodes: &mut BTreeMap<u64, String>,
+    ) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let p = dir.join(&n);
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let what = if ft.is_symlink() {
+                format!("l->{}", std::fs::read_link(&p).unwrap().display())
+            } else if ft.is_dir() {
+                "d".to_string()
+            } else if ft.is_file() {
+                let link = if m.nlink() > 1 {
+                    inodes.entry(m.ino()).or_insert(rel.clone()).clone()
+                } else {
+                    String::new()
+                };
+                format!(
+                    "f:{}:{link}",
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap())
+                )
+            } else {
+                format!("other:{:o}", m.mode())
+            };
+            out.insert(
+                rel,
+                format!("{what} {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid()),
+            );
+            if ft.is_dir() {
+                walk(root, &p, out, inodes);
+            }
+        }
+    }
+    walk(root, root, &mut out, &mut inodes);
+    out
+}
+
+#[test]
+fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let base = p.join("base");
+    std::fs::create_dir_all(base.join("etc/conf.d")).unwrap();
+    std::fs::create_dir_all(base.join("srv/old")).unwrap();
+    std::fs::write(base.join("etc/motd"), "base motd\n").unwrap();
+    std::fs::write(base.join("etc/keep"), "kept\n").unwrap();
+    std::fs::write(base.join("etc/conf.d/a"), "a\n").unwrap();
+    std::fs::write(base.join("srv/old/x"), "x\n").unwrap();
+
+    let merged = p.join("merged");
+    {
+        let _m = mount_overlay(
+            std::slice::from_ref(&base),
+            &p.join("upper"),
+            &p.join("work"),
+            &merged,
+        );
+        std::fs::remove_file(merged.join("etc/motd")).unwrap();
+        std::fs::remove_dir_all(merged.join("srv/old")).unwrap();
+        std::fs::create_dir(merged.join("srv/old")).unwrap();
+        std::fs::write(merged.join("srv/old/new"), "replaced\n").unwrap();
+        std::fs::create_dir_all(merged.join("home/user")).unwrap();
+        std::fs::write(merged.join("home/user/notes"), "hi\n").unwrap();
+        std::os::unix::fs::chown(merged.join("home/user/notes"), Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(
+            merged.join("home/user/notes"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::hard_link(merged.join("home/user/notes"), merged.join("home/user/hl")).unwrap();
+        symlink("/etc/keep", merged.join("home/user/sym")).unwrap();
+        sh(&format!(
+            "mkfifo {}",
+            merged.join("home/user/fifo").display()
+        ));
+    }
+    let want = {
+        let _m = mount_overlay(
+            std::slice::from_ref(&base),
+            &p.join("upper"),
+            &p.join("work"),
+            &merged,
+        );
+        manifest(&merged)
+    };
+
+    let store = ImageStore::open(&p.join("images")).unwrap();
+    let staged = store.stage_upper(&p.join("upper")).unwrap();
+    let tar_path = staged.tar.clone();
+    assert!(tar_path.exists());
+    let base_spec = Base::Dirs {
+        lower_dirs: vec![base.clone()],
+        host_binds: vec![("/usr".into(), "/usr".into())],
+    };
+    let c = store
+        .finish_commit(staged, &base_spec, "local/test:v1", "warren commit test")
+        .unwrap();
+    assert!(!tar_path.exists(), "the staging tar is removed");
+    assert!(c.digest.starts_with("sha256:"));
+    assert!(store.layout().has_blob(&c.layer.digest));
+
+    // The image as a template: its layer dirs, stacked, show exactly the committed tree.
+    let rootfs = store.image_rootfs("local/test:v1").unwrap();
+    assert_eq!(rootfs.lower_dirs.len(), 2);
+    assert_eq!(rootfs.host_binds, vec![("/usr".into(), "/usr".into())]);
+    let again = p.join("again");
+    let got = {
+        let _m = mount_overlay(
+            &rootfs.lower_dirs,
+            &p.join("upper2"),
+            &p.join("work2"),
+            &again,
+        );
+        manifest(&again)
+    };
+    assert_eq!(got, want);
+
+    // A second commit of the same template reuses the exported base layer.
+    let staged = store.stage_upper(&p.join("upper")).unwrap();
+    let c2 = store
+        .finish_commit(staged, &base_spec, "local/test:v2", "again")
+        .unwrap();
+    let l1 = store.layout().resolve("local/test:v1").unwrap().layers();
+    let l2 = store.layout().resolve("local/test:v2").unwrap().layers();
+    assert_eq!(l1[0], l2[0], "base dir exported once");
+    assert_eq!(c.diff_id, c2.diff_id, "same upper dir, same diffID");
+
+    // A commit on top of a committed image keeps its layers and config.
+    std::fs::create_dir_all(p.join("upper3/top")).unwrap();
+    std::fs::write(p.join("upper3/top/f"), "top").unwrap();
+    let staged = store.stage_upper(&p.join("upper3")).unwrap();
+    let parent = store.layout().resolve("local/test:v1").unwrap();
+    store
+        .finish_commit(staged, &Base::Image(parent), "local/test:v3", "third")
+        .unwrap();
+    let v3 = store.layout().resolve("local/test:v3").unwrap();
+    assert_eq!(v3.layers().len(), 3);
+    assert_eq!(&v3.layers()[..2], &l1[..]);
+    assert_eq!(v3.config["history"].as_array().unwrap().len(), 3);
+
+    // Interoperability: skopeo reads the layout, umoci unpacks it.
+    let oci = store.layout().root().display().to_string();
+    let out = sh(&format!("skopeo inspect oci:{oci}:local/test:v1"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["Layers"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(v["Digest"], c.digest);
+    let bundle = p.join("bundle");
+    sh(&format!(
+        "umoci unpack --image {oci}:local/test:v3 {}",
+        bundle.display()
+    ));
+    let r = bundle.join("rootfs");
+    assert_eq!(std::fs::read_to_string(r.join("top/f")).unwrap(), "top");
+    assert_eq!(
+        std::fs::read_to_string(r.join("srv/old/new")).unwrap(),
+        "replaced\n"
+    );
+    assert!(!r.join("etc/motd").exists(), "whiteout applied by umoci");
+    assert!(!r.join("srv/old/x").exists(), "opaque dir applied by umoci");
+    assert_eq!(
+        std::fs::read_to_string(r.join("etc/keep")).unwrap(),
+        "kept\n"
+    );
+    let m = std::fs::symlink_metadata(r.join("home/user/notes")).unwrap();
+    let h = std::fs::symlink_metadata(r.join("home/user/hl")).unwrap();
+    assert_eq!((m.ino(), m.uid(), m.mode() & 0o777), (h.ino(), 1000, 0o600));
+
+    // GC: dropping v1..v3 leaves no blob and no layer dir behind.
+    for n in ["local/test:v1", "local/test:v2", "local/test:v3"] {
+        assert!(store.layout().remove_ref(n).unwrap());
+    }
+    let removed = store.layout().gc(&Default::default()).unwrap();
+    assert!(removed.len() >= 6, "{removed:?}");
+    store.gc_layer_dirs(&Default::default()).unwrap();
+    assert_eq!(
+        std::fs::read_dir(p.join("images/layers")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(p.join("images/oci/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn bad_names_are_refused() {
+    for bad in ["", "UPPER/x", "a b", "/x", "x:", "repo@sha256:00", "a//b"] {
+        assert!(validate_image_name(bad).is_err(), "{bad}");
+    }
+    for good in ["x", "localhost:5000/a/b:v1", "reg.example/a-b_c.d:1.0"] {
+        validate_image_name(good).unwrap();
+    }
+    let t = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(t.path()).unwrap();
+    let err = store.image_rootfs("nope:v1").unwrap_err();
+    assert!(err.to_string().contains("nope:v1"), "{err}");
+}
