@@ -6,6 +6,7 @@
 //! and go to [`proxy`].
 
 pub mod audit;
+pub mod commits;
 pub mod error;
 pub mod extract;
 pub mod models;
@@ -56,6 +57,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
     let api = Router::new()
         .route("/health", get(h::health))
         .merge(pools::routes())
+        .merge(commits::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))
         .route("/v2/sandboxes", post(h::create).get(h::list_v2))
         .route("/sandboxes/{id}", get(h::get).delete(h::kill))

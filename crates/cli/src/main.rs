@@ -3,6 +3,7 @@
 mod audit;
 mod client;
 mod code_interpreter;
+mod commits;
 mod exec;
 mod output;
 mod pools;
@@ -34,7 +35,8 @@ enum Command {
         #[command(subcommand)]
         command: SandboxCommand,
     },
-    /// Create or update SandboxSets and PoolingAutoScalers from a YAML file (`-` for stdin).
+    /// Create or update SandboxSets, PoolingAutoScalers and Commits from a YAML file (`-` for
+    /// stdin).
     Apply {
         #[command(flatten)]
         client: ClientArgs,
@@ -54,6 +56,20 @@ enum Command {
         client: ClientArgs,
         #[command(flatten)]
         args: audit::AuditArgs,
+    },
+    /// Commit sandboxes to OCI images.
+    Commit {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: commits::CommitCommand,
+    },
+    /// Registry credentials for pushes.
+    Secret {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: commits::SecretCommand,
     },
     /// Warm pools.
     Pool {
@@ -148,6 +164,12 @@ fn main() -> ExitCode {
                 audit::run(&client::ApiClient::new(&client)?, client.output, args)
                     .await
                     .map(|()| 0)
+            }
+            Command::Commit { client, command } => {
+                commits::run(&client::ApiClient::new(&client)?, client.output, command).await
+            }
+            Command::Secret { client, command } => {
+                commits::run_secret(&client::ApiClient::new(&client)?, client.output, command).await
             }
             Command::Pool {
                 client,

@@ -17,6 +17,7 @@ fn collection(kind: &str) -> Option<&'static str> {
     match kind {
         "SandboxSet" => Some("sandboxsets"),
         "PoolingAutoScaler" => Some("poolingautoscalers"),
+        "Commit" => Some("commits"),
         _ => None,
     }
 }
@@ -39,7 +40,7 @@ pub fn read_objects(file: &Path) -> anyhow::Result<Vec<(&'static str, String, Va
         let kind = doc["kind"].as_str().unwrap_or_default();
         let coll = collection(kind).ok_or_else(|| {
             anyhow!(
-                "{} document {n}: unknown kind {kind:?} (expected SandboxSet or PoolingAutoScaler)",
+                "{} document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler or Commit)",
                 file.display()
             )
         })?;

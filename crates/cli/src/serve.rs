@@ -153,6 +153,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keys,
         WarrenConfig::default(),
     ));
+    let images = warren_image::commit::ImageStore::open(&data_dir.join("images"))
+        .context("opening the image store")?;
+    warren
+        .set_image_store(Arc::new(images))
+        .await
+        .context("registering committed images")?;
     let report = warren.recover().await.context("recovering sandboxes")?;
     tracing::info!(
         adopted = report.adopted.len(),

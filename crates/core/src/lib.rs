@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod autoscaler;
+pub mod commit;
 pub mod envd_client;
 pub mod error;
 pub mod objects;

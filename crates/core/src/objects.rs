@@ -157,6 +157,11 @@ pub struct SandboxSet {
     pub spec: SandboxSetSpec,
 }
 
+/// Whether `v` is an apiVersion Warren's objects accept.
+pub fn accepted_api_version(v: &str) -> bool {
+    ACCEPTED_API_VERSIONS.contains(&v)
+}
+
 fn check_header(
     api_version: &str,
     kind: &str,

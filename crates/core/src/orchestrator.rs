@@ -171,6 +171,8 @@ pub struct Warren {
     /// Creates by `Idempotency-Key`: (team, key) → sandbox id and when it was made. Held across a
     /// keyed create, so two concurrent retries of one create make one sandbox.
     idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
+    /// Commits of sandboxes to images (see `commits.rs`).
+    commits: commits::CommitState,
 }
 
 /// What the router needs of a running sandbox, kept in memory.
@@ -224,6 +226,7 @@ impl Warren {
             metrics: metrics::MetricsBook::default(),
             pools: crate::pool::Pools::default(),
             idempotency: tokio::sync::Mutex::default(),
+            commits: commits::CommitState::default(),
         }
     }
 
@@ -806,6 +809,7 @@ impl Warren {
                 tracing::error!(sandbox = %id, error = %e, "background action failed");
             }
         }
+        self.expire_commits().await;
     }
 
     /// Runs [`Warren::tick`] about once a second until the returned task is aborted.
@@ -930,6 +934,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
 
+pub mod commits;
 pub mod metrics;
 pub mod network;
 pub mod pools;

@@ -43,6 +43,22 @@ impl TemplateRegistry {
             .insert(name.into(), spec);
     }
 
+    /// Forgets a registered template (its start command and ready port too).
+    pub fn unregister(&self, name: &str) {
+        self.registered
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.start_commands
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.ready_ports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
     /// Sets the command envd starts at boot in every sandbox of the registered template `name`.
     pub fn set_start_command(&self, name: impl Into<String>, command: impl Into<String>) {
         self.start_commands

@@ -63,4 +63,10 @@ pub trait SandboxRuntime: Send + Sync + 'static {
 
     /// Current cumulative resource usage of a live sandbox (for metrics).
     async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError>;
+
+    /// The host path of the sandbox's overlay upper dir (its changes against the template), for
+    /// commits. `None` when this runtime has no such dir.
+    fn upper_dir(&self, _id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }

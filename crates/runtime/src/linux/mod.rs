@@ -730,6 +730,13 @@ impl SandboxRuntime for LinuxRuntime {
         .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
     }
 
+    fn upper_dir(&self, id: &str) -> Option<PathBuf> {
+        if !self.sandboxes.lock().unwrap().contains_key(id) {
+            return None;
+        }
+        Some(self.sandbox_dir(id).join("upper"))
+    }
+
     fn is_alive(&self, id: &str) -> bool {
         self.sandboxes
             .lock()
