@@ -11,6 +11,10 @@ packages=(
   python3-venv  # the venv of the code-interpreter-v1 template (scripts/build-code-interpreter-template.sh)
   ca-certificates
   curl
+  docker-registry  # tests: a real OCI registry on loopback for commit pushes
+  apache2-utils    # tests: htpasswd for the registry's basic auth
+  skopeo           # tests: pull pushed images back, inspect the local OCI layout
+  umoci            # tests: unpack images Warren wrote
 )
 missing=()
 for p in "${packages[@]}"; do

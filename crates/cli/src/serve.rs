@@ -159,6 +159,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .set_image_store(Arc::new(images))
         .await
         .context("registering committed images")?;
+    warren.set_pusher(Arc::new(RegistryPusher));
     let report = warren.recover().await.context("recovering sandboxes")?;
     tracing::info!(
         adopted = report.adopted.len(),
@@ -242,5 +243,22 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
+
+/// Pushes committed images with oci-client (see `warren_image::push`).
+struct RegistryPusher;
+
+#[async_trait::async_trait]
+impl warren_core::orchestrator::commits::Pusher for RegistryPusher {
+    async fn push(
+        &self,
+        store: Arc<warren_image::commit::ImageStore>,
+        image: &str,
+        auth: Option<(String, String)>,
+    ) -> Result<(), String> {
+        warren_image::push::push_image(store.layout(), image, auth)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -7,3 +7,4 @@
 pub mod commit;
 pub mod export;
 pub mod oci_layout;
+pub mod push;
