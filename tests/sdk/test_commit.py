@@ -1,0 +1,291 @@
+"""Commits through the real SDK, API and CLI: a sandbox's changes become an OCI image that new
+sandboxes start from; YAML `kind: Commit` with a TTL; pushes to a real registry (Debian's
+docker-registry on loopback with htpasswd auth); bad input."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from warren_helpers import wait_until
+
+API = "warren.dev/v1alpha1"
+
+# Prints one line per path under the given roots: path, type, mode, owner, content hash or link
+# target, and the hard-link group (first path with the same inode), sorted.
+MANIFEST = r"""
+import hashlib, os, stat, sys
+out, first = [], {}
+skip = {"/etc/hostname"}
+for root in sys.argv[1:]:
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for n in sorted(dirs + files):
+            p = os.path.join(d, n)
+            if p in skip:
+                continue
+            st = os.lstat(p)
+            m = st.st_mode
+            if stat.S_ISLNK(m):
+                what = "l " + os.readlink(p)
+            elif stat.S_ISDIR(m):
+                what = "d"
+            elif stat.S_ISREG(m):
+                link = first.setdefault(st.st_ino, p) if st.st_nlink > 1 else ""
+                what = "f " + hashlib.sha256(open(p, "rb").read()).hexdigest()[:16] + " " + link
+            else:
+                what = "o %o" % stat.S_IFMT(m)
+            out.append("%s %s %o %d:%d" % (p, what, stat.S_IMODE(m), st.st_uid, st.st_gid))
+print("\n".join(sorted(out)))
+"""
+
+ROOTS = "/etc /home /opt /root /srv /var /usr/local"
+
+CHANGES = r"""
+set -e
+echo hello > /home/user/hello.txt
+chown 1000:1000 /home/user/hello.txt
+chmod 0640 /home/user/hello.txt
+ln /home/user/hello.txt /home/user/hello-hardlink
+ln -s /home/user/hello.txt /home/user/hello-symlink
+mkdir -p /opt/app/bin
+printf '#!/bin/sh\necho app\n' > /opt/app/bin/run
+chmod 0755 /opt/app/bin/run
+head -c 200000 /dev/urandom > /opt/app/blob
+rm /etc/issue
+rm -rf /etc/skel
+mkdir /etc/skel
+echo replaced > /etc/skel/.profile
+echo 'export FROM_COMMIT=1' >> /etc/profile
+mkfifo /srv/fifo
+chmod 4755 /opt/app/bin/run
+"""
+
+
+def commit(daemon, sandbox_id, image, expect=202, **spec):
+    body = {"apiVersion": API, "kind": "Commit", "metadata": {"name": spec.pop("name", "")},
+            "spec": {"sandbox": sandbox_id, "image": image, **spec}}
+    r = daemon.request("POST", "/warren/v1/commits", body)
+    assert r.status == expect, (r.status, r.body)
+    return r.json()
+
+
+def wait_done(daemon, name, timeout=60):
+    got = {}
+
+    def done():
+        r = daemon.request("GET", f"/warren/v1/commits/{name}")
+        assert r.status == 200, (r.status, r.body)
+        got["c"] = r.json()
+        return got["c"]["status"]["phase"] in ("Succeeded", "Failed")
+
+    assert wait_until(done, timeout), f"commit {name} not done: {got}"
+    return got["c"]
+
+
+def manifest(sbx):
+    r = sbx.commands.run(f"python3 -c '{MANIFEST}' {ROOTS}", user="root")
+    assert r.exit_code == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def blobs(daemon):
+    return sorted(os.listdir(os.path.join(daemon.data_dir, "images/oci/blobs/sha256")))
+
+
+def test_round_trip_sees_the_same_tree(daemon, new_sandbox):
+    src = new_sandbox()
+    r = src.commands.run(CHANGES, user="root")
+    assert r.exit_code == 0, r.stderr
+    want = manifest(src)
+    assert any(line.startswith("/home/user/hello-hardlink f ") for line in want)
+    assert not any(line.startswith("/etc/issue ") for line in want)
+
+    c = commit(daemon, src.sandbox_id, "local/roundtrip:v1")
+    assert c["status"]["phase"] in ("Pending", "Running", "Succeeded")
+    c = wait_done(daemon, c["metadata"]["name"])
+    st = c["status"]
+    assert st["phase"] == "Succeeded", st
+    assert st["digest"].startswith("sha256:")
+    assert 0 < st["freezeDurationMs"] < 5000, st
+    assert st["size"] > 200000 * 0.9, "the random blob is in the layer"
+
+    # The source keeps running after the commit.
+    assert src.commands.run("echo alive").stdout.strip() == "alive"
+
+    dst = new_sandbox(template="local/roundtrip:v1")
+    got = manifest(dst)
+    assert got == want, "\n".join(
+        ["only in source:"] + sorted(set(want) - set(got)) + ["only in copy:"] + sorted(set(got) - set(want))
+    )
+    assert dst.commands.run("/opt/app/bin/run").stdout.strip() == "app"
+
+    # A commit of the copy builds on the committed image: one more layer, same history below.
+    r = dst.commands.run("echo two > /home/user/second", user="root")
+    assert r.exit_code == 0
+    c2 = wait_done(daemon, commit(daemon, dst.sandbox_id, "local/roundtrip:v2")["metadata"]["name"])
+    assert c2["status"]["phase"] == "Succeeded", c2
+    layout = os.path.join(daemon.data_dir, "images/oci")
+    out = subprocess.run(["skopeo", "inspect", f"oci:{layout}:local/roundtrip:v2"],
+                         capture_output=True, text=True, check=True).stdout
+    v1 = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{layout}:local/roundtrip:v1"],
+                                   capture_output=True, text=True, check=True).stdout)
+    v2 = json.loads(out)
+    assert v2["Layers"][: len(v1["Layers"])] == v1["Layers"]
+    assert len(v2["Layers"]) == len(v1["Layers"]) + 1
+
+    # A paused sandbox commits without another freeze.
+    src.pause()
+    c3 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/roundtrip:paused")["metadata"]["name"])
+    assert c3["status"]["phase"] == "Succeeded", c3
+    assert c3["status"]["freezeDurationMs"] == 0
+
+    for name in (c["metadata"]["name"], c2["metadata"]["name"], c3["metadata"]["name"]):
+        assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
+
+
+def test_yaml_commit_with_ttl_is_collected(daemon, new_sandbox):
+    sbx = new_sandbox()
+    assert sbx.commands.run("head -c 50000 /dev/urandom > /home/user/data").exit_code == 0
+    before = blobs(daemon)
+    doc = f"""apiVersion: agents.kruise.io/v1alpha1
+kind: Commit
+metadata:
+  name: ttl-commit
+spec:
+  podName: {sbx.sandbox_id}
+  containerName: sandbox
+  image: local/ttl:v1
+  ttl: 3s
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(doc)
+    env = dict(os.environ, WARREN_URL=daemon.url, WARREN_API_KEY=daemon.api_key)
+    try:
+        out = subprocess.run([str(daemon.binary), "apply", "-f", f.name], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "commit/ttl-commit applied" in out.stdout
+        c = wait_done(daemon, "ttl-commit")
+        assert c["status"]["phase"] == "Succeeded", c
+        assert c["status"]["expiresAt"]
+        # apply is idempotent for the same spec
+        out = subprocess.run([str(daemon.binary), "apply", "-f", f.name], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        out = subprocess.run([str(daemon.binary), "commit", "get", "ttl-commit"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert "Succeeded" in out.stdout, out
+    finally:
+        os.unlink(f.name)
+    assert len(blobs(daemon)) > len(before)
+    # After the TTL the object, the template and the blobs only it used are gone.
+    assert wait_until(lambda: daemon.request("GET", "/warren/v1/commits/ttl-commit").status == 404, 15)
+    r = daemon.request("POST", "/sandboxes", {"templateID": "local/ttl:v1"})
+    assert r.status in (400, 404), (r.status, r.body)
+    assert wait_until(lambda: not set(blobs(daemon)) - set(before), 10), (before, blobs(daemon))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registry():
+    """Debian's docker-registry on a free loopback port with htpasswd auth (alice / s3cret)."""
+    d = tempfile.mkdtemp(prefix="commit-registry-")
+    hp = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True, check=True).stdout
+    with open(os.path.join(d, "htpasswd"), "wb") as f:
+        f.write(hp)
+    addr = f"127.0.0.1:{free_port()}"
+    with open(os.path.join(d, "config.yml"), "w") as f:
+        f.write(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {d}/data}}}}\n"
+                f"http: {{addr: \"{addr}\"}}\nauth: {{htpasswd: {{realm: test, path: {d}/htpasswd}}}}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", os.path.join(d, "config.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", int(addr.split(":")[1])), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_until(up, 10), "registry did not start"
+    yield addr
+    proc.terminate()
+    proc.wait()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_push_with_secret_wrong_password_and_down(daemon, new_sandbox, registry):
+    env = dict(os.environ, WARREN_URL=daemon.url, WARREN_API_KEY=daemon.api_key)
+
+    def secret(name, password):
+        out = subprocess.run([str(daemon.binary), "secret", "create", name, "--username", "alice",
+                              "--password-stdin"], input=password + "\n", env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+
+    secret("reg-good", "s3cret")
+    secret("reg-bad", "nope")
+    r = daemon.request("GET", "/warren/v1/secrets")
+    assert r.status == 200 and "s3cret" not in r.body.decode(), r.body
+
+    sbx = new_sandbox()
+    assert sbx.commands.run("echo pushed > /home/user/p").exit_code == 0
+    image = f"{registry}/team/pushed:v1"
+
+    bad = wait_done(daemon, commit(daemon, sbx.sandbox_id, image,
+                                   registryAuth={"secrets": ["reg-bad"]})["metadata"]["name"])
+    assert bad["status"]["phase"] == "Failed", bad
+    assert "refused the credentials" in bad["status"]["message"], bad
+    assert bad["status"]["pushed"] is False
+
+    good = wait_done(daemon, commit(daemon, sbx.sandbox_id, image,
+                                    registryAuth={"secrets": [{"name": "reg-good"}]})["metadata"]["name"])
+    assert good["status"]["phase"] == "Succeeded", good
+    assert good["status"]["pushed"] is True
+    out = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", "alice:s3cret",
+                          f"docker://{image}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["Digest"] == good["status"]["digest"]
+
+    down = f"127.0.0.1:{free_port()}/team/pushed:v1"
+    c = wait_done(daemon, commit(daemon, sbx.sandbox_id, down, push=True)["metadata"]["name"])
+    assert c["status"]["phase"] == "Failed", c
+    assert "unreachable" in c["status"]["message"], c
+    # The local image is there even though the push failed.
+    assert c["status"]["digest"].startswith("sha256:")
+
+
+def test_bad_commits(daemon, new_sandbox):
+    sbx = new_sandbox()
+    cases = [
+        ({"sandbox": "nope", "image": "local/x:v1"}, 404, "not found"),
+        ({"sandbox": sbx.sandbox_id, "image": "Bad Name"}, 400, "spec.image"),
+        ({"sandbox": sbx.sandbox_id, "image": "local/x:v1", "ttl": "soon"}, 400, "spec.ttl"),
+        ({"sandbox": sbx.sandbox_id, "image": "127.0.0.1:1/x:v1", "registryAuth": {"secrets": ["missing"]}},
+         404, "secret"),
+        ({"sandbox": sbx.sandbox_id, "image": "local/x:v1", "bogus": 1}, 400, "bogus"),
+    ]
+    for spec, status, text in cases:
+        r = daemon.request("POST", "/warren/v1/commits", {"kind": "Commit", "metadata": {"name": ""}, "spec": spec})
+        assert r.status == status, (spec, r.status, r.body)
+        assert text in r.error_body()["message"], (spec, r.body)
+        assert r.error_body()["code"] == status
+    r = daemon.request("POST", "/warren/v1/commits", {"kind": "SandboxSet", "spec": {}})
+    assert r.status == 400
+    r = daemon.request("GET", "/warren/v1/commits/none")
+    assert r.status == 404 and r.error_body()["code"] == 404
+    r = daemon.request("DELETE", "/warren/v1/commits/none")
+    assert r.status == 404
+    r = daemon.request("POST", "/sandboxes", {"templateID": "local/never:v1"})
+    assert r.status in (400, 404), (r.status, r.body)
