@@ -292,6 +292,9 @@ impl ImageStore {
 
     /// The layer of a plain template dir: exported and unpacked once, then cached.
     fn dir_layer(&self, dir: &Path) -> Result<(String, Blob), CommitError> {
+        if let Some(found) = self.stored_layer(dir)? {
+            return Ok(found);
+        }
         let _guard = self.dir_cache.lock().unwrap_or_else(|e| e.into_inner());
         let meta = std::fs::metadata(dir).map_err(io_err("stat", dir))?;
         let key = format!(
@@ -334,6 +337,32 @@ impl ImageStore {
             .map_err(io_err("write", &tmp))?;
         std::fs::rename(&tmp, &self.dir_cache_file).map_err(io_err("rename", &tmp))?;
         Ok((diff_id, blob))
+    }
+
+    /// A lower dir that is a layer dir of this store (`layers/<diffid-hex>`) already has a blob:
+    /// find it through any image that uses that diffID instead of exporting the dir again.
+    fn stored_layer(&self, dir: &Path) -> Result<Option<(String, Blob)>, CommitError> {
+        let Some(hex) = dir
+            .strip_prefix(&self.layers)
+            .ok()
+            .and_then(|rel| rel.to_str())
+            .filter(|h| !h.contains('/'))
+        else {
+            return Ok(None);
+        };
+        let diff_id = format!("sha256:{hex}");
+        for (name, _) in self.layout.refs()? {
+            let Ok(img) = self.layout.resolve(&name) else {
+                continue;
+            };
+            let layers = img.layers();
+            if let Some(i) = img.diff_ids().iter().position(|d| *d == diff_id) {
+                if let Some(blob) = layers.get(i).filter(|b| self.layout.has_blob(&b.digest)) {
+                    return Ok(Some((diff_id, blob.clone())));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Unpacks one of our own layer tars into `layers/<diffid-hex>` (temp dir + rename), in

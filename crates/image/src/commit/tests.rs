@@ -187,6 +187,29 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
     assert_eq!(l1[0], l2[0], "base dir exported once");
     assert_eq!(c.diff_id, c2.diff_id, "same upper dir, same diffID");
 
+    // A sandbox whose lower dirs are layer dirs of the store (an image template) reuses their
+    // blobs instead of exporting them again.
+    let staged = store.stage_upper(&p.join("upper")).unwrap();
+    let mut lowest_first = rootfs.lower_dirs.clone();
+    lowest_first.reverse();
+    store
+        .finish_commit(
+            staged,
+            &Base::Dirs {
+                lower_dirs: lowest_first,
+                host_binds: vec![],
+            },
+            "local/test:dirs",
+            "from layer dirs",
+        )
+        .unwrap();
+    assert_eq!(
+        store.layout().resolve("local/test:dirs").unwrap().layers()[..2],
+        l1[..],
+        "layer dirs map back to their blobs"
+    );
+    assert!(store.layout().remove_ref("local/test:dirs").unwrap());
+
     // A commit on top of a committed image keeps its layers and config.
     std::fs::create_dir_all(p.join("upper3/top")).unwrap();
     std::fs::write(p.join("upper3/top/f"), "top").unwrap();
