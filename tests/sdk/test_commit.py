@@ -289,3 +289,58 @@ def test_bad_commits(daemon, new_sandbox):
     assert r.status == 404
     r = daemon.request("POST", "/sandboxes", {"templateID": "local/never:v1"})
     assert r.status in (400, 404), (r.status, r.body)
+
+
+def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("v1\n")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM base\n"
+        "RUN echo built > /opt/built\n"
+        "ENV GREETING=hi\n"
+        "WORKDIR /srv/app\n"
+        "COPY src .\n"
+        'RUN echo "$GREETING $(cat a.txt)" > out.txt\n'
+        "USER user\n"
+        "RUN whoami > /tmp/who\n"
+    )
+    env = dict(os.environ, WARREN_URL=daemon.url, WARREN_API_KEY=daemon.api_key)
+
+    def build():
+        out = subprocess.run([str(daemon.binary), "template", "build", "built-app", "-f",
+                              str(tmp_path / "Dockerfile")], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    first = build()
+    assert "CACHED" not in first, first
+    again = build()
+    assert again.count("CACHED") == 5, again
+    (tmp_path / "src" / "a.txt").write_text("v2\n")
+    third = build()
+    # RUN and WORKDIR before the COPY are cached; the COPY and everything after run again.
+    assert third.count("CACHED") == 2, third
+
+    sbx = new_sandbox(template="built-app")
+    r = sbx.commands.run("cat /opt/built /srv/app/out.txt /tmp/who", user="root")
+    assert r.stdout.split() == ["built", "hi", "v2", "user"], r.stdout
+    layout = os.path.join(daemon.data_dir, "images/oci")
+    v = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{layout}:built-app"],
+                                  capture_output=True, text=True, check=True).stdout)
+    # base's /etc layer + 5 steps (RUN, WORKDIR, COPY, RUN, RUN) + the final tag commit
+    assert len(v["Layers"]) == 7, v["Layers"]
+
+    bad = tmp_path / "Bad"
+    bad.write_text("FROM base\nRUN exit 3\n")
+    out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "RUN exited with code 3" in out.stderr, out
+    bad.write_text("FROM base\nEXPOSE 80\n")
+    out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "line 2: unsupported instruction" in out.stderr, out
+    bad.write_text("FROM no-such-template\nRUN true\n")
+    out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no-such-template" in out.stderr, out

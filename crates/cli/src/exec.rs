@@ -2,7 +2,6 @@
 //! Connect `process.Process/Start` (JSON codec, server streaming) to envd, as the SDK does.
 
 use crate::client::{get_info, ApiClient};
-use crate::ClientArgs;
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,19 +17,19 @@ const ENVD_PORT: u16 = warren_runtime::ENVD_PORT;
 
 #[derive(Args)]
 pub struct ExecArgs {
-    id: String,
+    pub(crate) id: String,
     /// User to run as (default: the sandbox's default user).
     #[arg(long, short = 'u')]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Working directory (default: the user's home).
     #[arg(long)]
-    cwd: Option<String>,
+    pub(crate) cwd: Option<String>,
     /// Environment variable `KEY=VALUE` for this command (repeatable).
     #[arg(long = "env", short = 'e')]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// The command; a single argument is a shell command line, several are quoted as words.
     #[arg(last = true, required = true)]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// Quotes a word for bash.
@@ -110,7 +109,7 @@ fn handle_message(msg: &Value) -> anyhow::Result<Step> {
     Ok(Step::Continue)
 }
 
-pub async fn run(api: &ApiClient, _args: &ClientArgs, a: ExecArgs) -> anyhow::Result<u8> {
+pub async fn run(api: &ApiClient, a: ExecArgs) -> anyhow::Result<u8> {
     let info = get_info(api, &a.id).await?;
     if info["state"] == "paused" {
         bail!(

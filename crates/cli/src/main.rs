@@ -1,6 +1,7 @@
 //! `warren`: the daemon (`warren serve`) and a command-line client of its HTTP API.
 
 mod audit;
+mod build;
 mod client;
 mod code_interpreter;
 mod commits;
@@ -57,6 +58,13 @@ enum Command {
         #[command(flatten)]
         args: audit::AuditArgs,
     },
+    /// Templates.
+    Template {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TemplateBuildCommand,
+    },
     /// Commit sandboxes to OCI images.
     Commit {
         #[command(flatten)]
@@ -77,6 +85,19 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: PoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateBuildCommand {
+    /// Build a template from a Dockerfile subset (FROM, RUN, COPY, ENV, WORKDIR, USER); each RUN
+    /// and COPY is a committed layer, unchanged steps come from the cache.
+    Build {
+        /// The template (and image) name.
+        name: String,
+        /// The build file; COPY sources are relative to its directory.
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
     },
 }
 
@@ -165,6 +186,10 @@ fn main() -> ExitCode {
                     .await
                     .map(|()| 0)
             }
+            Command::Template {
+                client,
+                command: TemplateBuildCommand::Build { name, file },
+            } => build::build(&client::ApiClient::new(&client)?, &name, &file).await,
             Command::Commit { client, command } => {
                 commits::run(&client::ApiClient::new(&client)?, client.output, command).await
             }
@@ -195,7 +220,7 @@ async fn run_client(args: ClientArgs, command: SandboxCommand) -> anyhow::Result
         SandboxCommand::Create(c) => client::create(&api, out, c).await?,
         SandboxCommand::List(l) => client::list(&api, out, l).await?,
         SandboxCommand::Get { id } => client::get(&api, out, &id).await?,
-        SandboxCommand::Exec(e) => return exec::run(&api, &args, e).await,
+        SandboxCommand::Exec(e) => return exec::run(&api, e).await,
         SandboxCommand::Pause { id } => client::pause(&api, &id).await?,
         SandboxCommand::Resume { id, timeout } => client::resume(&api, out, &id, timeout).await?,
         SandboxCommand::Kill { id } => client::kill(&api, &id).await?,
