@@ -219,10 +219,12 @@ impl Warren {
                 CoreError::Conflict(format!("sandbox {id} has no upper dir to commit"))
             })?;
             let freeze = rec.state == SandboxState::Running;
+            // From the freeze request to the end of the thaw: the whole time the sandbox's
+            // processes may be stopped.
+            let t0 = Instant::now();
             if freeze {
                 self.runtime.freeze(&id).await?;
             }
-            let t0 = Instant::now();
             let s2 = store.clone();
             let res = tokio::task::spawn_blocking(move || s2.stage_upper(&upper)).await;
             let thawed = if freeze {
