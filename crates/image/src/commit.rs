@@ -138,7 +138,20 @@ pub fn validate_image_name(name: &str) -> Result<(), CommitError> {
 impl ImageStore {
     /// Opens the store under `images_dir` (`oci/`, `layers/`, `tmp/`).
     pub fn open(images_dir: &Path) -> Result<ImageStore, CommitError> {
-        let layout = OciLayout::open(&images_dir.join("oci"), &images_dir.join("tmp"))?;
+        // One daemon owns a data dir: at open, whatever is in tmp/ was left by a crash (a staged
+        // layer, a half-written blob or layer dir) and nobody will finish it.
+        let tmp = images_dir.join("tmp");
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        let layout = OciLayout::open(&images_dir.join("oci"), &tmp)?;
         let layers = images_dir.join("layers");
         std::fs::create_dir_all(&layers).map_err(io_err("mkdir", &layers))?;
         Ok(ImageStore {
