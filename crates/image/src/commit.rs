@@ -452,7 +452,14 @@ impl ImageStore {
             .flatten()
         {
             let p = e.path();
-            if !live.contains(&p) && !in_use.contains(&p) {
+            // Only content-addressed layer dirs are ours to collect; anything else under
+            // layers/ belongs to someone else.
+            let name = e.file_name();
+            let is_layer = name.len() == 64
+                && name
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()));
+            if is_layer && !live.contains(&p) && !in_use.contains(&p) {
                 std::fs::remove_dir_all(&p).map_err(io_err("remove", &p))?;
                 removed.push(p);
             }
