@@ -36,13 +36,14 @@ def request(url, key, method, path, body=None):
     return r.status, (json.loads(data) if data else None)
 
 
-def one(url, key, kind, i):
+def one(url, key, kind, i, settle):
     from e2b import Sandbox
 
     sbx = Sandbox.create(timeout=600)
     try:
         r = sbx.commands.run(CHANGES[kind], timeout=600)
         assert r.exit_code == 0, r.stderr
+        time.sleep(settle)
         image = f"bench/{kind}:{i}"
         t0 = time.monotonic()
         st, c = request(url, key, "POST", "/warren/v1/commits",
@@ -78,14 +79,16 @@ def main():
     ap.add_argument("--key", required=True)
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds between the end of the write and the commit request")
     a = ap.parse_args()
     os.environ.update({"E2B_API_URL": a.url, "E2B_SANDBOX_URL": a.url, "E2B_API_KEY": a.key})
     out = {}
     for kind in CHANGES:
-        runs = [one(a.url, a.key, kind, i) for i in range(a.n)]
+        runs = [one(a.url, a.key, kind, i, a.settle) for i in range(a.n)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         out[kind] = {"median": med, "runs": runs}
-        print(f"commit 100 MiB {kind:6}: frozen {med['freeze_ms']:.0f} ms, total {med['total_ms']:.0f} ms "
+        print(f"settle {a.settle:.1f} s, commit 100 MiB {kind:6}: frozen {med['freeze_ms']:.0f} ms, total {med['total_ms']:.0f} ms "
               f"(client {med['client_ms']:.0f} ms), layer {med['layer_mib']:.1f} MiB gz, "
               f"create from image {med['create_from_image_ms']:.0f} ms  (median of {a.n})")
     if a.json:

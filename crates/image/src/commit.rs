@@ -65,6 +65,22 @@ impl Drop for StagedLayer {
     }
 }
 
+/// A pre-copy in progress; its temp files go when it is dropped.
+pub struct PreCopied {
+    pre: Option<crate::export::PreCopy>,
+    frozen: Option<(crate::export::FrozenScan, PathBuf)>,
+    path: PathBuf,
+}
+
+impl Drop for PreCopied {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        if let Some((_, delta)) = &self.frozen {
+            let _ = std::fs::remove_file(delta);
+        }
+    }
+}
+
 /// The base a commit builds on.
 pub enum Base {
     /// An image of the local store (its config and layers are kept).
@@ -185,6 +201,61 @@ impl ImageStore {
         };
         let mut staged = staged;
         staged.summary = export_upper_dir(upper, BufWriter::with_capacity(1 << 20, file))?;
+        Ok(staged)
+    }
+
+    /// Stage 1a, sandbox running: copies the whole upper dir (possibly inconsistent).
+    pub fn pre_copy(&self, upper: &Path) -> Result<PreCopied, CommitError> {
+        let path = self.layout.temp_path("precopy.tar");
+        let res = crate::export::pre_copy(upper, &path);
+        let mut pre = PreCopied {
+            pre: None,
+            frozen: None,
+            path,
+        };
+        pre.pre = Some(res?);
+        Ok(pre)
+    }
+
+    /// Stage 1b, sandbox frozen: rescans and copies only what changed since the pre-copy.
+    /// Returns the bytes copied.
+    pub fn frozen_pass(&self, upper: &Path, pre: &mut PreCopied) -> Result<u64, CommitError> {
+        let Some(p) = &pre.pre else {
+            return Err(CommitError::Export(ExportError::Write(
+                std::io::Error::other("no pre-copy"),
+            )));
+        };
+        let delta = self.layout.temp_path("delta");
+        let res = crate::export::frozen_pass(upper, p, &delta);
+        if res.is_err() {
+            let _ = std::fs::remove_file(&delta);
+        }
+        let scan = res?;
+        let copied = scan.copied_bytes;
+        pre.frozen = Some((scan, delta));
+        Ok(copied)
+    }
+
+    /// Stage 1c, sandbox running again: the consistent layer tar from the pre-copy and the
+    /// frozen pass.
+    pub fn finish_staging(&self, pre: PreCopied) -> Result<StagedLayer, CommitError> {
+        let (Some(p), Some((scan, _))) = (&pre.pre, &pre.frozen) else {
+            return Err(CommitError::Export(ExportError::Write(
+                std::io::Error::other("no frozen pass"),
+            )));
+        };
+        let tar = self.layout.temp_path("commit.tar");
+        let file = std::fs::File::create(&tar).map_err(io_err("create", &tar))?;
+        let mut staged = StagedLayer {
+            tar,
+            summary: TarSummary {
+                diff_id: String::new(),
+                size: 0,
+                entries: 0,
+            },
+        };
+        staged.summary =
+            crate::export::finish_staging(scan, p, BufWriter::with_capacity(1 << 20, file))?;
         Ok(staged)
     }
 

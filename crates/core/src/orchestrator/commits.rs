@@ -2,10 +2,10 @@
 //! in a registry), usable at once as a template named by the image.
 //!
 //! A commit runs in the background; `POST` returns the object in phase `Pending` and clients poll
-//! it. The sandbox's operation lock is held only while its upper dir is copied to a staging tar,
-//! and the sandbox is frozen only during that copy (not at all if it is paused already):
-//! compressing, hashing, writing the image, unpacking the layer and pushing run afterwards, with
-//! the sandbox running. The freeze is not a state change of the sandbox (it stays `running` and
+//! it. The sandbox's operation lock is held while its upper dir is copied to staging files: first
+//! a full pre-copy with the sandbox running, then, frozen (not at all if it is paused already), a
+//! rescan that copies only what changed since. Assembling the layer tar, compressing, hashing,
+//! writing the image, unpacking the layer and pushing run afterwards, with the sandbox running. The freeze is not a state change of the sandbox (it stays `running` and
 //! routed): requests arriving during the copy wait for it instead of failing.
 //!
 //! TTL: the background tick deletes expired commits, drops their image names (unless a later
@@ -219,6 +219,15 @@ impl Warren {
                 CoreError::Conflict(format!("sandbox {id} has no upper dir to commit"))
             })?;
             let freeze = rec.state == SandboxState::Running;
+            // Pre-copy with the sandbox running, then freeze only to rescan and copy what changed
+            // meanwhile: the freeze lasts as long as the metadata walk plus the recent writes,
+            // not as long as a copy of the whole upper dir.
+            let s2 = store.clone();
+            let up = upper.clone();
+            let mut pre = tokio::task::spawn_blocking(move || s2.pre_copy(&up))
+                .await
+                .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?
+                .map_err(image_err)?;
             // From the freeze request to the end of the thaw: the whole time the sandbox's
             // processes may be stopped.
             let t0 = Instant::now();
@@ -226,7 +235,11 @@ impl Warren {
                 self.runtime.freeze(&id).await?;
             }
             let s2 = store.clone();
-            let res = tokio::task::spawn_blocking(move || s2.stage_upper(&upper)).await;
+            let res = tokio::task::spawn_blocking(move || {
+                let copied = s2.frozen_pass(&upper, &mut pre);
+                (copied, pre)
+            })
+            .await;
             let thawed = if freeze {
                 self.runtime.thaw(&id).await
             } else {
@@ -243,7 +256,13 @@ impl Warren {
             } else {
                 0.0
             });
-            staged = res
+            let (copied, pre) =
+                res.map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?;
+            let copied = copied.map_err(image_err)?;
+            tracing::debug!(sandbox = %id, copied_while_frozen = copied, "frozen pass done");
+            let s2 = store.clone();
+            staged = tokio::task::spawn_blocking(move || s2.finish_staging(pre))
+                .await
                 .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?
                 .map_err(image_err)?;
         }

@@ -147,7 +147,19 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
     };
 
     let store = ImageStore::open(&p.join("images")).unwrap();
-    let staged = store.stage_upper(&p.join("upper")).unwrap();
+    // The orchestrator's path: pre-copy, frozen pass, staging; the same tar as a direct export.
+    let mut pre = store.pre_copy(&p.join("upper")).unwrap();
+    store.frozen_pass(&p.join("upper"), &mut pre).unwrap();
+    let staged = store.finish_staging(pre).unwrap();
+    assert_eq!(
+        staged.summary,
+        store.stage_upper(&p.join("upper")).unwrap().summary
+    );
+    assert_eq!(
+        std::fs::read_dir(p.join("images/tmp")).unwrap().count(),
+        1,
+        "only the staged tar is left"
+    );
     let tar_path = staged.tar.clone();
     assert!(tar_path.exists());
     let base_spec = Base::Dirs {

@@ -283,3 +283,34 @@ fn gzip_digest_matches_bytes() {
         .unwrap();
     assert_eq!(back, tar);
 }
+
+#[test]
+fn pre_copy_then_frozen_pass_equals_a_direct_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let upper = dir.path().join("upper");
+    std::fs::create_dir_all(upper.join("d")).unwrap();
+    std::fs::write(upper.join("d/same"), vec![1u8; 100_000]).unwrap();
+    std::fs::write(upper.join("d/grows"), b"short").unwrap();
+    std::fs::write(upper.join("d/rewritten"), b"aaaa").unwrap();
+    std::fs::write(upper.join("d/gone"), b"bye").unwrap();
+    // Older than the guard, so unchanged files come from the pre-copy.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let pre = pre_copy(&upper, &dir.path().join("pre.tar")).unwrap();
+
+    std::fs::write(upper.join("d/grows"), b"much longer now").unwrap();
+    std::fs::write(upper.join("d/rewritten"), b"bbbb").unwrap();
+    std::fs::remove_file(upper.join("d/gone")).unwrap();
+    std::fs::write(upper.join("d/new"), b"new").unwrap();
+
+    let frozen = frozen_pass(&upper, &pre, &dir.path().join("delta")).unwrap();
+    assert_eq!(
+        frozen.copied_bytes,
+        (b"much longer now".len() + 4 + 3) as u64,
+        "only new and changed content is copied while frozen"
+    );
+    let mut staged = Vec::new();
+    let sum = finish_staging(&frozen, &pre, &mut staged).unwrap();
+    let (direct, direct_sum) = export(&upper);
+    assert_eq!(sum, direct_sum);
+    assert!(staged == direct, "staged tar differs from a direct export");
+}
