@@ -7,6 +7,7 @@ mod exec;
 mod output;
 mod pools;
 mod serve;
+mod templates;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -54,6 +55,14 @@ enum Command {
         client: ClientArgs,
         #[command(flatten)]
         args: audit::AuditArgs,
+    },
+    /// Templates: from OCI images, archives and rootfs dirs.
+    #[command(visible_alias = "tpl")]
+    Template {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: templates::TemplateCommand,
     },
     /// Warm pools.
     Pool {
@@ -124,6 +133,12 @@ enum SandboxCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Registry pulls use rustls with no provider chosen by crate features (rust-stack.md: both
+    // ring and aws-lc-rs would otherwise be candidates): pick ring, once, for the process.
+    // ring's provider is deprecated in favour of aws-lc-rs (post-quantum key exchange), but
+    // aws-lc-rs needs cmake and a C toolchain build we avoid; registries speak classic TLS.
+    #[allow(deprecated)]
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,6 +163,9 @@ fn main() -> ExitCode {
                 audit::run(&client::ApiClient::new(&client)?, client.output, args)
                     .await
                     .map(|()| 0)
+            }
+            Command::Template { client, command } => {
+                templates::run(&client::ApiClient::new(&client)?, client.output, command).await
             }
             Command::Pool {
                 client,

@@ -140,6 +140,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .context("preparing the code-interpreter-v1 template")?;
 
+    // Templates from OCI images: the layer store and Warren's /etc layer on top of their layers.
+    let images = warren_image::ImageStore::open(data_dir.join("images"))
+        .context("opening the image store")?;
+    let etc_layer = warren_core::image_templates::prepare_etc_layer(&data_dir)
+        .context("preparing the /etc layer of image templates")?;
+    templates.images.enable(images, etc_layer);
+
     let mut store = Store::open(&data_dir).context("opening the database")?;
     if !args.no_audit {
         let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
@@ -153,6 +160,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keys,
         WarrenConfig::default(),
     ));
+    let n = warren
+        .load_image_templates()
+        .await
+        .context("loading image templates")?;
+    tracing::info!(templates = n, "image templates loaded");
     let report = warren.recover().await.context("recovering sandboxes")?;
     tracing::info!(
         adopted = report.adopted.len(),

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod autoscaler;
 pub mod envd_client;
 pub mod error;
+pub mod image_templates;
 pub mod objects;
 pub mod orchestrator;
 pub mod pool;

@@ -44,6 +44,8 @@ const MIGRATIONS: &[&str] = &[
     crate::pool_store::MIGRATION_POOLS,
     // 3: E2B's lifecycle.autoResume: traffic to a paused sandbox resumes it for this many seconds.
     "ALTER TABLE sandboxes ADD COLUMN auto_resume_secs INTEGER;",
+    // 4: templates made from OCI images (see image_templates.rs).
+    crate::image_templates::MIGRATION_IMAGE_TEMPLATES,
 ];
 
 #[derive(Debug, thiserror::Error)]

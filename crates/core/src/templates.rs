@@ -5,7 +5,8 @@
 //! directories of an optional templates dir, looked up on each create so that an operator can add
 //! a template without restarting: `<dir>/<name>/rootfs` is a template with that single read-only
 //! layer and no bind mounts, and the optional file `<dir>/<name>/start_command` holds its start
-//! command (see [`warren_runtime::EnvdSettings::start_command`]).
+//! command (see [`warren_runtime::EnvdSettings::start_command`]). Templates made from OCI images
+//! ([`crate::image_templates`]) are a third source, created and deleted through the API.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +25,16 @@ pub struct TemplateRegistry {
     start_commands: RwLock<HashMap<String, String>>,
     ready_ports: RwLock<HashMap<String, u16>>,
     dir: Option<PathBuf>,
+    /// Templates made from images; see [`crate::image_templates`].
+    pub images: crate::image_templates::ImageTemplates,
+}
+
+/// Per-template defaults for envd that come from an image's config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvdDefaults {
+    pub env: std::collections::BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub cwd: Option<String>,
 }
 
 impl TemplateRegistry {
@@ -33,6 +44,7 @@ impl TemplateRegistry {
             start_commands: RwLock::default(),
             ready_ports: RwLock::default(),
             dir,
+            images: Default::default(),
         }
     }
 
@@ -70,6 +82,9 @@ impl TemplateRegistry {
 
     /// The start command of template `name`, if it has one.
     pub fn start_command(&self, name: &str) -> Option<String> {
+        if let Some(t) = self.images.get(name) {
+            return t.start_command;
+        }
         if let Some(c) = self
             .start_commands
             .read()
@@ -87,6 +102,12 @@ impl TemplateRegistry {
     }
 
     pub fn resolve(&self, name: &str) -> Result<RootfsSpec, TemplateError> {
+        if let Some(t) = self.images.get(name) {
+            return Ok(RootfsSpec {
+                lower_dirs: self.images.lower_dirs(&t),
+                ro_binds: vec![],
+            });
+        }
         if let Some(spec) = self
             .registered
             .read()
@@ -107,6 +128,50 @@ impl TemplateRegistry {
         Err(TemplateError::NotFound(name.to_string()))
     }
 
+    /// The env vars, user and cwd an image template gives its sandboxes (`None` for others).
+    pub fn envd_defaults(&self, name: &str) -> Option<EnvdDefaults> {
+        let t = self.images.get(name)?;
+        // A plain rootfs dir has no config: its sandboxes keep the daemon's default user.
+        let user = (!matches!(
+            t.source,
+            crate::image_templates::TemplateSource::Rootfs { .. }
+        ))
+        .then(|| crate::image_templates::default_user(t.user.as_deref(), &t.layers));
+        Some(EnvdDefaults {
+            env: t.env,
+            user,
+            cwd: t.workdir,
+        })
+    }
+
+    /// Applies an image template's defaults to a sandbox's envd settings; the env vars already
+    /// there (the create request's) win over the image's.
+    pub fn apply_defaults(&self, name: &str, envd: &mut warren_runtime::EnvdSettings) {
+        if let Some(d) = self.envd_defaults(name) {
+            let mut env = d.env;
+            env.append(&mut envd.env_vars);
+            envd.env_vars = env;
+            if let Some(u) = d.user {
+                envd.default_user = u;
+            }
+            envd.default_cwd = d.cwd;
+        }
+    }
+
+    /// Whether `name` is a template given by the daemon itself or the templates dir (not
+    /// deletable through the API).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.registered
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+            || (safe_name(name)
+                && self
+                    .dir
+                    .as_ref()
+                    .is_some_and(|d| d.join(name).join("rootfs").is_dir()))
+    }
+
     /// Names of all templates currently available, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -116,6 +181,14 @@ impl TemplateRegistry {
             .keys()
             .cloned()
             .collect();
+        names.extend(
+            self.images
+                .ready
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         if let Some(Ok(entries)) = self.dir.as_ref().map(std::fs::read_dir) {
             for e in entries.flatten() {
                 if e.path().join("rootfs").is_dir() {
@@ -132,7 +205,7 @@ impl TemplateRegistry {
 }
 
 /// The name becomes a path component: refuse anything that could leave the dir.
-fn safe_name(name: &str) -> bool {
+pub(crate) fn safe_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
