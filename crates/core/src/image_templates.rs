@@ -158,7 +158,8 @@ impl ImageTemplates {
     }
 }
 
-/// Writes Warren's small `/etc` layer for image templates (hosts, resolv.conf, hostname) under
+/// Writes Warren's small layer for image templates (`/etc` hosts, resolv.conf, hostname, and
+/// the mount points proc, sys, dev, run, tmp) under
 /// `<data_dir>/templates/image-etc/rootfs` and returns it. The sandbox's init rewrites
 /// `/etc/hostname` in its upper dir; the others are the same for every sandbox.
 pub fn prepare_etc_layer(data_dir: &Path) -> std::io::Result<PathBuf> {
@@ -174,6 +175,20 @@ pub fn prepare_etc_layer(data_dir: &Path) -> std::io::Result<PathBuf> {
         warren_runtime::linux::sandbox_resolv_conf(),
     )?;
     std::fs::write(etc.join("hostname"), "sandbox\n")?;
+    // The mount points the sandbox's init needs: present here, they cost no mkdir (and no
+    // copy-up of `/`) in each sandbox's upper dir when the image lacks them.
+    use std::os::unix::fs::PermissionsExt;
+    for (dir, mode) in [
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("dev", 0o755),
+        ("run", 0o755),
+        ("tmp", 0o1777),
+    ] {
+        let p = root.join(dir);
+        std::fs::create_dir_all(&p)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    }
     Ok(root)
 }
 

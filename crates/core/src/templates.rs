@@ -245,6 +245,65 @@ mod tests {
     }
 
     #[test]
+    fn image_templates_resolve_to_their_layers_and_defaults() {
+        use crate::image_templates::{ImageTemplate, TemplateSource};
+        let reg = TemplateRegistry::new(None);
+        reg.images.enable(
+            warren_image::ImageStore::open(tempfile::tempdir().unwrap().keep()).unwrap(),
+            "/etc-layer".into(),
+        );
+        let t = ImageTemplate {
+            name: "img".into(),
+            source: TemplateSource::Image {
+                reference: "r/x:1".into(),
+            },
+            store_ref: Some("warren-template/img".into()),
+            manifest_digest: None,
+            layers: vec!["/l/top".into(), "/l/bottom".into()],
+            env: [
+                ("A".to_string(), "image".to_string()),
+                ("B".into(), "image".into()),
+            ]
+            .into(),
+            workdir: Some("/srv".into()),
+            user: Some("app".into()),
+            start_command: Some("/bin/server".into()),
+            size_bytes: 1,
+            created_at: chrono::Utc::now(),
+        };
+        reg.images.ready.write().unwrap().insert("img".into(), t);
+        let spec = reg.resolve("img").unwrap();
+        assert_eq!(
+            spec.lower_dirs,
+            vec![
+                PathBuf::from("/etc-layer"),
+                "/l/top".into(),
+                "/l/bottom".into()
+            ]
+        );
+        assert!(
+            spec.ro_binds.is_empty(),
+            "image templates do not see the host's /usr"
+        );
+        assert_eq!(reg.start_command("img").as_deref(), Some("/bin/server"));
+        let mut envd = warren_runtime::EnvdSettings {
+            env_vars: [("B".to_string(), "request".to_string())].into(),
+            default_user: "user".into(),
+            ..Default::default()
+        };
+        reg.apply_defaults("img", &mut envd);
+        assert_eq!(envd.env_vars["A"], "image");
+        assert_eq!(envd.env_vars["B"], "request", "the create's env vars win");
+        assert_eq!(envd.default_user, "app");
+        assert_eq!(envd.default_cwd.as_deref(), Some("/srv"));
+        assert!(reg.names().contains(&"img".to_string()));
+        assert!(!reg.is_builtin("img"));
+        let mut other = warren_runtime::EnvdSettings::default();
+        reg.apply_defaults("base", &mut other);
+        assert_eq!(other, warren_runtime::EnvdSettings::default());
+    }
+
+    #[test]
     fn start_commands() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("srv/rootfs")).unwrap();

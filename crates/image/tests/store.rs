@@ -444,3 +444,30 @@ fn blob_writer_verifies_and_names() {
         "registry.example.com"
     ));
 }
+
+#[test]
+fn an_interrupted_operation_leaves_nothing_after_reopen_and_gc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    let src = tmp.path().join("layout");
+    write_layout(
+        &src,
+        "img",
+        &[layer(layer_tar(&[E::File("f", b"1", 0o644)]), "gzip")],
+    );
+    import_oci_dir(&store, &src, None, "kept", &quiet).unwrap();
+    let before = tree(&root);
+    // What a crash mid-pull leaves: a partial blob and a half-unpacked layer in tmp/, a
+    // complete blob and an unpacked layer nothing references yet.
+    std::fs::write(store.tmp_dir().join("blob-1-0"), b"partial").unwrap();
+    std::fs::create_dir_all(store.tmp_dir().join("layer-1-1/usr/lib")).unwrap();
+    store.add_blob_bytes(b"orphan blob", None).unwrap();
+    std::fs::create_dir_all(store.layer_dir(&sha(b"orphan layer")).unwrap().join("etc")).unwrap();
+    drop(store);
+    let store = ImageStore::open(&root).unwrap();
+    let report = store.gc().unwrap().unwrap();
+    assert_eq!((report.blobs, report.layers), (1, 1));
+    assert_eq!(tree(&root), before);
+    assert!(store.resolve("kept").is_ok());
+}

@@ -56,17 +56,31 @@ impl Warren {
     pub async fn load_image_templates(&self) -> Result<usize, CoreError> {
         let all = it::load_all(&self.store).await?;
         let n = all.len();
-        let mut ready = self
-            .templates
-            .images
-            .ready
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
         for t in all {
             if let Some(missing) = t.layers.iter().find(|l| !l.is_dir()) {
                 tracing::warn!(template = %t.name, layer = %missing.display(), "template layer missing; recreate the template");
             }
-            ready.insert(t.name.clone(), t);
+            self.templates
+                .images
+                .ready
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(t.name.clone(), t);
+        }
+        // Whatever a crash or an interrupted build left unreferenced in the store goes now.
+        if let Some(store) = self.templates.images.image_store() {
+            match blocking(move || store.gc()).await {
+                Ok(Some(r)) if r.blobs + r.layers > 0 => {
+                    tracing::info!(
+                        blobs = r.blobs,
+                        layers = r.layers,
+                        bytes = r.bytes,
+                        "image gc at start"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "image gc at start"),
+            }
         }
         Ok(n)
     }
