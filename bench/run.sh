@@ -53,5 +53,8 @@ kill $NA_DAEMON; wait $NA_DAEMON 2>/dev/null || true
 rm -rf "$NA_DATA" "$NA_DATA.log"
 # Issue 4 figures: code-interpreter-v1 create → first run_code, warm run_code, idle memory.
 python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --json "$DATA.codeinterp.json"
+# Issue 5 figures: import of a ~200 MiB image (layout, oci-archive, loopback registry pull) and
+# create from an image template vs base.
+python3 bench/images.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --json "$DATA.images.json"
 # Issue 5 figures: commit of a 100 MiB change (freeze time and total), create from the image.
 python3 bench/commit.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.commit.json"

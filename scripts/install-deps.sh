@@ -11,10 +11,11 @@ packages=(
   python3-venv  # the venv of the code-interpreter-v1 template (scripts/build-code-interpreter-template.sh)
   ca-certificates
   curl
-  docker-registry  # tests: a real OCI registry on loopback for commit pushes
-  apache2-utils    # tests: htpasswd for the registry's basic auth
-  skopeo           # tests: pull pushed images back, inspect the local OCI layout
-  umoci            # tests: unpack images Warren wrote
+  busybox-static   # tests: the rootfs of test images (tests/images/make-busybox-image.sh)
+  umoci            # tests: builds test OCI images; reads images Warren writes
+  skopeo           # tests: pushes test images to a registry; inspects images Warren writes
+  docker-registry  # tests: a real registry on loopback (pull with auth)
+  apache2-utils    # tests: htpasswd for that registry
 )
 missing=()
 for p in "${packages[@]}"; do

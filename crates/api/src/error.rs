@@ -34,7 +34,8 @@ impl From<CoreError> for ApiError {
             CoreError::Runtime(_)
             | CoreError::Store(_)
             | CoreError::Audit(_)
-            | CoreError::Internal(_) => {
+            | CoreError::Internal(_)
+            | CoreError::Image(_) => {
                 tracing::error!(error = %e, "internal error");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

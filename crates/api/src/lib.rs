@@ -14,6 +14,7 @@ pub mod network;
 pub mod pools;
 pub mod proxy;
 pub mod sandboxes;
+pub mod templates;
 
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -57,6 +58,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
     let api = Router::new()
         .route("/health", get(h::health))
         .merge(pools::routes())
+        .merge(templates::routes())
         .merge(commits::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))
         .route("/v2/sandboxes", post(h::create).get(h::list_v2))

@@ -9,6 +9,7 @@ mod exec;
 mod output;
 mod pools;
 mod serve;
+mod templates;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -58,12 +59,13 @@ enum Command {
         #[command(flatten)]
         args: audit::AuditArgs,
     },
-    /// Templates.
+    /// Templates: from OCI images, archives and rootfs dirs.
+    #[command(visible_alias = "tpl")]
     Template {
         #[command(flatten)]
         client: ClientArgs,
         #[command(subcommand)]
-        command: TemplateBuildCommand,
+        command: templates::TemplateCommand,
     },
     /// Commit sandboxes to OCI images.
     Commit {
@@ -85,19 +87,6 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: PoolCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TemplateBuildCommand {
-    /// Build a template from a Dockerfile subset (FROM, RUN, COPY, ENV, WORKDIR, USER); each RUN
-    /// and COPY is a committed layer, unchanged steps come from the cache.
-    Build {
-        /// The template (and image) name.
-        name: String,
-        /// The build file; COPY sources are relative to its directory.
-        #[arg(short = 'f', long = "file")]
-        file: std::path::PathBuf,
     },
 }
 
@@ -161,6 +150,12 @@ enum SandboxCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Registry pulls use rustls with no provider chosen by crate features (rust-stack.md: both
+    // ring and aws-lc-rs would otherwise be candidates): pick ring, once, for the process.
+    // ring's provider is deprecated in favour of aws-lc-rs (post-quantum key exchange), but
+    // aws-lc-rs needs cmake and a C toolchain build we avoid; registries speak classic TLS.
+    #[allow(deprecated)]
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -186,10 +181,9 @@ fn main() -> ExitCode {
                     .await
                     .map(|()| 0)
             }
-            Command::Template {
-                client,
-                command: TemplateBuildCommand::Build { name, file },
-            } => build::build(&client::ApiClient::new(&client)?, &name, &file).await,
+            Command::Template { client, command } => {
+                templates::run(&client::ApiClient::new(&client)?, client.output, command).await
+            }
             Command::Commit { client, command } => {
                 commits::run(&client::ApiClient::new(&client)?, client.output, command).await
             }

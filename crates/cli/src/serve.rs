@@ -140,6 +140,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .context("preparing the code-interpreter-v1 template")?;
 
+    // Templates from OCI images: the layer store and Warren's /etc layer on top of their layers.
+    let images = warren_image::ImageStore::open(data_dir.join("images"))
+        .context("opening the image store")?;
+    let etc_layer = warren_core::image_templates::prepare_etc_layer(&data_dir)
+        .context("preparing the /etc layer of image templates")?;
+    templates.images.enable(images.clone(), etc_layer);
+
     let mut store = Store::open(&data_dir).context("opening the database")?;
     if !args.no_audit {
         let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
@@ -153,13 +160,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keys,
         WarrenConfig::default(),
     ));
-    let images = warren_image::commit::ImageStore::open(&data_dir.join("images"))
-        .context("opening the image store")?;
+    // Commits write into the same store (one index writer, one gc); their images are image
+    // templates, loaded with the others.
     warren
-        .set_image_store(Arc::new(images))
+        .set_image_store(Arc::new(warren_image::commit::Committer::new(images)))
         .await
-        .context("registering committed images")?;
+        .context("setting up commits")?;
     warren.set_pusher(Arc::new(RegistryPusher));
+    let n = warren
+        .load_image_templates()
+        .await
+        .context("loading image templates")?;
+    tracing::info!(templates = n, "image templates loaded");
     let report = warren.recover().await.context("recovering sandboxes")?;
     tracing::info!(
         adopted = report.adopted.len(),
@@ -253,11 +265,11 @@ struct RegistryPusher;
 impl warren_core::orchestrator::commits::Pusher for RegistryPusher {
     async fn push(
         &self,
-        store: Arc<warren_image::commit::ImageStore>,
+        store: warren_image::ImageStore,
         image: &str,
         auth: Option<(String, String)>,
     ) -> Result<(), String> {
-        warren_image::push::push_image(store.layout(), image, auth)
+        warren_image::push::push_image(&store, image, auth)
             .await
             .map_err(|e| e.to_string())
     }

@@ -22,6 +22,9 @@ pub enum CoreError {
     Audit(#[from] crate::audit::AuditError),
     #[error("{0}")]
     Internal(String),
+    /// A fault of the image store on this host (disk, permissions), not of the caller's input.
+    #[error("image store: {0}")]
+    Image(String),
 }
 
 impl From<StoreError> for CoreError {

@@ -8,6 +8,7 @@ pub mod autoscaler;
 pub mod commit;
 pub mod envd_client;
 pub mod error;
+pub mod image_templates;
 pub mod objects;
 pub mod orchestrator;
 pub mod pool;

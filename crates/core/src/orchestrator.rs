@@ -486,7 +486,7 @@ impl Warren {
         let network = req.network.policy(req.allow_internet)?;
         let allow_internet = network.allow_internet;
         let resources = self.config.default_resources;
-        let spec = SandboxSpec {
+        let mut spec = SandboxSpec {
             id: id.clone(),
             rootfs,
             resources,
@@ -497,8 +497,11 @@ impl Warren {
                 default_user: self.config.default_user.clone(),
                 admin_token: None,
                 start_command: self.templates.start_command(&req.template_id),
+                default_cwd: None,
             },
         };
+        self.templates
+            .apply_defaults(&req.template_id, &mut spec.envd);
         let now = self.clock.now();
         let rec = SandboxRecord {
             id: id.clone(),
@@ -938,6 +941,7 @@ pub mod commits;
 pub mod metrics;
 pub mod network;
 pub mod pools;
+pub mod templates;
 
 /// How long a create waits for the port of its template's start command.
 const READY_PORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

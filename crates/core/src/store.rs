@@ -44,7 +44,9 @@ const MIGRATIONS: &[&str] = &[
     crate::pool_store::MIGRATION_POOLS,
     // 3: E2B's lifecycle.autoResume: traffic to a paused sandbox resumes it for this many seconds.
     "ALTER TABLE sandboxes ADD COLUMN auto_resume_secs INTEGER;",
-    // 4: commits and registry secrets (see commit.rs).
+    // 4: templates made from OCI images (see image_templates.rs).
+    crate::image_templates::MIGRATION_IMAGE_TEMPLATES,
+    // 5: commits and registry secrets (see commit.rs).
     crate::commit::MIGRATION_COMMITS,
 ];
 

@@ -5,7 +5,8 @@
 //! directories of an optional templates dir, looked up on each create so that an operator can add
 //! a template without restarting: `<dir>/<name>/rootfs` is a template with that single read-only
 //! layer and no bind mounts, and the optional file `<dir>/<name>/start_command` holds its start
-//! command (see [`warren_runtime::EnvdSettings::start_command`]).
+//! command (see [`warren_runtime::EnvdSettings::start_command`]). Templates made from OCI images
+//! ([`crate::image_templates`]) are a third source, created and deleted through the API.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +25,16 @@ pub struct TemplateRegistry {
     start_commands: RwLock<HashMap<String, String>>,
     ready_ports: RwLock<HashMap<String, u16>>,
     dir: Option<PathBuf>,
+    /// Templates made from images; see [`crate::image_templates`].
+    pub images: crate::image_templates::ImageTemplates,
+}
+
+/// Per-template defaults for envd that come from an image's config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvdDefaults {
+    pub env: std::collections::BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub cwd: Option<String>,
 }
 
 impl TemplateRegistry {
@@ -33,6 +44,7 @@ impl TemplateRegistry {
             start_commands: RwLock::default(),
             ready_ports: RwLock::default(),
             dir,
+            images: Default::default(),
         }
     }
 
@@ -86,6 +98,9 @@ impl TemplateRegistry {
 
     /// The start command of template `name`, if it has one.
     pub fn start_command(&self, name: &str) -> Option<String> {
+        if let Some(t) = self.images.get(name) {
+            return t.start_command;
+        }
         if let Some(c) = self
             .start_commands
             .read()
@@ -103,6 +118,19 @@ impl TemplateRegistry {
     }
 
     pub fn resolve(&self, name: &str) -> Result<RootfsSpec, TemplateError> {
+        if let Some(t) = self.images.get(name) {
+            return Ok(RootfsSpec {
+                lower_dirs: self.images.lower_dirs(&t),
+                ro_binds: t
+                    .host_binds
+                    .iter()
+                    .map(|(source, target)| warren_runtime::BindMount {
+                        source: source.clone(),
+                        target: target.clone(),
+                    })
+                    .collect(),
+            });
+        }
         if let Some(spec) = self
             .registered
             .read()
@@ -123,6 +151,50 @@ impl TemplateRegistry {
         Err(TemplateError::NotFound(name.to_string()))
     }
 
+    /// The env vars, user and cwd an image template gives its sandboxes (`None` for others).
+    pub fn envd_defaults(&self, name: &str) -> Option<EnvdDefaults> {
+        let t = self.images.get(name)?;
+        // A plain rootfs dir has no config: its sandboxes keep the daemon's default user.
+        let user = (!matches!(
+            t.source,
+            crate::image_templates::TemplateSource::Rootfs { .. }
+        ))
+        .then(|| crate::image_templates::default_user(t.user.as_deref(), &t.layers));
+        Some(EnvdDefaults {
+            env: t.env,
+            user,
+            cwd: t.workdir,
+        })
+    }
+
+    /// Applies an image template's defaults to a sandbox's envd settings; the env vars already
+    /// there (the create request's) win over the image's.
+    pub fn apply_defaults(&self, name: &str, envd: &mut warren_runtime::EnvdSettings) {
+        if let Some(d) = self.envd_defaults(name) {
+            let mut env = d.env;
+            env.append(&mut envd.env_vars);
+            envd.env_vars = env;
+            if let Some(u) = d.user {
+                envd.default_user = u;
+            }
+            envd.default_cwd = d.cwd;
+        }
+    }
+
+    /// Whether `name` is a template given by the daemon itself or the templates dir (not
+    /// deletable through the API).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.registered
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+            || (safe_name(name)
+                && self
+                    .dir
+                    .as_ref()
+                    .is_some_and(|d| d.join(name).join("rootfs").is_dir()))
+    }
+
     /// Names of all templates currently available, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -132,6 +204,14 @@ impl TemplateRegistry {
             .keys()
             .cloned()
             .collect();
+        names.extend(
+            self.images
+                .ready
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         if let Some(Ok(entries)) = self.dir.as_ref().map(std::fs::read_dir) {
             for e in entries.flatten() {
                 if e.path().join("rootfs").is_dir() {
@@ -148,7 +228,7 @@ impl TemplateRegistry {
 }
 
 /// The name becomes a path component: refuse anything that could leave the dir.
-fn safe_name(name: &str) -> bool {
+pub(crate) fn safe_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
@@ -185,6 +265,66 @@ mod tests {
             );
         }
         assert_eq!(reg.names(), vec!["base".to_string(), "py".to_string()]);
+    }
+
+    #[test]
+    fn image_templates_resolve_to_their_layers_and_defaults() {
+        use crate::image_templates::{ImageTemplate, TemplateSource};
+        let reg = TemplateRegistry::new(None);
+        reg.images.enable(
+            warren_image::ImageStore::open(tempfile::tempdir().unwrap().keep()).unwrap(),
+            "/etc-layer".into(),
+        );
+        let t = ImageTemplate {
+            name: "img".into(),
+            source: TemplateSource::Image {
+                reference: "r/x:1".into(),
+            },
+            store_ref: Some("warren-template/img".into()),
+            manifest_digest: None,
+            layers: vec!["/l/top".into(), "/l/bottom".into()],
+            env: [
+                ("A".to_string(), "image".to_string()),
+                ("B".into(), "image".into()),
+            ]
+            .into(),
+            workdir: Some("/srv".into()),
+            user: Some("app".into()),
+            start_command: Some("/bin/server".into()),
+            size_bytes: 1,
+            host_binds: vec![],
+            created_at: chrono::Utc::now(),
+        };
+        reg.images.ready.write().unwrap().insert("img".into(), t);
+        let spec = reg.resolve("img").unwrap();
+        assert_eq!(
+            spec.lower_dirs,
+            vec![
+                PathBuf::from("/etc-layer"),
+                "/l/top".into(),
+                "/l/bottom".into()
+            ]
+        );
+        assert!(
+            spec.ro_binds.is_empty(),
+            "image templates do not see the host's /usr"
+        );
+        assert_eq!(reg.start_command("img").as_deref(), Some("/bin/server"));
+        let mut envd = warren_runtime::EnvdSettings {
+            env_vars: [("B".to_string(), "request".to_string())].into(),
+            default_user: "user".into(),
+            ..Default::default()
+        };
+        reg.apply_defaults("img", &mut envd);
+        assert_eq!(envd.env_vars["A"], "image");
+        assert_eq!(envd.env_vars["B"], "request", "the create's env vars win");
+        assert_eq!(envd.default_user, "app");
+        assert_eq!(envd.default_cwd.as_deref(), Some("/srv"));
+        assert!(reg.names().contains(&"img".to_string()));
+        assert!(!reg.is_builtin("img"));
+        let mut other = warren_runtime::EnvdSettings::default();
+        reg.apply_defaults("base", &mut other);
+        assert_eq!(other, warren_runtime::EnvdSettings::default());
     }
 
     #[test]

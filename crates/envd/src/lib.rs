@@ -39,6 +39,9 @@ pub struct EnvdConfig {
     pub admin_token: Option<String>,
     /// Started once at boot (see [`start_command`]); `None` starts nothing.
     pub start_command: Option<String>,
+    /// Where processes start when a request names no cwd (an image's `WorkingDir`); `None`
+    /// means the user's home.
+    pub default_cwd: Option<std::path::PathBuf>,
 }
 
 impl Default for EnvdConfig {
@@ -49,6 +52,7 @@ impl Default for EnvdConfig {
             default_user: "user".to_string(),
             admin_token: None,
             start_command: None,
+            default_cwd: None,
         }
     }
 }

@@ -23,6 +23,7 @@ fn parse_serve_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Se
         default_user: "user".to_string(),
         admin_token: None,
         start_command: None,
+        default_cwd: None,
     };
     while let Some(flag) = args.next() {
         let (flag, inline_value) = match flag.split_once('=') {
@@ -66,6 +67,7 @@ fn sandbox_init() -> ! {
             default_user: settings.default_user,
             admin_token: settings.admin_token,
             start_command: settings.start_command,
+            default_cwd: settings.default_cwd.map(Into::into),
         };
         // Non-dumpable: root in the sandbox has no CAP_SYS_PTRACE, so it can neither attach to
         // envd nor read its memory, fds or environment (where the access and admin tokens

@@ -154,7 +154,11 @@ async fn start_process(
     let user = rpc_user(state, headers)?;
     let cwd = match config.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(cwd) => resolve_path(cwd, &user)?,
-        None => user.home.clone(),
+        None => state
+            .config
+            .default_cwd
+            .clone()
+            .unwrap_or_else(|| user.home.clone()),
     };
     let options = StartOptions {
         cmd,

@@ -20,10 +20,11 @@
 //! [`HOST_BINDS_LABEL`] (`source:target` pairs); Warren re-creates the binds for sandboxes of
 //! the image, and any other runtime sees an image without `/usr`.
 
+use crate::error::ImageError;
 use crate::export::{export_upper_dir, gzip_layer, ExportError, TarSummary};
-use crate::oci_layout::{
-    digest_hex, io_err, Blob, ImageRef, LayoutError, OciLayout, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
-    MEDIA_MANIFEST,
+use crate::store::{
+    Descriptor, Image, ImageStore, Manifest, MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER_GZIP,
+    MEDIA_OCI_MANIFEST,
 };
 use serde_json::json;
 use std::collections::HashMap;
@@ -31,6 +32,10 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |e| ImageError::io(op, path, e)
+}
 
 /// Config label listing host bind mounts (`source:target`, comma-separated) the image's sandboxes
 /// need but the image does not contain.
@@ -41,7 +46,7 @@ pub enum CommitError {
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Store(#[from] ImageError),
     #[error("unpack layer {diff_id}: {source}")]
     Unpack {
         diff_id: String,
@@ -84,11 +89,15 @@ impl Drop for PreCopied {
 /// The base a commit builds on.
 pub enum Base {
     /// An image of the local store (its config and layers are kept).
-    Image(ImageRef),
+    Image(Box<Image>),
     /// Plain directories in overlay format, lowest first, plus host binds (source, target).
+    /// `user` and `start_command` (run by `/bin/sh -c`) are the template's defaults, written
+    /// into the config (`User`, `Cmd`) so that they carry over like an image's.
     Dirs {
         lower_dirs: Vec<PathBuf>,
         host_binds: Vec<(PathBuf, PathBuf)>,
+        user: Option<String>,
+        start_command: Option<String>,
     },
 }
 
@@ -100,17 +109,10 @@ pub struct Committed {
     pub digest: String,
     pub manifest_size: u64,
     /// The new layer's blob (compressed).
-    pub layer: Blob,
+    pub layer: Descriptor,
     pub diff_id: String,
     /// Sum of the compressed sizes of all layers.
     pub image_size: u64,
-}
-
-/// How a sandbox of an image is assembled: the layer dirs (topmost first) and host binds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageRootfs {
-    pub lower_dirs: Vec<PathBuf>,
-    pub host_binds: Vec<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -120,9 +122,11 @@ struct DirLayer {
     size: u64,
 }
 
-pub struct ImageStore {
-    layout: OciLayout,
-    layers: PathBuf,
+/// Commits into the image store ([`crate::store::ImageStore`]): the one writer of its index and
+/// the one gc are the store's; this adds staging, layer export and the cache of base-dir layers.
+#[derive(Debug)]
+pub struct Committer {
+    store: ImageStore,
     dir_cache_file: PathBuf,
     /// One base-dir export at a time: two commits of the same template must not both export it.
     dir_cache: Mutex<()>,
@@ -151,45 +155,33 @@ pub fn validate_image_name(name: &str) -> Result<(), CommitError> {
     Ok(())
 }
 
-impl ImageStore {
-    /// Opens the store under `images_dir` (`oci/`, `layers/`, `tmp/`).
-    pub fn open(images_dir: &Path) -> Result<ImageStore, CommitError> {
-        // One daemon owns a data dir: at open, whatever is in tmp/ was left by a crash (a staged
-        // layer, a half-written blob or layer dir) and nobody will finish it.
-        let tmp = images_dir.join("tmp");
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-            }
-        }
-        let layout = OciLayout::open(&images_dir.join("oci"), &tmp)?;
-        let layers = images_dir.join("layers");
-        std::fs::create_dir_all(&layers).map_err(io_err("mkdir", &layers))?;
-        Ok(ImageStore {
-            layout,
-            layers,
-            dir_cache_file: images_dir.join("dir-layers.json"),
+impl Committer {
+    /// Commits into `store` (which already emptied its `tmp/` at open).
+    pub fn new(store: ImageStore) -> Committer {
+        Committer {
+            dir_cache_file: store.root().join("dir-layers.json"),
+            store,
             dir_cache: Mutex::new(()),
-        })
+        }
     }
 
-    pub fn layout(&self) -> &OciLayout {
-        &self.layout
+    /// Opens the store under `images_dir` (`oci/`, `layers/`, `tmp/`).
+    pub fn open(images_dir: &Path) -> Result<Committer, CommitError> {
+        Ok(Committer::new(ImageStore::open(images_dir)?))
     }
 
-    pub fn layer_dir(&self, diff_id: &str) -> Result<PathBuf, LayoutError> {
-        Ok(self.layers.join(digest_hex(diff_id)?))
+    pub fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
+    pub fn layer_dir(&self, diff_id: &str) -> Result<PathBuf, ImageError> {
+        self.store.layer_dir(diff_id)
     }
 
     /// Stage 1, while the sandbox is frozen: the upper dir as an uncompressed tar in a staging
     /// file.
     pub fn stage_upper(&self, upper: &Path) -> Result<StagedLayer, CommitError> {
-        let tar = self.layout.temp_path("commit.tar");
+        let tar = self.store.temp_path("commit.tar");
         let file = std::fs::File::create(&tar).map_err(io_err("create", &tar))?;
         let staged = StagedLayer {
             tar,
@@ -206,7 +198,7 @@ impl ImageStore {
 
     /// Stage 1a, sandbox running: copies the whole upper dir (possibly inconsistent).
     pub fn pre_copy(&self, upper: &Path) -> Result<PreCopied, CommitError> {
-        let path = self.layout.temp_path("precopy.tar");
+        let path = self.store.temp_path("precopy.tar");
         let res = crate::export::pre_copy(upper, &path);
         let mut pre = PreCopied {
             pre: None,
@@ -225,7 +217,7 @@ impl ImageStore {
                 std::io::Error::other("no pre-copy"),
             )));
         };
-        let delta = self.layout.temp_path("delta");
+        let delta = self.store.temp_path("delta");
         let res = crate::export::frozen_pass(upper, p, &delta);
         if res.is_err() {
             let _ = std::fs::remove_file(&delta);
@@ -244,7 +236,7 @@ impl ImageStore {
                 std::io::Error::other("no frozen pass"),
             )));
         };
-        let tar = self.layout.temp_path("commit.tar");
+        let tar = self.store.temp_path("commit.tar");
         let file = std::fs::File::create(&tar).map_err(io_err("create", &tar))?;
         let mut staged = StagedLayer {
             tar,
@@ -259,28 +251,18 @@ impl ImageStore {
         Ok(staged)
     }
 
-    /// Gzips a tar file into a new blob; returns it.
-    fn tar_to_blob(&self, tar: &Path) -> Result<Blob, CommitError> {
-        let tmp = self.layout.temp_path("blob");
-        let res = (|| {
-            let src = std::fs::File::open(tar).map_err(io_err("open", tar))?;
-            let dst = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-            let (_, digest, size) = gzip_layer(
-                BufReader::with_capacity(1 << 20, src),
-                BufWriter::with_capacity(1 << 20, dst),
-            )
-            .map_err(io_err("compress layer into", &tmp))?;
-            self.layout.put_blob_file(&tmp, &digest)?;
-            Ok(Blob {
-                media_type: MEDIA_LAYER_GZIP.into(),
-                digest,
-                size,
-            })
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res
+    /// Gzips a tar file into a new blob of the store; returns its descriptor.
+    fn tar_to_blob(&self, tar: &Path) -> Result<Descriptor, CommitError> {
+        let src = std::fs::File::open(tar).map_err(io_err("open", tar))?;
+        let w = self.store.blob_writer()?;
+        let (w, digest, _) = gzip_layer(BufReader::with_capacity(1 << 20, src), w)
+            .map_err(io_err("compress layer", tar))?;
+        let info = w.finish(Some(&digest))?;
+        Ok(Descriptor::new(
+            MEDIA_OCI_LAYER_GZIP,
+            info.digest,
+            info.size,
+        ))
     }
 
     /// Stage 2: the staged layer on top of `base`, named `name` in the store.
@@ -292,6 +274,9 @@ impl ImageStore {
         created_by: &str,
     ) -> Result<Committed, CommitError> {
         validate_image_name(name)?;
+        // Until `name` references them, the new blobs and layer dirs are unreferenced: the
+        // store's gc must wait.
+        let _op = self.store.begin_operation();
         let layer = self.tar_to_blob(&staged.tar)?;
         let diff_id = staged.summary.diff_id.clone();
         self.unpack_layer(&staged.tar, &diff_id)?;
@@ -299,10 +284,20 @@ impl ImageStore {
 
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let (mut config, mut layers) = match base {
-            Base::Image(img) => (img.config.clone(), img.layers()),
+            Base::Image(img) => (
+                serde_json::from_slice::<serde_json::Value>(&img.config_raw).map_err(|e| {
+                    ImageError::invalid(
+                        format!("image config {}", img.manifest.config.digest),
+                        e.to_string(),
+                    )
+                })?,
+                img.manifest.layers.clone(),
+            ),
             Base::Dirs {
                 lower_dirs,
                 host_binds,
+                user,
+                start_command,
             } => {
                 let mut diff_ids = Vec::new();
                 let mut layers = Vec::new();
@@ -330,6 +325,12 @@ impl ImageStore {
                         .collect();
                     cfg["config"]["Labels"] = json!({ HOST_BINDS_LABEL: binds.join(",") });
                 }
+                if let Some(u) = user {
+                    cfg["config"]["User"] = json!(u);
+                }
+                if let Some(c) = start_command {
+                    cfg["config"]["Cmd"] = json!(["/bin/sh", "-c", c]);
+                }
                 (cfg, layers)
             }
         };
@@ -346,28 +347,26 @@ impl ImageStore {
             h.push(json!({"created": now, "created_by": created_by}));
         }
         config["created"] = json!(now);
-        let config_blob = self.layout.put_blob_bytes(
-            serde_json::to_vec(&config).unwrap_or_default().as_slice(),
-            MEDIA_CONFIG,
-        )?;
+        let config_bytes = serde_json::to_vec(&config)
+            .map_err(|e| ImageError::invalid("image config", format!("cannot serialize: {e}")))?;
+        let config_info = self.store.add_blob_bytes(&config_bytes, None)?;
         layers.push(layer.clone());
         let image_size = layers.iter().map(|l| l.size).sum();
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_MANIFEST,
-            "config": config_blob.descriptor(),
-            "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
-            "annotations": {"org.opencontainers.image.created": now},
-        });
-        let manifest_blob = self.layout.put_blob_bytes(
-            serde_json::to_vec(&manifest).unwrap_or_default().as_slice(),
-            MEDIA_MANIFEST,
-        )?;
-        self.layout.set_ref(name, &manifest_blob)?;
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: Some(MEDIA_OCI_MANIFEST.into()),
+            config: Descriptor::new(MEDIA_OCI_CONFIG, config_info.digest, config_info.size),
+            layers,
+            annotations: [("org.opencontainers.image.created".to_string(), now)]
+                .into_iter()
+                .collect(),
+            other: Default::default(),
+        };
+        let desc = self.store.add_manifest(name, &manifest)?;
         Ok(Committed {
             name: name.to_string(),
-            digest: manifest_blob.digest.clone(),
-            manifest_size: manifest_blob.size,
+            digest: desc.digest,
+            manifest_size: desc.size,
             layer,
             diff_id,
             image_size,
@@ -375,7 +374,7 @@ impl ImageStore {
     }
 
     /// The layer of a plain template dir: exported and unpacked once, then cached.
-    fn dir_layer(&self, dir: &Path) -> Result<(String, Blob), CommitError> {
+    fn dir_layer(&self, dir: &Path) -> Result<(String, Descriptor), CommitError> {
         if let Some(found) = self.stored_layer(dir)? {
             return Ok(found);
         }
@@ -393,14 +392,11 @@ impl ImageStore {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         if let Some(c) = cache.get(&key) {
-            if self.layout.has_blob(&c.digest) && self.layer_dir(&c.diff_id)?.is_dir() {
+            // The store's gc may have collected both once no image used them.
+            if self.store.has_blob(&c.digest) && self.layer_dir(&c.diff_id)?.is_dir() {
                 return Ok((
                     c.diff_id.clone(),
-                    Blob {
-                        media_type: MEDIA_LAYER_GZIP.into(),
-                        digest: c.digest.clone(),
-                        size: c.size,
-                    },
+                    Descriptor::new(MEDIA_OCI_LAYER_GZIP, c.digest.clone(), c.size),
                 ));
             }
         }
@@ -416,7 +412,7 @@ impl ImageStore {
                 size: blob.size,
             },
         );
-        let tmp = self.layout.temp_path("dir-layers");
+        let tmp = self.store.temp_path("dir-layers");
         std::fs::write(&tmp, serde_json::to_vec(&cache).unwrap_or_default())
             .map_err(io_err("write", &tmp))?;
         std::fs::rename(&tmp, &self.dir_cache_file).map_err(io_err("rename", &tmp))?;
@@ -425,9 +421,9 @@ impl ImageStore {
 
     /// A lower dir that is a layer dir of this store (`layers/<diffid-hex>`) already has a blob:
     /// find it through any image that uses that diffID instead of exporting the dir again.
-    fn stored_layer(&self, dir: &Path) -> Result<Option<(String, Blob)>, CommitError> {
+    fn stored_layer(&self, dir: &Path) -> Result<Option<(String, Descriptor)>, CommitError> {
         let Some(hex) = dir
-            .strip_prefix(&self.layers)
+            .strip_prefix(self.store.layers_dir())
             .ok()
             .and_then(|rel| rel.to_str())
             .filter(|h| !h.contains('/'))
@@ -435,13 +431,23 @@ impl ImageStore {
             return Ok(None);
         };
         let diff_id = format!("sha256:{hex}");
-        for (name, _) in self.layout.refs()? {
-            let Ok(img) = self.layout.resolve(&name) else {
+        for (_, desc) in self.store.refs()? {
+            let Ok(img) = self.store.image_from_descriptor(&desc) else {
                 continue;
             };
-            let layers = img.layers();
-            if let Some(i) = img.diff_ids().iter().position(|d| *d == diff_id) {
-                if let Some(blob) = layers.get(i).filter(|b| self.layout.has_blob(&b.digest)) {
+            if let Some(i) = img
+                .config
+                .rootfs
+                .diff_ids
+                .iter()
+                .position(|d| *d == diff_id)
+            {
+                if let Some(blob) = img
+                    .manifest
+                    .layers
+                    .get(i)
+                    .filter(|b| self.store.has_blob(&b.digest))
+                {
                     return Ok(Some((diff_id, blob.clone())));
                 }
             }
@@ -449,94 +455,38 @@ impl ImageStore {
         Ok(None)
     }
 
-    /// Unpacks one of our own layer tars into `layers/<diffid-hex>` (temp dir + rename), in
-    /// overlay format. Only for tars this module wrote; untrusted layers go through the store's
-    /// hardened unpacker.
+    /// Unpacks one of our own layer tars into `layers/<diffid-hex>` (temp dir, then
+    /// [`ImageStore::add_layer_dir`]), in overlay format. Only for tars this module wrote;
+    /// untrusted layers go through the store's hardened unpacker.
     fn unpack_layer(&self, tar: &Path, diff_id: &str) -> Result<PathBuf, CommitError> {
         let dst = self.layer_dir(diff_id)?;
         if dst.is_dir() {
             return Ok(dst);
         }
-        let tmp = self.layout.temp_path("layer");
-        let res = unpack_overlay(tar, &tmp);
-        let res = res.and_then(|()| {
-            std::fs::rename(&tmp, &dst).or_else(|e| {
-                // Another commit of the same content won the race: its dir is as good as ours.
-                if dst.is_dir() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-        });
-        if let Err(source) = res {
+        let tmp = self.store.temp_path("layer");
+        if let Err(source) = unpack_overlay(tar, &tmp) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(CommitError::Unpack {
                 diff_id: diff_id.into(),
                 source,
             });
         }
+        let res = self.store.add_layer_dir(diff_id, &tmp);
         let _ = std::fs::remove_dir_all(&tmp);
-        Ok(dst)
+        Ok(res?)
     }
+}
 
-    /// How sandboxes of image `name` are assembled (every layer must be unpacked here).
-    pub fn image_rootfs(&self, name: &str) -> Result<ImageRootfs, CommitError> {
-        let img = self.layout.resolve(name)?;
-        let mut lower_dirs = Vec::new();
-        for d in img.diff_ids().iter().rev() {
-            let dir = self.layer_dir(d)?;
-            if !dir.is_dir() {
-                return Err(CommitError::Layout(LayoutError::MissingBlob(format!(
-                    "{d} (layer not unpacked)"
-                ))));
-            }
-            lower_dirs.push(dir);
-        }
-        let host_binds = img.config["config"]["Labels"][HOST_BINDS_LABEL]
-            .as_str()
-            .map(parse_binds)
-            .unwrap_or_default();
-        Ok(ImageRootfs {
-            lower_dirs,
-            host_binds,
+/// The read-only host bind mounts an image's sandboxes need (see [`HOST_BINDS_LABEL`]).
+pub fn host_binds(config_raw: &[u8]) -> Vec<(PathBuf, PathBuf)> {
+    serde_json::from_slice::<serde_json::Value>(config_raw)
+        .ok()
+        .and_then(|c| {
+            c["config"]["Labels"][HOST_BINDS_LABEL]
+                .as_str()
+                .map(parse_binds)
         })
-    }
-
-    /// Removes layer dirs that no image of the store uses and no path in `in_use` is. Returns
-    /// the removed dirs.
-    pub fn gc_layer_dirs(
-        &self,
-        in_use: &std::collections::HashSet<PathBuf>,
-    ) -> Result<Vec<PathBuf>, CommitError> {
-        let mut live = std::collections::HashSet::new();
-        for (name, _) in self.layout.refs()? {
-            if let Ok(img) = self.layout.resolve(&name) {
-                for d in img.diff_ids() {
-                    live.insert(self.layer_dir(&d)?);
-                }
-            }
-        }
-        let mut removed = Vec::new();
-        for e in std::fs::read_dir(&self.layers)
-            .map_err(io_err("read dir", &self.layers))?
-            .flatten()
-        {
-            let p = e.path();
-            // Only content-addressed layer dirs are ours to collect; anything else under
-            // layers/ belongs to someone else.
-            let name = e.file_name();
-            let is_layer = name.len() == 64
-                && name
-                    .to_str()
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()));
-            if is_layer && !live.contains(&p) && !in_use.contains(&p) {
-                std::fs::remove_dir_all(&p).map_err(io_err("remove", &p))?;
-                removed.push(p);
-            }
-        }
-        Ok(removed)
-    }
+        .unwrap_or_default()
 }
 
 fn parse_binds(s: &str) -> Vec<(PathBuf, PathBuf)> {

@@ -5,7 +5,8 @@
 //! Registries on loopback (`localhost`, `127.*`, `[::1]`) are spoken to over plain http, every
 //! other over https (rustls; the binary installs the ring provider).
 
-use crate::oci_layout::{LayoutError, OciLayout, MEDIA_MANIFEST};
+use crate::error::ImageError;
+use crate::store::{ImageStore, MEDIA_OCI_MANIFEST};
 use futures::stream::Stream;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -18,7 +19,7 @@ pub enum PushError {
     #[error("invalid image reference '{0}': {1}")]
     BadReference(String, String),
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Store(#[from] ImageError),
     #[error("registry {registry} refused the credentials: {detail}")]
     Unauthorized { registry: String, detail: String },
     #[error("registry {registry} is unreachable: {detail}")]
@@ -120,7 +121,7 @@ fn ensure_crypto_provider() {
 
 /// Pushes image `name` of `layout` to the registry its name points at.
 pub async fn push_image(
-    layout: &OciLayout,
+    store: &ImageStore,
     name: &str,
     credentials: Option<(String, String)>,
 ) -> Result<(), PushError> {
@@ -128,7 +129,7 @@ pub async fn push_image(
     let reference: Reference = name
         .parse()
         .map_err(|e: oci_client::ParseError| PushError::BadReference(name.into(), e.to_string()))?;
-    let image = layout.resolve(name)?;
+    let image = store.resolve(name)?;
     let registry = reference.resolve_registry().to_string();
     let protocol = if is_loopback(&registry) {
         ClientProtocol::Http
@@ -147,16 +148,13 @@ pub async fn push_image(
         .auth(&reference, &auth, RegistryOperation::Push)
         .await
         .map_err(|e| classify(&registry, e))?;
-    let config = image.manifest["config"].clone();
-    let mut blobs: Vec<(String, u64)> = image
-        .layers()
-        .into_iter()
-        .map(|l| (l.digest, l.size))
+    let blobs: Vec<(String, u64)> = image
+        .manifest
+        .layers
+        .iter()
+        .chain(std::iter::once(&image.manifest.config))
+        .map(|l| (l.digest.clone(), l.size))
         .collect();
-    blobs.push((
-        config["digest"].as_str().unwrap_or_default().to_string(),
-        config["size"].as_u64().unwrap_or_default(),
-    ));
     for (digest, size) in blobs {
         if client
             .blob_exists(&reference, &digest)
@@ -165,18 +163,19 @@ pub async fn push_image(
         {
             continue;
         }
-        let path = layout.blob_path(&digest)?;
+        let path = store.blob_path(&digest)?;
         client
             .push_blob_stream(&reference, file_stream(path), &digest, Some(size))
             .await
             .map_err(|e| classify(&registry, e))?;
     }
-    let bytes = layout.read_blob(&image.manifest_blob.digest)?;
+    let bytes = store.read_blob(&image.manifest_digest)?;
     client
         .push_manifest_raw(
             &reference,
             bytes,
-            http::HeaderValue::from_static(MEDIA_MANIFEST),
+            http::HeaderValue::from_str(&image.manifest_media_type)
+                .unwrap_or(http::HeaderValue::from_static(MEDIA_OCI_MANIFEST)),
         )
         .await
         .map_err(|e| classify(&registry, e))?;

@@ -117,6 +117,10 @@ pub struct EnvdSettings {
     /// interpreter of `code-interpreter-v1`). `None` starts nothing.
     #[serde(default)]
     pub start_command: Option<String>,
+    /// The cwd of processes whose request names none (an image template's `WorkingDir`);
+    /// `None` is the user's home.
+    #[serde(default)]
+    pub default_cwd: Option<String>,
 }
 
 /// Where a running sandbox lives, as the runtime placed it. Stored by the control plane so that a

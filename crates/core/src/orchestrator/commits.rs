@@ -8,30 +8,31 @@
 //! writing the image, unpacking the layer and pushing run afterwards, with the sandbox running. The freeze is not a state change of the sandbox (it stays `running` and
 //! routed): requests arriving during the copy wait for it instead of failing.
 //!
+//! The committed image lives in the one image store (`warren_image::store::ImageStore`, shared
+//! with image templates) and becomes an image template named by its reference, exactly as if it
+//! had been imported: its config's Env, WorkingDir, User and Cmd are the new sandboxes' defaults.
+//!
 //! TTL: the background tick deletes expired commits, drops their image names (unless a later
-//! commit took the name) and templates, then collects blobs and layer dirs that nothing else
-//! references (no other image, no live sandbox, no registered template).
+//! commit took the name) and their templates (unless a sandbox or pool still uses them), then the
+//! store's gc collects blobs and layer dirs that no image references any more.
 
 use super::Warren;
 use crate::auth::Principal;
 use crate::commit::{Commit, CommitPhase, RegistrySecret};
 use crate::error::CoreError;
+use crate::image_templates::{self as it, ImageTemplate, TemplateSource};
 use crate::state::SandboxState;
 use chrono::Utc;
-use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
-use warren_image::commit::{Base, ImageStore};
-use warren_runtime::{BindMount, RootfsSpec};
+use warren_image::commit::{Base, Committer};
+use warren_image::store::{Descriptor, MEDIA_OCI_MANIFEST};
+use warren_image::ImageStore;
 
 /// The orchestrator's commit machinery.
 #[derive(Default)]
 pub struct CommitState {
-    images: OnceLock<Arc<ImageStore>>,
-    /// Commits between their first blob write and their image name: GC must wait for them.
-    in_flight: AtomicUsize,
+    images: OnceLock<Arc<Committer>>,
     pusher: OnceLock<Arc<dyn Pusher>>,
 }
 
@@ -41,18 +42,10 @@ pub struct CommitState {
 pub trait Pusher: Send + Sync + 'static {
     async fn push(
         &self,
-        store: Arc<ImageStore>,
+        store: ImageStore,
         image: &str,
         auth: Option<(String, String)>,
     ) -> Result<(), String>;
-}
-
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 fn image_err(e: impl std::fmt::Display) -> CoreError {
@@ -60,21 +53,10 @@ fn image_err(e: impl std::fmt::Display) -> CoreError {
 }
 
 impl Warren {
-    /// Gives the orchestrator its image store (`<data-dir>/images`) and registers every image
-    /// committed before as a template again.
-    pub async fn set_image_store(&self, store: Arc<ImageStore>) -> Result<(), CoreError> {
-        let _ = self.commits.images.set(store.clone());
-        for c in self.store.list_commits().await? {
-            if c.status.phase != CommitPhase::Succeeded {
-                continue;
-            }
-            match self.register_image_template(&store, &c.spec.image) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(commit = %c.metadata.name, error = %e, "committed image is not usable as a template")
-                }
-            }
-        }
+    /// Gives the orchestrator its committer (over the image store that image templates use;
+    /// committed images are image templates, loaded with them at start).
+    pub async fn set_image_store(&self, committer: Arc<Committer>) -> Result<(), CoreError> {
+        let _ = self.commits.images.set(committer);
         // Commits a crash interrupted cannot resume: their staging files are gone with the
         // process that wrote them.
         for mut c in self.store.list_commits().await? {
@@ -91,7 +73,7 @@ impl Warren {
         let _ = self.commits.pusher.set(pusher);
     }
 
-    fn images(&self) -> Result<Arc<ImageStore>, CoreError> {
+    fn images(&self) -> Result<Arc<Committer>, CoreError> {
         self.commits
             .images
             .get()
@@ -99,19 +81,55 @@ impl Warren {
             .ok_or_else(|| CoreError::Conflict("this daemon has no image store".into()))
     }
 
-    fn register_image_template(&self, store: &ImageStore, image: &str) -> Result<(), CoreError> {
-        let rootfs = store.image_rootfs(image).map_err(image_err)?;
-        self.templates.register(
-            image,
-            RootfsSpec {
-                lower_dirs: rootfs.lower_dirs,
-                ro_binds: rootfs
-                    .host_binds
-                    .into_iter()
-                    .map(|(source, target)| BindMount { source, target })
-                    .collect(),
+    /// Makes the committed image `image` (manifest `digest`) an image template of that name,
+    /// with a `warren-template/<name>` ref of its own (as an imported template has), so that the
+    /// template outlives the commit's own name until it is deleted.
+    async fn register_committed_template(
+        &self,
+        committer: &Committer,
+        image: &str,
+        digest: &str,
+        manifest_size: u64,
+        fallback_start: Option<String>,
+    ) -> Result<(), CoreError> {
+        let store = committer.store().clone();
+        let (digest_s, image_s) = (digest.to_string(), image.to_string());
+        let (img, layers) = tokio::task::spawn_blocking(move || {
+            let _op = store.begin_operation();
+            let resolved = store.resolve(&digest_s)?;
+            let layers = store.layer_dirs(&resolved, &*warren_image::no_progress())?;
+            store.set_ref(
+                &it::store_ref(&image_s),
+                Descriptor::new(MEDIA_OCI_MANIFEST, digest_s, manifest_size),
+            )?;
+            Ok::<_, warren_image::ImageError>((resolved, layers))
+        })
+        .await
+        .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))??;
+        let (env, workdir, user, start_command) = it::from_run_config(img.config.config.as_ref());
+        let t = ImageTemplate {
+            name: image.to_string(),
+            source: TemplateSource::Image {
+                reference: image.to_string(),
             },
-        );
+            store_ref: Some(it::store_ref(image)),
+            manifest_digest: Some(digest.to_string()),
+            layers,
+            env,
+            workdir,
+            user,
+            start_command: start_command.or(fallback_start),
+            size_bytes: img.size(),
+            host_binds: warren_image::commit::host_binds(&img.config_raw),
+            created_at: self.clock.now(),
+        };
+        it::save(&self.store, &t).await?;
+        self.templates
+            .images
+            .ready
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(image.to_string(), t);
         Ok(())
     }
 
@@ -267,16 +285,17 @@ impl Warren {
                 .map_err(image_err)?;
         }
 
-        // The base: the template's image if the template is an image of the store and the
-        // sandbox runs on exactly its layers, else the sandbox's own lower dirs.
+        // The base: the template's image if the sandbox's template is an image template and
+        // the sandbox runs on exactly its layers, else the sandbox's own lower dirs.
         let rootfs = &rec.spec.rootfs;
-        let base = match store.image_rootfs(&rec.template_id) {
-            Ok(r) if r.lower_dirs == rootfs.lower_dirs => Base::Image(
-                store
-                    .layout()
-                    .resolve(&rec.template_id)
-                    .map_err(image_err)?,
-            ),
+        let images = &self.templates.images;
+        let base = match images.get(&rec.template_id) {
+            Some(t)
+                if t.manifest_digest.is_some() && images.lower_dirs(&t) == rootfs.lower_dirs =>
+            {
+                let digest = t.manifest_digest.clone().unwrap_or_default();
+                Base::Image(Box::new(store.store().resolve(&digest)?))
+            }
             _ => Base::Dirs {
                 lower_dirs: rootfs.lower_dirs.iter().rev().cloned().collect(),
                 host_binds: rootfs
@@ -284,12 +303,12 @@ impl Warren {
                     .iter()
                     .map(|b| (b.source.clone(), b.target.clone()))
                     .collect(),
+                user: Some(rec.spec.envd.default_user.clone()).filter(|u| !u.is_empty()),
+                start_command: self.templates.start_command(&rec.template_id),
             },
         };
         let image = commit.spec.image.clone();
         let created_by = format!("warren commit {} of sandbox {id}", commit.metadata.name);
-        self.commits.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _in_flight = InFlight(&self.commits.in_flight);
         let s2 = store.clone();
         let img = image.clone();
         let done =
@@ -300,10 +319,14 @@ impl Warren {
         commit.status.digest = Some(done.digest.clone());
         commit.status.size = Some(done.layer.size);
         commit.status.image_size = Some(done.image_size);
-        self.register_image_template(&store, &image)?;
-        if let Some(cmd) = self.templates.start_command(&rec.template_id) {
-            self.templates.set_start_command(image.clone(), cmd);
-        }
+        self.register_committed_template(
+            &store,
+            &image,
+            &done.digest,
+            done.manifest_size,
+            self.templates.start_command(&rec.template_id),
+        )
+        .await?;
         if let Some(port) = self.templates.ready_port(&rec.template_id) {
             self.templates.set_ready_port(image.clone(), port);
         }
@@ -328,7 +351,7 @@ impl Warren {
             };
             commit.status.pushed = Some(false);
             pusher
-                .push(store.clone(), &image, auth)
+                .push(store.store().clone(), &image, auth)
                 .await
                 .map_err(|e| {
                     CoreError::InvalidArgument(format!(
@@ -366,15 +389,26 @@ impl Warren {
 
     async fn remove_commit(&self, c: Commit) -> Result<(), CoreError> {
         self.store.delete_commit(&c.metadata.name).await?;
-        if let (Some(store), Some(digest)) = (self.commits.images.get(), &c.status.digest) {
+        if let (Some(committer), Some(digest)) = (self.commits.images.get(), &c.status.digest) {
+            let store = committer.store();
             // Only if the name still names this commit's image: a later commit may reuse it.
-            let current = store.layout().resolve(&c.spec.image).ok();
-            if current.map(|i| i.manifest_blob.digest) == Some(digest.clone()) {
-                store
-                    .layout()
-                    .remove_ref(&c.spec.image)
-                    .map_err(image_err)?;
-                self.templates.unregister(&c.spec.image);
+            let current = store.resolve(&c.spec.image).ok();
+            if current.map(|i| i.manifest_digest) == Some(digest.clone()) {
+                store.remove_ref(&c.spec.image)?;
+            }
+            let ours = self.templates.images.get(&c.spec.image).is_some_and(|t| {
+                t.manifest_digest.as_deref() == Some(digest.as_str())
+                    && t.source
+                        == TemplateSource::Image {
+                            reference: c.spec.image.clone(),
+                        }
+            });
+            if ours {
+                // In use by a sandbox or a pool: the template (and so its layers) stays until
+                // it is deleted by hand.
+                if let Err(e) = self.delete_template(&c.spec.image).await {
+                    tracing::warn!(commit = %c.metadata.name, error = %e, "template of the commit kept");
+                }
             }
         }
         self.collect_image_garbage().await;
@@ -382,34 +416,21 @@ impl Warren {
         Ok(())
     }
 
-    /// Removes blobs and layer dirs nothing references. Skipped while a commit is writing.
+    /// Removes blobs and layer dirs no image references (the store's gc; skipped while an
+    /// import or a commit is writing).
     async fn collect_image_garbage(&self) {
-        let Some(store) = self.commits.images.get().cloned() else {
+        let Some(committer) = self.commits.images.get().cloned() else {
             return;
         };
-        if self.commits.in_flight.load(Ordering::SeqCst) > 0 {
-            return;
-        }
-        let mut in_use: HashSet<PathBuf> = HashSet::new();
-        if let Ok(recs) = self.store.list_all().await {
-            for r in recs {
-                in_use.extend(r.spec.rootfs.lower_dirs.iter().cloned());
-            }
-        }
-        for name in self.templates.names() {
-            if let Ok(spec) = self.templates.resolve(&name) {
-                in_use.extend(spec.lower_dirs);
-            }
-        }
-        let res = tokio::task::spawn_blocking(move || {
-            let blobs = store.layout().gc(&HashSet::new()).map_err(image_err)?;
-            let dirs = store.gc_layer_dirs(&in_use).map_err(image_err)?;
-            Ok::<_, CoreError>((blobs.len(), dirs.len()))
-        })
-        .await;
-        match res {
-            Ok(Ok((b, d))) if b + d > 0 => {
-                tracing::info!(blobs = b, layer_dirs = d, "image garbage collected")
+        let store = committer.store().clone();
+        match tokio::task::spawn_blocking(move || store.gc()).await {
+            Ok(Ok(Some(r))) if r.blobs + r.layers > 0 => {
+                tracing::info!(
+                    blobs = r.blobs,
+                    layers = r.layers,
+                    bytes = r.bytes,
+                    "image garbage collected"
+                )
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "image garbage collection failed"),
             _ => {}

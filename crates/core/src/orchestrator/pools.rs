@@ -102,10 +102,19 @@ impl Warren {
             let t_claimed = began.elapsed();
             let lock = self.lock_for(&id);
             let _guard = lock.lock().await;
-            let init = InitRequest {
+            // /init replaces envd's env vars and user: keep the image template's under the
+            // request's.
+            let mut defaults = warren_runtime::EnvdSettings {
                 env_vars: req.env_vars.clone(),
-                access_token: token,
                 default_user: self.config.default_user.clone(),
+                ..Default::default()
+            };
+            self.templates
+                .apply_defaults(&req.template_id, &mut defaults);
+            let init = InitRequest {
+                env_vars: defaults.env_vars,
+                access_token: token,
+                default_user: defaults.default_user,
             };
             let envd = self
                 .pools
@@ -529,7 +538,7 @@ impl Warren {
         // Nobody ever sees this token: it only keeps the idle member closed until a claim
         // replaces it. The admin token lets the daemon, and only it, do that replacement.
         let token = generate_access_token();
-        let spec = SandboxSpec {
+        let mut spec = SandboxSpec {
             id: id.clone(),
             rootfs,
             resources,
@@ -540,8 +549,11 @@ impl Warren {
                 default_user: self.config.default_user.clone(),
                 admin_token: Some(generate_access_token()),
                 start_command: self.templates.start_command(&set.spec.template),
+                default_cwd: None,
             },
         };
+        self.templates
+            .apply_defaults(&set.spec.template, &mut spec.envd);
         let now = self.clock.now();
         let rec = SandboxRecord {
             id: id.clone(),

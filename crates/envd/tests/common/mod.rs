@@ -51,6 +51,7 @@ pub fn root_config() -> EnvdConfig {
         default_user: "root".to_string(),
         admin_token: None,
         start_command: None,
+        default_cwd: None,
     }
 }
 

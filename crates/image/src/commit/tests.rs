@@ -146,7 +146,7 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
         manifest(&merged)
     };
 
-    let store = ImageStore::open(&p.join("images")).unwrap();
+    let store = Committer::open(&p.join("images")).unwrap();
     // The orchestrator's path: pre-copy, frozen pass, staging; the same tar as a direct export.
     let mut pre = store.pre_copy(&p.join("upper")).unwrap();
     store.frozen_pass(&p.join("upper"), &mut pre).unwrap();
@@ -165,26 +165,30 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
     let base_spec = Base::Dirs {
         lower_dirs: vec![base.clone()],
         host_binds: vec![("/usr".into(), "/usr".into())],
+        user: None,
+        start_command: None,
     };
     let c = store
         .finish_commit(staged, &base_spec, "local/test:v1", "warren commit test")
         .unwrap();
     assert!(!tar_path.exists(), "the staging tar is removed");
     assert!(c.digest.starts_with("sha256:"));
-    assert!(store.layout().has_blob(&c.layer.digest));
+    assert!(store.store().has_blob(&c.layer.digest));
 
     // The image as a template: its layer dirs, stacked, show exactly the committed tree.
-    let rootfs = store.image_rootfs("local/test:v1").unwrap();
-    assert_eq!(rootfs.lower_dirs.len(), 2);
-    assert_eq!(rootfs.host_binds, vec![("/usr".into(), "/usr".into())]);
+    let img = store.store().resolve("local/test:v1").unwrap();
+    let lower_dirs = store
+        .store()
+        .layer_dirs(&img, &*crate::no_progress())
+        .unwrap();
+    assert_eq!(lower_dirs.len(), 2);
+    assert_eq!(
+        host_binds(&img.config_raw),
+        vec![("/usr".into(), "/usr".into())]
+    );
     let again = p.join("again");
     let got = {
-        let _m = mount_overlay(
-            &rootfs.lower_dirs,
-            &p.join("upper2"),
-            &p.join("work2"),
-            &again,
-        );
+        let _m = mount_overlay(&lower_dirs, &p.join("upper2"), &p.join("work2"), &again);
         manifest(&again)
     };
     assert_eq!(got, want);
@@ -194,15 +198,25 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
     let c2 = store
         .finish_commit(staged, &base_spec, "local/test:v2", "again")
         .unwrap();
-    let l1 = store.layout().resolve("local/test:v1").unwrap().layers();
-    let l2 = store.layout().resolve("local/test:v2").unwrap().layers();
+    let l1 = store
+        .store()
+        .resolve("local/test:v1")
+        .unwrap()
+        .manifest
+        .layers;
+    let l2 = store
+        .store()
+        .resolve("local/test:v2")
+        .unwrap()
+        .manifest
+        .layers;
     assert_eq!(l1[0], l2[0], "base dir exported once");
     assert_eq!(c.diff_id, c2.diff_id, "same upper dir, same diffID");
 
     // A sandbox whose lower dirs are layer dirs of the store (an image template) reuses their
     // blobs instead of exporting them again.
     let staged = store.stage_upper(&p.join("upper")).unwrap();
-    let mut lowest_first = rootfs.lower_dirs.clone();
+    let mut lowest_first = lower_dirs.clone();
     lowest_first.reverse();
     store
         .finish_commit(
@@ -210,33 +224,47 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
             &Base::Dirs {
                 lower_dirs: lowest_first,
                 host_binds: vec![],
+                user: None,
+                start_command: None,
             },
             "local/test:dirs",
             "from layer dirs",
         )
         .unwrap();
     assert_eq!(
-        store.layout().resolve("local/test:dirs").unwrap().layers()[..2],
+        store
+            .store()
+            .resolve("local/test:dirs")
+            .unwrap()
+            .manifest
+            .layers[..2],
         l1[..],
         "layer dirs map back to their blobs"
     );
-    assert!(store.layout().remove_ref("local/test:dirs").unwrap());
+    assert!(store.store().remove_ref("local/test:dirs").unwrap());
 
     // A commit on top of a committed image keeps its layers and config.
     std::fs::create_dir_all(p.join("upper3/top")).unwrap();
     std::fs::write(p.join("upper3/top/f"), "top").unwrap();
     let staged = store.stage_upper(&p.join("upper3")).unwrap();
-    let parent = store.layout().resolve("local/test:v1").unwrap();
+    let parent = store.store().resolve("local/test:v1").unwrap();
     store
-        .finish_commit(staged, &Base::Image(parent), "local/test:v3", "third")
+        .finish_commit(
+            staged,
+            &Base::Image(Box::new(parent)),
+            "local/test:v3",
+            "third",
+        )
         .unwrap();
-    let v3 = store.layout().resolve("local/test:v3").unwrap();
-    assert_eq!(v3.layers().len(), 3);
-    assert_eq!(&v3.layers()[..2], &l1[..]);
-    assert_eq!(v3.config["history"].as_array().unwrap().len(), 3);
+    let v3 = store.store().resolve("local/test:v3").unwrap();
+    assert_eq!(v3.manifest.layers.len(), 3);
+    assert_eq!(&v3.manifest.layers[..2], &l1[..]);
+    let cfg: serde_json::Value = serde_json::from_slice(&v3.config_raw).unwrap();
+    assert_eq!(cfg["history"].as_array().unwrap().len(), 3);
+    assert_eq!(host_binds(&v3.config_raw).len(), 1, "labels carried over");
 
     // Interoperability: skopeo reads the layout, umoci unpacks it.
-    let oci = store.layout().root().display().to_string();
+    let oci = store.store().oci_dir().display().to_string();
     let out = sh(&format!("skopeo inspect oci:{oci}:local/test:v1"));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["Layers"].as_array().unwrap().len(), 2, "{out}");
@@ -264,11 +292,10 @@ fn commit_round_trip_through_layer_dirs_skopeo_and_umoci() {
 
     // GC: dropping v1..v3 leaves no blob and no layer dir behind.
     for n in ["local/test:v1", "local/test:v2", "local/test:v3"] {
-        assert!(store.layout().remove_ref(n).unwrap());
+        assert!(store.store().remove_ref(n).unwrap());
     }
-    let removed = store.layout().gc(&Default::default()).unwrap();
-    assert!(removed.len() >= 6, "{removed:?}");
-    store.gc_layer_dirs(&Default::default()).unwrap();
+    let removed = store.store().gc().unwrap().expect("no operation running");
+    assert!(removed.blobs >= 6, "{removed:?}");
     assert_eq!(
         std::fs::read_dir(p.join("images/layers")).unwrap().count(),
         0
@@ -290,7 +317,7 @@ fn bad_names_are_refused() {
         validate_image_name(good).unwrap();
     }
     let t = tempfile::tempdir().unwrap();
-    let store = ImageStore::open(t.path()).unwrap();
-    let err = store.image_rootfs("nope:v1").unwrap_err();
+    let store = Committer::open(t.path()).unwrap();
+    let err = store.store().resolve("nope:v1").unwrap_err();
     assert!(err.to_string().contains("nope:v1"), "{err}");
 }

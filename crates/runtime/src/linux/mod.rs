@@ -17,7 +17,7 @@ pub mod dns;
 pub mod net;
 pub mod template;
 
-pub use template::prepare_base_template;
+pub use template::{prepare_base_template, sandbox_resolv_conf};
 
 use crate::init::InitSpec;
 use crate::{NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec, SandboxStats};

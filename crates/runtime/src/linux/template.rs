@@ -216,7 +216,7 @@ fn build_layer(root: &Path) -> Result<(), RuntimeError> {
 }
 
 /// The host's resolvers, unless they listen on the host's loopback, which a sandbox cannot reach.
-fn sandbox_resolv_conf() -> String {
+pub fn sandbox_resolv_conf() -> String {
     let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let usable: Vec<&str> = host
         .lines()

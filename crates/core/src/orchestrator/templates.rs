@@ -1,0 +1,457 @@
+//! Template lifecycle decisions: building a template from an image (in the background, with
+//! progress), listing, and deleting (refused while a sandbox or a pool uses it).
+
+use super::Warren;
+use crate::error::CoreError;
+use crate::image_templates::{self as it, BuildStatus, ImageTemplate, TemplateSource};
+use crate::state::SandboxState;
+use serde::Serialize;
+use std::sync::Arc;
+use warren_image::pull::Credentials;
+use warren_image::{ImageError, ImageStore};
+
+/// One template as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateView {
+    pub name: String,
+    /// `builtin` (given by the daemon or its templates dir), `image` or `rootfs`.
+    pub kind: String,
+    /// `ready`, `building` or `failed`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<ImageTemplate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildStatus>,
+}
+
+impl From<ImageError> for CoreError {
+    fn from(e: ImageError) -> Self {
+        if e.is_not_found() {
+            CoreError::NotFound(e.to_string())
+        } else if e.is_bad_input() {
+            CoreError::InvalidArgument(e.to_string())
+        } else {
+            CoreError::Image(e.to_string())
+        }
+    }
+}
+
+fn kind_of(t: &ImageTemplate) -> &'static str {
+    match t.source {
+        TemplateSource::Rootfs { .. } => "rootfs",
+        _ => "image",
+    }
+}
+
+impl Warren {
+    fn image_store(&self) -> Result<ImageStore, CoreError> {
+        self.templates
+            .images
+            .image_store()
+            .ok_or_else(|| CoreError::InvalidArgument("this daemon has no image store".into()))
+    }
+
+    /// Loads the image templates of the database (at daemon start).
+    pub async fn load_image_templates(&self) -> Result<usize, CoreError> {
+        let all = it::load_all(&self.store).await?;
+        let n = all.len();
+        for t in all {
+            if let Some(missing) = t.layers.iter().find(|l| !l.is_dir()) {
+                tracing::warn!(template = %t.name, layer = %missing.display(), "template layer missing; recreate the template");
+            }
+            self.templates
+                .images
+                .ready
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(t.name.clone(), t);
+        }
+        // Whatever a crash or an interrupted build left unreferenced in the store goes now.
+        if let Some(store) = self.templates.images.image_store() {
+            match blocking(move || store.gc()).await {
+                Ok(Some(r)) if r.blobs + r.layers > 0 => {
+                    tracing::info!(
+                        blobs = r.blobs,
+                        layers = r.layers,
+                        bytes = r.bytes,
+                        "image gc at start"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "image gc at start"),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Starts building template `name` from `source` and returns at once; progress and the
+    /// outcome are in [`Warren::template`].
+    pub fn create_template(
+        self: &Arc<Self>,
+        name: &str,
+        source: TemplateSource,
+        credentials: Option<Credentials>,
+    ) -> Result<BuildStatus, CoreError> {
+        if !crate::templates::safe_name(name) || name.len() > 128 {
+            return Err(CoreError::InvalidArgument(format!(
+                "invalid template name {name:?}: use letters, digits, '-', '_' and '.'"
+            )));
+        }
+        match &source {
+            TemplateSource::Image { reference } => {
+                warren_image::pull::parse_reference(reference)?;
+            }
+            TemplateSource::OciDir { path, .. } | TemplateSource::Rootfs { path } => {
+                if !path.is_absolute() || !path.is_dir() {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "{} is not a directory (give an absolute path on the daemon's host)",
+                        path.display()
+                    )));
+                }
+            }
+            TemplateSource::OciArchive { path, .. }
+            | TemplateSource::DockerArchive { path, .. } => {
+                if !path.is_absolute() || !path.is_file() {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "{} is not a file (give an absolute path on the daemon's host)",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        if !matches!(source, TemplateSource::Rootfs { .. }) {
+            self.image_store()?;
+        }
+        let status = {
+            let mut builds = self
+                .templates
+                .images
+                .builds
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if self.templates.is_builtin(name) || self.templates.images.get(name).is_some() {
+                return Err(CoreError::Conflict(format!(
+                    "template {name} exists; delete it first"
+                )));
+            }
+            if builds.get(name).is_some_and(|b| b.status == "building") {
+                return Err(CoreError::Conflict(format!(
+                    "template {name} is being built"
+                )));
+            }
+            let status = BuildStatus {
+                name: name.to_string(),
+                source: source.clone(),
+                status: "building".into(),
+                progress: None,
+                error: None,
+                started_at: self.clock.now(),
+            };
+            builds.insert(name.to_string(), status.clone());
+            status
+        };
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let began = std::time::Instant::now();
+            let res = me.build_template(&name, source, credentials).await;
+            let mut builds = me
+                .templates
+                .images
+                .builds
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            match res {
+                Ok(t) => {
+                    tracing::info!(template = %name, layers = t.layers.len(), secs = began.elapsed().as_secs_f64(), "template ready");
+                    builds.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(template = %name, error = %e, "template build failed");
+                    if let Some(b) = builds.get_mut(&name) {
+                        b.status = "failed".into();
+                        b.error = Some(e.to_string());
+                    }
+                }
+            }
+        });
+        Ok(status)
+    }
+
+    async fn build_template(
+        &self,
+        name: &str,
+        source: TemplateSource,
+        credentials: Option<Credentials>,
+    ) -> Result<ImageTemplate, CoreError> {
+        let images = &self.templates.images;
+        let report: Arc<warren_image::Progress> = {
+            let name = name.to_string();
+            let builds = images.builds.clone();
+            Arc::new(move |ev| {
+                let mut b = builds.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = b.get_mut(&name) {
+                    s.progress = Some(ev);
+                }
+            })
+        };
+        let store_ref = it::store_ref(name);
+        let (layers, image) = match &source {
+            TemplateSource::Rootfs { path } => (vec![path.clone()], None),
+            other => {
+                let store = self.image_store()?;
+                let imported = match other.clone() {
+                    TemplateSource::Image { reference } => {
+                        match store.resolve(&reference) {
+                            // An image of the store (a commit, an earlier pull): no registry.
+                            Ok(image) => {
+                                let desc = warren_image::store::Descriptor::new(
+                                    &image.manifest_media_type,
+                                    image.manifest_digest.clone(),
+                                    std::fs::metadata(store.blob_path(&image.manifest_digest)?)
+                                        .map(|m| m.len())
+                                        .unwrap_or(0),
+                                );
+                                let (store, report, sref) =
+                                    (store.clone(), report.clone(), store_ref.clone());
+                                blocking(move || {
+                                    let _op = store.begin_operation();
+                                    let dirs = store.layer_dirs(&image, &*report)?;
+                                    store.set_ref(&sref, desc.clone())?;
+                                    Ok(warren_image::Imported {
+                                        image,
+                                        descriptor: desc,
+                                        layer_dirs: dirs,
+                                    })
+                                })
+                                .await?
+                            }
+                            Err(ImageError::NotFound(_)) => {
+                                warren_image::pull::pull(
+                                    &store,
+                                    &reference,
+                                    credentials.as_ref(),
+                                    &store_ref,
+                                    report.clone(),
+                                )
+                                .await?
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    TemplateSource::OciDir { path, name: n } => {
+                        let (store, report, sref) =
+                            (store.clone(), report.clone(), store_ref.clone());
+                        blocking(move || {
+                            warren_image::import::import_oci_dir(
+                                &store,
+                                &path,
+                                n.as_deref(),
+                                &sref,
+                                &*report,
+                            )
+                        })
+                        .await?
+                    }
+                    TemplateSource::OciArchive { path, name: n } => {
+                        let (store, report, sref) =
+                            (store.clone(), report.clone(), store_ref.clone());
+                        blocking(move || {
+                            warren_image::import::import_oci_archive(
+                                &store,
+                                &path,
+                                n.as_deref(),
+                                &sref,
+                                &*report,
+                            )
+                        })
+                        .await?
+                    }
+                    TemplateSource::DockerArchive { path, name: n } => {
+                        let (store, report, sref) =
+                            (store.clone(), report.clone(), store_ref.clone());
+                        blocking(move || {
+                            warren_image::import::import_docker_archive(
+                                &store,
+                                &path,
+                                n.as_deref(),
+                                &sref,
+                                &*report,
+                            )
+                        })
+                        .await?
+                    }
+                    TemplateSource::Rootfs { .. } => unreachable!("handled above"),
+                };
+                (imported.layer_dirs.clone(), Some(imported))
+            }
+        };
+        let (env, workdir, user, start_command) =
+            it::from_run_config(image.as_ref().and_then(|i| i.image.config.config.as_ref()));
+        let t = ImageTemplate {
+            name: name.to_string(),
+            source,
+            store_ref: image.as_ref().map(|_| store_ref.clone()),
+            manifest_digest: image.as_ref().map(|i| i.image.manifest_digest.clone()),
+            layers,
+            env,
+            workdir,
+            user,
+            start_command,
+            size_bytes: image.as_ref().map(|i| i.image.size()).unwrap_or(0),
+            host_binds: image
+                .as_ref()
+                .map(|i| warren_image::commit::host_binds(&i.image.config_raw))
+                .unwrap_or_default(),
+            created_at: self.clock.now(),
+        };
+        if let Err(e) = it::save(&self.store, &t).await {
+            if let Some(store) = images.image_store() {
+                let _ = store.remove_ref(&store_ref);
+            }
+            return Err(e.into());
+        }
+        images
+            .ready
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// One template: ready, building or failed.
+    pub fn template(&self, name: &str) -> Result<TemplateView, CoreError> {
+        if let Some(t) = self.templates.images.get(name) {
+            return Ok(TemplateView {
+                name: name.to_string(),
+                kind: kind_of(&t).into(),
+                status: "ready".into(),
+                template: Some(t),
+                build: None,
+            });
+        }
+        if let Some(b) = self.templates.images.build(name) {
+            return Ok(TemplateView {
+                name: name.to_string(),
+                kind: match b.source {
+                    TemplateSource::Rootfs { .. } => "rootfs".into(),
+                    _ => "image".into(),
+                },
+                status: b.status.clone(),
+                template: None,
+                build: Some(b),
+            });
+        }
+        if self.templates.resolve(name).is_ok() {
+            return Ok(TemplateView {
+                name: name.to_string(),
+                kind: "builtin".into(),
+                status: "ready".into(),
+                template: None,
+                build: None,
+            });
+        }
+        Err(CoreError::NotFound(format!("template {name} not found")))
+    }
+
+    /// Every template, with builds in progress and failed ones, sorted by name.
+    pub fn list_templates(&self) -> Vec<TemplateView> {
+        let mut names = self.templates.names();
+        names.extend(
+            self.templates
+                .images
+                .builds
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
+        names.sort();
+        names.dedup();
+        names.iter().filter_map(|n| self.template(n).ok()).collect()
+    }
+
+    /// Deletes an image or rootfs template (or forgets a failed build), refused while a sandbox
+    /// or a pool uses it. Its image leaves the store index and unreferenced layers are
+    /// collected.
+    pub async fn delete_template(&self, name: &str) -> Result<(), CoreError> {
+        let images = &self.templates.images;
+        if images.get(name).is_none() {
+            let mut builds = images.builds.write().unwrap_or_else(|e| e.into_inner());
+            return match builds.get(name).map(|b| b.status.clone()) {
+                Some(s) if s == "building" => Err(CoreError::Conflict(format!(
+                    "template {name} is being built; delete it when the build ends"
+                ))),
+                Some(_) => {
+                    builds.remove(name);
+                    Ok(())
+                }
+                None if self.templates.is_builtin(name) => Err(CoreError::Conflict(format!(
+                    "template {name} is built into the daemon and cannot be deleted"
+                ))),
+                None => Err(CoreError::NotFound(format!("template {name} not found"))),
+            };
+        }
+        let pools: Vec<String> = self
+            .pools
+            .sets()
+            .iter()
+            .filter(|(_, e)| e.object.spec.template == name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !pools.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "template {name} is used by pool(s) {}; delete them first",
+                pools.join(", ")
+            )));
+        }
+        let users: Vec<String> = self
+            .store
+            .list_all()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.template_id == name
+                    && !matches!(r.state, SandboxState::Killed | SandboxState::Failed)
+            })
+            .map(|r| r.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "template {name} is used by {} sandbox(es) ({}); kill them first",
+                users.len(),
+                users.join(", ")
+            )));
+        }
+        let removed = images
+            .ready
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        it::remove(&self.store, name).await?;
+        if let (Some(t), Some(store)) = (removed, images.image_store()) {
+            if t.store_ref.is_some() {
+                blocking(move || {
+                    store.remove_ref(&it::store_ref(&t.name))?;
+                    match store.gc()? {
+                        Some(report) => tracing::info!(template = %t.name, blobs = report.blobs, layers = report.layers, bytes = report.bytes, "image gc"),
+                        None => tracing::info!(template = %t.name, "image gc skipped: an import is running"),
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, CoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoreError::Conflict(format!("image task failed: {e}")))?
+        .map_err(Into::into)
+}
