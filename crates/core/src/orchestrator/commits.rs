@@ -133,6 +133,45 @@ impl Warren {
         Ok(())
     }
 
+    /// The committed image becomes the template of its name: refused when that name is a
+    /// template of another kind, or a committed one that sandboxes or pools still use (replacing
+    /// its image would let gc collect layer dirs they run on).
+    async fn check_image_name_free(&self, image: &str) -> Result<(), CoreError> {
+        if self.templates.is_builtin(image) {
+            return Err(CoreError::Conflict(format!(
+                "{image} is a built-in template; commit under another image name"
+            )));
+        }
+        let Some(t) = self.templates.images.get(image) else {
+            return Ok(());
+        };
+        if t.source
+            != (TemplateSource::Image {
+                reference: image.to_string(),
+            })
+        {
+            return Err(CoreError::Conflict(format!(
+                "template {image} exists ({}); delete it or commit under another image name",
+                t.source.describe()
+            )));
+        }
+        let pools = self
+            .pools
+            .sets()
+            .iter()
+            .any(|(_, e)| e.object.spec.template == image);
+        let sandboxes = self.store.list_all().await?.into_iter().any(|r| {
+            r.template_id == image
+                && !matches!(r.state, SandboxState::Killed | SandboxState::Failed)
+        });
+        if pools || sandboxes {
+            return Err(CoreError::Conflict(format!(
+                "template {image} is in use by sandboxes or pools; commit under another image name"
+            )));
+        }
+        Ok(())
+    }
+
     /// Starts a commit. Returns the stored object (phase `Pending`); the work runs in the
     /// background.
     pub async fn create_commit(
@@ -155,6 +194,7 @@ impl Warren {
                 rec.id, rec.state
             )));
         }
+        self.check_image_name_free(&commit.spec.image).await?;
         if commit.push() && self.commits.pusher.get().is_none() {
             return Err(CoreError::Conflict("this daemon cannot push images".into()));
         }
