@@ -14,13 +14,17 @@ sha256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 prefix=/usr/local
 here="$(cd "$(dirname "$0")" && pwd)"
 
-if "$prefix/sbin/criu" --version 2>/dev/null | grep -q "Version: ${version}\$"; then
+# Our patches (scripts/criu-patches) are part of the build's identity: a changed patch set rebuilds.
+stamp_file="$prefix/share/warren/criu.stamp"
+stamp="$version $(cat "$here"/criu-patches/*.patch 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if "$prefix/sbin/criu" --version 2>/dev/null | grep -q "Version: ${version}\$" &&
+  [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
   exit 0
 fi
 
 build_deps=(gcc make pkg-config libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
   python3-protobuf libnl-3-dev libnl-route-3-dev libcap-dev libnet1-dev libbsd-dev libnftables-dev
-  libgnutls28-dev uuid-dev libaio-dev xz-utils)
+  libgnutls28-dev uuid-dev libaio-dev xz-utils patch)
 missing=()
 for p in "${build_deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -72,7 +76,13 @@ fi
 
 tar -C "$work" -xf "$work/$tarball"
 src="$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'criu-*' | head -n1)"
+for p in "$here"/criu-patches/*.patch; do
+  [ -f "$p" ] || continue
+  patch -d "$src" -p1 --quiet <"$p"
+done
 echo "building CRIU ${version} (about 90 s on 2 cores)"
 make -C "$src" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; exit 1; }
 install -D -m 0755 "$src/criu/criu" "$prefix/sbin/criu"
+mkdir -p "$(dirname "$stamp_file")"
+echo "$stamp" >"$stamp_file"
 "$prefix/sbin/criu" --version
