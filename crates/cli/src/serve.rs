@@ -52,12 +52,16 @@ pub struct ServeArgs {
     /// A paused sandbox idle this long is hibernated: its memory goes to disk (CRIU) and comes
     /// back on connect. Seconds, or with a unit (`90s`, `10m`, `1h`); `off` never hibernates.
     #[arg(long, env = "WARREN_HIBERNATE_AFTER", default_value = "10m", value_parser = parse_idle)]
-    hibernate_after: Option<Duration>,
+    hibernate_after: HibernateAfter,
 }
 
-fn parse_idle(s: &str) -> Result<Option<Duration>, String> {
+/// `--hibernate-after`: `None` is `off`. (A newtype: clap reads a bare `Option` as "flag absent".)
+#[derive(Debug, Clone, Copy)]
+struct HibernateAfter(Option<Duration>);
+
+fn parse_idle(s: &str) -> Result<HibernateAfter, String> {
     if s == "off" || s == "never" {
-        return Ok(None);
+        return Ok(HibernateAfter(None));
     }
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
@@ -69,7 +73,7 @@ fn parse_idle(s: &str) -> Result<Option<Duration>, String> {
         "h" => n * 3600,
         _ => return Err(format!("unknown unit {unit:?} in {s:?}: use s, m or h")),
     };
-    Ok(Some(Duration::from_secs(secs)))
+    Ok(HibernateAfter(Some(Duration::from_secs(secs))))
 }
 
 fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -173,13 +177,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         templates,
         keys,
         WarrenConfig {
-            hibernate_after: args.hibernate_after,
+            hibernate_after: args.hibernate_after.0,
             ..WarrenConfig::default()
         },
     ));
     match warren.hibernate_support() {
         Ok(()) => tracing::info!(
-            after_secs = args.hibernate_after.map(|d| d.as_secs()),
+            after_secs = args.hibernate_after.0.map(|d| d.as_secs()),
             "hibernation available (CRIU)"
         ),
         Err(why) => {
