@@ -213,7 +213,9 @@ async fn hibernate_and_wake_keep_memory_processes_and_pipes() {
     h.finish().await;
 }
 
-const SERVER: &str = "python3 -c 'import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind((\"0.0.0.0\", 8080))\ns.listen()\nn = 0\nwhile True:\n    c, _ = s.accept()\n    n += 1\n    c.sendall(f\"{n}\\n\".encode())\n    c.close()'";
+/// Without SO_REUSEADDR on purpose: the connections it closed leave TIME_WAIT sockets in the
+/// kept network namespace, which the restore must clear before it binds the listener again.
+const SERVER: &str = "python3 -c 'import socket\ns = socket.socket()\ns.bind((\"0.0.0.0\", 8080))\ns.listen()\nn = 0\nwhile True:\n    c, _ = s.accept()\n    n += 1\n    c.sendall(f\"{n}\\n\".encode())\n    c.close()'";
 
 fn ask(addr: SocketAddr) -> Option<u64> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;

@@ -315,6 +315,7 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
     let netns = OwnedFd::from(
         std::fs::File::open(&netns_path).map_err(|e| RuntimeError::io("open", &netns_path, e))?,
     );
+    drop_orphan_sockets(id, netns.as_raw_fd()).await?;
     let pidfile = dir.join("restore.pid");
     let _ = std::fs::remove_file(&pidfile);
     std::fs::create_dir_all(&record.rootfs_dir)
@@ -406,6 +407,42 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .ok_or_else(|| criu_failed(id, "restore", &log, "criu wrote no pid file"))?;
     Ok(pid)
+}
+
+/// Destroys the TCP sockets left in a hibernated sandbox's network namespace. No process owns
+/// them (connections closing, TIME_WAIT), but the kernel keeps them for up to a minute, and a
+/// listener whose program did not set SO_REUSEADDR cannot be bound again over them: the restore
+/// would fail with "Address already in use". Uses `ss -K` (SOCK_DESTROY) inside the namespace.
+async fn drop_orphan_sockets(id: &str, netns: i32) -> Result<(), RuntimeError> {
+    let mut cmd = tokio::process::Command::new("ss");
+    cmd.args(["-K", "-t", "-a", "-n"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setns is async-signal-safe; the descriptor stays open until the child has run.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| RuntimeError::sys("run ss -K in the sandbox network namespace", id, e))?;
+    if !out.status.success() {
+        return Err(RuntimeError::Checkpoint {
+            op: "restore",
+            id: id.to_string(),
+            reason: format!(
+                "ss -K failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Runs criu with its output in the images dir's log; `Ok(false)` when it exits non-zero.

@@ -517,17 +517,24 @@ fn watch_exit(pid: u32, id: String) -> Result<Arc<AtomicBool>, RuntimeError> {
     tokio::spawn(async move {
         let _ = async_fd.readable().await;
         flag.store(false, Ordering::SeqCst);
-        // SAFETY: waitid on our pidfd with a zeroed siginfo out-parameter; ECHILD (not our child,
-        // e.g. adopted after a restart) is expected and harmless.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PIDFD,
-                async_fd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG,
-            );
-        }
+        let fd = async_fd.into_inner();
+        // A pid namespace's init can poll as exited a moment before it is reapable (its
+        // namespace is still being torn down), so a WNOHANG wait could miss it and leave a
+        // zombie: wait for real, off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            // SAFETY: waitid on our pidfd with a zeroed siginfo out-parameter; ECHILD (not our
+            // child, e.g. adopted after a restart) returns at once and is harmless.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PIDFD,
+                    fd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED,
+                );
+            }
+        })
+        .await;
         tracing::debug!(sandbox = %id, pid, "sandbox init exited");
     });
     Ok(alive)
