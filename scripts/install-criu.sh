@@ -16,7 +16,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 # Our patches (scripts/criu-patches) are part of the build's identity: a changed patch set rebuilds.
 stamp_file="$prefix/share/warren/criu.stamp"
-stamp="$version $(cat "$here"/criu-patches/*.patch 2>/dev/null | sha256sum | cut -d' ' -f1)"
+# CRIU caches its kernel feature probe (about 100 ms per run) only on a tmpfs; /run is not one on
+# these machines, so the cache goes to /run/criu, which the daemon mounts as a small tmpfs.
+rundir=/run/criu
+stamp="$version rundir=$rundir $(cat "$here"/criu-patches/*.patch 2>/dev/null | sha256sum | cut -d' ' -f1)"
 if "$prefix/sbin/criu" --version 2>/dev/null | grep -q "Version: ${version}\$" &&
   [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
   exit 0
@@ -81,7 +84,7 @@ for p in "$here"/criu-patches/*.patch; do
   patch -d "$src" -p1 --quiet <"$p"
 done
 echo "building CRIU ${version} (about 90 s on 2 cores)"
-make -C "$src" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; exit 1; }
+make -C "$src" -j"$(nproc)" RUNDIR="$rundir" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; exit 1; }
 install -D -m 0755 "$src/criu/criu" "$prefix/sbin/criu"
 mkdir -p "$(dirname "$stamp_file")"
 echo "$stamp" >"$stamp_file"

@@ -305,3 +305,49 @@ async fn hibernate_errors_leave_the_sandbox_as_it_was() {
     let _ = p;
     h.finish().await;
 }
+
+/// Not a pass/fail test: hibernate/wake figures for BENCHMARKS.md with 10, 100 and 1000 MiB held
+/// by a process (`cargo test -p warren-runtime --test hibernate -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn bench_hibernate_and_wake_by_memory_size() {
+    let h = Harness::new("bench").await;
+    for mib in [10u64, 100, 1000] {
+        let id = format!("bench{mib}");
+        let mut spec = h.spec(&id);
+        spec.resources.memory_mb = 2048;
+        let p = h.rt.create(&spec).await.expect("create");
+        // Random bytes, repeated: every page is present and non-zero, so CRIU must copy it.
+        let hold = format!(
+            "python3 -c 'import os, time\nchunk = os.urandom(1 << 20)\nheld = [bytearray(chunk) for _ in range({mib})]\nopen(\"/tmp/ready\", \"w\").write(\"1\")\nwhile True:\n    time.sleep(1)'"
+        );
+        spawn_in_sandbox(&id, &p, &hold);
+        wait_for("the memory to be held", || {
+            read_in_sandbox(&p, "/tmp/ready") == "1"
+        });
+        let mut rows = Vec::new();
+        for _ in 0..3 {
+            h.rt.freeze(&id).await.unwrap();
+            let t = Instant::now();
+            let stats = h.rt.hibernate(&id).await.expect("hibernate");
+            let dump = t.elapsed();
+            let t = Instant::now();
+            let woken = h.rt.wake(&id).await.expect("wake");
+            let wake = t.elapsed();
+            assert!(TcpStream::connect_timeout(&woken.envd_addr(), Duration::from_secs(2)).is_ok());
+            let t2 = t.elapsed();
+            rows.push((dump, stats.bytes, wake, t2));
+        }
+        for (dump, bytes, wake, answered) in rows {
+            eprintln!(
+                "BENCH held={mib}MiB hibernate={:.0}ms image={:.1}MiB wake={:.0}ms envd_answers={:.0}ms",
+                dump.as_secs_f64() * 1e3,
+                bytes as f64 / 1048576.0,
+                wake.as_secs_f64() * 1e3,
+                answered.as_secs_f64() * 1e3
+            );
+        }
+        h.rt.destroy(&id).await.unwrap();
+    }
+    h.finish().await;
+}

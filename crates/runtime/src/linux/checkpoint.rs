@@ -95,6 +95,7 @@ impl CriuSupport {
                 "criu is not installed (scripts/install-criu.sh builds CRIU 4.1.1)".into(),
             );
         };
+        keep_kdat_cache();
         match std::process::Command::new(&bin).arg("check").output() {
             Ok(out) if out.status.success() => CriuSupport::Available(bin),
             Ok(out) => {
@@ -119,6 +120,42 @@ impl CriuSupport {
         match self {
             CriuSupport::Available(p) => Ok(p),
             CriuSupport::Unavailable(why) => Err(RuntimeError::CheckpointUnavailable(why.clone())),
+        }
+    }
+}
+
+/// Where our CRIU build keeps its kernel-feature cache (`make RUNDIR=`, scripts/install-criu.sh).
+const KDAT_DIR: &str = "/run/criu";
+
+/// CRIU probes the kernel's features on every run (about 100 ms, paid by every dump and restore)
+/// unless it can cache them on a tmpfs, which `/run` is not on every host. Mounts a 1 MiB tmpfs,
+/// root-only, at [`KDAT_DIR`] when it is not one yet. Best effort: without it CRIU only runs
+/// slower.
+fn keep_kdat_cache() {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let dir = Path::new(KDAT_DIR);
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let c = cstr(dir);
+    // SAFETY: statfs and mount with valid C strings and a zeroed out-parameter.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC {
+            return;
+        }
+        if libc::mount(
+            c"criu-kdat".as_ptr(),
+            c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"size=1m,mode=0700".as_ptr().cast(),
+        ) != 0
+        {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "no tmpfs for CRIU's feature cache; dumps and restores probe the kernel each time"
+            );
         }
     }
 }
