@@ -811,9 +811,15 @@ impl SandboxRuntime for LinuxRuntime {
             t.alive = alive;
             t.hibernated = false;
         }
-        // The restored processes hold the namespace now; the images are spent.
+        // The restored processes hold the namespace now; the images are spent. Unlinking a large
+        // image takes longer than the restore itself, so it happens after the answer.
         checkpoint::unpin_netns(&dir);
-        let _ = std::fs::remove_dir_all(checkpoint::images_dir(&dir));
+        let spent = dir.join(format!("checkpoint.spent.{pid}"));
+        if std::fs::rename(checkpoint::images_dir(&dir), &spent).is_ok() {
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(spent);
+            });
+        }
         Ok(placement)
     }
 
