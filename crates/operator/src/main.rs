@@ -2,8 +2,11 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use warren_operator::controller::{self, Context};
 use warren_operator::crd::crd_documents;
+use warren_operator::sandbox::PodConfig;
 
 #[derive(Parser)]
 #[command(
@@ -23,9 +26,38 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Reconcile Sandboxes and SandboxSets (in-cluster config, or KUBECONFIG).
+    Run {
+        /// Watch only this namespace (default: all).
+        #[arg(long, env = "WARREN_NAMESPACE")]
+        namespace: Option<String>,
+        /// Image of the sandbox Pods' only container (it just holds the Pod's namespaces).
+        #[arg(long, default_value_t = PodConfig::default().placeholder_image)]
+        placeholder_image: String,
+        /// Node selector of sandbox Pods, `key=value` (repeatable; default
+        /// warren.dev/node-agent=true).
+        #[arg(long = "node-selector", value_parser = parse_pair)]
+        node_selector: Vec<(String, String)>,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not key=value"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     match Cli::parse().command {
         Command::Crds { dir } => {
             let docs = crd_documents().context("serializing the CRDs")?;
@@ -42,6 +74,30 @@ fn main() -> anyhow::Result<()> {
                     print!("{}", all.join("---\n"));
                 }
             }
+        }
+        Command::Run {
+            namespace,
+            placeholder_image,
+            node_selector,
+        } => {
+            // kube's rustls uses ring; installing it explicitly keeps rustls from refusing to
+            // choose when a workspace build also enables aws-lc-rs (see rust-stack.md). rustls
+            // deprecates ring's provider for lacking post-quantum key exchange; aws-lc-rs has it
+            // but costs a cmake/C build of aws-lc-sys on every CI run.
+            #[allow(deprecated)]
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let mut pods = PodConfig {
+                placeholder_image,
+                ..PodConfig::default()
+            };
+            if !node_selector.is_empty() {
+                pods.node_selector = node_selector.into_iter().collect::<BTreeMap<_, _>>();
+            }
+            tracing::info!(namespace = ?namespace, "warren-operator starting");
+            controller::run(Context::new(client, pods), namespace.as_deref()).await;
         }
     }
     Ok(())

@@ -1,0 +1,177 @@
+//! Wiring of the reconcilers into kube-rs controllers: the shared context, the finalizer around
+//! the Sandbox reconciler, and the error policy (exponential backoff per object).
+
+use crate::crd::{Sandbox, SandboxSet};
+use crate::sandbox::{self, PodConfig, CLEANUP_POLL, FINALIZER};
+use crate::{sandboxset, Error, LABEL_SANDBOX};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{finalizer, Event};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub pods: PodConfig,
+    /// Consecutive failures per object (`kind/namespace/name`), for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, pods: PodConfig) -> Arc<Context> {
+        Arc::new(Context {
+            client,
+            pods,
+            failures: Mutex::default(),
+        })
+    }
+
+    fn key(kind: &str, obj: &impl ResourceExt) -> String {
+        format!(
+            "{kind}/{}/{}",
+            obj.namespace().unwrap_or_default(),
+            obj.name_any()
+        )
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// 1 s, 2 s, 4 s … up to 5 min after consecutive failures of the same object.
+    fn backoff(&self, key: String) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_for(*n)
+    }
+}
+
+/// Delay after the `n`th consecutive failure (n ≥ 1).
+pub fn backoff_for(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
+}
+
+/// The Sandbox reconciler, inside finalizer [`FINALIZER`].
+pub async fn reconcile_sandbox(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = sbx.namespace().ok_or(Error::MissingField {
+        kind: "Sandbox",
+        field: "metadata.namespace",
+    })?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = sbx.name_any();
+    let res = finalizer(&api, FINALIZER, sbx.clone(), |ev| async {
+        match ev {
+            Event::Apply(s) => sandbox::apply(s, &ctx).await,
+            Event::Cleanup(s) => sandbox::cleanup(s, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer {
+            name,
+            source: Box::new(other),
+        },
+    });
+    if res.is_ok() {
+        ctx.succeeded(&Context::key("Sandbox", &*sbx));
+    }
+    res
+}
+
+pub fn sandbox_error_policy(sbx: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::WaitingForCleanup(_) = err {
+        return Action::requeue(CLEANUP_POLL);
+    }
+    let delay = ctx.backoff(Context::key("Sandbox", &*sbx));
+    tracing::warn!(sandbox = %sbx.name_any(), error = %err, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub async fn reconcile_sandbox_set(
+    set: Arc<SandboxSet>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let res = sandboxset::reconcile(set.clone(), &ctx).await;
+    if res.is_ok() {
+        ctx.succeeded(&Context::key("SandboxSet", &*set));
+    }
+    res
+}
+
+pub fn sandbox_set_error_policy(set: Arc<SandboxSet>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(Context::key("SandboxSet", &*set));
+    tracing::warn!(sandboxset = %set.name_any(), error = %err, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the SandboxSet and Sandbox controllers until SIGTERM/SIGINT. `namespace`: watch one
+/// namespace, or all of them.
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
+    let client = ctx.client.clone();
+    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let sets = Controller::new(
+        api::<SandboxSet>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .owns(
+        api::<Sandbox>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(reconcile_sandbox_set, sandbox_set_error_policy, ctx.clone())
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "sandboxset controller");
+        }
+    });
+    let sandboxes = Controller::new(
+        api::<Sandbox>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .owns(
+        api::<Pod>(&client, namespace),
+        watcher::Config::default().labels(LABEL_SANDBOX),
+    )
+    .shutdown_on_signal()
+    .run(reconcile_sandbox, sandbox_error_policy, ctx)
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "sandbox controller");
+        }
+    });
+    futures::join!(sets, sandboxes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_for(1), Duration::from_secs(1));
+        assert_eq!(backoff_for(2), Duration::from_secs(2));
+        assert_eq!(backoff_for(5), Duration::from_secs(16));
+        assert_eq!(backoff_for(30), Duration::from_secs(300));
+    }
+}
