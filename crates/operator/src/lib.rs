@@ -10,6 +10,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod leader;
 pub mod sandbox;
 pub mod sandboxset;
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use warren_operator::controller::{self, Context};
 use warren_operator::crd::crd_documents;
+use warren_operator::leader::{run_as_leader, LeaseConfig};
 use warren_operator::sandbox::PodConfig;
 
 #[derive(Parser)]
@@ -38,6 +39,19 @@ enum Command {
         /// warren.dev/node-agent=true).
         #[arg(long = "node-selector", value_parser = parse_pair)]
         node_selector: Vec<(String, String)>,
+        /// Reconcile only while holding the Lease, so several replicas can run (`false` for a
+        /// single replica, e.g. outside the cluster).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Name of the Lease.
+        #[arg(long, default_value = "warren-operator")]
+        lease_name: String,
+        /// Namespace of the Lease (the operator's own, from the downward API).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "warren-system")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease (its Pod name, from the downward API).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
 }
 
@@ -79,6 +93,10 @@ async fn main() -> anyhow::Result<()> {
             namespace,
             placeholder_image,
             node_selector,
+            leader_election,
+            lease_name,
+            lease_namespace,
+            identity,
         } => {
             // kube's rustls uses ring; installing it explicitly keeps rustls from refusing to
             // choose when a workspace build also enables aws-lc-rs (see rust-stack.md). rustls
@@ -97,7 +115,26 @@ async fn main() -> anyhow::Result<()> {
                 pods.node_selector = node_selector.into_iter().collect::<BTreeMap<_, _>>();
             }
             tracing::info!(namespace = ?namespace, "warren-operator starting");
-            controller::run(Context::new(client, pods), namespace.as_deref()).await;
+            let ctx = Context::new(client, pods);
+            if leader_election {
+                let identity = match identity {
+                    Some(id) => id,
+                    None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .context("no --identity/POD_NAME and no hostname to use instead")?
+                        .trim()
+                        .to_string(),
+                };
+                let lease = LeaseConfig {
+                    name: lease_name,
+                    namespace: lease_namespace,
+                    identity,
+                    duration_secs: 15,
+                    grace_secs: 5,
+                };
+                run_as_leader(ctx, namespace.as_deref(), &lease).await?;
+            } else {
+                controller::run(ctx, namespace.as_deref()).await;
+            }
         }
     }
     Ok(())
