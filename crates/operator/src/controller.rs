@@ -1,16 +1,18 @@
 //! Wiring of the reconcilers into kube-rs controllers: the shared context, the finalizer around
 //! the Sandbox reconciler, and the error policy (exponential backoff per object).
 
-use crate::crd::{Sandbox, SandboxSet};
+use crate::conditions;
+use crate::crd::{Condition, Sandbox, SandboxSet};
 use crate::sandbox::{self, PodConfig, CLEANUP_POLL, FINALIZER};
 use crate::{sandboxset, Error, LABEL_SANDBOX};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event};
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,17 +21,60 @@ use std::time::Duration;
 pub struct Context {
     pub client: Client,
     pub pods: PodConfig,
+    recorder: Recorder,
     /// Consecutive failures per object (`kind/namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
     pub fn new(client: Client, pods: PodConfig) -> Arc<Context> {
+        let reporter = Reporter {
+            controller: crate::FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
             pods,
             failures: Mutex::default(),
         })
+    }
+
+    /// Publishes a Warning event when the `Ready` condition turns to a failure reason it did not
+    /// have before (so a failure is told once, not at every reconcile). Best effort: an event that
+    /// cannot be written is logged, the status already says it.
+    pub(crate) async fn publish_failure<K>(&self, obj: &K, old: &[Condition], new: &[Condition])
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let Some(c) = conditions::find(new, "Ready") else {
+            return;
+        };
+        if c.status == "True" || !FAILURE_REASONS.contains(&c.reason.as_str()) {
+            return;
+        }
+        if conditions::find(old, "Ready").is_some_and(|o| o.reason == c.reason) {
+            return;
+        }
+        let mut note = c.message.clone();
+        // events.k8s.io/v1 refuses notes over 1 kB.
+        if note.len() > 1024 {
+            let mut cut = 1024;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let ev = KubeEvent {
+            type_: EventType::Warning,
+            reason: c.reason.clone(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason = %c.reason, "cannot publish event");
+        }
     }
 
     fn key(kind: &str, obj: &impl ResourceExt) -> String {
@@ -55,6 +100,18 @@ impl Context {
         backoff_for(*n)
     }
 }
+
+/// `Ready` reasons that are failures worth an event.
+pub const FAILURE_REASONS: &[&str] = &[
+    "InvalidSpec",
+    "PodCreateFailed",
+    "Unschedulable",
+    "PodFailed",
+    "SandboxStartFailed",
+    "PodConflict",
+    "NodeUnreachable",
+    "ReconcileFailed",
+];
 
 /// Delay after the `n`th consecutive failure (n ≥ 1).
 pub fn backoff_for(n: u32) -> Duration {

@@ -158,6 +158,7 @@ fn ready() -> Condition {
 
 const SANDBOXES: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxes";
 const PODS: &str = "/api/v1/namespaces/testns/pods";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/testns/events";
 
 #[tokio::test]
 async fn new_sandbox_gets_the_finalizer_first() {
@@ -257,6 +258,14 @@ async fn pod_create_failure_is_explained_in_status_and_backs_off() {
         "{cond}"
     );
     call.ok(serde_json::to_value(&*sbx).unwrap());
+    let ev = api.expect("POST", EVENTS).await;
+    assert_eq!(ev.body["type"], "Warning");
+    assert_eq!(ev.body["reason"], "PodCreateFailed");
+    assert_eq!(ev.body["regarding"]["kind"], "Sandbox");
+    assert_eq!(ev.body["regarding"]["name"], "sb1");
+    assert!(ev.body["note"].as_str().unwrap().contains("exceeded quota"));
+    let reply = ev.body.clone();
+    ev.reply(201, reply);
     let err = task.await.unwrap().unwrap_err();
     assert!(
         err.to_string().contains("create pod of Sandbox sb1"),
@@ -549,6 +558,12 @@ async fn invalid_set_reports_why_and_waits_for_a_fix() {
     assert_eq!(cond["reason"], "InvalidSpec");
     assert!(cond["message"].as_str().unwrap().contains("exclusive"));
     call.ok(serde_json::to_value(set(2, 1)).unwrap());
+    let ev = api.expect("POST", EVENTS).await;
+    assert_eq!(ev.body["type"], "Warning");
+    assert_eq!(ev.body["reason"], "InvalidSpec");
+    assert_eq!(ev.body["regarding"]["kind"], "SandboxSet");
+    let reply = ev.body.clone();
+    ev.reply(201, reply);
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
 }
 
@@ -597,4 +612,44 @@ async fn claim_loses_a_race_and_takes_the_next_member() {
     let task = run(async move { claim(&sandboxes, "pool", &ClaimRequest::default()).await }).await;
     expect_member_list(&mut api, vec![]).await;
     assert!(task.await.unwrap().unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_repeated_failure_is_not_written_or_told_again() {
+    let (ctx, mut api) = mock();
+    let mut s = with_finalizer(sandbox("sb1"));
+    // Exactly what the first failure wrote: the same API error, formatted the same way.
+    let status: kube::core::Status = serde_json::from_value(json!({"apiVersion": "v1",
+        "kind": "Status", "status": "Failure", "reason": "Forbidden",
+        "message": "pods \"sb1\" is forbidden: quota", "code": 403}))
+    .unwrap();
+    let msg = &format!(
+        "cannot create pod sb1: {}",
+        kube::Error::Api(Box::new(status))
+    );
+    s.status = Some(SandboxStatus {
+        observed_generation: Some(1),
+        message: Some(msg.into()),
+        conditions: vec![Condition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: "PodCreateFailed".into(),
+            message: msg.into(),
+            last_transition_time: "2026-01-01T00:00:00Z".into(),
+            observed_generation: Some(1),
+        }],
+        ..Default::default()
+    });
+    let task = run(reconcile_sandbox(Arc::new(s), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .status_error(404, "NotFound", "not found");
+    api.expect("POST", PODS).await.status_error(
+        403,
+        "Forbidden",
+        "pods \"sb1\" is forbidden: quota",
+    );
+    // No status patch and no event: the reconcile ends with the error right away.
+    let err = task.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("forbidden"), "{err}");
 }

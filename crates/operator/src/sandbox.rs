@@ -410,6 +410,8 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
             };
             if status_changed(sbx.status.as_ref(), &st) {
                 patch_status(&api, &name, &st).await?;
+                ctx.publish_failure(&*sbx, &old.conditions, &st.conditions)
+                    .await;
             }
             // Only a spec change can fix it.
             return Ok(Action::await_change());
@@ -480,6 +482,8 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
                         };
                         if status_changed(sbx.status.as_ref(), &st) {
                             patch_status(&api, &name, &st).await?;
+                            ctx.publish_failure(&*sbx, &old.conditions, &st.conditions)
+                                .await;
                         }
                         return Err(Error::kube("create pod of", "Sandbox", &name)(e));
                     }
@@ -489,6 +493,8 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
     let st = observe(&sbx, Some(&pod), &now);
     if status_changed(sbx.status.as_ref(), &st) {
         patch_status(&api, &name, &st).await?;
+        ctx.publish_failure(&*sbx, &old.conditions, &st.conditions)
+            .await;
     }
     // Pod and Sandbox changes wake us through the watches; times need a timer.
     let idle = Duration::from_secs(300);

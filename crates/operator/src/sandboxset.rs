@@ -253,6 +253,8 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
             };
             if set.status.as_ref() != Some(&st) {
                 patch_status(&sets, &name, &st).await?;
+                ctx.publish_failure(&*set, &old.conditions, &st.conditions)
+                    .await;
             }
             return Ok(Action::await_change());
         }
@@ -384,6 +386,8 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
     };
     if set.status.as_ref() != Some(&st) {
         patch_status(&sets, &name, &st).await?;
+        ctx.publish_failure(&*set, &old.conditions, &st.conditions)
+            .await;
     }
     if let Some(msg) = failure {
         return Err(Error::Reconcile {

@@ -161,7 +161,8 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
     let docs = rendered();
     let cr: Vec<ClusterRole> = one(&docs, "ClusterRole");
     let rules = cr[0].rules.clone().unwrap();
-    // Every API call in sandbox.rs, sandboxset.rs and controller.rs (watches need list+watch).
+    // Every API call in sandbox.rs, sandboxset.rs and controller.rs (watches need list+watch;
+    // events are created, then patched when they repeat).
     for (group, resource, verb) in [
         ("warren.dev", "sandboxes", "get"),
         ("warren.dev", "sandboxes", "list"),
@@ -178,6 +179,8 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "watch"),
         ("", "pods", "create"),
         ("", "pods", "delete"),
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
     ] {
         assert!(
             allows(&rules, group, resource, verb),
