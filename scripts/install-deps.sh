@@ -27,6 +27,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# CRIU 4.1.1 (hibernate, checkpoint, fork), built from source: bookworm's 3.17 cannot work on this
+# kernel. Skipped when /usr/local/sbin/criu is already 4.1.1.
+"$(dirname "$0")/install-criu.sh"
+
 # The Python layer of the code-interpreter-v1 template (pip from PyPI into the layer; rebuilt only
 # when its requirements change).
 "$(dirname "$0")/build-code-interpreter-template.sh"

@@ -31,6 +31,7 @@ impl From<CoreError> for ApiError {
             CoreError::Conflict(_) => StatusCode::CONFLICT,
             CoreError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            CoreError::Unavailable(_) => StatusCode::NOT_IMPLEMENTED,
             CoreError::Runtime(_)
             | CoreError::Store(_)
             | CoreError::Audit(_)

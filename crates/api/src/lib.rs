@@ -9,6 +9,7 @@ pub mod audit;
 pub mod commits;
 pub mod error;
 pub mod extract;
+pub mod hibernation;
 pub mod models;
 pub mod network;
 pub mod pools;
@@ -70,6 +71,10 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(h::connect))
         .route("/sandboxes/{id}/metrics", get(network::metrics))
         .route("/sandboxes/{id}/network", put(network::update_network))
+        .route(
+            "/warren/v1/sandboxes/{id}/hibernate",
+            post(hibernation::hibernate),
+        )
         .route("/warren/v1/audit", get(audit::query))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

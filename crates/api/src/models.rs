@@ -118,6 +118,13 @@ pub struct SandboxDetailJson {
     pub domain: Option<String>,
     pub lifecycle: Lifecycle,
     pub network: crate::network::NetworkInfoJson,
+    /// What a paused sandbox keeps (`memory`, `filesystem`, `ip`); empty while running.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub persistent_contents: &'static [&'static str],
+    /// Warren's extension: where a paused sandbox's memory is, `ram` (frozen) or `disk`
+    /// (hibernated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_location: Option<&'static str>,
 }
 
 fn public_state(r: &SandboxRecord) -> &'static str {
@@ -148,6 +155,10 @@ impl SandboxDetailJson {
                 on_timeout: if r.auto_pause { "pause" } else { "kill" },
             },
             network: crate::network::NetworkInfoJson::new(r),
+            persistent_contents: warren_core::orchestrator::hibernation::persistent_contents(
+                r.state,
+            ),
+            memory_location: warren_core::orchestrator::hibernation::memory_location(r.state),
         }
     }
 }

@@ -50,6 +50,20 @@ impl SandboxRuntime for LoopbackRuntime {
     async fn stats(&self, id: &str) -> Result<warren_runtime::SandboxStats, RuntimeError> {
         self.0.stats(id).await
     }
+    fn hibernate_support(&self) -> Result<(), String> {
+        self.0.hibernate_support()
+    }
+    async fn hibernate(&self, id: &str) -> Result<warren_runtime::CheckpointStats, RuntimeError> {
+        self.0.hibernate(id).await
+    }
+    async fn wake(&self, id: &str) -> Result<Placement, RuntimeError> {
+        let mut p = self.0.wake(id).await?;
+        p.ip = "127.0.0.1".parse().unwrap();
+        Ok(p)
+    }
+    async fn adopt_hibernated(&self, id: &str, p: &Placement) -> Result<bool, RuntimeError> {
+        self.0.adopt_hibernated(id, p).await
+    }
 }
 
 const KEY1: &str = "key-team-1";
@@ -895,3 +909,68 @@ async fn router_splices_upgraded_connections() {
 }
 
 mod network;
+
+#[tokio::test]
+async fn hibernate_endpoint_and_connect_wakes() {
+    let app = test_app(None);
+    let created = create(&app, KEY1, r#"{"templateID":"base"}"#).await;
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let hib = format!("/warren/v1/sandboxes/{id}/hibernate");
+
+    let (s, v, _) = call(&app, "POST", &hib, Some(KEY1), None, &[]).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "paused");
+    assert_eq!(v["memoryLocation"], "disk");
+    assert_eq!(
+        v["persistentContents"],
+        json!(["memory", "filesystem", "ip"])
+    );
+    let (_, d, _) = call(
+        &app,
+        "GET",
+        &format!("/sandboxes/{id}"),
+        Some(KEY1),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(d["state"], "paused");
+    assert_eq!(d["memoryLocation"], "disk");
+
+    // Another team's or an unknown sandbox: 404 in E2B's error shape.
+    let (s, v, _) = call(&app, "POST", &hib, Some(KEY2), None, &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["code"], 404);
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/warren/v1/sandboxes/nope/hibernate",
+        Some(KEY1),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        &format!("/sandboxes/{id}/connect"),
+        Some(KEY1),
+        Some("{}"),
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, d, _) = call(
+        &app,
+        "GET",
+        &format!("/sandboxes/{id}"),
+        Some(KEY1),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(d["state"], "running");
+    assert!(d.get("memoryLocation").is_none(), "{d}");
+}

@@ -271,6 +271,7 @@ pub async fn get(api: &ApiClient, out: Output, id: &str) -> anyhow::Result<()> {
             ("id", output::str_field(&v, "sandboxID")),
             ("template", output::str_field(&v, "templateID")),
             ("state", output::str_field(&v, "state")),
+            ("memory in", output::str_field(&v, "memoryLocation")),
             ("started", output::time_field(&v, "startedAt")),
             ("ends", output::time_field(&v, "endAt")),
             ("cpus", output::str_field(&v, "cpuCount")),
@@ -290,6 +291,17 @@ pub async fn pause(api: &ApiClient, id: &str) -> anyhow::Result<()> {
     )
     .await?;
     println!("paused {id}");
+    Ok(())
+}
+
+pub async fn hibernate(api: &ApiClient, id: &str) -> anyhow::Result<()> {
+    api.call(
+        Method::POST,
+        &format!("/warren/v1/sandboxes/{id}/hibernate"),
+        Some(json!({})),
+    )
+    .await?;
+    println!("hibernated {id}");
     Ok(())
 }
 

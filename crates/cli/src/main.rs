@@ -134,6 +134,8 @@ enum SandboxCommand {
     Exec(exec::ExecArgs),
     /// Pause (freeze) a sandbox.
     Pause { id: String },
+    /// Hibernate a sandbox now: its memory goes to disk (CRIU); `resume` brings it back.
+    Hibernate { id: String },
     /// Resume a paused sandbox.
     Resume {
         id: String,
@@ -216,6 +218,7 @@ async fn run_client(args: ClientArgs, command: SandboxCommand) -> anyhow::Result
         SandboxCommand::Get { id } => client::get(&api, out, &id).await?,
         SandboxCommand::Exec(e) => return exec::run(&api, e).await,
         SandboxCommand::Pause { id } => client::pause(&api, &id).await?,
+        SandboxCommand::Hibernate { id } => client::hibernate(&api, &id).await?,
         SandboxCommand::Resume { id, timeout } => client::resume(&api, out, &id, timeout).await?,
         SandboxCommand::Kill { id } => client::kill(&api, &id).await?,
         SandboxCommand::Timeout { id, seconds } => client::set_timeout(&api, &id, seconds).await?,

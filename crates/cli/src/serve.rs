@@ -49,6 +49,31 @@ pub struct ServeArgs {
     /// Keep no audit log (<data-dir>/audit.db); for measuring what it costs.
     #[arg(long)]
     no_audit: bool,
+    /// A paused sandbox idle this long is hibernated: its memory goes to disk (CRIU) and comes
+    /// back on connect. Seconds, or with a unit (`90s`, `10m`, `1h`); `off` never hibernates.
+    #[arg(long, env = "WARREN_HIBERNATE_AFTER", default_value = "10m", value_parser = parse_idle)]
+    hibernate_after: HibernateAfter,
+}
+
+/// `--hibernate-after`: `None` is `off`. (A newtype: clap reads a bare `Option` as "flag absent".)
+#[derive(Debug, Clone, Copy)]
+struct HibernateAfter(Option<Duration>);
+
+fn parse_idle(s: &str) -> Result<HibernateAfter, String> {
+    if s == "off" || s == "never" {
+        return Ok(HibernateAfter(None));
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 600, 90s, 10m or 1h (or off)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use s, m or h")),
+    };
+    Ok(HibernateAfter(Some(Duration::from_secs(secs))))
 }
 
 fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -158,7 +183,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         store,
         templates,
         keys,
-        WarrenConfig::default(),
+        WarrenConfig {
+            hibernate_after: args.hibernate_after.0,
+            ..WarrenConfig::default()
+        },
     ));
     // Commits write into the same store (one index writer, one gc); their images are image
     // templates, loaded with the others.
@@ -172,6 +200,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("loading image templates")?;
     tracing::info!(templates = n, "image templates loaded");
+    match warren.hibernate_support() {
+        Ok(()) => tracing::info!(
+            after_secs = args.hibernate_after.0.map(|d| d.as_secs()),
+            "hibernation available (CRIU)"
+        ),
+        Err(why) => {
+            tracing::warn!("hibernation unavailable, paused sandboxes stay frozen in RAM: {why}")
+        }
+    }
     let report = warren.recover().await.context("recovering sandboxes")?;
     tracing::info!(
         adopted = report.adopted.len(),

@@ -14,6 +14,9 @@ pub enum CoreError {
     InvalidArgument(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// The host cannot do this at all (e.g. hibernation without a working CRIU).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("runtime: {0}")]
     Runtime(#[from] RuntimeError),
     #[error("store: {0}")]

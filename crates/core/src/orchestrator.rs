@@ -70,6 +70,9 @@ pub struct WarrenConfig {
     pub envd_version: String,
     /// The user processes run as when a request names none.
     pub default_user: String,
+    /// A paused sandbox idle this long is hibernated (its memory dumped to disk with CRIU);
+    /// `None` never hibernates automatically.
+    pub hibernate_after: Option<Duration>,
 }
 
 impl Default for WarrenConfig {
@@ -81,6 +84,7 @@ impl Default for WarrenConfig {
             disk_size_mb: 1024,
             envd_version: "0.6.4".into(),
             default_user: "user".into(),
+            hibernate_after: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -171,6 +175,9 @@ pub struct Warren {
     /// Creates by `Idempotency-Key`: (team, key) → sandbox id and when it was made. Held across a
     /// keyed create, so two concurrent retries of one create make one sandbox.
     idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
+    /// When each paused sandbox was frozen: the idle clock of auto-hibernation (see
+    /// `hibernation.rs`). In memory only: after a restart the clock starts again.
+    paused_since: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Commits of sandboxes to images (see `commits.rs`).
     commits: commits::CommitState,
 }
@@ -226,6 +233,7 @@ impl Warren {
             metrics: metrics::MetricsBook::default(),
             pools: crate::pool::Pools::default(),
             idempotency: tokio::sync::Mutex::default(),
+            paused_since: Mutex::default(),
             commits: commits::CommitState::default(),
         }
     }
@@ -300,8 +308,10 @@ impl Warren {
         }
         // Checked before taking the per-sandbox lock so that traffic for ids that match nothing
         // creates no lock entries.
-        let wakeable =
-            |r: &SandboxRecord| r.state == SandboxState::Paused && r.auto_resume_secs.is_some();
+        let wakeable = |r: &SandboxRecord| {
+            matches!(r.state, SandboxState::Paused | SandboxState::Hibernated)
+                && r.auto_resume_secs.is_some()
+        };
         let rec = self.store.get(id).await.ok().flatten()?;
         if !wakeable(&rec) {
             return None;
@@ -312,7 +322,12 @@ impl Warren {
         let rec = self.store.get(id).await.ok().flatten()?;
         if wakeable(&rec) {
             let secs = chrono::Duration::seconds(rec.auto_resume_secs.unwrap_or(0).into());
-            if let Err(e) = self.resume_locked(id, secs).await {
+            let woken = if rec.state == SandboxState::Hibernated {
+                self.wake_locked(id, secs).await.map(|_| ())
+            } else {
+                self.resume_locked(id, secs).await.map(|_| ())
+            };
+            if let Err(e) = woken {
                 tracing::warn!(sandbox = %id, error = %e, "auto-resume failed");
                 return None;
             }
@@ -694,6 +709,7 @@ impl Warren {
         match self.runtime.freeze(id).await {
             Ok(()) => {
                 self.store.apply(id, Event::PauseDone, |_| {}).await?;
+                self.note_paused(id, Some(self.clock.now()));
                 tracing::info!(sandbox = %id, "sandbox paused");
                 Ok(())
             }
@@ -729,6 +745,7 @@ impl Warren {
                 let rec = self.resume_locked(id, timeout).await?;
                 Ok((rec, ConnectOutcome::Resumed))
             }
+            SandboxState::Hibernated => self.wake_locked(id, timeout).await,
             other => Err(CoreError::Conflict(format!(
                 "sandbox {id} is {other}, try again"
             ))),
@@ -757,6 +774,7 @@ impl Warren {
                     .apply(id, Event::ResumeDone, move |r| r.end_at = end_at)
                     .await?;
                 self.set_route(&rec);
+                self.note_paused(id, None);
                 tracing::info!(sandbox = %id, "sandbox resumed");
                 Ok(rec)
             }
@@ -796,6 +814,10 @@ impl Warren {
                 {
                     tracing::warn!(sandbox = %id, "sandbox init died; removing it");
                     self.kill_locked(&id).await
+                }
+                SandboxState::Paused if self.due_for_hibernation(&id, now) => {
+                    tracing::info!(sandbox = %id, "idle while paused: hibernating");
+                    self.hibernate_locked(&id).await.map(|_| ())
                 }
                 SandboxState::Running if rec.end_at <= now && rec.auto_pause => {
                     tracing::info!(sandbox = %id, "timeout: auto-pausing");
@@ -879,6 +901,9 @@ impl Warren {
                 self.kill_locked(id).await?;
                 return Ok(false);
             }
+            SandboxState::Hibernating | SandboxState::Hibernated | SandboxState::Waking => {
+                return self.recover_hibernation(rec).await;
+            }
             _ => {}
         }
         let adopted = match &rec.placement {
@@ -938,6 +963,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
 }
 
 pub mod commits;
+pub mod hibernation;
 pub mod metrics;
 pub mod network;
 pub mod pools;

@@ -20,6 +20,13 @@
 //! | `Pooled`   | `Claim`         | `Claiming`| a create request took this member (exactly one request can)|
 //! | `Claiming` | `Claimed`       | `Running` | envd took the claimant's env vars and access token         |
 //! | `Pooled`, `Claiming` | `Kill` | `Killing` | scale-down, rolling update, a failed claim, init died, or not re-adoptable |
+//! | `Paused`   | `Hibernate`     | `Hibernating` | frozen longer than `--hibernate-after` (or asked): CRIU dump began |
+//! | `Hibernating` | `HibernateDone` | `Hibernated` | the images are on disk, the processes ended, memory freed |
+//! | `Hibernating` | `HibernateFailed` | `Paused` | the dump failed; the tree is frozen in memory as before |
+//! | `Hibernated` | `Wake`        | `Waking`  | a connect/resume began: CRIU restore                       |
+//! | `Waking`   | `WakeDone`      | `Running` | the restored tree runs (new init pid, same address)        |
+//! | `Waking`   | `WakeFailed`    | `Hibernated` | the restore failed; the images stay for another try     |
+//! | `Hibernating`, `Hibernated`, `Waking` | `Kill` | `Killing` | kill requested, or not re-adoptable after a restart |
 //!
 //! `Killed` and `Failed` are terminal: the store deletes the row in the transaction that reaches
 //! them, so the database only ever holds sandboxes that exist (or are being made or removed).
@@ -27,7 +34,8 @@
 //! a crash in the middle of one, which is why recovery knows how to finish each of them.
 //!
 //! What clients see ([`SandboxState::public`]): `Running` and `Pausing` show as `running`,
-//! `Paused` and `Resuming` as `paused`; `Creating`, `Killing`, the pool states `Pooled` and
+//! `Paused`, `Resuming`, `Hibernating`, `Hibernated` and `Waking` as `paused` (E2B knows one
+//! paused state; where the memory lives is Warren's business); `Creating`, `Killing`, the pool states `Pooled` and
 //! `Claiming`, and the terminal states are invisible (the sandbox is "not found"). A pool member
 //! becomes visible only to the team that claimed it, once the claim completed.
 
@@ -50,6 +58,12 @@ pub enum SandboxState {
     Pooled,
     /// A pool member being handed to a create request.
     Claiming,
+    /// A paused sandbox whose process tree CRIU is dumping to disk.
+    Hibernating,
+    /// Processes dumped to disk and ended; filesystem, address and network namespace kept.
+    Hibernated,
+    /// A hibernated sandbox being restored.
+    Waking,
 }
 
 /// Something that happened to a sandbox.
@@ -68,6 +82,12 @@ pub enum Event {
     Warmed,
     Claim,
     Claimed,
+    Hibernate,
+    HibernateDone,
+    HibernateFailed,
+    Wake,
+    WakeDone,
+    WakeFailed,
 }
 
 /// The state the E2B API reports.
@@ -112,13 +132,20 @@ pub fn transition(from: SandboxState, event: Event) -> Result<SandboxState, Ille
         (S::Pooled, E::Claim) => S::Claiming,
         (S::Claiming, E::Claimed) => S::Running,
         (S::Pooled | S::Claiming, E::Kill) => S::Killing,
+        (S::Paused, E::Hibernate) => S::Hibernating,
+        (S::Hibernating, E::HibernateDone) => S::Hibernated,
+        (S::Hibernating, E::HibernateFailed) => S::Paused,
+        (S::Hibernated, E::Wake) => S::Waking,
+        (S::Waking, E::WakeDone) => S::Running,
+        (S::Waking, E::WakeFailed) => S::Hibernated,
+        (S::Hibernating | S::Hibernated | S::Waking, E::Kill) => S::Killing,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
 }
 
 impl SandboxState {
-    pub const ALL: [SandboxState; 10] = [
+    pub const ALL: [SandboxState; 13] = [
         SandboxState::Creating,
         SandboxState::Running,
         SandboxState::Pausing,
@@ -129,6 +156,9 @@ impl SandboxState {
         SandboxState::Failed,
         SandboxState::Pooled,
         SandboxState::Claiming,
+        SandboxState::Hibernating,
+        SandboxState::Hibernated,
+        SandboxState::Waking,
     ];
 
     /// Terminal states are never stored.
@@ -140,7 +170,11 @@ impl SandboxState {
     pub fn public(self) -> Option<PublicState> {
         match self {
             SandboxState::Running | SandboxState::Pausing => Some(PublicState::Running),
-            SandboxState::Paused | SandboxState::Resuming => Some(PublicState::Paused),
+            SandboxState::Paused
+            | SandboxState::Resuming
+            | SandboxState::Hibernating
+            | SandboxState::Hibernated
+            | SandboxState::Waking => Some(PublicState::Paused),
             _ => None,
         }
     }
@@ -157,6 +191,9 @@ impl SandboxState {
             SandboxState::Failed => "failed",
             SandboxState::Pooled => "pooled",
             SandboxState::Claiming => "claiming",
+            SandboxState::Hibernating => "hibernating",
+            SandboxState::Hibernated => "hibernated",
+            SandboxState::Waking => "waking",
         }
     }
 }
@@ -183,7 +220,7 @@ mod tests {
     use Event as E;
     use SandboxState as S;
 
-    const EVENTS: [Event; 13] = [
+    const EVENTS: [Event; 19] = [
         E::Started,
         E::CreateFailed,
         E::Pause,
@@ -197,9 +234,15 @@ mod tests {
         E::Warmed,
         E::Claim,
         E::Claimed,
+        E::Hibernate,
+        E::HibernateDone,
+        E::HibernateFailed,
+        E::Wake,
+        E::WakeDone,
+        E::WakeFailed,
     ];
 
-    const LEGAL: [(SandboxState, Event, SandboxState); 18] = [
+    const LEGAL: [(SandboxState, Event, SandboxState); 27] = [
         (S::Creating, E::Started, S::Running),
         (S::Creating, E::CreateFailed, S::Failed),
         (S::Running, E::Pause, S::Pausing),
@@ -218,6 +261,15 @@ mod tests {
         (S::Claiming, E::Claimed, S::Running),
         (S::Pooled, E::Kill, S::Killing),
         (S::Claiming, E::Kill, S::Killing),
+        (S::Paused, E::Hibernate, S::Hibernating),
+        (S::Hibernating, E::HibernateDone, S::Hibernated),
+        (S::Hibernating, E::HibernateFailed, S::Paused),
+        (S::Hibernated, E::Wake, S::Waking),
+        (S::Waking, E::WakeDone, S::Running),
+        (S::Waking, E::WakeFailed, S::Hibernated),
+        (S::Hibernating, E::Kill, S::Killing),
+        (S::Hibernated, E::Kill, S::Killing),
+        (S::Waking, E::Kill, S::Killing),
     ];
 
     #[test]
@@ -251,6 +303,11 @@ mod tests {
         assert!(transition(S::Creating, E::Kill).is_err());
         assert!(transition(S::Failed, E::Started).is_err());
         assert!(transition(S::Killing, E::Kill).is_err());
+        // Only a frozen sandbox hibernates, and only a hibernated one wakes.
+        assert!(transition(S::Running, E::Hibernate).is_err());
+        assert!(transition(S::Paused, E::Wake).is_err());
+        assert!(transition(S::Hibernated, E::Resume).is_err());
+        assert!(transition(S::Hibernated, E::Hibernate).is_err());
     }
 
     #[test]
@@ -271,6 +328,9 @@ mod tests {
         assert_eq!(S::Killing.public(), None);
         assert_eq!(S::Pooled.public(), None);
         assert_eq!(S::Claiming.public(), None);
+        for s in [S::Hibernating, S::Hibernated, S::Waking] {
+            assert_eq!(s.public(), Some(PublicState::Paused), "{s} shows as paused");
+        }
         for s in S::ALL {
             assert_eq!(s.as_str().parse::<S>(), Ok(s));
         }

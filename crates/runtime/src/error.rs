@@ -31,6 +31,14 @@ pub enum RuntimeError {
     AddressPoolExhausted(String),
     #[error("sandbox {id} failed to start: {reason}")]
     StartFailed { id: String, reason: String },
+    #[error("hibernate and checkpoint are unavailable on this host: {0}")]
+    CheckpointUnavailable(String),
+    #[error("{op} of sandbox {id}: {reason}")]
+    Checkpoint {
+        op: &'static str,
+        id: String,
+        reason: String,
+    },
     #[error("invalid configuration: {0}")]
     Config(String),
 }

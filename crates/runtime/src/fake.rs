@@ -2,7 +2,10 @@
 //! state a real runtime would have (which sandboxes exist, which are frozen) without touching the
 //! kernel, and can be told to fail, so error paths are testable without root.
 
-use crate::{NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec, SandboxStats};
+use crate::{
+    CheckpointStats, NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
+    SandboxStats,
+};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -15,6 +18,8 @@ pub struct FakeSandbox {
     pub placement: Placement,
     pub frozen: bool,
     pub alive: bool,
+    /// Dumped to "disk": no process runs, the placement's address is kept.
+    pub hibernated: bool,
     /// What [`SandboxRuntime::stats`] answers; tests set it with [`FakeRuntime::set_stats`].
     pub stats: SandboxStats,
 }
@@ -24,6 +29,8 @@ pub struct FakeRuntime {
     sandboxes: Mutex<HashMap<String, FakeSandbox>>,
     next_pid: AtomicU32,
     fail_next_create: AtomicBool,
+    /// Why hibernation is unavailable, when a test says so (a host without a working CRIU).
+    no_hibernate: Mutex<Option<String>>,
 }
 
 impl FakeRuntime {
@@ -37,6 +44,11 @@ impl FakeRuntime {
     /// Makes the next `create` fail, as a real runtime does when the kernel refuses.
     pub fn fail_next_create(&self) {
         self.fail_next_create.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes hibernation unavailable, as on a host where CRIU does not work.
+    pub fn disable_hibernate(&self, reason: &str) {
+        *self.no_hibernate.lock().unwrap() = Some(reason.to_string());
     }
 
     /// Simulates the sandbox's init dying on its own.
@@ -72,6 +84,7 @@ impl FakeRuntime {
                 placement,
                 frozen: false,
                 alive: true,
+                hibernated: false,
                 stats: SandboxStats::default(),
             },
         );
@@ -108,6 +121,7 @@ impl SandboxRuntime for FakeRuntime {
                 placement: placement.clone(),
                 frozen: false,
                 alive: true,
+                hibernated: false,
                 stats: SandboxStats::default(),
             },
         );
@@ -179,5 +193,67 @@ impl SandboxRuntime for FakeRuntime {
             .get(id)
             .map(|s| s.alive)
             .unwrap_or(false)
+    }
+
+    fn hibernate_support(&self) -> Result<(), String> {
+        match self.no_hibernate.lock().unwrap().clone() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
+    async fn hibernate(&self, id: &str) -> Result<CheckpointStats, RuntimeError> {
+        self.hibernate_support()
+            .map_err(RuntimeError::CheckpointUnavailable)?;
+        let mut map = self.sandboxes.lock().unwrap();
+        let s = map
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownSandbox(id.into()))?;
+        if !s.alive || s.hibernated {
+            return Err(RuntimeError::Checkpoint {
+                op: "dump",
+                id: id.into(),
+                reason: "no process tree to dump".into(),
+            });
+        }
+        s.alive = false;
+        s.frozen = false;
+        s.hibernated = true;
+        Ok(CheckpointStats {
+            bytes: 4096,
+            duration: std::time::Duration::from_millis(1),
+        })
+    }
+
+    async fn wake(&self, id: &str) -> Result<Placement, RuntimeError> {
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
+        let mut map = self.sandboxes.lock().unwrap();
+        let s = map
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownSandbox(id.into()))?;
+        if !s.hibernated {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                id: id.into(),
+                reason: "not hibernated".into(),
+            });
+        }
+        s.hibernated = false;
+        s.alive = true;
+        s.placement.init_pid = pid;
+        s.placement.init_start_ticks = pid as u64;
+        Ok(s.placement.clone())
+    }
+
+    async fn adopt_hibernated(
+        &self,
+        id: &str,
+        placement: &Placement,
+    ) -> Result<bool, RuntimeError> {
+        let map = self.sandboxes.lock().unwrap();
+        Ok(map
+            .get(id)
+            .map(|s| s.hibernated && s.placement.ip == placement.ip)
+            .unwrap_or(false))
     }
 }

@@ -198,6 +198,25 @@ fn mount_raw(
     )
 }
 
+/// The mount options of a sandbox's overlay root (also used to mount it again for a restore).
+pub fn overlay_options(
+    lower_dirs: &[PathBuf],
+    upper: &std::path::Path,
+    work: &std::path::Path,
+) -> String {
+    let lower = lower_dirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    // index/redirect_dir/metacopy off keep the upper dir a plain diff that a commit can read.
+    format!(
+        "lowerdir={lower},upperdir={},workdir={},index=off,redirect_dir=off,metacopy=off",
+        upper.display(),
+        work.display()
+    )
+}
+
 fn mount_rootfs(spec: &InitSpec) -> Result<(), InitError> {
     let root = &spec.rootfs_dir;
     // Nothing we mount may propagate back to the host.
@@ -208,18 +227,7 @@ fn mount_rootfs(spec: &InitSpec) -> Result<(), InitError> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    let lower = spec
-        .lower_dirs
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    // index/redirect_dir/metacopy off keep the upper dir a plain diff that a commit can read.
-    let data = format!(
-        "lowerdir={lower},upperdir={},workdir={},index=off,redirect_dir=off,metacopy=off",
-        spec.upper_dir.display(),
-        spec.work_dir.display()
-    );
+    let data = overlay_options(&spec.lower_dirs, &spec.upper_dir, &spec.work_dir);
     mount_raw("overlay", root, "overlay", 0, Some(&data))?;
     // /etc/hostname agrees with the kernel's hostname (the sandbox id). Best effort: a template
     // without /etc simply has no such file.
@@ -698,6 +706,89 @@ fn set_capabilities(mask: u64) -> Result<(), InitError> {
     )
 }
 
+/// Where the runtime makes the init binary visible inside every sandbox (an extra read-only overlay
+/// layer holding only this file). PID 1 re-executes itself from here once it has pivoted, so that
+/// its executable is a file of the sandbox's own root: CRIU must resolve every mapped file inside
+/// the sandbox's mount namespace to dump it, and the host path it was started from is not there.
+pub const IN_SANDBOX_BINARY: &str = "/.warren/init";
+
+/// The `init` argument that marks the second stage, after the re-exec from [`IN_SANDBOX_BINARY`]:
+/// `init --continue <status fd> <spec fd>`.
+const CONTINUE_ARG: &str = "--continue";
+
+/// Re-executes the init binary from [`IN_SANDBOX_BINARY`], handing over the status pipe and the
+/// spec (in a memfd, as it can be larger than a pipe buffer). Returns only on failure.
+fn exec_in_sandbox(spec: &InitSpec, ready: &ReadyPipe) -> InitError {
+    let json = serde_json::to_vec(spec).expect("init spec serializes");
+    // SAFETY: memfd_create with a valid name; the descriptor is owned by this process and handed
+    // to the exec'd image on purpose (no MFD_CLOEXEC).
+    let memfd = unsafe { libc::memfd_create(c"init-spec".as_ptr(), 0) };
+    if memfd < 0 {
+        return err("memfd_create", "init spec");
+    }
+    // SAFETY: writing a valid buffer to our memfd, rewinding it, and clearing FD_CLOEXEC on the
+    // status pipe so it survives the exec.
+    unsafe {
+        if libc::write(memfd, json.as_ptr().cast(), json.len()) != json.len() as isize {
+            return err("write", "init spec memfd");
+        }
+        libc::lseek(memfd, 0, libc::SEEK_SET);
+        if libc::fcntl(ready.fd, libc::F_SETFD, 0) < 0 {
+            return err("fcntl", "status pipe");
+        }
+    }
+    let argv: Vec<std::ffi::CString> = [
+        "warren-envd".to_string(),
+        "init".to_string(),
+        CONTINUE_ARG.to_string(),
+        ready.fd.to_string(),
+        memfd.to_string(),
+    ]
+    .iter()
+    .map(cstr)
+    .collect();
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let path = cstr(IN_SANDBOX_BINARY);
+    // SAFETY: path and argv are valid NUL-terminated strings, argv is NULL-terminated; the
+    // environment is inherited unchanged.
+    unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
+    err("exec", IN_SANDBOX_BINARY)
+}
+
+/// The second stage: takes over the status pipe and reads the spec from the memfd.
+fn continue_after_exec(args: &[String]) -> Result<(InitSpec, ReadyPipe), InitError> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let fd = |i: usize| -> Result<libc::c_int, InitError> {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| InitError {
+                op: "parse",
+                what: format!("{CONTINUE_ARG} arguments {args:?}"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            })
+    };
+    let (status, spec_fd) = (fd(0)?, fd(1)?);
+    // SAFETY: the first stage passed us this memfd and nothing else owns it; File closes it.
+    let mut file = unsafe { std::fs::File::from_raw_fd(spec_fd) };
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).map_err(|e| InitError {
+        op: "read",
+        what: "init spec memfd".into(),
+        source: e,
+    })?;
+    drop(file);
+    // SAFETY: the status pipe is ours; it must not leak into processes envd starts.
+    unsafe { libc::fcntl(status, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let spec = serde_json::from_slice(&buf).map_err(|e| InitError {
+        op: "parse",
+        what: "init spec".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    Ok((spec, ReadyPipe { fd: status }))
+}
+
 /// The whole init sequence of `warren-envd init`: fork into the pid namespace, read the spec,
 /// build the sandbox, listen on the envd port, drop privileges, report ready, then hand the
 /// listener to `serve` (which never returns). Failures are reported to the daemon and end the
@@ -714,11 +805,23 @@ where
             libc::_exit(1)
         }
     };
-    if let Err(e) = fork_into_pid_namespace() {
-        fatal(e.to_string());
-    }
-    let spec = read_spec().unwrap_or_else(|e| fatal(e.to_string()));
-    let ready = setup_sandbox(&spec).unwrap_or_else(|e| fatal(e.to_string()));
+    let args: Vec<String> = std::env::args().collect();
+    let (spec, ready) = if args.get(2).map(String::as_str) == Some(CONTINUE_ARG) {
+        continue_after_exec(&args[3..]).unwrap_or_else(|e| fatal(e.to_string()))
+    } else {
+        if let Err(e) = fork_into_pid_namespace() {
+            fatal(e.to_string());
+        }
+        let spec = read_spec().unwrap_or_else(|e| fatal(e.to_string()));
+        let ready = setup_sandbox(&spec).unwrap_or_else(|e| fatal(e.to_string()));
+        if std::path::Path::new(IN_SANDBOX_BINARY).is_file() {
+            // Never returns on success.
+            let e = exec_in_sandbox(&spec, &ready);
+            ready.fail(&e.to_string());
+            std::process::exit(1);
+        }
+        (spec, ready)
+    };
     let listener = match std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, crate::ENVD_PORT)) {
         Ok(l) => l,
         Err(e) => {

@@ -21,8 +21,8 @@ pub mod spec;
 pub use egress::{Cidr, EgressRules};
 pub use error::RuntimeError;
 pub use spec::{
-    BindMount, EnvdSettings, NetworkPolicy, Placement, Resources, RootfsSpec, SandboxSpec,
-    SandboxStats, ENVD_PORT,
+    BindMount, CheckpointStats, EnvdSettings, NetworkPolicy, Placement, Resources, RootfsSpec,
+    SandboxSpec, SandboxStats, ENVD_PORT,
 };
 
 use async_trait::async_trait;
@@ -64,6 +64,23 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     /// Current cumulative resource usage of a live sandbox (for metrics).
     async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError>;
 
+    /// Whether this host can hibernate sandboxes (CRIU works here); the reason when not.
+    fn hibernate_support(&self) -> Result<(), String>;
+
+    /// Dumps the live (running or frozen) sandbox's process tree to disk and ends its processes:
+    /// its memory is freed, while its filesystem, network namespace, address and firewall state
+    /// stay. On error the sandbox is left as it was.
+    async fn hibernate(&self, id: &str) -> Result<CheckpointStats, RuntimeError>;
+
+    /// Restores a hibernated sandbox: the same process tree, in the same cgroups, root
+    /// filesystem and network namespace, carries on where it stopped. Returns its new placement
+    /// (a new init pid; the same address and veth). On error it stays hibernated.
+    async fn wake(&self, id: &str) -> Result<Placement, RuntimeError>;
+
+    /// After a daemon restart: re-attaches to a sandbox recorded as hibernated. `Ok(false)` when
+    /// its image or network namespace is gone (it cannot wake any more).
+    async fn adopt_hibernated(&self, id: &str, placement: &Placement)
+        -> Result<bool, RuntimeError>;
     /// The host path of the sandbox's overlay upper dir (its changes against the template), for
     /// commits. `None` when this runtime has no such dir.
     fn upper_dir(&self, _id: &str) -> Option<std::path::PathBuf> {

@@ -143,3 +143,12 @@ impl Placement {
         std::net::SocketAddr::from((self.ip, ENVD_PORT))
     }
 }
+
+/// What a CRIU dump produced.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointStats {
+    /// Size of the images on disk.
+    pub bytes: u64,
+    /// Wall time of the dump (including freezing the tree and writing the images).
+    pub duration: std::time::Duration,
+}

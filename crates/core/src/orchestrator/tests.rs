@@ -563,3 +563,127 @@ async fn traffic_wakes_only_auto_resume_sandboxes_for_their_create_timeout() {
     // Unknown ids neither wake anything nor leave per-sandbox state behind.
     assert_eq!(f.warren.route_or_wake("nosuchsandbox").await, None);
 }
+
+#[tokio::test]
+async fn idle_paused_sandboxes_hibernate_and_connect_wakes_them() {
+    let f = fixture();
+    let rec = f.warren.create(&t1(), base()).await.unwrap();
+    let id = rec.id.clone();
+    f.warren.pause(&t1(), &id).await.unwrap();
+
+    // Not yet idle for the default 10 minutes: stays frozen in RAM.
+    f.clock.advance(Duration::from_secs(599));
+    f.warren.tick().await;
+    assert_eq!(
+        f.store.get(&id).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
+    f.clock.advance(Duration::from_secs(2));
+    f.warren.tick().await;
+    let stored = f.store.get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.state, SandboxState::Hibernated);
+    assert!(f.rt.get(&id).unwrap().hibernated);
+    // E2B clients see one paused state.
+    let seen = f.warren.get(&t1(), &id).await.unwrap();
+    assert_eq!(seen.state.public(), Some(PublicState::Paused));
+    assert_eq!(f.warren.route(&id), None);
+    assert!(matches!(
+        f.warren.pause(&t1(), &id).await,
+        Err(CoreError::Conflict(_))
+    ));
+    // A hibernated sandbox has no deadline either, and its init being gone is no crash.
+    f.clock.advance(Duration::from_secs(100_000));
+    f.warren.tick().await;
+    assert!(f.rt.get(&id).is_some());
+
+    let old_pid = rec.placement.clone().unwrap().init_pid;
+    let (woken, outcome) = f.warren.connect(&t1(), &id, Some(60)).await.unwrap();
+    assert_eq!(outcome, ConnectOutcome::Resumed);
+    assert_eq!(woken.state, SandboxState::Running);
+    assert_eq!(woken.end_at, f.clock.now() + chrono::Duration::seconds(60));
+    let placement = woken.placement.clone().unwrap();
+    assert_ne!(placement.init_pid, old_pid, "the new placement is stored");
+    assert_eq!(placement.ip, rec.placement.unwrap().ip);
+    assert!(f.warren.route(&id).is_some());
+
+    // Explicitly: a running sandbox is paused and hibernated at once; twice is fine.
+    let h = f.warren.hibernate(&t1(), &id).await.unwrap();
+    assert_eq!(h.state, SandboxState::Hibernated);
+    assert_eq!(
+        f.warren.hibernate(&t1(), &id).await.unwrap().state,
+        SandboxState::Hibernated
+    );
+    assert!(matches!(
+        f.warren.hibernate(&t2(), &id).await,
+        Err(CoreError::NotFound(_))
+    ));
+    f.warren.kill(&t1(), &id).await.unwrap();
+    assert!(f.rt.get(&id).is_none());
+}
+
+#[tokio::test]
+async fn without_criu_paused_sandboxes_stay_frozen_and_hibernate_says_why() {
+    let f = fixture();
+    f.rt.disable_hibernate("criu is not installed");
+    let rec = f.warren.create(&t1(), base()).await.unwrap();
+    f.warren.pause(&t1(), &rec.id).await.unwrap();
+    f.clock.advance(Duration::from_secs(100_000));
+    f.warren.tick().await;
+    assert_eq!(
+        f.store.get(&rec.id).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
+    let err = f.warren.hibernate(&t1(), &rec.id).await.unwrap_err();
+    assert!(
+        matches!(&err, CoreError::Unavailable(m) if m.contains("criu is not installed")),
+        "{err}"
+    );
+    assert!(f.rt.get(&rec.id).unwrap().frozen, "untouched");
+    // Everything else works.
+    f.warren.connect(&t1(), &rec.id, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn hibernated_sandboxes_survive_a_restart() {
+    let f = fixture();
+    let rec = f.warren.create(&t1(), base()).await.unwrap();
+    f.warren.hibernate(&t1(), &rec.id).await.unwrap();
+    drop(f.warren);
+    // The same runtime state (images, pinned netns) seen by a restarted daemon.
+    let w = warren_over(f.store.clone(), f.rt.clone(), f.clock.clone());
+    let report = w.recover().await.unwrap();
+    assert_eq!(report.adopted, vec![rec.id.clone()]);
+    assert_eq!(
+        w.get(&t1(), &rec.id).await.unwrap().state,
+        SandboxState::Hibernated
+    );
+    let (woken, _) = w.connect(&t1(), &rec.id, None).await.unwrap();
+    assert_eq!(woken.state, SandboxState::Running);
+
+    // One whose images are gone cannot come back: removed at recovery.
+    w.hibernate(&t1(), &rec.id).await.unwrap();
+    drop(w);
+    let fresh = Arc::new(FakeRuntime::new());
+    let w = warren_over(f.store.clone(), fresh, f.clock.clone());
+    let report = w.recover().await.unwrap();
+    assert_eq!(report.killed, vec![rec.id.clone()]);
+    assert!(f.store.get(&rec.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn traffic_wakes_a_hibernated_auto_resume_sandbox() {
+    let f = fixture();
+    let mut req = base();
+    req.auto_pause = true;
+    req.auto_resume = true;
+    let rec = f.warren.create(&t1(), req).await.unwrap();
+    f.warren.hibernate(&t1(), &rec.id).await.unwrap();
+    assert_eq!(f.warren.route(&rec.id), None);
+    let ip = f.warren.route_or_wake(&rec.id).await;
+    assert!(ip.is_some());
+    assert!(!f.rt.get(&rec.id).unwrap().hibernated);
+    assert_eq!(
+        f.warren.get(&t1(), &rec.id).await.unwrap().state,
+        SandboxState::Running
+    );
+}

@@ -13,6 +13,7 @@
 //! nftables element, the upper dir and the cgroups.
 
 pub mod cgroup;
+pub mod checkpoint;
 pub mod dns;
 pub mod net;
 pub mod template;
@@ -20,9 +21,13 @@ pub mod template;
 pub use template::{prepare_base_template, sandbox_resolv_conf};
 
 use crate::init::InitSpec;
-use crate::{NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec, SandboxStats};
+use crate::{
+    CheckpointStats, NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
+    SandboxStats,
+};
 use async_trait::async_trait;
 use cgroup::CgroupManager;
+use checkpoint::{CriuSupport, RootfsRecord};
 use net::HostNetwork;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -104,6 +109,8 @@ struct Tracked {
     /// Whether the sandbox has an egress chain in nftables.
     egress: bool,
     alive: Arc<AtomicBool>,
+    /// Dumped by CRIU: no process runs; cgroups, upper dir, network namespace and address stay.
+    hibernated: bool,
 }
 
 pub struct LinuxRuntime {
@@ -112,6 +119,9 @@ pub struct LinuxRuntime {
     net: Arc<HostNetwork>,
     refilling: Arc<AtomicBool>,
     sandboxes: Mutex<HashMap<String, Tracked>>,
+    /// The layer that shows the init binary inside every sandbox (see [`checkpoint`]).
+    init_layer: PathBuf,
+    criu: CriuSupport,
 }
 
 impl LinuxRuntime {
@@ -131,6 +141,11 @@ impl LinuxRuntime {
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
+        let init_layer = checkpoint::prepare_init_layer(&config.data_dir, &config.envd_binary)?;
+        let criu = CriuSupport::detect();
+        if let CriuSupport::Unavailable(why) = &criu {
+            tracing::warn!("hibernation and checkpoints are disabled: {why}");
+        }
         let mut config = config;
         config.subnet = net::choose_subnet(
             &config.data_dir.join("subnet"),
@@ -158,6 +173,8 @@ impl LinuxRuntime {
             net,
             refilling: Arc::new(AtomicBool::new(false)),
             sandboxes: Mutex::new(HashMap::new()),
+            init_layer,
+            criu,
         };
         // Network namespaces are prepared only after recovery (the end of `sweep`, or the first
         // create): until the surviving sandboxes are adopted, their addresses look free.
@@ -252,6 +269,18 @@ impl LinuxRuntime {
         if !spec.network.egress.is_empty() {
             self.set_egress(id, slot.ip, &spec.network.egress)?;
         }
+        // The init layer goes on top so no template can shadow the init binary.
+        let lower_dirs: Vec<PathBuf> = std::iter::once(self.init_layer.clone())
+            .chain(spec.rootfs.lower_dirs.iter().cloned())
+            .collect();
+        RootfsRecord {
+            lower_dirs: lower_dirs.clone(),
+            upper_dir: upper.clone(),
+            work_dir: work.clone(),
+            rootfs_dir: rootfs.clone(),
+            ro_binds: spec.rootfs.ro_binds.clone(),
+        }
+        .save(&dir)?;
         prof("prepared", &t0);
 
         let log_path = dir.join("init.log");
@@ -277,7 +306,7 @@ impl LinuxRuntime {
             prof("forked", &t0);
             let init_spec = InitSpec {
                 id: id.clone(),
-                lower_dirs: spec.rootfs.lower_dirs.clone(),
+                lower_dirs,
                 upper_dir: upper.clone(),
                 work_dir: work.clone(),
                 rootfs_dir: rootfs.clone(),
@@ -389,6 +418,7 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
     if !dir.exists() {
         return Ok(());
     }
+    checkpoint::unpin_netns(dir);
     let rootfs = CString::new(dir.join("rootfs").as_os_str().as_bytes()).unwrap_or_default();
     // SAFETY: valid C string; EINVAL (not a mount point) is the normal outcome and ignored.
     unsafe { libc::umount2(rootfs.as_ptr(), libc::MNT_DETACH) };
@@ -487,17 +517,24 @@ fn watch_exit(pid: u32, id: String) -> Result<Arc<AtomicBool>, RuntimeError> {
     tokio::spawn(async move {
         let _ = async_fd.readable().await;
         flag.store(false, Ordering::SeqCst);
-        // SAFETY: waitid on our pidfd with a zeroed siginfo out-parameter; ECHILD (not our child,
-        // e.g. adopted after a restart) is expected and harmless.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PIDFD,
-                async_fd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG,
-            );
-        }
+        let fd = async_fd.into_inner();
+        // A pid namespace's init can poll as exited a moment before it is reapable (its
+        // namespace is still being torn down), so a WNOHANG wait could miss it and leave a
+        // zombie: wait for real, off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            // SAFETY: waitid on our pidfd with a zeroed siginfo out-parameter; ECHILD (not our
+            // child, e.g. adopted after a restart) returns at once and is harmless.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PIDFD,
+                    fd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED,
+                );
+            }
+        })
+        .await;
         tracing::debug!(sandbox = %id, pid, "sandbox init exited");
     });
     Ok(alive)
@@ -537,6 +574,7 @@ impl SandboxRuntime for LinuxRuntime {
                         internet_denied: !spec.network.allow_internet,
                         egress: !spec.network.egress.is_empty(),
                         alive,
+                        hibernated: false,
                     },
                 );
                 Ok(placement)
@@ -627,9 +665,162 @@ impl SandboxRuntime for LinuxRuntime {
                 internet_denied: denied,
                 egress,
                 alive,
+                hibernated: false,
             },
         );
         Ok(true)
+    }
+
+    async fn adopt_hibernated(
+        &self,
+        id: &str,
+        placement: &Placement,
+    ) -> Result<bool, RuntimeError> {
+        let dir = self.sandbox_dir(id);
+        if !checkpoint::has_images(&dir)
+            || !checkpoint::is_nsfs(&dir.join("netns"))
+            || !self.cgroups.v2_dir(id).exists()
+        {
+            return Ok(false);
+        }
+        self.net.ipam.claim(placement.ip);
+        let denied = self
+            .net
+            .denied_addresses()
+            .map(|ips| ips.contains(&placement.ip))
+            .unwrap_or(false);
+        let egress = self
+            .net
+            .egress_chains()
+            .map(|ids| ids.iter().any(|c| c == id))
+            .unwrap_or(false);
+        self.sandboxes.lock().unwrap().insert(
+            id.to_string(),
+            Tracked {
+                placement: placement.clone(),
+                internet_denied: denied,
+                egress,
+                alive: Arc::new(AtomicBool::new(false)),
+                hibernated: true,
+            },
+        );
+        Ok(true)
+    }
+
+    fn hibernate_support(&self) -> Result<(), String> {
+        match &self.criu {
+            CriuSupport::Available(_) => Ok(()),
+            CriuSupport::Unavailable(why) => Err(why.clone()),
+        }
+    }
+
+    async fn hibernate(&self, id: &str) -> Result<CheckpointStats, RuntimeError> {
+        let criu = self.criu.binary()?.to_path_buf();
+        let pid = {
+            let map = self.sandboxes.lock().unwrap();
+            let t = map
+                .get(id)
+                .ok_or_else(|| RuntimeError::UnknownSandbox(id.to_string()))?;
+            if t.hibernated || !t.alive.load(Ordering::SeqCst) {
+                return Err(RuntimeError::Checkpoint {
+                    op: "dump",
+                    id: id.to_string(),
+                    reason: if t.hibernated {
+                        "the sandbox is already hibernated".into()
+                    } else {
+                        "the sandbox has no running process".into()
+                    },
+                });
+            }
+            t.placement.init_pid
+        };
+        let dir = self.sandbox_dir(id);
+        let freezer = self.cgroups.v2_dir(id);
+        let was_frozen = std::fs::read_to_string(freezer.join("cgroup.freeze"))
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+        let dumped = checkpoint::dump(&criu, id, pid, &dir, Some(&freezer), false).await;
+        let stats = match dumped {
+            Ok(stats) => stats,
+            Err(e) => {
+                checkpoint::unpin_netns(&dir);
+                // CRIU thaws what it froze; a sandbox that was paused stays paused.
+                if was_frozen {
+                    let _ = self.freeze(id).await;
+                }
+                return Err(e);
+            }
+        };
+        // CRIU killed the tree; make sure nothing is left and the (empty) cgroup is thawed, so
+        // the restored tree does not start frozen.
+        let cg = self.cgroups.clone();
+        let id_owned = id.to_string();
+        tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+            .await
+            .expect("kill task does not panic")?;
+        if let Some(t) = self.sandboxes.lock().unwrap().get_mut(id) {
+            t.hibernated = true;
+            t.alive.store(false, Ordering::SeqCst);
+        }
+        Ok(stats)
+    }
+
+    async fn wake(&self, id: &str) -> Result<Placement, RuntimeError> {
+        let criu = self.criu.binary()?.to_path_buf();
+        let placement = {
+            let map = self.sandboxes.lock().unwrap();
+            let t = map
+                .get(id)
+                .ok_or_else(|| RuntimeError::UnknownSandbox(id.to_string()))?;
+            if !t.hibernated {
+                return Err(RuntimeError::Checkpoint {
+                    op: "restore",
+                    id: id.to_string(),
+                    reason: "the sandbox is not hibernated".into(),
+                });
+            }
+            t.placement.clone()
+        };
+        let dir = self.sandbox_dir(id);
+        let procs: Vec<PathBuf> = self
+            .cgroups
+            .dirs(id)
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect();
+        let pid = checkpoint::restore(checkpoint::RestoreTarget {
+            criu: &criu,
+            id,
+            dir: &dir,
+            cgroup_procs: &procs,
+        })
+        .await?;
+        let ticks = start_ticks(pid).ok_or_else(|| RuntimeError::Checkpoint {
+            op: "restore",
+            id: id.to_string(),
+            reason: format!("restored init {pid} exited at once"),
+        })?;
+        let alive = watch_exit(pid, id.to_string())?;
+        let placement = Placement {
+            init_pid: pid,
+            init_start_ticks: ticks,
+            ..placement
+        };
+        if let Some(t) = self.sandboxes.lock().unwrap().get_mut(id) {
+            t.placement = placement.clone();
+            t.alive = alive;
+            t.hibernated = false;
+        }
+        // The restored processes hold the namespace now; the images are spent. Unlinking a large
+        // image takes longer than the restore itself, so it happens after the answer.
+        checkpoint::unpin_netns(&dir);
+        let spent = dir.join(format!("checkpoint.spent.{pid}"));
+        if std::fs::rename(checkpoint::images_dir(&dir), &spent).is_ok() {
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(spent);
+            });
+        }
+        Ok(placement)
     }
 
     async fn sweep(&self, keep: &HashSet<String>) -> Result<Vec<String>, RuntimeError> {

@@ -1,0 +1,32 @@
+//! Warren's Kubernetes operator: the talk's custom resources (see [`crd`]) reconciled on a
+//! cluster with kube-rs's controller runtime. The design is `docs/design/kubernetes.md`.
+//!
+//! Each reconciler is split in two: a pure part that decides from the object and what was observed
+//! (unit-tested without HTTP), and a thin part that talks to the API server (tested against a mock
+//! API server in `tests`).
+
+pub mod claim;
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod leader;
+pub mod sandbox;
+pub mod sandboxset;
+
+#[cfg(test)]
+mod mock;
+
+pub use error::Error;
+
+/// Field manager of everything the operator writes with server-side apply.
+pub const FIELD_MANAGER: &str = "warren-operator";
+
+/// Label on a Sandbox created by a SandboxSet: the set's name.
+pub const LABEL_SANDBOX_SET: &str = "warren.dev/sandboxset";
+/// Label on a claimed Sandbox (`"true"`); unclaimed members lack it.
+pub const LABEL_CLAIMED: &str = "warren.dev/claimed";
+/// Label on a SandboxSet member: the hash of the member template it was made from.
+pub const LABEL_TEMPLATE_HASH: &str = "warren.dev/template-hash";
+/// Label on a sandbox's Pod: the Sandbox's name.
+pub const LABEL_SANDBOX: &str = "warren.dev/sandbox";

@@ -1,0 +1,249 @@
+//! Renders the Helm chart (`deploy/helm/warren`) with its default values, without helm (not
+//! packaged in Debian 12): the templates may use only plain substitutions, which this renderer
+//! implements exactly and refuses anything else. Every manifest is parsed into its Kubernetes
+//! type; the operator's flags are checked against the real binary, the RBAC against the calls the
+//! operator makes, and the chart's CRDs against `deploy/crds`.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const RELEASE: &str = "warren";
+const NAMESPACE: &str = "warren-system";
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/warren")
+}
+
+fn lookup(values: &Value, expr: &str, file: &str) -> String {
+    match expr {
+        ".Release.Name" => return RELEASE.into(),
+        ".Release.Namespace" => return NAMESPACE.into(),
+        _ => {}
+    }
+    let path = expr.strip_prefix(".Values.").unwrap_or_else(|| {
+        panic!(
+            "{file}: `{{{{ {expr} }}}}` is not a plain substitution; this test renders only \
+             .Values.x, .Release.Name and .Release.Namespace (use `helm template` in CI for more)"
+        )
+    });
+    let mut v = values;
+    for key in path.split('.') {
+        v = v
+            .get(key)
+            .unwrap_or_else(|| panic!("{file}: {expr}: values.yaml has no {key:?}"));
+    }
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => panic!("{file}: {expr} is {other}, not a scalar"),
+    }
+}
+
+fn render(template: &str, values: &Value, file: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find("}}")
+            .unwrap_or_else(|| panic!("{file}: unclosed {{{{"))
+            + start;
+        let expr = rest[start + 2..end].trim();
+        out.push_str(&lookup(values, expr, file));
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every rendered manifest, as (source file, JSON).
+fn rendered() -> Vec<(String, Value)> {
+    let values: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap())
+            .expect("values.yaml parses");
+    let mut docs = vec![];
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart().join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for path in files {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = render(&std::fs::read_to_string(&path).unwrap(), &values, &file);
+        for doc in text.split("\n---\n") {
+            let v: Value = serde_saphyr::from_str(doc)
+                .unwrap_or_else(|e| panic!("{file}: rendered YAML does not parse: {e}\n{doc}"));
+            docs.push((file.clone(), v));
+        }
+    }
+    docs
+}
+
+fn one<T: serde::de::DeserializeOwned>(docs: &[(String, Value)], kind: &str) -> Vec<T> {
+    docs.iter()
+        .filter(|(_, v)| v["kind"] == kind)
+        .map(|(f, v)| {
+            serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("{f}: not a valid {kind}: {e}"))
+        })
+        .collect()
+}
+
+fn allows(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
+    rules.iter().any(|r| {
+        r.api_groups
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|g| g == group)
+            && r.resources
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|x| x == resource)
+            && r.verbs.iter().any(|v| v == verb)
+    })
+}
+
+#[test]
+fn chart_renders_to_valid_manifests() {
+    let docs = rendered();
+    let kinds: Vec<&str> = docs
+        .iter()
+        .map(|(_, v)| v["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Deployment",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ]
+    );
+    let sa: Vec<ServiceAccount> = one(&docs, "ServiceAccount");
+    let sa_name = sa[0].metadata.name.clone().unwrap();
+    assert_eq!(sa_name, "warren-operator");
+
+    let deploy: Vec<Deployment> = one(&docs, "Deployment");
+    let spec = deploy[0].spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some(sa_name.as_str()));
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("warren-operator:0.1.0"));
+    let args = c.args.clone().unwrap();
+    assert!(args.contains(&"--node-selector=warren.dev/node-agent=true".to_string()));
+
+    // The flags exist: the real binary parses them (a typo would be an error before --help).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren-operator"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the chart's args are not the operator's flags: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+    assert!(env.contains(&"POD_NAME".into()) && env.contains(&"POD_NAMESPACE".into()));
+}
+
+#[test]
+fn rbac_grants_what_the_operator_calls_and_no_more() {
+    let docs = rendered();
+    let cr: Vec<ClusterRole> = one(&docs, "ClusterRole");
+    let rules = cr[0].rules.clone().unwrap();
+    // Every API call in sandbox.rs, sandboxset.rs and controller.rs (watches need list+watch;
+    // events are created, then patched when they repeat).
+    for (group, resource, verb) in [
+        ("warren.dev", "sandboxes", "get"),
+        ("warren.dev", "sandboxes", "list"),
+        ("warren.dev", "sandboxes", "watch"),
+        ("warren.dev", "sandboxes", "create"),
+        ("warren.dev", "sandboxes", "patch"),
+        ("warren.dev", "sandboxes", "delete"),
+        ("warren.dev", "sandboxes/status", "patch"),
+        ("warren.dev", "sandboxsets", "list"),
+        ("warren.dev", "sandboxsets", "watch"),
+        ("warren.dev", "sandboxsets/status", "patch"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "pods", "create"),
+        ("", "pods", "delete"),
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
+    ] {
+        assert!(
+            allows(&rules, group, resource, verb),
+            "missing {verb} {group}/{resource}"
+        );
+    }
+    // Least privilege: no wildcards, no secrets, nothing on nodes.
+    for r in &rules {
+        let all: Vec<&String> = r
+            .verbs
+            .iter()
+            .chain(r.resources.iter().flatten())
+            .chain(r.api_groups.iter().flatten())
+            .collect();
+        assert!(!all.iter().any(|s| s.as_str() == "*"), "wildcard in {r:?}");
+        assert!(!allows(&rules, "", "secrets", "get"));
+    }
+    assert!(!allows(&rules, "warren.dev", "sandboxsets", "delete"));
+    assert!(!allows(&rules, "", "pods", "patch"));
+
+    let role: Vec<Role> = one(&docs, "Role");
+    assert_eq!(role[0].metadata.namespace.as_deref(), Some(NAMESPACE));
+    let lease_rules = role[0].rules.clone().unwrap();
+    for verb in ["get", "create", "patch"] {
+        assert!(allows(&lease_rules, "coordination.k8s.io", "leases", verb));
+    }
+    let crb: Vec<ClusterRoleBinding> = one(&docs, "ClusterRoleBinding");
+    let rb: Vec<RoleBinding> = one(&docs, "RoleBinding");
+    assert_eq!(crb[0].role_ref.name, cr[0].metadata.name.clone().unwrap());
+    assert_eq!(rb[0].role_ref.name, role[0].metadata.name.clone().unwrap());
+    let subject = &crb[0].subjects.as_ref().unwrap()[0];
+    assert_eq!(subject.namespace.as_deref(), Some(NAMESPACE));
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let dir = |p: &Path| {
+        let mut v: Vec<(String, String)> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read_to_string(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let generated = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds");
+    assert!(
+        dir(&chart().join("crds")) == dir(&generated),
+        "deploy/helm/warren/crds differs from deploy/crds: cp deploy/crds/*.yaml deploy/helm/warren/crds/"
+    );
+}
+
+#[test]
+fn the_renderer_refuses_what_it_cannot_render() {
+    let values: Value = serde_json::json!({"a": {"b": 3}});
+    assert_eq!(render("x: {{ .Values.a.b }}", &values, "t"), "x: 3");
+    let r = std::panic::catch_unwind(|| render("{{ if .Values.a }}", &values, "t"));
+    assert!(r.is_err());
+    let r = std::panic::catch_unwind(|| render("{{ .Values.a.c }}", &values, "t"));
+    assert!(r.is_err());
+}

@@ -1,0 +1,566 @@
+//! Hibernation with CRIU: dump a sandbox's whole process tree (PID 1 = the sandbox init) to disk
+//! and restore it later into the same cgroups, overlay root and network namespace.
+//!
+//! We drive the `criu` binary rather than its RPC (`rust-criu`): the command line is what the
+//! machine notes verified on this kernel, the restore needs a custom pre-exec step (join the
+//! sandbox's cgroups, mount its overlay root in a private mount namespace) that the RPC's
+//! `criu swrk` child cannot take, and it spares a pinned `protobuf` dependency.
+//!
+//! What a dump needs from the sandbox (provided by [`crate::init`]): no host file descriptor
+//! inside, PID 1 a session leader, and every mapped file resolvable in the sandbox's mount
+//! namespace (so init runs from [`crate::init::IN_SANDBOX_BINARY`], not from a host path).
+//!
+//! Layout under `<data>/sandboxes/<id>/`:
+//! * `rootfs.json`: the overlay layers and read-only binds, to mount the same root on wake;
+//! * `netns`: a bind mount of the sandbox's network namespace while no process holds it, so the
+//!   veth, address and firewall state survive the hibernation (and a daemon restart);
+//! * `checkpoint/`: the CRIU images and logs.
+
+use crate::{BindMount, CheckpointStats, RuntimeError};
+use serde::{Deserialize, Serialize};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a dump or restore may take before it is abandoned.
+const CRIU_TIMEOUT: Duration = Duration::from_secs(120);
+/// CRIU's key for the sandbox's network namespace, which stays outside the images.
+const NETNS_KEY: &str = "warren-netns";
+/// The fd number the network namespace gets in the restoring `criu` process.
+const NETNS_FD: i32 = 100;
+
+/// How a sandbox's root filesystem is assembled, recorded at create for restores.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RootfsRecord {
+    pub lower_dirs: Vec<PathBuf>,
+    pub upper_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub rootfs_dir: PathBuf,
+    pub ro_binds: Vec<BindMount>,
+}
+
+impl RootfsRecord {
+    pub fn path(sandbox_dir: &Path) -> PathBuf {
+        sandbox_dir.join("rootfs.json")
+    }
+
+    pub fn save(&self, sandbox_dir: &Path) -> Result<(), RuntimeError> {
+        let path = Self::path(sandbox_dir);
+        let json = serde_json::to_vec_pretty(self).expect("rootfs record serializes");
+        std::fs::write(&path, json).map_err(|e| RuntimeError::io("write", &path, e))
+    }
+
+    pub fn load(sandbox_dir: &Path) -> Result<Self, RuntimeError> {
+        let path = Self::path(sandbox_dir);
+        let bytes = std::fs::read(&path).map_err(|e| RuntimeError::io("read", &path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            RuntimeError::io(
+                "parse",
+                &path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })
+    }
+}
+
+/// The `criu` binary this host can use, or why there is none.
+#[derive(Debug, Clone)]
+pub enum CriuSupport {
+    Available(PathBuf),
+    Unavailable(String),
+}
+
+impl CriuSupport {
+    /// Finds `criu` (`$WARREN_CRIU`, /usr/local/sbin/criu, then `$PATH`) and runs `criu check`.
+    pub fn detect() -> CriuSupport {
+        let candidates: Vec<PathBuf> = std::env::var_os("WARREN_CRIU")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain([PathBuf::from("/usr/local/sbin/criu")])
+            .chain(
+                std::env::var_os("PATH")
+                    .map(|p| {
+                        std::env::split_paths(&p)
+                            .map(|d| d.join("criu"))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default(),
+            )
+            .collect();
+        let Some(bin) = candidates.into_iter().find(|p| p.is_file()) else {
+            return CriuSupport::Unavailable(
+                "criu is not installed (scripts/install-criu.sh builds CRIU 4.1.1)".into(),
+            );
+        };
+        keep_kdat_cache();
+        match std::process::Command::new(&bin).arg("check").output() {
+            Ok(out) if out.status.success() => CriuSupport::Available(bin),
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stderr).to_string()
+                    + &String::from_utf8_lossy(&out.stdout);
+                let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
+                CriuSupport::Unavailable(format!(
+                    "`{} check` fails on this kernel: {}",
+                    bin.display(),
+                    if errors.is_empty() {
+                        text.trim().to_string()
+                    } else {
+                        errors.join("; ")
+                    }
+                ))
+            }
+            Err(e) => CriuSupport::Unavailable(format!("cannot run {}: {e}", bin.display())),
+        }
+    }
+
+    pub fn binary(&self) -> Result<&Path, RuntimeError> {
+        match self {
+            CriuSupport::Available(p) => Ok(p),
+            CriuSupport::Unavailable(why) => Err(RuntimeError::CheckpointUnavailable(why.clone())),
+        }
+    }
+}
+
+/// Where our CRIU build keeps its kernel-feature cache (`make RUNDIR=`, scripts/install-criu.sh).
+const KDAT_DIR: &str = "/run/criu";
+
+/// CRIU probes the kernel's features on every run (about 100 ms, paid by every dump and restore)
+/// unless it can cache them on a tmpfs, which `/run` is not on every host. Mounts a 1 MiB tmpfs,
+/// root-only, at [`KDAT_DIR`] when it is not one yet. Best effort: without it CRIU only runs
+/// slower.
+fn keep_kdat_cache() {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let dir = Path::new(KDAT_DIR);
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let c = cstr(dir);
+    // SAFETY: statfs and mount with valid C strings and a zeroed out-parameter.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC {
+            return;
+        }
+        if libc::mount(
+            c"criu-kdat".as_ptr(),
+            c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"size=1m,mode=0700".as_ptr().cast(),
+        ) != 0
+        {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "no tmpfs for CRIU's feature cache; dumps and restores probe the kernel each time"
+            );
+        }
+    }
+}
+
+fn criu_failed(id: &str, op: &'static str, log: &Path, what: &str) -> RuntimeError {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // The RLIMIT_NOFILE line is logged on every run where CAP_SYS_RESOURCE is missing, and
+    // is harmless; the first other errors say what went wrong.
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .take(4)
+        .collect();
+    RuntimeError::Checkpoint {
+        id: id.to_string(),
+        op,
+        reason: if errors.is_empty() {
+            format!("{what} (log: {})", log.display())
+        } else {
+            format!("{what}: {} (log: {})", errors.join(" | "), log.display())
+        },
+    }
+}
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// Keeps the network namespace of `pid` alive at `<dir>/netns` (a bind mount). Idempotent.
+pub fn pin_netns(id: &str, pid: u32, dir: &Path) -> Result<PathBuf, RuntimeError> {
+    let target = dir.join("netns");
+    if is_nsfs(&target) {
+        return Ok(target);
+    }
+    std::fs::File::create(&target).map_err(|e| RuntimeError::io("create", &target, e))?;
+    let source = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let (s, t) = (cstr(&source), cstr(&target));
+    // SAFETY: valid C strings; a plain bind mount.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(RuntimeError::sys(
+            "bind-mount network namespace",
+            id,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(target)
+}
+
+/// Releases the bind mount made by [`pin_netns`]. Idempotent.
+pub fn unpin_netns(dir: &Path) {
+    let target = dir.join("netns");
+    let t = cstr(&target);
+    // SAFETY: valid C string; EINVAL/ENOENT (not mounted) are fine.
+    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    let _ = std::fs::remove_file(&target);
+}
+
+/// Whether `path` is a pinned namespace (nsfs), not the empty file under it.
+pub fn is_nsfs(path: &Path) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let c = cstr(path);
+    // SAFETY: statfs on a valid C string into a zeroed out-parameter.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == NSFS_MAGIC
+    }
+}
+
+/// Where a sandbox's images are.
+pub fn images_dir(sandbox_dir: &Path) -> PathBuf {
+    sandbox_dir.join("checkpoint")
+}
+
+/// Whether a complete hibernation image exists for the sandbox.
+pub fn has_images(sandbox_dir: &Path) -> bool {
+    images_dir(sandbox_dir).join("inventory.img").is_file()
+}
+
+/// Dumps the process tree of `init_pid` to `<dir>/checkpoint`. With `leave_running` the tree
+/// carries on afterwards; otherwise CRIU kills it once the images are complete. On failure the
+/// tree is left running as before and no image directory is left.
+pub async fn dump(
+    criu: &Path,
+    id: &str,
+    init_pid: u32,
+    dir: &Path,
+    freezer: Option<&Path>,
+    leave_running: bool,
+) -> Result<CheckpointStats, RuntimeError> {
+    let t0 = Instant::now();
+    let record = RootfsRecord::load(dir)?;
+    let images = images_dir(dir);
+    let partial = dir.join("checkpoint.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| RuntimeError::io("mkdir", &partial, e))?;
+    let netns = PathBuf::from(format!("/proc/{init_pid}/ns/net"));
+    let netns_ino = std::fs::metadata(&netns)
+        .map_err(|e| RuntimeError::io("stat", &netns, e))?
+        .ino();
+    pin_netns(id, init_pid, dir)?;
+
+    let mut cmd = tokio::process::Command::new(criu);
+    cmd.arg("dump")
+        .arg("--tree")
+        .arg(init_pid.to_string())
+        .arg("--images-dir")
+        .arg(&partial)
+        .args(["--log-file", "dump.log", "-v2"])
+        // Connections (e.g. the daemon's keep-alive ones to envd) end with the hibernation;
+        // listening sockets are kept.
+        .arg("--tcp-close")
+        // Nothing to lock: connections are closed, not carried over, and no process runs in
+        // the namespace while it is hibernated. CRIU's lock runs iptables (~50 ms each way).
+        .args(["--network-lock", "skip"])
+        .arg("--external")
+        .arg(format!("net[{netns_ino}]:{NETNS_KEY}"))
+        .arg("--manage-cgroups=ignore");
+    for (i, bind) in record.ro_binds.iter().enumerate() {
+        cmd.arg("--external")
+            .arg(format!("mnt[{}]:bind{i}", bind.target.display()));
+    }
+    if let Some(f) = freezer {
+        cmd.arg("--freeze-cgroup").arg(f);
+    }
+    if leave_running {
+        cmd.arg("--leave-running");
+    }
+    let status = run(&mut cmd, id, "dump").await;
+    match status {
+        Ok(true) => {}
+        Ok(false) => {
+            // The log outlives the partial images, for whoever reads the error.
+            let log = dir.join("dump-failed.log");
+            let _ = std::fs::rename(partial.join("dump.log"), &log);
+            let e = criu_failed(id, "dump", &log, "criu dump failed");
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&images);
+    std::fs::rename(&partial, &images).map_err(|e| RuntimeError::io("rename", &partial, e))?;
+    Ok(CheckpointStats {
+        bytes: dir_size(&images),
+        duration: t0.elapsed(),
+    })
+}
+
+/// What a restore needs that the runtime holds.
+pub struct RestoreTarget<'a> {
+    pub criu: &'a Path,
+    pub id: &'a str,
+    pub dir: &'a Path,
+    /// The sandbox's `cgroup.procs` files: criu joins them first, so the restored tree is
+    /// charged to and limited by the sandbox's cgroups.
+    pub cgroup_procs: &'a [PathBuf],
+}
+
+/// Restores the tree dumped in `<dir>/checkpoint` into the pinned network namespace, the
+/// sandbox's cgroups and a fresh mount of its overlay root. Returns the host pid of the new init.
+pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
+    let RestoreTarget {
+        criu,
+        id,
+        dir,
+        cgroup_procs,
+    } = t;
+    let record = RootfsRecord::load(dir)?;
+    let images = images_dir(dir);
+    if !has_images(dir) {
+        return Err(RuntimeError::Checkpoint {
+            id: id.to_string(),
+            op: "restore",
+            reason: format!("no complete image in {}", images.display()),
+        });
+    }
+    let netns_path = dir.join("netns");
+    if !is_nsfs(&netns_path) {
+        return Err(RuntimeError::Checkpoint {
+            id: id.to_string(),
+            op: "restore",
+            reason: format!("network namespace {} is gone", netns_path.display()),
+        });
+    }
+    let netns = OwnedFd::from(
+        std::fs::File::open(&netns_path).map_err(|e| RuntimeError::io("open", &netns_path, e))?,
+    );
+    drop_orphan_sockets(id, netns.as_raw_fd()).await?;
+    let pidfile = dir.join("restore.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    std::fs::create_dir_all(&record.rootfs_dir)
+        .map_err(|e| RuntimeError::io("mkdir", &record.rootfs_dir, e))?;
+    let options =
+        crate::init::overlay_options(&record.lower_dirs, &record.upper_dir, &record.work_dir);
+
+    // Everything the child touches is prepared before fork.
+    let mut procs_fds = Vec::new();
+    for p in cgroup_procs {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map_err(|e| RuntimeError::io("open", p, e))?;
+        procs_fds.push(OwnedFd::from(f));
+    }
+    let raw_procs: Vec<i32> = procs_fds.iter().map(|f| f.as_raw_fd()).collect();
+    let root_c = cstr(&record.rootfs_dir);
+    let options_c = CString::new(options).unwrap_or_default();
+    let netns_fd = netns.as_raw_fd();
+
+    let mut cmd = tokio::process::Command::new(criu);
+    cmd.arg("restore")
+        .arg("--images-dir")
+        .arg(&images)
+        .args(["--log-file", "restore.log", "-v2"])
+        .arg("--root")
+        .arg(&record.rootfs_dir)
+        .arg("--restore-detached")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--tcp-close")
+        .arg("--inherit-fd")
+        .arg(format!("fd[{NETNS_FD}]:{NETNS_KEY}"))
+        .arg("--manage-cgroups=ignore");
+    for (i, bind) in record.ro_binds.iter().enumerate() {
+        cmd.arg("--external")
+            .arg(format!("mnt[bind{i}]:{}", bind.source.display()));
+    }
+    // SAFETY: the closure makes only async-signal-safe syscalls (write, unshare, mount, dup2) on
+    // values prepared before fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &raw_procs {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // The overlay exists only in this criu's own mount namespace (and, after the
+            // restore, in the sandbox's): the daemon's namespace never sees it.
+            if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                c"overlay".as_ptr(),
+                root_c.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                options_c.as_ptr().cast(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::dup2(netns_fd, NETNS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = run(&mut cmd, id, "restore").await;
+    drop(procs_fds);
+    drop(netns);
+    let log = images.join("restore.log");
+    if !status? {
+        return Err(criu_failed(id, "restore", &log, "criu restore failed"));
+    }
+    let pid = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| criu_failed(id, "restore", &log, "criu wrote no pid file"))?;
+    Ok(pid)
+}
+
+/// Destroys the TCP sockets left in a hibernated sandbox's network namespace. No process owns
+/// them (connections closing, TIME_WAIT), but the kernel keeps them for up to a minute, and a
+/// listener whose program did not set SO_REUSEADDR cannot be bound again over them: the restore
+/// would fail with "Address already in use". Uses `ss -K` (SOCK_DESTROY) inside the namespace.
+async fn drop_orphan_sockets(id: &str, netns: i32) -> Result<(), RuntimeError> {
+    let mut cmd = tokio::process::Command::new("ss");
+    cmd.args(["-K", "-t", "-a", "-n"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setns is async-signal-safe; the descriptor stays open until the child has run.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| RuntimeError::sys("run ss -K in the sandbox network namespace", id, e))?;
+    if !out.status.success() {
+        return Err(RuntimeError::Checkpoint {
+            op: "restore",
+            id: id.to_string(),
+            reason: format!(
+                "ss -K failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Runs criu with its output in the images dir's log; `Ok(false)` when it exits non-zero.
+async fn run(
+    cmd: &mut tokio::process::Command,
+    id: &str,
+    op: &'static str,
+) -> Result<bool, RuntimeError> {
+    // Usage errors go to stderr before the log file is open: keep them beside the log.
+    let stderr = cmd
+        .as_std()
+        .get_args()
+        .skip_while(|a| *a != "--images-dir")
+        .nth(1)
+        .map(|d| Path::new(d).with_extension("stderr"))
+        .and_then(|p| std::fs::File::create(p).ok())
+        .map(std::process::Stdio::from)
+        .unwrap_or_else(std::process::Stdio::null);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RuntimeError::sys("spawn criu", id, e))?;
+    match tokio::time::timeout(CRIU_TIMEOUT, child.wait()).await {
+        Ok(Ok(status)) => Ok(status.success()),
+        Ok(Err(e)) => Err(RuntimeError::sys("wait for criu", id, e)),
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(RuntimeError::Checkpoint {
+                id: id.to_string(),
+                op,
+                reason: format!("criu {op} took longer than {}s", CRIU_TIMEOUT.as_secs()),
+            })
+        }
+    }
+}
+
+/// Bytes of the files in `dir` (one level: CRIU writes a flat images directory).
+pub fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Makes the init binary visible to sandboxes as [`crate::init::IN_SANDBOX_BINARY`]: a layer
+/// `<data>/init-layer/<version>/` holding only that file, added on top of every sandbox's
+/// overlay. The version comes from the binary's size and mtime, so a new build gets a new layer
+/// and the layers that sandboxes (running or hibernated) still use are never changed in place.
+pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, RuntimeError> {
+    let meta = std::fs::metadata(binary).map_err(|e| RuntimeError::io("stat", binary, e))?;
+    let version = format!(
+        "{:x}-{:x}",
+        meta.len(),
+        meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64
+    );
+    let layer = data_dir.join("init-layer").join(version);
+    let inside = layer.join(
+        crate::init::IN_SANDBOX_BINARY
+            .strip_prefix('/')
+            .expect("absolute path"),
+    );
+    if inside.is_file() {
+        return Ok(layer);
+    }
+    let parent = inside.parent().expect("has a parent");
+    std::fs::create_dir_all(parent).map_err(|e| RuntimeError::io("mkdir", parent, e))?;
+    let tmp = parent.join(".init.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    // A hard link costs nothing, but a rebuild that rewrites the file in place would then change
+    // a lower layer under live overlays; copy instead.
+    std::fs::copy(binary, &tmp).map_err(|e| RuntimeError::io("copy", binary, e))?;
+    std::fs::rename(&tmp, &inside).map_err(|e| RuntimeError::io("rename", &tmp, e))?;
+    Ok(layer)
+}
