@@ -753,7 +753,14 @@ fn exec_in_sandbox(spec: &InitSpec, ready: &ReadyPipe) -> InitError {
     // SAFETY: path and argv are valid NUL-terminated strings, argv is NULL-terminated; the
     // environment is inherited unchanged.
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
-    err("exec", IN_SANDBOX_BINARY)
+    let e = err("exec", IN_SANDBOX_BINARY);
+    // SAFETY: the exec failed, so this process goes on: the memfd is ours to close, and the
+    // status pipe must not leak into the processes envd starts.
+    unsafe {
+        libc::close(memfd);
+        libc::fcntl(ready.fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    e
 }
 
 /// The second stage: takes over the status pipe and reads the spec from the memfd.
@@ -817,8 +824,13 @@ where
         if std::path::Path::new(IN_SANDBOX_BINARY).is_file() {
             // Never returns on success.
             let e = exec_in_sandbox(&spec, &ready);
-            ready.fail(&e.to_string());
-            std::process::exit(1);
+            // ENOENT for a file that is there: the sandbox's root lacks the binary's ELF
+            // interpreter (an image without glibc, e.g. busybox). Go on from the host binary as
+            // before the re-exec existed; only CRIU dumps of this sandbox are lost.
+            if e.source.kind() != std::io::ErrorKind::NotFound {
+                ready.fail(&e.to_string());
+                std::process::exit(1);
+            }
         }
         (spec, ready)
     };
