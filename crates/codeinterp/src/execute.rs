@@ -1,11 +1,13 @@
 //! One `POST /execute`: runs a cell in a context's kernel and turns its iopub messages into NDJSON
 //! lines for the response body, as they come.
 //!
-//! The response body reads from a small channel. The execution never blocks on a slow client:
-//! lines wait in a queue bounded in bytes, and stream output beyond that bound is dropped (and
-//! said so), so endless or huge output costs bounded memory while the kernel's iopub is always
-//! drained and its `idle` never missed. When the client goes away (disconnect, or the SDK's own
-//! timeout) the kernel is interrupted; a kernel that dies is reported and replaced.
+//! Output is streamed with backpressure, end to end: lines wait in a queue bounded in bytes, and
+//! while it is full the execution stops reading the kernel's messages. The kernel's iopub socket
+//! then fills up to its high-water mark and, because `kernel_launch.py` made it blocking
+//! (ZMQ_XPUB_NODROP) and its stdout publish in small pieces, the code that prints waits. So
+//! endless or huge output costs bounded memory on both sides and nothing is lost, however slow
+//! the client. When the client goes away (disconnect, or the SDK's own timeout) the kernel is
+//! interrupted; a kernel that dies is reported and replaced.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -19,10 +21,8 @@ use crate::kernel::{Kernel, Language};
 use crate::output::{map_iopub, Event, Line};
 use crate::wire::Message;
 
-/// Bytes of output lines that may wait for a slow client.
-pub const MAX_PENDING_BYTES: usize = 8 << 20;
-/// Results and errors are kept beyond the stream bound, up to this many bytes.
-const MAX_PENDING_ESSENTIAL_BYTES: usize = 4 * MAX_PENDING_BYTES;
+/// Bytes of output lines that may wait for a slow client before the kernel is made to wait.
+pub const MAX_PENDING_BYTES: usize = 1 << 20;
 /// How long an interrupted kernel gets to go idle before it is killed and replaced.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
@@ -30,39 +30,27 @@ struct Outbox {
     tx: mpsc::Sender<Bytes>,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
-    dropped_bytes: usize,
 }
 
 impl Outbox {
+    fn new(tx: mpsc::Sender<Bytes>) -> Outbox {
+        Outbox {
+            tx,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+        }
+    }
+
     fn push(&mut self, line: &Line) {
-        let essential = !matches!(line, Line::Stdout { .. } | Line::Stderr { .. });
         let bytes = line.to_bytes();
-        let limit = if essential {
-            MAX_PENDING_ESSENTIAL_BYTES
-        } else {
-            MAX_PENDING_BYTES
-        };
-        // One line alone is always let through, so that any single output can be delivered.
-        if self.pending_bytes > 0 && self.pending_bytes + bytes.len() > limit {
-            self.dropped_bytes += bytes.len();
-            return;
-        }
-        if self.dropped_bytes > 0 && self.pending_bytes < MAX_PENDING_BYTES / 2 {
-            let note = Line::Stderr {
-                text: format!(
-                    "[warren: {} bytes of output were dropped: the code wrote faster than the \
-                     client read]\n",
-                    self.dropped_bytes
-                ),
-                timestamp: crate::wire::now_iso(),
-            }
-            .to_bytes();
-            self.dropped_bytes = 0;
-            self.pending_bytes += note.len();
-            self.pending.push_back(note);
-        }
         self.pending_bytes += bytes.len();
         self.pending.push_back(bytes);
+    }
+
+    /// True while no more kernel output should be taken. One line is always taken, however
+    /// big, so that any single output can be delivered.
+    fn is_full(&self) -> bool {
+        self.pending_bytes >= MAX_PENDING_BYTES
     }
 
     /// Hands queued lines to the response body while it has room. False once the client is gone.
@@ -107,25 +95,24 @@ async fn drive(
     mut out: Option<&mut Outbox>,
 ) -> Outcome {
     loop {
-        let tx = match out.as_deref_mut() {
+        let (tx, waiting, full) = match out.as_deref_mut() {
             Some(o) => {
                 if !o.flush() {
                     return Outcome::ClientGone;
                 }
-                Some((o.tx.clone(), !o.pending.is_empty()))
+                (Some(o.tx.clone()), !o.pending.is_empty(), o.is_full())
             }
-            None => None,
+            None => (None, false, false),
         };
-        let waiting = tx.as_ref().is_some_and(|(_, w)| *w);
         let closed = async {
             match &tx {
-                Some((tx, _)) => tx.closed().await,
+                Some(tx) => tx.closed().await,
                 None => std::future::pending().await,
             }
         };
         let room = async {
             match &tx {
-                Some((tx, true)) => {
+                Some(tx) if waiting => {
                     let _ = tx.reserve().await;
                 }
                 _ => std::future::pending().await,
@@ -133,8 +120,9 @@ async fn drive(
         };
         tokio::select! {
             _ = closed => return Outcome::ClientGone,
-            _ = room, if waiting => continue,
-            m = rx.recv() => match m {
+            _ = room => continue,
+            // Backpressure: not reading makes the kernel wait (see the module doc).
+            m = rx.recv(), if !full => match m {
                 Some(m) => match map_iopub(&m) {
                     Event::Idle => return Outcome::Idle,
                     Event::Output(line) => {
@@ -236,12 +224,7 @@ pub async fn run(
     envs: BTreeMap<String, String>,
     tx: mpsc::Sender<Bytes>,
 ) {
-    let mut out = Outbox {
-        tx,
-        pending: VecDeque::new(),
-        pending_bytes: 0,
-        dropped_bytes: 0,
-    };
+    let mut out = Outbox::new(tx);
     // Cells of one context run one after the other; a client that leaves while waiting never
     // runs its cell.
     let _turn = tokio::select! {
@@ -331,26 +314,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outbox_bounds_stream_output() {
-        let (tx, _rx) = mpsc::channel(1);
-        let mut o = Outbox {
-            tx,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            dropped_bytes: 0,
-        };
+    fn outbox_fills_and_drains() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut o = Outbox::new(tx);
         let chunk = Line::Stdout {
-            text: "x".repeat(1 << 20),
+            text: "x".repeat(64 << 10),
             timestamp: String::new(),
         };
-        for _ in 0..100 {
+        let mut pushed = 0;
+        while !o.is_full() {
             o.push(&chunk);
+            pushed += 1;
         }
-        assert!(o.pending_bytes <= MAX_PENDING_BYTES);
-        assert!(o.dropped_bytes > 80 << 20);
-        // Results still fit beyond the stream bound.
-        o.push(&Line::error("E", "v"));
-        assert!(matches!(o.pending.back(), Some(b) if b.starts_with(b"{\"type\":\"error\"")));
+        // Full at the bound, not before, and never more than one line past it.
+        let line = chunk.to_bytes().len();
+        assert!(o.pending_bytes >= MAX_PENDING_BYTES);
+        assert!(o.pending_bytes < MAX_PENDING_BYTES + line);
+        // The body channel takes two lines; the rest waits, nothing is dropped.
+        assert!(o.flush());
+        assert_eq!(o.pending.len(), pushed - 2);
+        rx.try_recv().unwrap();
+        assert!(o.flush());
+        assert_eq!(o.pending.len(), pushed - 3);
+        drop(rx);
+        assert!(!o.flush(), "a gone client is noticed");
     }
 
     #[test]

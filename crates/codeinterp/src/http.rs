@@ -17,7 +17,7 @@ use crate::contexts::{ContextError, Contexts};
 
 /// Lines handed to the response body at once; the rest waits in the execution's own bounded
 /// queue (see [`crate::execute`]).
-const BODY_CHANNEL_LINES: usize = 64;
+const BODY_CHANNEL_LINES: usize = 16;
 
 impl IntoResponse for ContextError {
     fn into_response(self) -> Response {

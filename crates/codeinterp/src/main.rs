@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
             .create(&args.runtime_dir)
             .with_context(|| format!("creating {}", args.runtime_dir.display()))?;
     }
+    warren_codeinterp::kernel::kill_leftovers(&args.runtime_dir);
     // The venv's bin first, so that `!pip install` and friends in a cell use the kernel's Python.
     let mut env = Vec::new();
     if let Some(bin) = args.python.parent() {
