@@ -111,6 +111,30 @@ def test_bash(ci):
     assert {c.language for c in ci.list_code_contexts()} == {"python", "bash"}
 
 
+def test_javascript_and_typescript(ci):
+    # Deno's kernel (`deno jupyter`), from the npm registry's deno package.
+    r = ci.run_code("const x = 20; console.log('hi'); x + 1", language="js")
+    assert r.error is None, r.error
+    assert r.text == "21" and r.logs.stdout == ["hi\n"]
+    assert ci.run_code("x * 2", language="javascript").text == "40"  # the same default context
+    assert ci.run_code("Deno.env.get('FOO')", language="js", envs={"FOO": "bar"}).text == "bar"
+    assert ci.run_code("Deno.env.get('FOO') ?? 'unset'", language="js").text == "unset"
+    err = ci.run_code("throw new TypeError('boom')", language="js").error
+    assert (err.name, err.value) == ("TypeError", "boom")
+    ctx = ci.create_code_context(language="ts", cwd="/tmp")
+    assert ctx.language == "typescript"
+    assert ci.run_code("const n: number = 6; n * 7", context=ctx).text == "42"
+    assert ci.run_code("Deno.cwd()", context=ctx).text == "/tmp"
+    # Deno ignores SIGINT: the timeout's interrupt goes as an interrupt_request; state is kept.
+    ci.run_code("let kept = 41", language="js")
+    with pytest.raises(TimeoutException):
+        ci.run_code("while (true) {}", language="js", timeout=2)
+    start = time.monotonic()
+    assert ci.run_code("kept + 1", language="js").text == "42"
+    assert time.monotonic() - start < 3
+    assert {c.language for c in ci.list_code_contexts()} >= {"javascript", "typescript"}
+
+
 def test_envs(ci):
     r = ci.run_code("import os; print(os.environ.get('FOO'), os.environ['HOME'])", envs={"FOO": "bar 'q'"})
     assert r.logs.stdout == ["bar 'q' /root\n"]

@@ -170,7 +170,9 @@ fn valid_shell_name(k: &str) -> bool {
 pub fn validate_envs(language: Language, envs: &BTreeMap<String, String>) -> Result<(), String> {
     for k in envs.keys() {
         let ok = match language {
-            Language::Python => !k.is_empty() && !k.contains('=') && !k.contains('\0'),
+            Language::Python | Language::JavaScript | Language::TypeScript => {
+                !k.is_empty() && !k.contains('=') && !k.contains('\0')
+            }
             Language::Bash => valid_shell_name(k),
         };
         if !ok {
@@ -196,6 +198,19 @@ fn env_code(language: Language, envs: &BTreeMap<String, String>) -> (String, Str
              if __warren_v is None: __warren_os.environ.pop(__warren_k, None)\n    \
              else: __warren_os.environ[__warren_k] = __warren_v\n\
              del __warren_saved, __warren_new\n"
+                .to_string(),
+        ),
+        // `globalThis`, not a `const`: a cell's top-level declarations persist in Deno's REPL.
+        Language::JavaScript | Language::TypeScript => (
+            format!(
+                "globalThis.__warren_new = {json};\n\
+                 globalThis.__warren_saved = Object.fromEntries(Object.keys(__warren_new)\
+                 .map((k) => [k, Deno.env.get(k)]));\n\
+                 for (const [k, v] of Object.entries(__warren_new)) Deno.env.set(k, v);\n"
+            ),
+            "for (const [k, v] of Object.entries(globalThis.__warren_saved)) \
+             { if (v === undefined) Deno.env.delete(k); else Deno.env.set(k, v); }\n\
+             delete globalThis.__warren_saved; delete globalThis.__warren_new;\n"
                 .to_string(),
         ),
         Language::Bash => {
@@ -269,7 +284,7 @@ pub async fn run(
         }
         Outcome::ClientGone => {
             tracing::info!(context = %ctx.id, "client went away: interrupting the kernel");
-            kernel.interrupt();
+            kernel.interrupt().await;
             let finished =
                 tokio::time::timeout(INTERRUPT_GRACE, drive(&kernel, &mut rx, None)).await;
             if !matches!(finished, Ok(Outcome::Idle)) {

@@ -23,7 +23,7 @@ impl IntoResponse for ContextError {
     fn into_response(self) -> Response {
         let status = match &self {
             ContextError::NotFound(_) => StatusCode::NOT_FOUND,
-            ContextError::UnsupportedLanguage(_) | ContextError::BadCwd(_) => {
+            ContextError::UnsupportedLanguage(..) | ContextError::BadCwd(_) => {
                 StatusCode::BAD_REQUEST
             }
             ContextError::Kernel(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,7 +76,7 @@ async fn execute(State(contexts): State<Arc<Contexts>>, body: axum::body::Bytes)
             Some(c) => c,
             None => return ContextError::NotFound(id.clone()).into_response(),
         },
-        (None, lang) => match Contexts::parse_language(lang.as_deref()) {
+        (None, lang) => match contexts.parse_language(lang.as_deref()) {
             Ok(l) => contexts.default_for(l),
             Err(e) => return e.into_response(),
         },

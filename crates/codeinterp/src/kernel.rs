@@ -28,14 +28,20 @@ const ROUTE_CAPACITY: usize = 8;
 pub enum Language {
     Python,
     Bash,
+    /// JavaScript and TypeScript both run in Deno's kernel (`deno jupyter`), which takes either;
+    /// they are separate languages only so that each has its own default context, as upstream.
+    JavaScript,
+    TypeScript,
 }
 
 impl Language {
-    /// The languages of the SDK's `language` argument that this template has a kernel for.
+    /// The languages of the SDK's `language` argument that this server knows.
     pub fn parse(s: &str) -> Option<Language> {
         match s.trim().to_ascii_lowercase().as_str() {
             "python" | "python3" | "py" => Some(Language::Python),
             "bash" | "sh" | "shell" => Some(Language::Bash),
+            "javascript" | "js" | "deno" => Some(Language::JavaScript),
+            "typescript" | "ts" => Some(Language::TypeScript),
             _ => None,
         }
     }
@@ -44,14 +50,22 @@ impl Language {
         match self {
             Language::Python => "python",
             Language::Bash => "bash",
+            Language::JavaScript => "javascript",
+            Language::TypeScript => "typescript",
         }
     }
 
-    /// The Python module that runs this language's kernel.
+    /// Whether the kernel is Deno's rather than one of the Python (ipykernel-based) ones.
+    pub fn is_deno(self) -> bool {
+        matches!(self, Language::JavaScript | Language::TypeScript)
+    }
+
+    /// The Python module that runs this language's kernel (the ipykernel-based ones).
     fn module(self) -> &'static str {
         match self {
             Language::Python => "ipykernel_launcher",
             Language::Bash => "bash_kernel",
+            Language::JavaScript | Language::TypeScript => "",
         }
     }
 }
@@ -84,6 +98,8 @@ pub struct KernelConfig {
     pub runtime_dir: PathBuf,
     /// Added to every kernel's environment (on top of the server's own).
     pub env: Vec<(String, String)>,
+    /// The `deno` executable for JavaScript and TypeScript, if the template has it.
+    pub deno: Option<PathBuf>,
 }
 
 type Routes = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
@@ -228,11 +244,27 @@ impl Kernel {
                 .map_err(io_err("write", &connection_file))?;
         }
 
-        let mut cmd = tokio::process::Command::new(&config.python);
-        cmd.arg(write_support_file(dir, "kernel_launch.py", KERNEL_LAUNCH)?)
-            .arg(language.module())
-            .arg("-f")
-            .arg(&connection_file);
+        let mut cmd = if language.is_deno() {
+            let Some(deno) = &config.deno else {
+                let _ = std::fs::remove_file(&connection_file);
+                return Err(fail("this template has no deno".into()));
+            };
+            let mut cmd = tokio::process::Command::new(deno);
+            cmd.args(["jupyter", "--kernel", "--conn"])
+                .arg(&connection_file)
+                // No look for a newer deno (a network request) at each kernel start.
+                .env("DENO_NO_UPDATE_CHECK", "1")
+                // Results as plain text, not with terminal colour codes.
+                .env("NO_COLOR", "1");
+            cmd
+        } else {
+            let mut cmd = tokio::process::Command::new(&config.python);
+            cmd.arg(write_support_file(dir, "kernel_launch.py", KERNEL_LAUNCH)?)
+                .arg(language.module())
+                .arg("-f")
+                .arg(&connection_file);
+            cmd
+        };
         if language == Language::Python {
             let startup = write_support_file(dir, "kernel_startup.py", PYTHON_STARTUP)?;
             cmd.arg(format!("--IPKernelApp.exec_files={}", startup.display()));
@@ -263,7 +295,10 @@ impl Kernel {
             .process_group(0);
         let mut child = cmd.spawn().map_err(|e| {
             let _ = std::fs::remove_file(&connection_file);
-            fail(format!("{}: {e}", config.python.display()))
+            fail(format!(
+                "{}: {e}",
+                cmd.as_std().get_program().to_string_lossy()
+            ))
         })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         // Recorded so that a restarted server kills what a killed one left in the kernel's
@@ -474,11 +509,22 @@ impl Kernel {
         Ok((msg.header.msg_id, rx))
     }
 
-    /// Interrupts the running execution the way jupyter_client does for kernels with
-    /// `interrupt_mode: signal` (ipykernel and bash_kernel): SIGINT to the process group.
-    pub fn interrupt(&self) {
-        if self.is_alive() {
+    /// Interrupts the running execution the way jupyter_client does for the kernel's
+    /// `interrupt_mode`: SIGINT to the process group for ipykernel and bash_kernel (`signal`),
+    /// an `interrupt_request` on control for Deno, which ignores SIGINT (`message`).
+    pub async fn interrupt(&self) {
+        if !self.is_alive() {
+            return;
+        }
+        if !self.language.is_deno() {
             kill_group(self.pid, libc::SIGINT);
+            return;
+        }
+        let msg = self.session.request("interrupt_request", json!({}));
+        match self.send(Channel::Control, &msg).await {
+            // The reply is of no interest: the execution's own end is what the caller waits for.
+            Ok(_) => self.unroute(&msg.header.msg_id),
+            Err(e) => tracing::warn!(error = %e, "sending interrupt_request"),
         }
     }
 
