@@ -337,6 +337,60 @@ def test_huge_output(ci):
     r = ci.run_code("print('x' * 20_000_000)")
     assert r.error is None
     assert sum(len(s) for s in r.logs.stdout) == 20_000_001
+    # Huge results and errors too, whole.
+    r = ci.run_code("'r' * 5_000_000")
+    assert len(r.text) == 5_000_000
+    r = ci.run_code("raise ValueError('v' * 3_000_000)")
+    assert r.error.name == "ValueError" and len(r.error.value) == 3_000_000
+    # Huge code (data inline in a cell) is taken up to 32 MiB, and beyond that refused clearly.
+    assert ci.run_code("len('" + "c" * 5_000_000 + "')").text == "5000000"
+    with pytest.raises(SandboxException, match="over 32 MiB"):
+        ci.run_code("len('" + "c" * 40_000_000 + "')")
+    assert ci.run_code("1 + 1").text == "2"
+    assert server_memory_kib(ci)["VmHWM"] < 200 * 1024
+
+
+def test_binary_and_odd_output(ci):
+    # Bytes that are not UTF-8, NULs and a line with no end, from Python and from a subprocess,
+    # on both streams: decoded lossily, delivered, and the kernel keeps serving.
+    r = ci.run_code(
+        "import os, sys, subprocess, time\n"
+        "os.write(1, b'\\xff\\xfe\\x00raw')\n"
+        "os.write(2, b'\\x80err\\x00')\n"
+        "subprocess.run(['head', '-c', '4096', '/dev/urandom'])\n"
+        "time.sleep(0.3)\n"
+        "print('done')"
+    )
+    assert r.error is None, r.error
+    out, err = "".join(r.logs.stdout), "".join(r.logs.stderr)
+    assert "raw" in out and "\ufffd" in out and "\x00" in out and out.endswith("done\n")
+    assert "err" in err and "\ufffd" in err
+    r = ci.run_code("printf 'a\\x00b\\xff'; echo", language="bash")
+    assert r.error is None and "a" in "".join(r.logs.stdout)
+    assert ci.run_code("1 + 1").text == "2"
+
+
+def test_bad_requests_get_clear_errors(ci):
+    def post(path, body):
+        r = ci.commands.run(
+            f"curl -s -w ' %{{http_code}}' -XPOST localhost:49999{path} -d '{body}'", user="root"
+        )
+        text, _, status = r.stdout.rpartition(" ")
+        return int(status), text
+
+    assert post("/execute", "{nope") == (400, "invalid request body: key must be a string at line 1 column 2")
+    status, text = post("/execute", '{"language": "python"}')
+    assert status == 400 and "missing field `code`" in text
+    status, text = post("/execute", '{"code": 1}')
+    assert status == 400 and "expected a string" in text
+    status, text = post("/execute", '{"code": "1", "env_vars": {"A": 1}}')
+    assert status == 400 and "expected a string" in text
+    status, text = post("/contexts", '{"language": 7}')
+    assert status == 400 and "invalid request body" in text
+    assert post("/nope", "{}")[0] == 404
+    # Through the SDK: names a shell cannot have.
+    with pytest.raises(SandboxException, match="invalid environment variable name"):
+        ci.run_code("echo hi", language="bash", envs={"1BAD": "x"})
     assert ci.run_code("1 + 1").text == "2"
 
 
