@@ -192,6 +192,12 @@ fn spawn_reader<S: SocketRecv + Send + 'static>(
             };
             match session.decode(&frames) {
                 Ok(msg) => {
+                    tracing::trace!(
+                        socket = name,
+                        msg_type = msg.msg_type(),
+                        parent = msg.parent_id().unwrap_or_default(),
+                        "received"
+                    );
                     if let Some((tx, msg)) = route(&routes, msg) {
                         // A gone consumer just means nobody waits for this request any more.
                         let _ = tx.send(msg).await;
@@ -267,7 +273,11 @@ impl Kernel {
         };
         if language == Language::Python {
             let startup = write_support_file(dir, "kernel_startup.py", PYTHON_STARTUP)?;
-            cmd.arg(format!("--IPKernelApp.exec_files={}", startup.display()));
+            cmd.arg(format!("--IPKernelApp.exec_files={}", startup.display()))
+                // IPython's on-disk history: a SQLite write per cell (by a thread of its own) to
+                // a database no one reads, a context lives as long as its kernel. `In` and `Out`
+                // still work (in memory).
+                .arg("--HistoryManager.enabled=False");
         }
         let server_pid = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
