@@ -365,6 +365,9 @@ def test_binary_and_odd_output(ci):
     out, err = "".join(r.logs.stdout), "".join(r.logs.stderr)
     assert "raw" in out and "\ufffd" in out and "\x00" in out and out.endswith("done\n")
     assert "err" in err and "\ufffd" in err
+    # Characters that Python's str.splitlines (the SDK's line reader) takes for line ends.
+    r = ci.run_code("print('a\\x85b\\u2028c\\u2029d\\x1ce')")
+    assert r.logs.stdout == ["a\x85b\u2028c\u2029d\x1ce\n"]
     r = ci.run_code("printf 'a\\x00b\\xff'; echo", language="bash")
     assert r.error is None and "a" in "".join(r.logs.stdout)
     assert ci.run_code("1 + 1").text == "2"
