@@ -5,11 +5,15 @@
 * warm pool: the same against a ready SandboxSet of code-interpreter-v1 (the kernel was started
   before the claim);
 * `run_code("1+1")` on a warm kernel, p50: server-side (an HTTP client inside the sandbox posting
-  to localhost:49999/execute), raw HTTP through the router, and through the SDK;
+  to localhost:49999/execute), raw HTTP through the router, and through the SDK; and for
+  comparison the kernel alone: jupyter_client (in the template's venv, inside the sandbox) sending
+  `execute_request` to an ipykernel of its own and waiting for `idle`, with IPython's on-disk
+  history as ipykernel has it by default and off as the server starts its kernels;
 * memory of an idle code-interpreter sandbox (its cgroup's memory.current, and the RSS of its
   processes), next to an idle base sandbox.
 
     python3 bench/codeinterp.py --url http://127.0.0.1:PORT --key KEY [-n N] [--json out.json]
+        [--only cold,pooled,warm,memory]
 """
 import argparse
 import glob
@@ -38,6 +42,41 @@ for i in range(%d):
     assert b'"text":"2"' in data, data
 ts.sort()
 print(json.dumps({"p50": ts[len(ts) // 2], "p99": ts[int(len(ts) * 0.99)]}))
+"""
+
+
+# Runs inside the sandbox with the template's Python: the kernel alone, no server.
+KERNEL_ALONE = r"""
+import json, sys, time
+from jupyter_client.manager import KernelManager
+
+def start(extra):
+    km = KernelManager(kernel_name="python3")
+    km.kernel_cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"] + extra
+    km.start_kernel()
+    kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=60)
+    return km, kc
+
+def once(kc):
+    t = time.perf_counter()
+    mid = kc.execute("1+1")
+    while True:
+        m = kc.get_iopub_msg(timeout=10)
+        if (m["parent_header"].get("msg_id") == mid and m["msg_type"] == "status"
+                and m["content"]["execution_state"] == "idle"):
+            break
+    dt = (time.perf_counter() - t) * 1000
+    kc.get_shell_msg(timeout=10)
+    return dt
+
+kernels = {"history": start([]), "no_history": start(["--HistoryManager.enabled=False"])}
+ts = {k: [] for k in kernels}
+for _ in range(%d):  # interleaved, so that load changes hit both alike
+    for k, (km, kc) in kernels.items():
+        ts[k].append(once(kc))
+for km, kc in kernels.values():
+    km.shutdown_kernel(now=True)
+print(json.dumps({k: sorted(v)[len(v) // 2] for k, v in ts.items()}))
 """
 
 
@@ -92,6 +131,10 @@ def warm(url, key, n):
         sbx.run_code("1+1")
         sbx.files.write("/tmp/inside.py", INSIDE % n)
         inside = json.loads(sbx.commands.run("python3 /tmp/inside.py").stdout)
+        sbx.files.write("/tmp/kernel_alone.py", KERNEL_ALONE % n)
+        alone = json.loads(
+            sbx.commands.run("/opt/warren/venv/bin/python /tmp/kernel_alone.py", timeout=300).stdout
+        )
         u = urllib.parse.urlparse(url)
         c = http.client.HTTPConnection(u.hostname, u.port)
         headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999",
@@ -108,7 +151,9 @@ def warm(url, key, n):
             t0 = time.perf_counter()
             assert sbx.run_code("1+1").text == "2"
             sdk.append(ms(t0))
-        return {"warm_server_side_p50_ms": round(inside["p50"], 2),
+        return {"warm_kernel_alone_p50_ms": round(alone["no_history"], 2),
+                "warm_kernel_alone_with_history_p50_ms": round(alone["history"], 2),
+                "warm_server_side_p50_ms": round(inside["p50"], 2),
                 "warm_router_http_p50_ms": p50(router), "warm_sdk_p50_ms": p50(sdk)}
     finally:
         sbx.kill()
@@ -154,16 +199,22 @@ def main():
     ap.add_argument("--key", required=True)
     ap.add_argument("-n", type=int, default=20)
     ap.add_argument("--json")
+    ap.add_argument("--only", default="cold,pooled,warm,memory", help="parts to run")
     a = ap.parse_args()
+    only = set(a.only.split(","))
     os.environ.update(E2B_API_URL=a.url, E2B_SANDBOX_URL=a.url, E2B_API_KEY=a.key)
     u = urllib.parse.urlparse(a.url)
     api = Api(u.hostname, u.port, a.key)
 
     res = {}
-    res.update(cold(a.n))
-    res.update(pooled(api, a.n))
-    res.update(warm(a.url, a.key, max(100, a.n)))
-    res.update(idle_memory())
+    if "cold" in only:
+        res.update(cold(a.n))
+    if "pooled" in only:
+        res.update(pooled(api, a.n))
+    if "warm" in only:
+        res.update(warm(a.url, a.key, max(100, a.n)))
+    if "memory" in only:
+        res.update(idle_memory())
     print("code interpreter:")
     for k, v in res.items():
         print(f"  {k}: {v}")

@@ -2,7 +2,9 @@
 # Builds the Python layer of the `code-interpreter-v1` template: a venv at /opt/warren/venv (as the
 # sandbox sees it) made with Debian's /usr/bin/python3, which sandboxes see through the base
 # template's read-only /usr, with the packages of templates/code-interpreter/requirements.txt
-# installed by pip from PyPI. Nothing goes into the host's system Python.
+# installed by pip from PyPI. Nothing goes into the host's system Python. Plus Deno (its npm
+# package's binary, at /opt/warren/deno/deno), whose `deno jupyter` kernel runs the JavaScript and
+# TypeScript contexts.
 #
 # The daemon stacks this layer on the base template and adds the warren-code-interpreter binary
 # (see crates/cli/src/code_interpreter.rs). Idempotent: rebuilds only when the requirements, this
@@ -15,6 +17,7 @@ DEST="${WARREN_CODE_INTERPRETER_LAYER:-/var/lib/warren-templates/code-interprete
 REQ=templates/code-interpreter/requirements.txt
 PY=/usr/bin/python3
 VENV_IN_SANDBOX=/opt/warren/venv
+DENO_VERSION=2.9.6
 
 stamp="$( (cat "$REQ" "$SELF"; "$PY" -VV) | sha256sum | cut -d' ' -f1)"
 if [ -f "$DEST/stamp" ] && [ "$(cat "$DEST/stamp")" = "$stamp" ] && [ -d "$DEST/rootfs" ]; then
@@ -40,6 +43,27 @@ grep -rlF "$venv" "$venv/bin" "$venv/pyvenv.cfg" "$mpl" | while read -r f; do
   sed -i "s#$venv#$VENV_IN_SANDBOX#g" "$f"
 done
 "$venv/bin/python" -m pip freeze --disable-pip-version-check >"$tmp/rootfs/opt/warren/packages.txt"
+
+# Deno from the npm registry: the platform package holds the binary alone (no install script).
+case "$(uname -m)" in
+  x86_64) deno_pkg=@deno/linux-x64-glibc ;;
+  aarch64) deno_pkg=@deno/linux-arm64-glibc ;;
+  *) deno_pkg= ;;
+esac
+if [ -n "$deno_pkg" ]; then
+  command -v npm >/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  }
+  tgz="$(cd "$tmp" && npm pack --silent "$deno_pkg@$DENO_VERSION")"
+  tar -xzf "$tmp/$tgz" -C "$tmp" package/deno
+  mkdir -p "$tmp/rootfs/opt/warren/deno"
+  mv "$tmp/package/deno" "$tmp/rootfs/opt/warren/deno/deno"
+  rm -rf "$tmp/$tgz" "$tmp/package"
+  echo "deno $DENO_VERSION" >>"$tmp/rootfs/opt/warren/packages.txt"
+else
+  echo "no deno for $(uname -m): the template will have no JavaScript/TypeScript kernel" >&2
+fi
 echo "$stamp" >"$tmp/stamp"
 
 # Running sandboxes may use the old layer as an overlay lower dir: move it aside, then drop it.

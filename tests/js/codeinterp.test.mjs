@@ -1,5 +1,6 @@
 // The official @e2b/code-interpreter JS package against the code-interpreter-v1 template: state,
-// streaming callbacks, errors, contexts (bash too), envs, timeout, rich results, bad input.
+// streaming callbacks, errors, contexts (bash, JavaScript, TypeScript too), envs, timeout, rich
+// results (charts and DataFrame data too), bad input.
 // Calls that get an error status pass a short `requestTimeoutMs`: the SDK (2.8.0) leaves its
 // request timer running when it throws on an error status, which would hold the test process open
 // for the default 60 s.
@@ -55,6 +56,22 @@ test('errors, rich results and display', async () => {
   const d = await sbx.runCode("from IPython.display import display, HTML\ndisplay(HTML('<i>1</i>'))\ndisplay(2)\n'z'")
   assert.deepEqual(d.results.map((x) => x.isMainResult), [false, false, true])
   assert.equal(d.results[0].html, '<i>1</i>')
+})
+
+test('chart and data results, JavaScript contexts', async () => {
+  const bar = await sbx.runCode("import matplotlib.pyplot as plt\nplt.bar(['a', 'b'], [3, 1])\nplt.title('t')\nplt.show()")
+  const chart = bar.results[0].chart
+  assert.equal(chart.type, 'bar')
+  assert.equal(chart.title, 't')
+  assert.deepEqual(chart.elements.map((e) => [e.label, e.value]), [['a', 3], ['b', 1]])
+  const df = await sbx.runCode("import pandas as pd\npd.DataFrame({'b': [1, 2], 'a': ['x', None]})")
+  assert.deepEqual(df.results[0].data, { b: [1, 2], a: ['x', null] })
+  const js = await sbx.runCode("const n = 6; console.log('hi'); n * 7", { language: 'js' })
+  assert.equal(js.text, '42')
+  assert.deepEqual(js.logs.stdout, ['hi\n'])
+  const ctx = await sbx.createCodeContext({ language: 'ts' })
+  assert.equal(ctx.language, 'typescript')
+  assert.equal((await sbx.runCode('const s: string = "ok"; s', { context: ctx })).text, 'ok')
 })
 
 test('contexts, bash and envs', async () => {

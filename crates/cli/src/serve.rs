@@ -152,6 +152,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await?
         .context("preparing the base template")?;
     templates.register("base", base.clone());
+    let mut store = Store::open(&data_dir).context("opening the database")?;
+    let layers_in_use = store
+        .list_all()
+        .await
+        .context("listing the stored sandboxes")?
+        .into_iter()
+        .flat_map(|r| r.spec.rootfs.lower_dirs)
+        .collect();
     let ci_binary = args
         .code_interpreter_binary
         .clone()
@@ -162,6 +170,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &args.code_interpreter_layer,
         &ci_binary,
         &base,
+        &layers_in_use,
     )
     .context("preparing the code-interpreter-v1 template")?;
 
@@ -172,7 +181,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("preparing the /etc layer of image templates")?;
     templates.images.enable(images.clone(), etc_layer);
 
-    let mut store = Store::open(&data_dir).context("opening the database")?;
     if !args.no_audit {
         let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
         store = store.with_audit(audit);

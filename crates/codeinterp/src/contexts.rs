@@ -15,8 +15,8 @@ use crate::kernel::{Kernel, KernelConfig, KernelError, Language};
 pub enum ContextError {
     #[error("Context {0} not found")]
     NotFound(String),
-    #[error("unsupported language '{0}': this template has kernels for python and bash")]
-    UnsupportedLanguage(String),
+    #[error("unsupported language '{0}': this template has kernels for {1}")]
+    UnsupportedLanguage(String, String),
     #[error("cwd '{0}' is not an existing directory")]
     BadCwd(String),
     #[error(transparent)]
@@ -138,12 +138,22 @@ impl Contexts {
         ctx
     }
 
-    pub fn parse_language(language: Option<&str>) -> Result<Language, ContextError> {
-        match language {
-            None => Ok(Language::Python),
-            Some(l) if l.trim().is_empty() => Ok(Language::Python),
-            Some(l) => {
-                Language::parse(l).ok_or_else(|| ContextError::UnsupportedLanguage(l.into()))
+    /// The language of a request (Python when it names none), if this template has its kernel.
+    pub fn parse_language(&self, language: Option<&str>) -> Result<Language, ContextError> {
+        let l = match language {
+            None => return Ok(Language::Python),
+            Some(l) if l.trim().is_empty() => return Ok(Language::Python),
+            Some(l) => l,
+        };
+        match Language::parse(l) {
+            Some(lang) if !lang.is_deno() || self.config.deno.is_some() => Ok(lang),
+            _ => {
+                let known = if self.config.deno.is_some() {
+                    "python, bash, javascript (js) and typescript (ts)"
+                } else {
+                    "python and bash"
+                };
+                Err(ContextError::UnsupportedLanguage(l.into(), known.into()))
             }
         }
     }
@@ -154,7 +164,7 @@ impl Contexts {
         language: Option<&str>,
         cwd: Option<&str>,
     ) -> Result<Arc<Context>, ContextError> {
-        let language = Self::parse_language(language)?;
+        let language = self.parse_language(language)?;
         let cwd = match cwd.filter(|c| !c.is_empty()) {
             Some(c) => PathBuf::from(c),
             None => self.default_cwd.clone(),
@@ -219,5 +229,51 @@ impl Contexts {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contexts(deno: Option<&str>) -> Arc<Contexts> {
+        Contexts::new(
+            KernelConfig {
+                python: "/nonexistent/python".into(),
+                runtime_dir: "/nonexistent".into(),
+                env: vec![],
+                deno: deno.map(PathBuf::from),
+            },
+            "/".into(),
+        )
+    }
+
+    #[test]
+    fn languages_by_their_sdk_names() {
+        let c = contexts(Some("/opt/warren/deno/deno"));
+        for (name, lang) in [
+            (None, Language::Python),
+            (Some(""), Language::Python),
+            (Some("Python"), Language::Python),
+            (Some("bash"), Language::Bash),
+            (Some("js"), Language::JavaScript),
+            (Some("javascript"), Language::JavaScript),
+            (Some("ts"), Language::TypeScript),
+            (Some("typescript"), Language::TypeScript),
+        ] {
+            assert_eq!(c.parse_language(name).unwrap(), lang, "{name:?}");
+        }
+        let e = c.parse_language(Some("cobol")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "unsupported language 'cobol': this template has kernels for python, bash, \
+             javascript (js) and typescript (ts)"
+        );
+        // Without deno, JavaScript is as unknown as COBOL, and says what there is.
+        let e = contexts(None).parse_language(Some("js")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported language 'js': this template has kernels for python and bash"
+        );
     }
 }

@@ -15,15 +15,19 @@ use tokio::sync::mpsc;
 
 use crate::contexts::{ContextError, Contexts};
 
+/// Largest request body: code can carry data inline (upstream sets no limit; axum's default of
+/// 2 MiB refused a cell with a 3 MB string literal).
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+
 /// Lines handed to the response body at once; the rest waits in the execution's own bounded
 /// queue (see [`crate::execute`]).
-const BODY_CHANNEL_LINES: usize = 64;
+const BODY_CHANNEL_LINES: usize = 16;
 
 impl IntoResponse for ContextError {
     fn into_response(self) -> Response {
         let status = match &self {
             ContextError::NotFound(_) => StatusCode::NOT_FOUND,
-            ContextError::UnsupportedLanguage(_) | ContextError::BadCwd(_) => {
+            ContextError::UnsupportedLanguage(..) | ContextError::BadCwd(_) => {
                 StatusCode::BAD_REQUEST
             }
             ContextError::Kernel(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -63,7 +67,46 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>
         .map_err(|e| Box::new(bad_request(format!("invalid request body: {e}"))))
 }
 
-async fn execute(State(contexts): State<Arc<Contexts>>, body: axum::body::Bytes) -> Response {
+/// Reads a whole request body, up to [`MAX_REQUEST_BYTES`]. A bigger one is read to its end
+/// all the same (and thrown away): answering before the client has sent it all would break the
+/// connection under the router's feet, which then reports a 502 instead of this 413.
+async fn read_body(mut body: Body) -> Result<axum::body::Bytes, Box<Response>> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    let mut over = false;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| Box::new(bad_request(format!("reading the request body: {e}"))))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if over || buf.len() + data.len() > MAX_REQUEST_BYTES {
+            over = true;
+            buf = Vec::new();
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if over {
+        return Err(Box::new(
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over {} MiB: pass big data as a file (sandbox.files.write)",
+                    MAX_REQUEST_BYTES >> 20
+                ),
+            )
+                .into_response(),
+        ));
+    }
+    Ok(buf.into())
+}
+
+async fn execute(State(contexts): State<Arc<Contexts>>, body: Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(resp) => return *resp,
+    };
     let req: ExecuteBody = match parse(&body) {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -76,7 +119,7 @@ async fn execute(State(contexts): State<Arc<Contexts>>, body: axum::body::Bytes)
             Some(c) => c,
             None => return ContextError::NotFound(id.clone()).into_response(),
         },
-        (None, lang) => match Contexts::parse_language(lang.as_deref()) {
+        (None, lang) => match contexts.parse_language(lang.as_deref()) {
             Ok(l) => contexts.default_for(l),
             Err(e) => return e.into_response(),
         },

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -29,14 +28,20 @@ const ROUTE_CAPACITY: usize = 8;
 pub enum Language {
     Python,
     Bash,
+    /// JavaScript and TypeScript both run in Deno's kernel (`deno jupyter`), which takes either;
+    /// they are separate languages only so that each has its own default context, as upstream.
+    JavaScript,
+    TypeScript,
 }
 
 impl Language {
-    /// The languages of the SDK's `language` argument that this template has a kernel for.
+    /// The languages of the SDK's `language` argument that this server knows.
     pub fn parse(s: &str) -> Option<Language> {
         match s.trim().to_ascii_lowercase().as_str() {
             "python" | "python3" | "py" => Some(Language::Python),
             "bash" | "sh" | "shell" => Some(Language::Bash),
+            "javascript" | "js" | "deno" => Some(Language::JavaScript),
+            "typescript" | "ts" => Some(Language::TypeScript),
             _ => None,
         }
     }
@@ -45,14 +50,22 @@ impl Language {
         match self {
             Language::Python => "python",
             Language::Bash => "bash",
+            Language::JavaScript => "javascript",
+            Language::TypeScript => "typescript",
         }
     }
 
-    /// The Python module that runs this language's kernel.
+    /// Whether the kernel is Deno's rather than one of the Python (ipykernel-based) ones.
+    pub fn is_deno(self) -> bool {
+        matches!(self, Language::JavaScript | Language::TypeScript)
+    }
+
+    /// The Python module that runs this language's kernel (the ipykernel-based ones).
     fn module(self) -> &'static str {
         match self {
             Language::Python => "ipykernel_launcher",
             Language::Bash => "bash_kernel",
+            Language::JavaScript | Language::TypeScript => "",
         }
     }
 }
@@ -85,6 +98,8 @@ pub struct KernelConfig {
     pub runtime_dir: PathBuf,
     /// Added to every kernel's environment (on top of the server's own).
     pub env: Vec<(String, String)>,
+    /// The `deno` executable for JavaScript and TypeScript, if the template has it.
+    pub deno: Option<PathBuf>,
 }
 
 type Routes = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
@@ -100,6 +115,7 @@ pub struct Kernel {
     exit: watch::Receiver<Option<String>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     connection_file: PathBuf,
+    pid_file: PathBuf,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -176,6 +192,12 @@ fn spawn_reader<S: SocketRecv + Send + 'static>(
             };
             match session.decode(&frames) {
                 Ok(msg) => {
+                    tracing::trace!(
+                        socket = name,
+                        msg_type = msg.msg_type(),
+                        parent = msg.parent_id().unwrap_or_default(),
+                        "received"
+                    );
                     if let Some((tx, msg)) = route(&routes, msg) {
                         // A gone consumer just means nobody waits for this request any more.
                         let _ = tx.send(msg).await;
@@ -228,12 +250,53 @@ impl Kernel {
                 .map_err(io_err("write", &connection_file))?;
         }
 
-        let mut cmd = tokio::process::Command::new(&config.python);
-        cmd.arg("-m")
-            .arg(language.module())
-            .arg("-f")
-            .arg(&connection_file)
-            .current_dir(cwd)
+        let mut cmd = if language.is_deno() {
+            let Some(deno) = &config.deno else {
+                let _ = std::fs::remove_file(&connection_file);
+                return Err(fail("this template has no deno".into()));
+            };
+            let mut cmd = tokio::process::Command::new(deno);
+            cmd.args(["jupyter", "--kernel", "--conn"])
+                .arg(&connection_file)
+                // No look for a newer deno (a network request) at each kernel start.
+                .env("DENO_NO_UPDATE_CHECK", "1")
+                // Results as plain text, not with terminal colour codes.
+                .env("NO_COLOR", "1");
+            cmd
+        } else {
+            let mut cmd = tokio::process::Command::new(&config.python);
+            cmd.arg(write_support_file(dir, "kernel_launch.py", KERNEL_LAUNCH)?)
+                .arg(language.module())
+                .arg("-f")
+                .arg(&connection_file);
+            cmd
+        };
+        if language == Language::Python {
+            let startup = write_support_file(dir, "kernel_startup.py", PYTHON_STARTUP)?;
+            cmd.arg(format!("--IPKernelApp.exec_files={}", startup.display()))
+                // IPython's on-disk history: a SQLite write per cell (by a thread of its own) to
+                // a database no one reads, a context lives as long as its kernel. `In` and `Out`
+                // still work (in memory).
+                .arg("--HistoryManager.enabled=False");
+        }
+        let server_pid = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The kernel dies with this server: a killed server must not leave kernels
+                // (and their memory) behind. PDEATHSIG fires when the forking *thread* ends; the
+                // tokio workers that start kernels live as long as the server.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The server may have died between fork and prctl.
+                if libc::getppid() != server_pid {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        cmd.current_dir(cwd)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -242,9 +305,16 @@ impl Kernel {
             .process_group(0);
         let mut child = cmd.spawn().map_err(|e| {
             let _ = std::fs::remove_file(&connection_file);
-            fail(format!("{}: {e}", config.python.display()))
+            fail(format!(
+                "{}: {e}",
+                cmd.as_std().get_program().to_string_lossy()
+            ))
         })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // Recorded so that a restarted server kills what a killed one left in the kernel's
+        // process group (the kernel itself dies by PDEATHSIG, what it started does not).
+        let pid_file = dir.join(format!("kernel-{pid}.pgid"));
+        let _ = std::fs::write(&pid_file, pid.to_string());
         // When user code exhausts the sandbox's memory, the kernel is what should die (it is
         // reported and replaced), not this server. Raising the score needs no privilege.
         let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
@@ -253,17 +323,7 @@ impl Kernel {
         let mut tasks = Vec::new();
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::debug!(kernel_pid = pid, "kernel: {line}");
-                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-                    if t.len() == 20 {
-                        t.pop_front();
-                    }
-                    t.push_back(line);
-                }
-            }));
+            tasks.push(tokio::spawn(read_stderr(stderr, pid, tail)));
         }
         let (exit_tx, exit) = watch::channel(None);
         tasks.push(tokio::spawn(async move {
@@ -298,6 +358,7 @@ impl Kernel {
                 kill_group(pid, libc::SIGKILL);
                 abort_all(&tasks);
                 let _ = std::fs::remove_file(&connection_file);
+                let _ = std::fs::remove_file(&pid_file);
                 let detail = match other {
                     Err(_) => "timed out connecting to it".to_string(),
                     Ok(Err(e)) => e.to_string(),
@@ -339,6 +400,7 @@ impl Kernel {
             exit,
             stderr_tail,
             connection_file,
+            pid_file,
             tasks,
         };
         match tokio::time::timeout(START_TIMEOUT, kernel.wait_ready()).await {
@@ -457,11 +519,22 @@ impl Kernel {
         Ok((msg.header.msg_id, rx))
     }
 
-    /// Interrupts the running execution the way jupyter_client does for kernels with
-    /// `interrupt_mode: signal` (ipykernel and bash_kernel): SIGINT to the process group.
-    pub fn interrupt(&self) {
-        if self.is_alive() {
+    /// Interrupts the running execution the way jupyter_client does for the kernel's
+    /// `interrupt_mode`: SIGINT to the process group for ipykernel and bash_kernel (`signal`),
+    /// an `interrupt_request` on control for Deno, which ignores SIGINT (`message`).
+    pub async fn interrupt(&self) {
+        if !self.is_alive() {
+            return;
+        }
+        if !self.language.is_deno() {
             kill_group(self.pid, libc::SIGINT);
+            return;
+        }
+        let msg = self.session.request("interrupt_request", json!({}));
+        match self.send(Channel::Control, &msg).await {
+            // The reply is of no interest: the execution's own end is what the caller waits for.
+            Ok(_) => self.unroute(&msg.header.msg_id),
+            Err(e) => tracing::warn!(error = %e, "sending interrupt_request"),
         }
     }
 
@@ -488,6 +561,7 @@ impl Drop for Kernel {
             t.abort();
         }
         let _ = std::fs::remove_file(&self.connection_file);
+        let _ = std::fs::remove_file(&self.pid_file);
     }
 }
 
@@ -498,10 +572,106 @@ fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
 
 /// Sends `signal` to the kernel's process group.
 fn kill_group(pid: i32, signal: i32) {
-    if pid > 0 {
+    // Never 1: kill(-1, …) would signal every process there is.
+    if pid > 1 {
         // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
         unsafe {
             libc::kill(-pid, signal);
+        }
+    }
+}
+
+/// Runs a kernel module with its output paced (see the file for why).
+const KERNEL_LAUNCH: &str = include_str!("kernel_launch.py");
+/// What every Python kernel runs once its shell exists (see the file).
+const PYTHON_STARTUP: &str = include_str!("kernel_startup.py");
+
+/// Writes one of the kernels' support files into the (root-only) runtime dir, unless it is there
+/// already with this content.
+fn write_support_file(dir: &Path, name: &str, content: &str) -> Result<PathBuf, KernelError> {
+    let path = dir.join(name);
+    if std::fs::read(&path).is_ok_and(|c| c == content.as_bytes()) {
+        return Ok(path);
+    }
+    let tmp = dir.join(format!("{name}.{}", crate::wire::random_id()));
+    std::fs::write(&tmp, content).map_err(io_err("write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    Ok(path)
+}
+
+/// Longest stderr line kept for error messages; the rest of a longer line is dropped.
+const STDERR_LINE_MAX: usize = 2000;
+
+/// Drains the kernel's stderr (what it and its children write to fd 2 ends up here too, without
+/// any newline if so written) and keeps the last lines, each cut to [`STDERR_LINE_MAX`] bytes, so
+/// that endless stderr output costs no memory here.
+async fn read_stderr(
+    mut stderr: tokio::process::ChildStderr,
+    pid: i32,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut line: Vec<u8> = Vec::new();
+    let push = |line: &mut Vec<u8>| {
+        let text = String::from_utf8_lossy(line).into_owned();
+        line.clear();
+        tracing::debug!(kernel_pid = pid, "kernel: {text}");
+        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() == 20 {
+            t.pop_front();
+        }
+        t.push_back(text);
+    };
+    loop {
+        let n = match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for part in buf[..n].split_inclusive(|b| *b == b'\n') {
+            let (body, ends) = match part.strip_suffix(b"\n") {
+                Some(body) => (body, true),
+                None => (part, false),
+            };
+            let room = STDERR_LINE_MAX.saturating_sub(line.len());
+            line.extend_from_slice(&body[..body.len().min(room)]);
+            if ends {
+                push(&mut line);
+            }
+        }
+    }
+    if !line.is_empty() {
+        push(&mut line);
+    }
+}
+
+/// Kills the process groups of kernels that an earlier run of this server started (it was
+/// killed: its kernels died with it, by PDEATHSIG, but not what they had started) and removes
+/// their connection files. Linux does not give a pid to a new process while a process group of
+/// that id still has members, so a recorded group id still names only that kernel's group.
+pub fn kill_leftovers(runtime_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("kernel-") {
+            continue;
+        }
+        if name.ends_with(".pgid") {
+            let pgid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if let Some(pgid) = pgid {
+                tracing::info!(pgid, "killing what a previous server's kernel left running");
+                kill_group(pgid, libc::SIGKILL);
+            }
+        }
+        if name.ends_with(".pgid") || name.ends_with(".json") {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "removing a stale kernel file");
+            }
         }
     }
 }

@@ -28,6 +28,10 @@ struct Args {
     /// Matplotlib's config and font cache dir (prepared in the template).
     #[arg(long, default_value = "/opt/warren/matplotlib")]
     mplconfigdir: PathBuf,
+    /// Deno, whose `deno jupyter` kernel runs JavaScript and TypeScript contexts (left out when
+    /// the file does not exist).
+    #[arg(long, default_value = "/opt/warren/deno/deno")]
+    deno: PathBuf,
     /// Do not start the default Python kernel before the first request.
     #[arg(long)]
     no_prestart: bool,
@@ -50,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             .create(&args.runtime_dir)
             .with_context(|| format!("creating {}", args.runtime_dir.display()))?;
     }
+    warren_codeinterp::kernel::kill_leftovers(&args.runtime_dir);
     // The venv's bin first, so that `!pip install` and friends in a cell use the kernel's Python.
     let mut env = Vec::new();
     if let Some(bin) = args.python.parent() {
@@ -66,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         python: args.python.clone(),
         runtime_dir: args.runtime_dir.clone(),
         env,
+        deno: args.deno.is_file().then(|| args.deno.clone()),
     };
     // Small: the server itself is idle I/O; the kernels do the work.
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -31,11 +31,32 @@ pub enum Line {
 }
 
 impl Line {
-    /// The line as sent: compact JSON and `\n`.
+    /// The line as sent: compact JSON and `\n`. NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR,
+    /// which JSON lets stand raw in a string, are escaped: the Python SDK reads lines with httpx,
+    /// which splits on them too (str.splitlines), and then fails to parse both halves. (Upstream's
+    /// server sends ASCII-only JSON.) Random bytes in a cell's output hit this now and then.
     pub fn to_bytes(&self) -> bytes::Bytes {
-        let mut v = serde_json::to_vec(self).unwrap_or_default();
-        v.push(b'\n');
-        v.into()
+        let v = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(v.len() + 1);
+        let mut i = 0;
+        while i < v.len() {
+            match (v[i], v.get(i + 1), v.get(i + 2)) {
+                (0xC2, Some(0x85), _) => {
+                    out.extend_from_slice(b"\\u0085");
+                    i += 2;
+                }
+                (0xE2, Some(0x80), Some(c @ (0xA8 | 0xA9))) => {
+                    out.extend_from_slice(if *c == 0xA8 { b"\\u2028" } else { b"\\u2029" });
+                    i += 3;
+                }
+                (b, _, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        out.push(b'\n');
+        out.into()
     }
 
     pub fn error(name: &str, value: impl Into<String>) -> Line {
@@ -253,6 +274,28 @@ mod tests {
             d,
             json!({"type": "result", "text": "2", "is_main_result": false})
         );
+    }
+
+    #[test]
+    fn line_breaks_other_than_newline_are_escaped() {
+        let l = Line::Stdout {
+            text: "a\u{85}b\u{2028}c\u{2029}d\u{1c}é\n".into(),
+            timestamp: String::new(),
+        };
+        let b = l.to_bytes();
+        let text = std::str::from_utf8(&b).unwrap();
+        assert_eq!(
+            text,
+            "{\"type\":\"stdout\",\"text\":\"a\\u0085b\\u2028c\\u2029d\\u001cé\\n\",\"timestamp\":\"\"}\n"
+        );
+        // What Python's str.splitlines (httpx's line reader) sees: one line, the same text.
+        assert_eq!(
+            text.matches(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])
+                .count(),
+            1
+        );
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["text"], "a\u{85}b\u{2028}c\u{2029}d\u{1c}é\n");
     }
 
     #[test]
