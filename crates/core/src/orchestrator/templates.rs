@@ -240,47 +240,20 @@ impl Warren {
                             Err(e) => return Err(e.into()),
                         }
                     }
-                    TemplateSource::OciDir { path, name: n } => {
+                    TemplateSource::OciDir { path, name: n }
+                    | TemplateSource::OciArchive { path, name: n }
+                    | TemplateSource::DockerArchive { path, name: n } => {
+                        let import = match &source {
+                            TemplateSource::OciDir { .. } => warren_image::import::import_oci_dir,
+                            TemplateSource::OciArchive { .. } => {
+                                warren_image::import::import_oci_archive
+                            }
+                            _ => warren_image::import::import_docker_archive,
+                        };
                         let (store, report, sref) =
                             (store.clone(), report.clone(), store_ref.clone());
-                        blocking(move || {
-                            warren_image::import::import_oci_dir(
-                                &store,
-                                &path,
-                                n.as_deref(),
-                                &sref,
-                                &*report,
-                            )
-                        })
-                        .await?
-                    }
-                    TemplateSource::OciArchive { path, name: n } => {
-                        let (store, report, sref) =
-                            (store.clone(), report.clone(), store_ref.clone());
-                        blocking(move || {
-                            warren_image::import::import_oci_archive(
-                                &store,
-                                &path,
-                                n.as_deref(),
-                                &sref,
-                                &*report,
-                            )
-                        })
-                        .await?
-                    }
-                    TemplateSource::DockerArchive { path, name: n } => {
-                        let (store, report, sref) =
-                            (store.clone(), report.clone(), store_ref.clone());
-                        blocking(move || {
-                            warren_image::import::import_docker_archive(
-                                &store,
-                                &path,
-                                n.as_deref(),
-                                &sref,
-                                &*report,
-                            )
-                        })
-                        .await?
+                        blocking(move || import(&store, &path, n.as_deref(), &sref, &*report))
+                            .await?
                     }
                     TemplateSource::Rootfs { .. } => unreachable!("handled above"),
                 };
