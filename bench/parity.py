@@ -198,6 +198,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--no-js", action="store_true", help="skip the JS SDK rate")
     ap.add_argument("--only-rate", action="store_true", help="only the wrk command rate")
+    ap.add_argument("--conns", default="1,16", help="wrk connection counts, comma-separated")
     a = ap.parse_args()
     os.environ.update(E2B_API_URL=a.url, E2B_SANDBOX_URL=a.url, E2B_API_KEY=a.key)
     from e2b import Sandbox
@@ -209,7 +210,7 @@ def main():
         info = http.client.HTTPConnection(u.hostname, u.port)
         info.request("GET", f"/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": a.key})
         token = json.loads(info.getresponse().read())["envdAccessToken"]
-        for c in (1, 16):
+        for c in (int(x) for x in a.conns.split(",")):
             rate, errors, sb_ms, d_ms = wrk_rate(a.url, sbx.sandbox_id, token, c, a.seconds)
             out[f"run_true_per_s_wrk_{c}_conn"] = rate
             out[f"run_true_errors_wrk_{c}_conn"] = errors
