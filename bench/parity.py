@@ -97,7 +97,7 @@ def wrk_rate(url, sbx_id, token, connections, seconds):
          if os.path.exists(os.path.join(root, sbx_id))),
         None,
     )
-    found = subprocess.run(["pgrep", "-f", "--", f"serve --listen {urllib.parse.urlparse(url).netloc}"],
+    found = subprocess.run(["pgrep", "-f", "--", f"--listen {urllib.parse.urlparse(url).netloc}"],
                            capture_output=True, text=True).stdout.split()
     daemon_pid = int(found[0]) if found else None
 

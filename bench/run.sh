@@ -58,3 +58,9 @@ python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --
 python3 bench/images.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --json "$DATA.images.json"
 # Issue 5 figures: commit of a 100 MiB change (freeze time and total), create from the image.
 python3 bench/commit.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.commit.json"
+# Issue 7 figures: hibernate and wake at 10, 100 and 1,000 MiB (real CRIU, LinuxRuntime directly).
+cargo test -q -p warren-runtime --test hibernate -- --ignored --nocapture bench 2>&1 | grep '^BENCH'
+# Issue 8 figures: 1,000 idle sandboxes (host memory each besides their own cgroups), then the soak
+# (200 sandboxes × one command per second; SOAK_MINUTES=10 is the issue's figure).
+python3 bench/density.py --url "http://127.0.0.1:$PORT" --key "$KEY" --daemon-pid $DAEMON -n 1000 --json "$DATA.density.json"
+python3 bench/soak.py --url "http://127.0.0.1:$PORT" --key "$KEY" --daemon-pid $DAEMON -n 200 --minutes "${SOAK_MINUTES:-10}" --json "$DATA.soak.json"
