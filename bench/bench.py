@@ -39,6 +39,30 @@ class Api:
         return r.status, data
 
 
+def api_json(url, key, method, path, body=None):
+    """One REST call on its own connection (safe from many threads, unlike an `Api`): the parsed
+    JSON answer, or an exception on any non-2xx status."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        url + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"X-API-KEY": key, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        data = r.read()
+        return json.loads(data) if data else None
+
+
+def rss_bytes(pid):
+    """Resident memory of a process (the daemon), from /proc."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def ms(t0):
     return (time.perf_counter() - t0) * 1000
 

@@ -18,9 +18,9 @@ import argparse
 import concurrent.futures as cf
 import glob
 import json
-import os
 import time
-import urllib.request
+
+from bench import api_json as call, rss_bytes as rss
 
 
 def meminfo():
@@ -29,25 +29,6 @@ def meminfo():
         k, v = line.split(":")
         m[k] = int(v.split()[0]) * 1024
     return m["MemTotal"] - m["MemAvailable"]
-
-
-def rss(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def call(url, key, method, path, body=None):
-    req = urllib.request.Request(
-        url + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"X-API-KEY": key, "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        data = r.read()
-        return json.loads(data) if data else None
 
 
 def main():

@@ -7,31 +7,19 @@ percentiles. Kills its sandboxes at the end.
     python3 bench/soak.py --url URL --key KEY --daemon-pid PID -n 200 --minutes 10
 """
 import argparse
+import base64
 import concurrent.futures as cf
 import http.client
 import json
 import threading
 import time
 import urllib.parse
-import urllib.request
 
-
-def call(url, key, method, path, body=None):
-    req = urllib.request.Request(
-        url + path, method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"X-API-KEY": key, "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        data = r.read()
-        return json.loads(data) if data else None
+from bench import api_json as call, rss_bytes
 
 
 def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_bytes(pid) / (1024 * 1024)
 
 
 def frames(body):
@@ -87,7 +75,6 @@ def main():
                         continue
                     ev = msg.get("event", {})
                     if "data" in ev and "stdout" in ev["data"]:
-                        import base64
                         out += base64.b64decode(ev["data"]["stdout"])
                     if "end" in ev:
                         ended = ev["end"].get("exitCode", 0) == 0
