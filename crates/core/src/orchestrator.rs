@@ -175,9 +175,6 @@ pub struct Warren {
     /// Creates by `Idempotency-Key`: (team, key) → sandbox id and when it was made. Held across a
     /// keyed create, so two concurrent retries of one create make one sandbox.
     idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
-    /// When each paused sandbox was frozen: the idle clock of auto-hibernation (see
-    /// `hibernation.rs`). In memory only: after a restart the clock starts again.
-    paused_since: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Commits of sandboxes to images (see `commits.rs`).
     commits: commits::CommitState,
 }
@@ -233,7 +230,6 @@ impl Warren {
             metrics: metrics::MetricsBook::default(),
             pools: crate::pool::Pools::default(),
             idempotency: tokio::sync::Mutex::default(),
-            paused_since: Mutex::default(),
             commits: commits::CommitState::default(),
         }
     }
@@ -709,7 +705,7 @@ impl Warren {
         match self.runtime.freeze(id).await {
             Ok(()) => {
                 self.store.apply(id, Event::PauseDone, |_| {}).await?;
-                self.note_paused(id, Some(self.clock.now()));
+                self.note_paused(id, Some(self.clock.now())).await;
                 tracing::info!(sandbox = %id, "sandbox paused");
                 Ok(())
             }
@@ -774,7 +770,7 @@ impl Warren {
                     .apply(id, Event::ResumeDone, move |r| r.end_at = end_at)
                     .await?;
                 self.set_route(&rec);
-                self.note_paused(id, None);
+                self.note_paused(id, None).await;
                 tracing::info!(sandbox = %id, "sandbox resumed");
                 Ok(rec)
             }
@@ -815,7 +811,7 @@ impl Warren {
                     tracing::warn!(sandbox = %id, "sandbox init died; removing it");
                     self.kill_locked(&id).await
                 }
-                SandboxState::Paused if self.due_for_hibernation(&id, now) => {
+                SandboxState::Paused if self.due_for_hibernation(&id, now).await => {
                     tracing::info!(sandbox = %id, "idle while paused: hibernating");
                     self.hibernate_locked(&id).await.map(|_| ())
                 }
