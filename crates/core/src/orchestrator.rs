@@ -917,12 +917,16 @@ impl Warren {
             self.kill_locked(id).await?;
             return Ok(false);
         }
-        // Finish what a crash interrupted: a pause completes, a resume completes.
+        // Finish what a crash interrupted: a pause completes, a resume completes. The store
+        // decides whether the tree runs: a commit's short freeze the crash cut off must not
+        // leave a running sandbox frozen, nor may anything have thawed a paused one.
         match rec.state {
             SandboxState::Pausing => self.finish_pause(id).await?,
             SandboxState::Resuming => {
                 self.finish_resume(id, self.timeout(None)?).await?;
             }
+            SandboxState::Running | SandboxState::Pooled => self.runtime.thaw(id).await?,
+            SandboxState::Paused => self.runtime.freeze(id).await?,
             _ => {}
         }
         if let Some(rec) = self.store.get(id).await? {

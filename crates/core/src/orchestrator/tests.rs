@@ -728,3 +728,27 @@ async fn the_idle_clock_of_a_paused_sandbox_survives_a_restart() {
         SandboxState::Paused
     );
 }
+
+#[tokio::test]
+async fn recovery_makes_the_kernel_match_the_stored_state() {
+    let f = fixture();
+    let running = f.warren.create(&t1(), base()).await.unwrap();
+    let paused = f.warren.create(&t1(), base()).await.unwrap();
+    f.warren.pause(&t1(), &paused.id).await.unwrap();
+    // A crash in the middle of a commit's freeze, and something thawing a paused sandbox.
+    f.rt.freeze(&running.id).await.unwrap();
+    f.rt.thaw(&paused.id).await.unwrap();
+    drop(f.warren);
+
+    let w = warren_over(f.store.clone(), f.rt.clone(), f.clock.clone());
+    let report = w.recover().await.unwrap();
+    assert_eq!(report.adopted.len(), 2);
+    assert!(
+        !f.rt.get(&running.id).unwrap().frozen,
+        "a running sandbox runs"
+    );
+    assert!(
+        f.rt.get(&paused.id).unwrap().frozen,
+        "a paused sandbox stays frozen"
+    );
+}

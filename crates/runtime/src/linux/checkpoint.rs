@@ -564,3 +564,76 @@ pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, Run
     std::fs::rename(&tmp, &inside).map_err(|e| RuntimeError::io("rename", &tmp, e))?;
     Ok(layer)
 }
+
+/// Settles a dump that a daemon crash interrupted. CRIU is deliberately not killed with the
+/// daemon: killed mid-dump it could leave its parasite code in the sandbox's processes. So after
+/// a restart a CRIU may still be dumping into `<dir>/checkpoint.partial`: wait for it, then keep
+/// its images if it finished (CRIU writes `stats-dump` only after a successful dump, once the
+/// tree is killed) or drop them otherwise. Returns whether complete images now exist.
+pub async fn settle_interrupted_dump(id: &str, dir: &Path) -> Result<bool, RuntimeError> {
+    let partial = dir.join("checkpoint.partial");
+    if !partial.exists() {
+        return Ok(has_images(dir));
+    }
+    let deadline = Instant::now() + CRIU_TIMEOUT;
+    while criu_writing_to(&partial) {
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Checkpoint {
+                id: id.to_string(),
+                op: "dump",
+                reason: format!(
+                    "an interrupted criu dump into {} is still running after {}s",
+                    partial.display(),
+                    CRIU_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if partial.join("stats-dump").is_file() && partial.join("inventory.img").is_file() {
+        let images = images_dir(dir);
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::rename(&partial, &images).map_err(|e| RuntimeError::io("rename", &partial, e))?;
+        tracing::info!(sandbox = %id, "kept the images of a dump the daemon's restart interrupted");
+    } else {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    Ok(has_images(dir))
+}
+
+/// Waits for a restore from `<dir>/checkpoint` that a daemon crash interrupted (its CRIU
+/// outlives the daemon, like a dump's).
+pub async fn settle_interrupted_restore(id: &str, dir: &Path) -> Result<(), RuntimeError> {
+    let images = images_dir(dir);
+    let deadline = Instant::now() + CRIU_TIMEOUT;
+    while criu_writing_to(&images) {
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Checkpoint {
+                id: id.to_string(),
+                op: "restore",
+                reason: format!(
+                    "an interrupted criu restore from {} is still running after {}s",
+                    images.display(),
+                    CRIU_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Whether some process (a CRIU left over from before a restart) has `images` as its
+/// `--images-dir`.
+fn criu_writing_to(images: &Path) -> bool {
+    let want = images.as_os_str().as_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline")).is_ok_and(|cmdline| {
+            let mut args = cmdline.split(|b| *b == 0);
+            args.any(|a| a == b"--images-dir") && args.next() == Some(want)
+        })
+    })
+}

@@ -631,6 +631,8 @@ impl SandboxRuntime for LinuxRuntime {
     }
 
     async fn adopt(&self, id: &str, placement: &Placement) -> Result<bool, RuntimeError> {
+        // A hibernation the crash interrupted ends first: its CRIU may still kill the tree.
+        checkpoint::settle_interrupted_dump(id, &self.sandbox_dir(id)).await?;
         if start_ticks(placement.init_pid) != Some(placement.init_start_ticks)
             || !self.cgroups.populated(id)
         {
@@ -682,6 +684,17 @@ impl SandboxRuntime for LinuxRuntime {
             || !self.cgroups.v2_dir(id).exists()
         {
             return Ok(false);
+        }
+        // A wake the crash interrupted may have restored the tree after all; it was never
+        // acknowledged, so it goes, and the images (still complete) restore it again on wake.
+        checkpoint::settle_interrupted_restore(id, &dir).await?;
+        if self.cgroups.populated(id) {
+            let cg = self.cgroups.clone();
+            let id_owned = id.to_string();
+            tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+                .await
+                .expect("kill task does not panic")?;
+            tracing::info!(sandbox = %id, "removed the tree of a wake the daemon's restart interrupted");
         }
         self.net.ipam.claim(placement.ip);
         let denied = self
