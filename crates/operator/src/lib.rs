@@ -5,6 +5,7 @@
 //! (unit-tested without HTTP), and a thin part that talks to the API server (tested against a mock
 //! API server in `tests`).
 
+pub mod autoscaler;
 pub mod claim;
 pub mod conditions;
 pub mod controller;
@@ -16,6 +17,8 @@ pub mod sandboxset;
 
 #[cfg(test)]
 mod mock;
+#[cfg(test)]
+mod mock_autoscaler;
 
 pub use error::Error;
 
