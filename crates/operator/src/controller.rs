@@ -136,6 +136,8 @@ pub const FAILURE_REASONS: &[&str] = &[
     "PodConflict",
     "NodeUnreachable",
     "ReconcileFailed",
+    "NodeLost",
+    "PodLost",
     "TargetNotFound",
     "ScaleFailed",
 ];

@@ -12,6 +12,7 @@ pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod leader;
+pub mod nodeloss;
 pub mod sandbox;
 pub mod sandboxset;
 
@@ -19,6 +20,8 @@ pub mod sandboxset;
 mod mock;
 #[cfg(test)]
 mod mock_autoscaler;
+#[cfg(test)]
+mod mock_nodeloss;
 
 pub use error::Error;
 

@@ -185,6 +185,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "watch"),
         ("", "pods", "create"),
         ("", "pods", "delete"),
+        ("", "nodes", "get"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
     ] {
@@ -209,6 +210,9 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "update"));
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "patch"));
     assert!(!allows(&rules, "", "pods", "patch"));
+    for verb in ["list", "watch", "patch", "update", "delete"] {
+        assert!(!allows(&rules, "", "nodes", verb), "{verb} nodes");
+    }
 
     let role: Vec<Role> = one(&docs, "Role");
     assert_eq!(role[0].metadata.namespace.as_deref(), Some(NAMESPACE));
