@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
 use warren_runtime::{
-    EnvdSettings, NetworkPolicy, Placement, Resources, RuntimeError, SandboxRuntime, SandboxSpec,
+    CheckpointOptions, EnvdSettings, NetworkPolicy, Placement, Resources, RuntimeError,
+    SandboxRuntime, SandboxSpec,
 };
 
 fn init_binary() -> PathBuf {
@@ -349,5 +350,114 @@ async fn bench_hibernate_and_wake_by_memory_size() {
         }
         h.rt.destroy(&id).await.unwrap();
     }
+    h.finish().await;
+}
+
+/// A checkpoint taken with the source running on, then three sandboxes restored from it: each
+/// has its own address and hostname, carries on from the checkpointed memory, and writes only
+/// to its own copy-on-write root.
+#[tokio::test]
+async fn checkpoint_forks_continue_independently() {
+    let h = Harness::new("fork").await;
+    let p = h.rt.create(&h.spec("forksrc")).await.expect("create");
+    spawn_in_sandbox("forksrc", &p, COUNTER);
+    spawn_in_sandbox("forksrc", &p, SERVER);
+    let addr = SocketAddr::from((p.ip, 8080));
+    wait_for("counter and server", || {
+        numbers(&read_in_sandbox(&p, "/tmp/counter")).len() >= 5 && ask(addr).is_some()
+    });
+    let served = ask(addr).unwrap();
+    let opts = CheckpointOptions {
+        memory: true,
+        keep_running: true,
+    };
+    let info =
+        h.rt.checkpoint("forksrc", "ck1", &opts)
+            .await
+            .expect("checkpoint");
+    eprintln!("checkpoint {info:?}");
+    assert!(info.image_bytes > 0 && info.fs_bytes > 0, "{info:?}");
+    assert!(h.rt.is_alive("forksrc"), "the source runs on");
+    let at_ckpt =
+        numbers(&std::fs::read_to_string(h.data.join("checkpoints/ck1/fs/tmp/counter")).unwrap());
+    wait_for("source counting on", || {
+        numbers(&read_in_sandbox(&p, "/tmp/counter")).len() >= at_ckpt.len() + 3
+    });
+    let again = h.rt.checkpoint("forksrc", "ck1", &opts).await.unwrap_err();
+    assert!(again.to_string().contains("exists"), "{again}");
+
+    let layer = h.rt.checkpoint_layer("ck1").expect("layer");
+    let t = Instant::now();
+    let mut forks = Vec::new();
+    for i in 0..3 {
+        let mut spec = h.spec(&format!("fork{i}"));
+        spec.rootfs.lower_dirs.insert(0, layer.clone());
+        forks.push(
+            h.rt.restore_checkpoint("ck1", &spec)
+                .await
+                .expect("restore"),
+        );
+    }
+    eprintln!("3 restores in {:?}", t.elapsed());
+    for (i, f) in forks.iter().enumerate() {
+        assert_ne!(f.ip, p.ip, "a fork has its own address");
+        assert_eq!(
+            ask(SocketAddr::from((f.ip, 8080))),
+            Some(served + 1),
+            "the listener carried over, with the count of the checkpoint"
+        );
+        let host = Command::new("nsenter")
+            .args(["-t", &f.init_pid.to_string(), "-u", "hostname"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&host.stdout).trim(),
+            format!("fork{i}")
+        );
+        wait_for("fork counting on", || {
+            numbers(&read_in_sandbox(f, "/tmp/counter")).len() >= at_ckpt.len() + 3
+        });
+        let c = numbers(&read_in_sandbox(f, "/tmp/counter"));
+        assert!(contiguous(&c), "went on from the checkpointed memory");
+        assert_eq!(&c[..at_ckpt.len()], &at_ckpt[..]);
+    }
+    std::fs::write(
+        format!("/proc/{}/root/tmp/mine", forks[0].init_pid),
+        "fork0",
+    )
+    .unwrap();
+    assert!(
+        read_in_sandbox(&forks[1], "/tmp/mine").is_empty(),
+        "invisible in others"
+    );
+    assert!(
+        read_in_sandbox(&p, "/tmp/mine").is_empty(),
+        "and in the source"
+    );
+
+    // Filesystem-only, with the source stopped after.
+    let fs_only = CheckpointOptions {
+        memory: false,
+        keep_running: false,
+    };
+    let info =
+        h.rt.checkpoint("forksrc", "ck2", &fs_only)
+            .await
+            .expect("fs checkpoint");
+    assert_eq!(info.image_bytes, 0);
+    assert!(!h.rt.is_alive("forksrc") || !cgroup_populated("forksrc"));
+    let err =
+        h.rt.restore_checkpoint("ck2", &h.spec("fork9"))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("no process images"), "{err}");
+
+    for i in 0..3 {
+        h.rt.destroy(&format!("fork{i}")).await.unwrap();
+    }
+    h.rt.destroy("forksrc").await.unwrap();
+    h.rt.delete_checkpoint("ck1").await.unwrap();
+    h.rt.delete_checkpoint("ck2").await.unwrap();
+    assert!(!h.data.join("checkpoints/ck1").exists());
     h.finish().await;
 }
