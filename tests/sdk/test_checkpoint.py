@@ -107,6 +107,14 @@ def test_fork_of_ten_continues_independently(ck_daemon):
     assert envd_status(d, a.sandbox_id, src._envd_access_token) == 401
     assert envd_status(d, src.sandbox_id, a._envd_access_token) == 401
 
+    # A fork hibernates and wakes like any sandbox (its root stacks the checkpoint's files).
+    c = forks[2]
+    r = d.request("POST", f"/warren/v1/sandboxes/{c.sandbox_id}/hibernate")
+    assert r.status == 200, r.body
+    c = Sandbox.connect(c.sandbox_id, **opts(d))
+    assert c.commands.run(ASK).stdout.strip() == str(served + 2)
+    assert c.files.read("/home/user/note.txt") == "before"
+
     # The fork's checkpoint is internal: no snapshot listed; it holds the forks' files.
     assert Sandbox.list_snapshots(**opts(d)).next_items() == []
     for f in forks:

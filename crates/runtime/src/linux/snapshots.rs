@@ -214,6 +214,8 @@ impl LinuxRuntime {
             return Ok(());
         }
         let dir = self.checkpoint_dir(name);
+        // What a dump a crash interrupted left.
+        let _ = std::fs::remove_dir_all(self.checkpoints_dir().join(format!(".{name}.partial")));
         // Renamed first so that a half-removed checkpoint never looks usable.
         let doomed = self
             .checkpoints_dir()
