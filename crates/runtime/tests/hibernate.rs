@@ -461,3 +461,69 @@ async fn checkpoint_forks_continue_independently() {
     assert!(!h.data.join("checkpoints/ck1").exists());
     h.finish().await;
 }
+
+/// Figures (bench/run.sh): a checkpoint of a sandbox holding 10, 100 and 1,000 MiB (time, freeze,
+/// size) and restores from it, ten in parallel (one at 1,000 MiB: ten would hold 10 GiB), until
+/// every restored envd listener accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn bench_checkpoint_and_restore_by_memory_size() {
+    let h = Harness::new("ckbench").await;
+    for mib in [10u64, 100, 1000] {
+        let id = format!("ckb{mib}");
+        let mut spec = h.spec(&id);
+        spec.resources.memory_mb = 2048;
+        let p = h.rt.create(&spec).await.expect("create");
+        let hold = format!(
+            "python3 -c 'import os, time\nchunk = os.urandom(1 << 20)\nheld = [bytearray(chunk) for _ in range({mib})]\nopen(\"/tmp/ready\", \"w\").write(\"1\")\nwhile True:\n    time.sleep(1)'"
+        );
+        spawn_in_sandbox(&id, &p, &hold);
+        wait_for("the memory to be held", || {
+            read_in_sandbox(&p, "/tmp/ready") == "1"
+        });
+        let opts = CheckpointOptions {
+            memory: true,
+            keep_running: true,
+        };
+        let name = format!("ck{mib}");
+        let t = Instant::now();
+        let info =
+            h.rt.checkpoint(&id, &name, &opts)
+                .await
+                .expect("checkpoint");
+        let took = t.elapsed();
+        let layer = h.rt.checkpoint_layer(&name).unwrap();
+        let n = if mib >= 1000 { 1 } else { 10 };
+        let specs: Vec<SandboxSpec> = (0..n)
+            .map(|i| {
+                let mut s = h.spec(&format!("ckb{mib}f{i}"));
+                s.resources.memory_mb = 2048;
+                s.rootfs.lower_dirs.insert(0, layer.clone());
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let restored =
+            futures::future::join_all(specs.iter().map(|s| h.rt.restore_checkpoint(&name, s)))
+                .await;
+        for p in &restored {
+            let p = p.as_ref().expect("restore");
+            assert!(TcpStream::connect_timeout(&p.envd_addr(), Duration::from_secs(2)).is_ok());
+        }
+        let all = t.elapsed();
+        eprintln!(
+            "BENCH checkpoint held={mib}MiB took={:.0}ms frozen={:.0}ms memory={:.1}MiB files={:.2}MiB restores={n} all_listening={:.0}ms",
+            took.as_secs_f64() * 1e3,
+            info.frozen.as_secs_f64() * 1e3,
+            info.image_bytes as f64 / 1048576.0,
+            info.fs_bytes as f64 / 1048576.0,
+            all.as_secs_f64() * 1e3
+        );
+        for s in &specs {
+            h.rt.destroy(&s.id).await.unwrap();
+        }
+        h.rt.destroy(&id).await.unwrap();
+        h.rt.delete_checkpoint(&name).await.unwrap();
+    }
+    h.finish().await;
+}
