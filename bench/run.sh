@@ -60,6 +60,10 @@ python3 bench/images.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --js
 python3 bench/commit.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.commit.json"
 # Issue 7 figures: hibernate and wake at 10, 100 and 1,000 MiB (real CRIU, LinuxRuntime directly).
 cargo test -q -p warren-runtime --test hibernate -- --ignored --nocapture bench 2>&1 | grep '^BENCH'
+# Issue 7 figures: checkpoint (size, freeze) and fork of 10 until all answer /health, through the
+# daemon (10/100/400 MiB; sandboxes are limited to 512 MiB) and the runtime (up to 1,000 MiB).
+python3 bench/checkpoint.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.checkpoint.json"
+cp "$DATA.checkpoint.json" bench/last-run-checkpoint.json
 # Issue 8 figures: 1,000 idle sandboxes (host memory each besides their own cgroups), then the soak
 # (200 sandboxes × one command per second; SOAK_MINUTES=10 is the issue's figure).
 python3 bench/density.py --url "http://127.0.0.1:$PORT" --key "$KEY" --daemon-pid $DAEMON -n 1000 --json "$DATA.density.json"

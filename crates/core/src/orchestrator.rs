@@ -472,7 +472,23 @@ impl Warren {
         if req.template_id.is_empty() {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
         }
-        let rootfs = self.templates.resolve(&req.template_id)?;
+        let rootfs = match self.templates.resolve(&req.template_id) {
+            Ok(r) => r,
+            // E2B's `Sandbox.create(template=<snapshot id>)`: a checkpoint restores.
+            Err(e) => {
+                if !self.is_checkpoint(who, &req.template_id).await {
+                    return Err(e.into());
+                }
+                let restore = checkpoints::RestoreRequest {
+                    timeout_secs: req.timeout_secs,
+                    metadata: req.metadata,
+                    env_vars: req.env_vars,
+                };
+                return self
+                    .restore_checkpoint(who, &req.template_id, restore)
+                    .await;
+            }
+        };
         let ready_port = self.templates.ready_port(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -506,7 +522,8 @@ impl Warren {
                 access_token: Some(token.clone()),
                 env_vars: req.env_vars.clone(),
                 default_user: self.config.default_user.clone(),
-                admin_token: None,
+                // Lets the daemon re-key envd in sandboxes restored from a checkpoint of this one.
+                admin_token: Some(generate_access_token()),
                 start_command: self.templates.start_command(&req.template_id),
                 default_cwd: None,
             },
@@ -831,6 +848,7 @@ impl Warren {
             }
         }
         self.expire_commits().await;
+        self.expire_checkpoints().await;
     }
 
     /// Runs [`Warren::tick`] about once a second until the returned task is aborted.
@@ -871,6 +889,7 @@ impl Warren {
                 }
             }
         }
+        self.recover_checkpoints().await?;
         report.swept = self.runtime.sweep(&keep).await?;
         self.load_pools().await?;
         if !report.swept.is_empty() {
@@ -962,6 +981,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
 
+pub mod checkpoints;
 pub mod commits;
 pub mod hibernation;
 pub mod metrics;

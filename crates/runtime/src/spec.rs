@@ -152,3 +152,25 @@ pub struct CheckpointStats {
     /// Wall time of the dump (including freezing the tree and writing the images).
     pub duration: std::time::Duration,
 }
+
+/// What a checkpoint keeps of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointOptions {
+    /// Dump the process tree with CRIU; without it only the filesystem is kept.
+    pub memory: bool,
+    /// The sandbox's processes carry on after the checkpoint; without it they end.
+    pub keep_running: bool,
+}
+
+/// What a checkpoint took.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// CRIU images on disk (0 for a filesystem-only checkpoint).
+    pub image_bytes: u64,
+    /// The copy of the sandbox's upper dir on disk.
+    pub fs_bytes: u64,
+    /// From the freeze to the end of the dump and copy.
+    pub duration: std::time::Duration,
+    /// How long the sandbox's processes were stopped.
+    pub frozen: std::time::Duration,
+}

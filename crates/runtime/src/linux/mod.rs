@@ -16,14 +16,15 @@ pub mod cgroup;
 pub mod checkpoint;
 pub mod dns;
 pub mod net;
+mod snapshots;
 pub mod template;
 
 pub use template::{prepare_base_template, sandbox_resolv_conf};
 
 use crate::init::InitSpec;
 use crate::{
-    CheckpointStats, NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
-    SandboxStats,
+    CheckpointInfo, CheckpointOptions, CheckpointStats, NetworkPolicy, Placement, RuntimeError,
+    SandboxRuntime, SandboxSpec, SandboxStats,
 };
 use async_trait::async_trait;
 use cgroup::CgroupManager;
@@ -932,6 +933,31 @@ impl SandboxRuntime for LinuxRuntime {
         })
         .await
         .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        self.checkpoint_impl(id, name, opts).await
+    }
+
+    fn checkpoint_layer(&self, name: &str) -> Option<PathBuf> {
+        self.checkpoint_layer_impl(name)
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Placement, RuntimeError> {
+        self.restore_checkpoint_impl(name, spec).await
+    }
+
+    async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
+        self.delete_checkpoint_impl(name).await
     }
 
     fn upper_dir(&self, id: &str) -> Option<PathBuf> {
