@@ -283,6 +283,14 @@ impl LinuxRuntime {
                 Ok(placement)
             }
             Err(e) => {
+                // The sandbox dir goes with the cleanup; its CRIU log is kept for whoever reads
+                // the error.
+                let kept = self
+                    .checkpoints_dir()
+                    .join(format!(".{name}.restore-{id}-failed.log"));
+                if std::fs::rename(self.sandbox_dir(id).join("restore.log"), &kept).is_ok() {
+                    tracing::warn!(sandbox = %id, log = %kept.display(), "restore failed");
+                }
                 if let Err(cleanup) = self
                     .cleanup(
                         id,
