@@ -97,15 +97,12 @@ pub async fn create(dir: &Path, size_mb: u64) -> Result<(PathBuf, PathBuf), Runt
     // assume_storage_prezeroed: the fresh sparse file reads as zeros, so mkfs neither writes the
     // inode tables nor leaves them to the kernel's background zeroing thread; nodiscard: nothing
     // to discard in a new file. -m 0: no blocks reserved for root, the cap is the cap.
+    // No journal: a sandbox's disk never has to survive a host crash (its sandbox does not: the
+    // restart sweep removes it), and without one the sandbox gets 3 % more of its cap, the host
+    // is spared the journal writes and each mount its jbd2 thread.
     let out = tokio::process::Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-E",
-            "assume_storage_prezeroed=1,nodiscard",
-        ])
+        .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+        .args(["-E", "assume_storage_prezeroed=1,nodiscard"])
         .arg(&image)
         .stdin(std::process::Stdio::null())
         .output()
