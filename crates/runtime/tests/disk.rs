@@ -225,3 +225,57 @@ async fn a_disk_below_the_minimum_is_refused_and_leaves_nothing() {
     rt.teardown_host().await.unwrap();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test]
+async fn a_hibernated_sandbox_wakes_on_its_disk_even_after_it_was_unmounted() {
+    let data = PathBuf::from("/tmp/warren-kernel-test-diskhib");
+    let (rt, config) = runtime(&data).await;
+    if let Err(why) = rt.hibernate_support() {
+        panic!("CRIU must work on this host for this test (scripts/install-criu.sh): {why}");
+    }
+    let rootfs = prepare_base_template(&data).expect("base template");
+    let p = rt
+        .create(&spec(&rootfs, "diskhib", 64))
+        .await
+        .expect("create");
+    let (ok, out) = in_sandbox(p.init_pid, "echo kept > /kept && df -k / | tail -1");
+    assert!(ok, "{out}");
+    rt.freeze("diskhib").await.unwrap();
+    rt.hibernate("diskhib").await.expect("hibernate");
+    let dir = data.join("sandboxes/diskhib");
+    // The restarted daemon finds it hibernated; meanwhile someone unmounted its disk (no process
+    // held it: the dump ended them all).
+    drop(rt);
+    let rt = LinuxRuntime::new(config).await.expect("second runtime");
+    assert!(rt.adopt_hibernated("diskhib", &p).await.unwrap());
+    let target = dir.join("disk");
+    assert!(Command::new("umount")
+        .arg(&target)
+        .status()
+        .unwrap()
+        .success());
+    let target = target.to_str().unwrap();
+    assert!(
+        !mounts_under(&dir)
+            .iter()
+            .any(|m| m.split(' ').nth(4) == Some(target)),
+        "unmounted"
+    );
+    let woken = rt.wake("diskhib").await.expect("wake");
+    let (ok, out) = in_sandbox(woken.init_pid, "cat /kept && df -k / | tail -1");
+    assert!(ok && out.starts_with("kept\n"), "{out}");
+    let total_kb: u64 = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(total_kb <= 65_536, "still on its capped disk: {out}");
+    rt.destroy("diskhib").await.unwrap();
+    assert!(mounts_under(&dir).is_empty());
+    rt.teardown_host().await.unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+}
