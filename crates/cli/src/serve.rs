@@ -206,6 +206,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
         store = store.with_audit(audit);
     }
+    if args.sandbox_disk_mb > 0 {
+        warren_runtime::linux::disk::check_support().map_err(|why| {
+            anyhow::anyhow!("sandbox disk caps (--sandbox-disk-mb) cannot work here: {why}; --sandbox-disk-mb 0 runs without them")
+        })?;
+    }
     let runtime = Arc::new(runtime);
     let warren = Arc::new(Warren::new(
         runtime.clone(),

@@ -64,6 +64,35 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+/// Whether this host can make sandbox disks (loop devices, mkfs.ext4 ≥ 1.47); why not otherwise.
+/// For the daemon's start, so a missing piece shows once, not as failed creates.
+pub fn check_support() -> Result<(), String> {
+    if !Path::new("/dev/loop-control").exists() {
+        return Err("no /dev/loop-control (the kernel needs CONFIG_BLK_DEV_LOOP)".into());
+    }
+    let out = std::process::Command::new("mkfs.ext4")
+        .arg("-V")
+        .output()
+        .map_err(|e| format!("cannot run mkfs.ext4 (install e2fsprogs): {e}"))?;
+    // "mke2fs 1.47.0 (5-Feb-2023)" on stderr.
+    let text = String::from_utf8_lossy(&out.stderr);
+    let version = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| {
+            let mut it = v.split('.').map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .ok_or_else(|| format!("unexpected mkfs.ext4 -V output: {}", text.trim()))?;
+    if version < (1, 47) {
+        return Err(format!(
+            "mkfs.ext4 {}.{} is too old: assume_storage_prezeroed needs e2fsprogs 1.47",
+            version.0, version.1
+        ));
+    }
+    Ok(())
+}
+
 /// The upper and work dirs of a sandbox whose dir is `dir`: on its own file system when it has
 /// an image, else directly in `dir` (a sandbox made without a cap).
 pub fn overlay_dirs(dir: &Path) -> (PathBuf, PathBuf) {
@@ -268,6 +297,11 @@ mod tests {
         // struct loop_info64 is 232 bytes, struct loop_config 304 (linux/loop.h).
         assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
         assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+
+    #[test]
+    fn this_host_supports_disks() {
+        check_support().expect("loop devices and mkfs.ext4 1.47 (e2fsprogs)");
     }
 
     #[test]
