@@ -51,6 +51,15 @@ for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$NA_PORT/health" >/dev/nul
 python3 bench/parity.py --url "http://127.0.0.1:$NA_PORT" --key "$KEY" --only-rate --json "$DATA.noaudit.json"
 kill $NA_DAEMON; wait $NA_DAEMON 2>/dev/null || true
 rm -rf "$NA_DATA" "$NA_DATA.log"
+# What the per-sandbox disk cap costs a create: the same loop against a daemon without caps.
+ND_DATA=$(mktemp -d /tmp/warren-bench-nodisk.XXXXXX)
+ND_PORT=$((PORT + 2))
+WARREN_API_KEY=$KEY "$BIN/warren" serve --sandbox-disk-mb 0 --listen 127.0.0.1:$ND_PORT --data-dir "$ND_DATA" >"$ND_DATA.log" 2>&1 &
+ND_DAEMON=$!
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ND_PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
+python3 bench/bench.py --url "http://127.0.0.1:$ND_PORT" --key "$KEY" --rootfs "$ND_DATA/templates/base/rootfs" -n "$N" --only-create --json "$DATA.nodisk.json"
+kill $ND_DAEMON; wait $ND_DAEMON 2>/dev/null || true
+rm -rf "$ND_DATA" "$ND_DATA.log"
 # Issue 4 figures: code-interpreter-v1 create → first run_code, warm run_code, idle memory.
 python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --json "$DATA.codeinterp.json"
 # Issue 5 figures: import of a ~200 MiB image (layout, oci-archive, loopback registry pull) and

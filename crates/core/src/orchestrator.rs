@@ -62,9 +62,8 @@ pub struct WarrenConfig {
     pub default_timeout: Duration,
     /// Longest timeout a client may ask for.
     pub max_timeout: Duration,
+    /// Limits of every sandbox; `disk_mb` is also the disk size reported to clients.
     pub default_resources: Resources,
-    /// Disk size reported to clients (the overlay upper dir has no quota of its own).
-    pub disk_size_mb: u64,
     /// The envd version reported to SDKs; it gates SDK features, so it must match what
     /// warren-envd implements.
     pub envd_version: String,
@@ -81,7 +80,6 @@ impl Default for WarrenConfig {
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_resources: Resources::default(),
-            disk_size_mb: 1024,
             envd_version: "0.6.4".into(),
             default_user: "user".into(),
             hibernate_after: Some(Duration::from_secs(600)),
@@ -542,7 +540,7 @@ impl Warren {
             envd_access_token: token,
             cpu_count: resources.vcpus,
             memory_mb: resources.memory_mb,
-            disk_mb: self.config.disk_size_mb,
+            disk_mb: resources.disk_mb,
             allow_internet,
             auto_pause: req.auto_pause,
             auto_resume_secs: req.auto_resume.then_some(timeout.num_seconds() as u32),

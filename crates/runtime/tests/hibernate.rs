@@ -171,7 +171,7 @@ async fn hibernate_and_wake_keep_memory_processes_and_pipes() {
         TcpStream::connect_timeout(&p.envd_addr(), Duration::from_millis(300)).is_err(),
         "nothing serves while hibernated"
     );
-    let upper = h.data.join("sandboxes/hibstate/upper/tmp/counter");
+    let upper = h.rt.upper_dir("hibstate").unwrap().join("tmp/counter");
     let before = numbers(&std::fs::read_to_string(&upper).unwrap());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
