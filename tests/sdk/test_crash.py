@@ -1,9 +1,11 @@
 """Crash safety: the daemon is SIGKILLed at random moments while creates, pauses, resumes,
-hibernations, commits and kills are in flight, then restarted on the same data dir. After
+hibernations, checkpoints, commits and kills are in flight, then restarted on the same data dir. After
 recovery every sandbox is either usable or fully gone: the API, the sandbox dirs, the mounts,
 the cgroups, the veths, the nft egress entries and the processes agree; no sandbox whose create
-or resume was acknowledged is lost, and no accepted commit is lost (it finished, or says that
-the restart interrupted it) and a finished one is a usable template.
+or resume was acknowledged is lost, no accepted commit is lost (it finished, or says that
+the restart interrupted it) and a finished one is a usable template, and every acknowledged
+checkpoint is still there and restores, while one the crash interrupted is failed and left no
+files behind.
 
 WARREN_CRASH_ITERATIONS sets the number of kills (CI: 10; the benchmark tier runs 100 with
 `bench/crash.sh`)."""
@@ -33,6 +35,8 @@ class Ledger:
         self.killed = set()
         self.commits = set()  # accepted commits (202)
         self.usable_commits = set()  # succeeded ones already started from
+        self.checkpoints = set()  # acknowledged checkpoints (201)
+        self.restored_checkpoints = set()  # those already restored once
         self.serial = 0
 
     def next_serial(self):
@@ -60,7 +64,7 @@ def worker(d, ledger, stop, rng):
     while not stop.is_set():
         with ledger.lock:
             known = sorted(ledger.alive)
-        ops = ["create", "create", "pause", "resume", "hibernate", "commit", "kill"]
+        ops = ["create", "create", "pause", "resume", "hibernate", "checkpoint", "commit", "kill"]
         op = rng.choice(ops if known else ["create"])
         try:
             if op == "create":
@@ -75,6 +79,19 @@ def worker(d, ledger, stop, rng):
                     d.request("POST", f"/sandboxes/{sid}/connect", {"timeout": 600}, timeout=10)
                 elif op == "hibernate":
                     d.request("POST", f"/warren/v1/sandboxes/{sid}/hibernate", timeout=30)
+                elif op == "checkpoint":
+                    name = f"crash-ck-{ledger.next_serial()}"
+                    keep_running = rng.random() < 0.75
+                    if not keep_running:
+                        ledger.killing(sid)  # the sandbox ends with the checkpoint
+                    body = {"kind": "Checkpoint", "metadata": {"name": name},
+                            "spec": {"sandbox": sid, "keepRunning": keep_running}}
+                    r = d.request("POST", "/warren/v1/checkpoints", body, timeout=60)
+                    if r.status == 201:
+                        with ledger.lock:
+                            ledger.checkpoints.add(name)
+                        if not keep_running:
+                            ledger.gone(sid)
                 elif op == "commit":
                     name = f"crash-{ledger.next_serial()}"
                     body = {"kind": "Commit", "metadata": {"name": name},
@@ -135,6 +152,7 @@ def check_consistent(d, ledger):
         if not envd_answers(d, sid):
             problems.append(f"{sid}: envd does not answer after restart")
     problems += check_commits(d, ledger)
+    problems += check_checkpoints(d, ledger)
     # Host state: only listed sandboxes have dirs, mounts, cgroups and processes.
     dirs = set(os.listdir(os.path.join(d.data_dir, "sandboxes")))
     if dirs - set(listed):
@@ -187,6 +205,46 @@ def check_commits(d, ledger):
     return problems
 
 
+def check_checkpoints(d, ledger):
+    """Acknowledged checkpoints are kept and restore; none is left half-taken, and the
+    checkpoints dir holds only listed checkpoints."""
+    problems = []
+    r = d.request("GET", "/warren/v1/checkpoints")
+    assert r.status == 200, r
+    listed = {c["metadata"]["name"]: c.get("status", {}) for c in r.json()}
+    for name in sorted(ledger.checkpoints - set(listed)):
+        problems.append(f"acknowledged checkpoint {name} lost")
+    for name, status in listed.items():
+        phase = status.get("phase")
+        if phase not in ("Succeeded", "Failed"):
+            problems.append(f"checkpoint {name} is {phase} after the restart")
+        elif phase == "Failed" and not status.get("message"):
+            problems.append(f"checkpoint {name} failed without a message")
+        elif name in ledger.checkpoints and phase != "Succeeded":
+            problems.append(f"acknowledged checkpoint {name} is {phase}: {status.get('message')}")
+    for name in sorted((ledger.checkpoints & set(listed)) - ledger.restored_checkpoints):
+        if listed[name].get("phase") != "Succeeded":
+            continue
+        t = d.request("POST", f"/warren/v1/checkpoints/{name}/restore",
+                      {"count": 1, "timeout": 60}, timeout=60)
+        items = t.json() if t.status == 201 else []
+        item = items[0] if isinstance(items, list) and items else {}
+        if "sandbox" not in item:
+            problems.append(f"checkpoint {name} does not restore: {t.status} {t.body[:300]!r}")
+            continue
+        sid = item["sandbox"]["sandboxID"]
+        if not envd_answers(d, sid):
+            problems.append(f"{sid} restored from {name}: envd does not answer")
+        d.request("DELETE", f"/sandboxes/{sid}")
+        ledger.restored_checkpoints.add(name)
+    ck_dir = os.path.join(d.data_dir, "checkpoints")
+    on_disk = set(os.listdir(ck_dir)) if os.path.isdir(ck_dir) else set()
+    succeeded = {n for n, s in listed.items() if s.get("phase") == "Succeeded"}
+    if on_disk - succeeded:
+        problems.append(f"checkpoint dirs without a finished checkpoint: {sorted(on_disk - succeeded)}")
+    return problems
+
+
 def test_sigkill_at_random_points_leaves_nothing_inconsistent():
     seed = int(os.environ.get("WARREN_CRASH_SEED", time.time()))
     print(f"WARREN_CRASH_SEED={seed}")
@@ -211,6 +269,9 @@ def test_sigkill_at_random_points_leaves_nothing_inconsistent():
             for sid in sorted(listed)[6:]:
                 if d2.request("DELETE", f"/sandboxes/{sid}").status == 204:
                     ledger.gone(sid)
+        print(f"acknowledged: {len(ledger.alive | ledger.killed)} sandboxes, "
+              f"{len(ledger.checkpoints)} checkpoints ({len(ledger.restored_checkpoints)} restored), "
+              f"{len(ledger.commits)} commits ({len(ledger.usable_commits)} started from)")
     finally:
         last = daemons[-1]
         if last.alive():
