@@ -266,7 +266,7 @@ impl LinuxRuntime {
         let (upper, work) = if spec.resources.disk_mb > 0 {
             disk::create(&dir, spec.resources.disk_mb).await?
         } else {
-            let (upper, work) = (dir.join("upper"), dir.join("work"));
+            let (upper, work) = disk::overlay_dirs(&dir);
             for d in [&upper, &work] {
                 std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
             }
