@@ -2,8 +2,10 @@
 sandboxes start from; YAML `kind: Commit` with a TTL; pushes to a real registry (Debian's
 docker-registry on loopback with htpasswd auth); bad input."""
 
+import io
 import json
 import os
+import tarfile
 import shutil
 import socket
 import subprocess
@@ -147,6 +149,30 @@ def test_round_trip_sees_the_same_tree(daemon, new_sandbox):
 
     for name in (c["metadata"]["name"], c2["metadata"]["name"], c3["metadata"]["name"]):
         assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
+
+
+def test_commit_of_a_hibernated_sandbox(daemon, new_sandbox):
+    """A hibernated sandbox has no process to freeze: its upper dir on disk is committed as it
+    is, and it stays hibernated until it is woken."""
+    sbx = new_sandbox()
+    assert sbx.commands.run("echo asleep > /home/user/hib.txt").exit_code == 0
+    r = daemon.request("POST", f"/warren/v1/sandboxes/{sbx.sandbox_id}/hibernate")
+    assert r.status == 200, (r.status, r.body)
+    assert r.json()["memoryLocation"] == "disk", r.body
+
+    c = wait_done(daemon, commit(daemon, sbx.sandbox_id, "local/hibernated:v1")["metadata"]["name"])
+    assert c["status"]["phase"] == "Succeeded", c
+    assert c["status"]["freezeDurationMs"] == 0
+    detail = daemon.request("GET", f"/sandboxes/{sbx.sandbox_id}").json()
+    assert detail["state"] == "paused" and detail["memoryLocation"] == "disk", detail
+
+    dst = new_sandbox(template="local/hibernated:v1")
+    assert dst.files.read("/home/user/hib.txt") == "asleep\n"
+    # The source wakes as it was.
+    sbx.connect()
+    assert sbx.commands.run("cat /home/user/hib.txt").stdout == "asleep\n"
+    dst.kill()
+    assert daemon.request("DELETE", f"/warren/v1/commits/{c['metadata']['name']}").status == 204
 
 
 def test_yaml_commit_with_ttl_is_collected(daemon, new_sandbox):
@@ -328,8 +354,14 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
     layout = os.path.join(daemon.data_dir, "images/oci")
     v = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{layout}:built-app"],
                                   capture_output=True, text=True, check=True).stdout)
-    # base's /etc layer + 5 steps (RUN, WORKDIR, COPY, RUN, RUN) + the final tag commit
-    assert len(v["Layers"]) == 7, v["Layers"]
+    # base's /etc layer + 5 steps (RUN, WORKDIR, COPY, RUN, RUN); the result adds no layer
+    assert len(v["Layers"]) == 6, v["Layers"]
+    # The daemon ran it: the job shows every step, and the last run's cache hits.
+    job = daemon.request("GET", "/warren/v1/templates/built-app/build").json()
+    assert job["status"] == "ready" and job["cacheHits"] == 2, job
+    assert [s["status"] for s in job["steps"]] == [
+        "done", "cached", "config", "cached", "done", "done", "config", "done"], job["steps"]
+    assert job["digest"] == v["Digest"]
 
     bad = tmp_path / "Bad"
     bad.write_text("FROM base\nRUN exit 3\n")
@@ -344,3 +376,78 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
     out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no-such-template" in out.stderr, out
+    bad.write_text("FROM base\nCOPY missing /x\n")
+    out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "line 2" in out.stderr and "missing" in out.stderr, out
+    # Straight to the API: a context with a `../` entry, a COPY with no context, bad names.
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as t:
+        for name, data in (("Dockerfile", b"FROM base\nCOPY . /x\n"), ("../escape", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    r = daemon.request("POST", "/warren/v1/templates/bad-app/build", raw=evil.getvalue(),
+                       headers={"Content-Type": "application/x-tar"})
+    assert r.status == 400 and "not a relative path inside the context" in r.error_body()["message"], r.body
+    r = daemon.request("POST", "/warren/v1/templates/bad-app/build", {"dockerfile": "FROM base\nCOPY a /x\n"})
+    assert r.status == 400 and "needs a build context" in r.error_body()["message"], r.body
+    r = daemon.request("POST", "/warren/v1/templates/Bad%20Name/build", {"dockerfile": "FROM base\n"})
+    assert r.status == 400 and r.error_body()["code"] == 400, r.body
+    r = daemon.request("POST", "/warren/v1/templates/base/build", {"dockerfile": "FROM base\n"})
+    assert r.status == 409, r.body
+    assert daemon.request("GET", "/warren/v1/templates/never-built/build").status == 404
+    assert daemon.request("GET", "/warren/v1/templates/bad-app").status == 404
+
+
+def wait_built(daemon, name, timeout=180):
+    got = {}
+
+    def done():
+        r = daemon.request("GET", f"/warren/v1/templates/{name}/build")
+        assert r.status == 200, (r.status, r.body)
+        got["j"] = r.json()
+        return got["j"]["status"] != "building"
+
+    assert wait_until(done, timeout), f"build {name} not done: {got}"
+    return got["j"]
+
+
+def test_template_build_config_applies_to_sandboxes(daemon, new_sandbox):
+    dockerfile = (
+        "FROM base\n"
+        'ENV GREETING="hello world" BUILD_MODE=test\n'
+        "WORKDIR /srv/work\n"
+        "RUN echo data > file.txt\n"
+        "USER root\n"
+        'CMD ["/bin/sh", "-c", "echo started > /tmp/cmd-ran"]\n'
+    )
+    r = daemon.request("POST", "/warren/v1/templates/config-app/build", {"dockerfile": dockerfile})
+    assert r.status == 202, r.body
+    job = wait_built(daemon, "config-app")
+    assert job["status"] == "ready", job
+    assert "step 4/6: RUN echo data > file.txt" in job["log"], job["log"]
+
+    layout = os.path.join(daemon.data_dir, "images/oci")
+    cfg = json.loads(subprocess.run(["skopeo", "inspect", "--config", f"oci:{layout}:config-app"],
+                                    capture_output=True, text=True, check=True).stdout)["config"]
+    assert "GREETING=hello world" in cfg["Env"] and "BUILD_MODE=test" in cfg["Env"], cfg
+    assert cfg["WorkingDir"] == "/srv/work" and cfg["User"] == "root", cfg
+    assert cfg["Cmd"] == ["/bin/sh", "-c", "echo started > /tmp/cmd-ran"], cfg
+
+    # A sandbox of the template runs with them (base's default user is `user`: USER root wins).
+    sbx = new_sandbox(template="config-app")
+    r = sbx.commands.run("env; pwd; id -un; cat file.txt")
+    assert r.exit_code == 0, r
+    lines = r.stdout.splitlines()
+    assert "GREETING=hello world" in lines and "BUILD_MODE=test" in lines, lines
+    assert lines[-3:] == ["/srv/work", "root", "data"], lines
+    assert wait_until(lambda: sbx.commands.run("cat /tmp/cmd-ran || true").stdout.strip() == "started", 10)
+
+    # Config only, no layer step: the result is base's layers with the new config.
+    r = daemon.request("POST", "/warren/v1/templates/config-only/build",
+                       {"dockerfile": "FROM base\nENV ONLY=1\n"})
+    assert r.status == 202, r.body
+    assert wait_built(daemon, "config-only")["status"] == "ready"
+    sbx = new_sandbox(template="config-only")
+    assert sbx.commands.run("echo $ONLY; id -un").stdout.split() == ["1", "user"]

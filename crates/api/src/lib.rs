@@ -6,7 +6,9 @@
 //! and go to [`proxy`].
 
 pub mod audit;
+pub mod builds;
 pub mod commits;
+pub mod envd_exec;
 pub mod error;
 pub mod extract;
 pub mod hibernation;
@@ -60,6 +62,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .route("/health", get(h::health))
         .merge(pools::routes())
         .merge(templates::routes())
+        .merge(builds::routes())
         .merge(commits::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))
         .route("/v2/sandboxes", post(h::create).get(h::list_v2))

@@ -5,7 +5,9 @@
 pub mod audit;
 pub mod auth;
 pub mod autoscaler;
+pub mod build_context;
 pub mod commit;
+pub mod dockerfile;
 pub mod envd_client;
 pub mod error;
 pub mod image_templates;

@@ -180,6 +180,8 @@ pub struct Warren {
     paused_since: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Commits of sandboxes to images (see `commits.rs`).
     commits: commits::CommitState,
+    /// Template builds from Dockerfiles (see `builds.rs`).
+    builds: builds::BuildState,
 }
 
 /// What the router needs of a running sandbox, kept in memory.
@@ -235,6 +237,7 @@ impl Warren {
             idempotency: tokio::sync::Mutex::default(),
             paused_since: Mutex::default(),
             commits: commits::CommitState::default(),
+            builds: builds::BuildState::default(),
         }
     }
 
@@ -962,6 +965,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
 
+pub mod builds;
 pub mod commits;
 pub mod hibernation;
 pub mod metrics;
