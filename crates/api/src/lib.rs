@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod builds;
+pub mod checkpoints;
 pub mod commits;
 pub mod envd_exec;
 pub mod error;
@@ -64,6 +65,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .merge(templates::routes())
         .merge(builds::routes())
         .merge(commits::routes())
+        .merge(checkpoints::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))
         .route("/v2/sandboxes", post(h::create).get(h::list_v2))
         .route("/sandboxes/{id}", get(h::get).delete(h::kill))

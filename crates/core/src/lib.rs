@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod autoscaler;
 pub mod build_context;
+pub mod checkpoint;
 pub mod commit;
 pub mod dockerfile;
 pub mod envd_client;
