@@ -146,6 +146,12 @@ def test_round_trip_sees_the_same_tree(daemon, new_sandbox):
     c3 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/roundtrip:paused")["metadata"]["name"])
     assert c3["status"]["phase"] == "Succeeded", c3
     assert c3["status"]["freezeDurationMs"] == 0
+    detail = daemon.request("GET", f"/sandboxes/{src.sandbox_id}").json()
+    assert detail["state"] == "paused", detail
+    # The paused sandbox's image holds the same tree.
+    paused_copy = new_sandbox(template="local/roundtrip:paused")
+    assert manifest(paused_copy) == want
+    paused_copy.kill()
 
     for name in (c["metadata"]["name"], c2["metadata"]["name"], c3["metadata"]["name"]):
         assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
@@ -339,10 +345,25 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
+    t0 = time.monotonic()
     first = build()
+    first_s = time.monotonic() - t0
     assert "CACHED" not in first, first
+    # The CLI shows the daemon's progress: every step's line, then the result.
+    assert "step 1/8: FROM base" in first and "step 8/8: RUN whoami > /tmp/who" in first, first
+    assert "built built-app (sha256:" in first, first
+    t0 = time.monotonic()
     again = build()
+    again_s = time.monotonic() - t0
+    # Unchanged: every layer step (RUN, WORKDIR, COPY, RUN, RUN) is a cache hit, no sandbox runs.
     assert again.count("CACHED") == 5, again
+    job = daemon.request("GET", "/warren/v1/templates/built-app/build").json()
+    assert job["cacheHits"] == 5, job
+    assert all(s["status"] in ("cached", "config", "done") for s in job["steps"]), job["steps"]
+    assert [s["status"] for s in job["steps"] if s["status"] != "config"] == [
+        "done", "cached", "cached", "cached", "cached", "cached"], job["steps"]
+    print(f"template build: first {first_s:.2f} s, all cached {again_s:.2f} s")
+    assert again_s < max(first_s / 2, 1.0), (first_s, again_s)
     (tmp_path / "src" / "a.txt").write_text("v2\n")
     third = build()
     # RUN and WORKDIR before the COPY are cached; the COPY and everything after run again.
@@ -419,21 +440,25 @@ def test_template_build_config_applies_to_sandboxes(daemon, new_sandbox):
         'ENV GREETING="hello world" BUILD_MODE=test\n'
         "WORKDIR /srv/work\n"
         "RUN echo data > file.txt\n"
+        "USER 1000\n"
+        "RUN id -un > /tmp/numeric-user\n"
         "USER root\n"
-        'CMD ["/bin/sh", "-c", "echo started > /tmp/cmd-ran"]\n'
+        'ENTRYPOINT ["/bin/sh", "-c"]\n'
+        'CMD ["echo started > /tmp/cmd-ran"]\n'
     )
     r = daemon.request("POST", "/warren/v1/templates/config-app/build", {"dockerfile": dockerfile})
     assert r.status == 202, r.body
     job = wait_built(daemon, "config-app")
     assert job["status"] == "ready", job
-    assert "step 4/6: RUN echo data > file.txt" in job["log"], job["log"]
+    assert "step 4/9: RUN echo data > file.txt" in job["log"], job["log"]
 
     layout = os.path.join(daemon.data_dir, "images/oci")
     cfg = json.loads(subprocess.run(["skopeo", "inspect", "--config", f"oci:{layout}:config-app"],
                                     capture_output=True, text=True, check=True).stdout)["config"]
     assert "GREETING=hello world" in cfg["Env"] and "BUILD_MODE=test" in cfg["Env"], cfg
     assert cfg["WorkingDir"] == "/srv/work" and cfg["User"] == "root", cfg
-    assert cfg["Cmd"] == ["/bin/sh", "-c", "echo started > /tmp/cmd-ran"], cfg
+    assert cfg["Entrypoint"] == ["/bin/sh", "-c"], cfg
+    assert cfg["Cmd"] == ["echo started > /tmp/cmd-ran"], cfg
 
     # A sandbox of the template runs with them (base's default user is `user`: USER root wins).
     sbx = new_sandbox(template="config-app")
@@ -442,6 +467,10 @@ def test_template_build_config_applies_to_sandboxes(daemon, new_sandbox):
     lines = r.stdout.splitlines()
     assert "GREETING=hello world" in lines and "BUILD_MODE=test" in lines, lines
     assert lines[-3:] == ["/srv/work", "root", "data"], lines
+    r = sbx.commands.run('echo "$GREETING"; pwd; id -u; cat /tmp/numeric-user')
+    # `USER 1000` ran its RUN as base's uid 1000, by name.
+    assert r.stdout.splitlines() == ["hello world", "/srv/work", "0", "user"], r
+    # ENTRYPOINT + CMD is the start command envd ran at boot.
     assert wait_until(lambda: sbx.commands.run("cat /tmp/cmd-ran || true").stdout.strip() == "started", 10)
 
     # Config only, no layer step: the result is base's layers with the new config.

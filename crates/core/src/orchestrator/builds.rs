@@ -620,7 +620,13 @@ impl Warren {
                     .ok_or_else(|| CoreError::Conflict(format!("sandbox {id} has no address")))?,
                 warren_runtime::ENVD_PORT,
             ));
-            let (upload, command) = work(&id)?;
+            let (upload, mut command) = work(&id)?;
+            // envd runs commands as a user by name: a numeric `USER 1000` (or `app:grp`) is
+            // named from the step's image, whose passwd an earlier RUN may have changed.
+            command.user = crate::image_templates::default_user(
+                Some(&command.user),
+                &rec.spec.rootfs.lower_dirs,
+            );
             if let Some((path, data)) = upload {
                 runner
                     .upload(addr, &rec.envd_access_token, &path, data)
