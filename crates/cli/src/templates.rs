@@ -26,7 +26,8 @@ pub enum TemplateCommand {
     Delete { name: String },
     /// Build a template from a Dockerfile subset (FROM, RUN, COPY, ENV, WORKDIR, USER, CMD,
     /// ENTRYPOINT) in the daemon; each RUN, COPY and WORKDIR is a committed layer, unchanged steps
-    /// come from the cache.
+    /// come from the cache (shown as CACHED). Prints each step and the RUN output as the daemon
+    /// runs them; ENV, WORKDIR, USER, CMD and ENTRYPOINT apply to the template's sandboxes.
     Build {
         /// The template (and image) name.
         name: String,
