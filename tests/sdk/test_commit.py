@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import pytest
 
@@ -383,6 +384,22 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
     assert [s["status"] for s in job["steps"]] == [
         "done", "cached", "config", "cached", "done", "done", "config", "done"], job["steps"]
     assert job["digest"] == v["Digest"]
+
+    # The cache is made of ordinary image templates: deleting them empties it, the built template
+    # keeps its layers (its image references them), and the next build runs every step again.
+    cache = [t["name"] for t in daemon.request("GET", "/warren/v1/templates").json()
+             if t["name"].startswith("warren-build/cache:")]
+    assert len(cache) >= 8, cache  # 5 steps of the first build, 3 of the third
+    for n in cache:
+        r = daemon.request("DELETE", "/warren/v1/templates/" + urllib.parse.quote(n, safe=""))
+        assert r.status == 204, (n, r.status, r.body)
+    assert sbx.commands.run("cat /srv/app/out.txt").stdout == "hi v2\n"
+    other = new_sandbox(template="built-app")
+    assert other.commands.run("cat /opt/built").stdout == "built\n"
+    other.kill()
+    sbx.kill()
+    fourth = build()
+    assert "CACHED" not in fourth, fourth
 
     bad = tmp_path / "Bad"
     bad.write_text("FROM base\nRUN exit 3\n")
