@@ -2,13 +2,16 @@
 sandboxes start from; YAML `kind: Commit` with a TTL; pushes to a real registry (Debian's
 docker-registry on loopback with htpasswd auth); bad input."""
 
+import io
 import json
 import os
+import tarfile
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import pytest
 
@@ -144,9 +147,39 @@ def test_round_trip_sees_the_same_tree(daemon, new_sandbox):
     c3 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/roundtrip:paused")["metadata"]["name"])
     assert c3["status"]["phase"] == "Succeeded", c3
     assert c3["status"]["freezeDurationMs"] == 0
+    detail = daemon.request("GET", f"/sandboxes/{src.sandbox_id}").json()
+    assert detail["state"] == "paused", detail
+    # The paused sandbox's image holds the same tree.
+    paused_copy = new_sandbox(template="local/roundtrip:paused")
+    assert manifest(paused_copy) == want
+    paused_copy.kill()
 
     for name in (c["metadata"]["name"], c2["metadata"]["name"], c3["metadata"]["name"]):
         assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
+
+
+def test_commit_of_a_hibernated_sandbox(daemon, new_sandbox):
+    """A hibernated sandbox has no process to freeze: its upper dir on disk is committed as it
+    is, and it stays hibernated until it is woken."""
+    sbx = new_sandbox()
+    assert sbx.commands.run("echo asleep > /home/user/hib.txt").exit_code == 0
+    r = daemon.request("POST", f"/warren/v1/sandboxes/{sbx.sandbox_id}/hibernate")
+    assert r.status == 200, (r.status, r.body)
+    assert r.json()["memoryLocation"] == "disk", r.body
+
+    c = wait_done(daemon, commit(daemon, sbx.sandbox_id, "local/hibernated:v1")["metadata"]["name"])
+    assert c["status"]["phase"] == "Succeeded", c
+    assert c["status"]["freezeDurationMs"] == 0
+    detail = daemon.request("GET", f"/sandboxes/{sbx.sandbox_id}").json()
+    assert detail["state"] == "paused" and detail["memoryLocation"] == "disk", detail
+
+    dst = new_sandbox(template="local/hibernated:v1")
+    assert dst.files.read("/home/user/hib.txt") == "asleep\n"
+    # The source wakes as it was.
+    sbx.connect()
+    assert sbx.commands.run("cat /home/user/hib.txt").stdout == "asleep\n"
+    dst.kill()
+    assert daemon.request("DELETE", f"/warren/v1/commits/{c['metadata']['name']}").status == 204
 
 
 def test_yaml_commit_with_ttl_is_collected(daemon, new_sandbox):
@@ -313,10 +346,25 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
+    t0 = time.monotonic()
     first = build()
+    first_s = time.monotonic() - t0
     assert "CACHED" not in first, first
+    # The CLI shows the daemon's progress: every step's line, then the result.
+    assert "step 1/8: FROM base" in first and "step 8/8: RUN whoami > /tmp/who" in first, first
+    assert "built built-app (sha256:" in first, first
+    t0 = time.monotonic()
     again = build()
+    again_s = time.monotonic() - t0
+    # Unchanged: every layer step (RUN, WORKDIR, COPY, RUN, RUN) is a cache hit, no sandbox runs.
     assert again.count("CACHED") == 5, again
+    job = daemon.request("GET", "/warren/v1/templates/built-app/build").json()
+    assert job["cacheHits"] == 5, job
+    assert all(s["status"] in ("cached", "config", "done") for s in job["steps"]), job["steps"]
+    assert [s["status"] for s in job["steps"] if s["status"] != "config"] == [
+        "done", "cached", "cached", "cached", "cached", "cached"], job["steps"]
+    print(f"template build: first {first_s:.2f} s, all cached {again_s:.2f} s")
+    assert again_s < max(first_s / 2, 1.0), (first_s, again_s)
     (tmp_path / "src" / "a.txt").write_text("v2\n")
     third = build()
     # RUN and WORKDIR before the COPY are cached; the COPY and everything after run again.
@@ -328,8 +376,30 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
     layout = os.path.join(daemon.data_dir, "images/oci")
     v = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{layout}:built-app"],
                                   capture_output=True, text=True, check=True).stdout)
-    # base's /etc layer + 5 steps (RUN, WORKDIR, COPY, RUN, RUN) + the final tag commit
-    assert len(v["Layers"]) == 7, v["Layers"]
+    # base's /etc layer + 5 steps (RUN, WORKDIR, COPY, RUN, RUN); the result adds no layer
+    assert len(v["Layers"]) == 6, v["Layers"]
+    # The daemon ran it: the job shows every step, and the last run's cache hits.
+    job = daemon.request("GET", "/warren/v1/templates/built-app/build").json()
+    assert job["status"] == "ready" and job["cacheHits"] == 2, job
+    assert [s["status"] for s in job["steps"]] == [
+        "done", "cached", "config", "cached", "done", "done", "config", "done"], job["steps"]
+    assert job["digest"] == v["Digest"]
+
+    # The cache is made of ordinary image templates: deleting them empties it, the built template
+    # keeps its layers (its image references them), and the next build runs every step again.
+    cache = [t["name"] for t in daemon.request("GET", "/warren/v1/templates").json()
+             if t["name"].startswith("warren-build/cache:")]
+    assert len(cache) >= 8, cache  # 5 steps of the first build, 3 of the third
+    for n in cache:
+        r = daemon.request("DELETE", "/warren/v1/templates/" + urllib.parse.quote(n, safe=""))
+        assert r.status == 204, (n, r.status, r.body)
+    assert sbx.commands.run("cat /srv/app/out.txt").stdout == "hi v2\n"
+    other = new_sandbox(template="built-app")
+    assert other.commands.run("cat /opt/built").stdout == "built\n"
+    other.kill()
+    sbx.kill()
+    fourth = build()
+    assert "CACHED" not in fourth, fourth
 
     bad = tmp_path / "Bad"
     bad.write_text("FROM base\nRUN exit 3\n")
@@ -344,3 +414,86 @@ def test_template_build_layers_and_cache(daemon, new_sandbox, tmp_path):
     out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no-such-template" in out.stderr, out
+    bad.write_text("FROM base\nCOPY missing /x\n")
+    out = subprocess.run([str(daemon.binary), "template", "build", "bad-app", "-f", str(bad)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "line 2" in out.stderr and "missing" in out.stderr, out
+    # Straight to the API: a context with a `../` entry, a COPY with no context, bad names.
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as t:
+        for name, data in (("Dockerfile", b"FROM base\nCOPY . /x\n"), ("../escape", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    r = daemon.request("POST", "/warren/v1/templates/bad-app/build", raw=evil.getvalue(),
+                       headers={"Content-Type": "application/x-tar"})
+    assert r.status == 400 and "not a relative path inside the context" in r.error_body()["message"], r.body
+    r = daemon.request("POST", "/warren/v1/templates/bad-app/build", {"dockerfile": "FROM base\nCOPY a /x\n"})
+    assert r.status == 400 and "needs a build context" in r.error_body()["message"], r.body
+    r = daemon.request("POST", "/warren/v1/templates/Bad%20Name/build", {"dockerfile": "FROM base\n"})
+    assert r.status == 400 and r.error_body()["code"] == 400, r.body
+    r = daemon.request("POST", "/warren/v1/templates/base/build", {"dockerfile": "FROM base\n"})
+    assert r.status == 409, r.body
+    assert daemon.request("GET", "/warren/v1/templates/never-built/build").status == 404
+    assert daemon.request("GET", "/warren/v1/templates/bad-app").status == 404
+
+
+def wait_built(daemon, name, timeout=180):
+    got = {}
+
+    def done():
+        r = daemon.request("GET", f"/warren/v1/templates/{name}/build")
+        assert r.status == 200, (r.status, r.body)
+        got["j"] = r.json()
+        return got["j"]["status"] != "building"
+
+    assert wait_until(done, timeout), f"build {name} not done: {got}"
+    return got["j"]
+
+
+def test_template_build_config_applies_to_sandboxes(daemon, new_sandbox):
+    dockerfile = (
+        "FROM base\n"
+        'ENV GREETING="hello world" BUILD_MODE=test\n'
+        "WORKDIR /srv/work\n"
+        "RUN echo data > file.txt\n"
+        "USER 1000\n"
+        "RUN id -un > /tmp/numeric-user\n"
+        "USER root\n"
+        'ENTRYPOINT ["/bin/sh", "-c"]\n'
+        'CMD ["echo started > /tmp/cmd-ran"]\n'
+    )
+    r = daemon.request("POST", "/warren/v1/templates/config-app/build", {"dockerfile": dockerfile})
+    assert r.status == 202, r.body
+    job = wait_built(daemon, "config-app")
+    assert job["status"] == "ready", job
+    assert "step 4/9: RUN echo data > file.txt" in job["log"], job["log"]
+
+    layout = os.path.join(daemon.data_dir, "images/oci")
+    cfg = json.loads(subprocess.run(["skopeo", "inspect", "--config", f"oci:{layout}:config-app"],
+                                    capture_output=True, text=True, check=True).stdout)["config"]
+    assert "GREETING=hello world" in cfg["Env"] and "BUILD_MODE=test" in cfg["Env"], cfg
+    assert cfg["WorkingDir"] == "/srv/work" and cfg["User"] == "root", cfg
+    assert cfg["Entrypoint"] == ["/bin/sh", "-c"], cfg
+    assert cfg["Cmd"] == ["echo started > /tmp/cmd-ran"], cfg
+
+    # A sandbox of the template runs with them (base's default user is `user`: USER root wins).
+    sbx = new_sandbox(template="config-app")
+    r = sbx.commands.run("env; pwd; id -un; cat file.txt")
+    assert r.exit_code == 0, r
+    lines = r.stdout.splitlines()
+    assert "GREETING=hello world" in lines and "BUILD_MODE=test" in lines, lines
+    assert lines[-3:] == ["/srv/work", "root", "data"], lines
+    r = sbx.commands.run('echo "$GREETING"; pwd; id -u; cat /tmp/numeric-user')
+    # `USER 1000` ran its RUN as base's uid 1000, by name.
+    assert r.stdout.splitlines() == ["hello world", "/srv/work", "0", "user"], r
+    # ENTRYPOINT + CMD is the start command envd ran at boot.
+    assert wait_until(lambda: sbx.commands.run("cat /tmp/cmd-ran || true").stdout.strip() == "started", 10)
+
+    # Config only, no layer step: the result is base's layers with the new config.
+    r = daemon.request("POST", "/warren/v1/templates/config-only/build",
+                       {"dockerfile": "FROM base\nENV ONLY=1\n"})
+    assert r.status == 202, r.body
+    assert wait_built(daemon, "config-only")["status"] == "ready"
+    sbx = new_sandbox(template="config-only")
+    assert sbx.commands.run("echo $ONLY; id -un").stdout.split() == ["1", "user"]

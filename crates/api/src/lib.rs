@@ -6,8 +6,10 @@
 //! and go to [`proxy`].
 
 pub mod audit;
+pub mod builds;
 pub mod checkpoints;
 pub mod commits;
+pub mod envd_exec;
 pub mod error;
 pub mod extract;
 pub mod hibernation;
@@ -61,6 +63,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .route("/health", get(h::health))
         .merge(pools::routes())
         .merge(templates::routes())
+        .merge(builds::routes())
         .merge(commits::routes())
         .merge(checkpoints::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))

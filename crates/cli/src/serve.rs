@@ -233,6 +233,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("setting up commits")?;
     warren.set_pusher(Arc::new(RegistryPusher));
+    warren.set_step_runner(Arc::new(warren_api::envd_exec::EnvdStepRunner::default()));
     let n = warren
         .load_image_templates()
         .await

@@ -24,14 +24,19 @@ pub enum TemplateCommand {
     /// Delete a template (refused while sandboxes or pools use it).
     #[command(visible_alias = "rm")]
     Delete { name: String },
-    /// Build a template from a Dockerfile subset (FROM, RUN, COPY, ENV, WORKDIR, USER); each RUN
-    /// and COPY is a committed layer, unchanged steps come from the cache.
+    /// Build a template from a Dockerfile subset (FROM, RUN, COPY, ENV, WORKDIR, USER, CMD,
+    /// ENTRYPOINT) in the daemon; each RUN, COPY and WORKDIR is a committed layer, unchanged steps
+    /// come from the cache (shown as CACHED). Prints each step and the RUN output as the daemon
+    /// runs them; ENV, WORKDIR, USER, CMD and ENTRYPOINT apply to the template's sandboxes.
     Build {
         /// The template (and image) name.
         name: String,
-        /// The build file; COPY sources are relative to its directory.
+        /// The build file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Where COPY sources are (default: the build file's directory).
+        #[arg(long)]
+        context: Option<PathBuf>,
     },
 }
 
@@ -78,7 +83,11 @@ fn absolute(p: &Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
 pub async fn run(api: &ApiClient, out: Output, cmd: TemplateCommand) -> anyhow::Result<u8> {
     match cmd {
         TemplateCommand::Create(a) => create(api, out, a).await,
-        TemplateCommand::Build { name, file } => crate::build::build(api, &name, &file).await,
+        TemplateCommand::Build {
+            name,
+            file,
+            context,
+        } => crate::build::build(api, &name, &file, context.as_deref()).await,
         TemplateCommand::List => {
             let (_, _, v) = api.call(Method::GET, "/warren/v1/templates", None).await?;
             if out == Output::Json {

@@ -5,8 +5,10 @@
 pub mod audit;
 pub mod auth;
 pub mod autoscaler;
+pub mod build_context;
 pub mod checkpoint;
 pub mod commit;
+pub mod dockerfile;
 pub mod envd_client;
 pub mod error;
 pub mod image_templates;

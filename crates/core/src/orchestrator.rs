@@ -175,6 +175,8 @@ pub struct Warren {
     idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
     /// Commits of sandboxes to images (see `commits.rs`).
     commits: commits::CommitState,
+    /// Template builds from Dockerfiles (see `builds.rs`).
+    builds: builds::BuildState,
 }
 
 /// What the router needs of a running sandbox, kept in memory.
@@ -229,6 +231,7 @@ impl Warren {
             pools: crate::pool::Pools::default(),
             idempotency: tokio::sync::Mutex::default(),
             commits: commits::CommitState::default(),
+            builds: builds::BuildState::default(),
         }
     }
 
@@ -979,6 +982,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
 
+pub mod builds;
 pub mod checkpoints;
 pub mod commits;
 pub mod hibernation;

@@ -115,6 +115,80 @@ pub struct Committed {
     pub image_size: u64,
 }
 
+/// An image written without a new layer ([`Committer::derive_image`]).
+#[derive(Debug, Clone)]
+pub struct Derived {
+    pub digest: String,
+    pub manifest_size: u64,
+    pub image_size: u64,
+}
+
+/// Changes to an image's run config (`config.Env`, `WorkingDir`, `User`, `Cmd`, `Entrypoint`),
+/// as a build's ENV, WORKDIR, USER, CMD and ENTRYPOINT make them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigPatch {
+    /// Set in this order; a key the config has already is replaced in place.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub cmd: Option<Vec<String>>,
+    /// Setting it clears the base's `Cmd` unless `cmd` is set too (as Docker does).
+    pub entrypoint: Option<Vec<String>>,
+}
+
+impl ConfigPatch {
+    pub fn is_empty(&self) -> bool {
+        *self == ConfigPatch::default()
+    }
+
+    /// Applies the patch to a whole image config (`{"config": {...}, ...}`).
+    pub fn apply(&self, config: &mut serde_json::Value) {
+        if self.is_empty() {
+            return;
+        }
+        if !config["config"].is_object() {
+            config["config"] = json!({});
+        }
+        let c = &mut config["config"];
+        if !self.env.is_empty() {
+            let mut env: Vec<String> = c["Env"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (k, v) in &self.env {
+                let entry = format!("{k}={v}");
+                let prefix = format!("{k}=");
+                match env.iter_mut().find(|e| e.starts_with(&prefix)) {
+                    Some(e) => *e = entry,
+                    None => env.push(entry),
+                }
+            }
+            c["Env"] = json!(env);
+        }
+        if let Some(w) = &self.working_dir {
+            c["WorkingDir"] = json!(w);
+        }
+        if let Some(u) = &self.user {
+            c["User"] = json!(u);
+        }
+        if let Some(e) = &self.entrypoint {
+            c["Entrypoint"] = json!(e);
+            if self.cmd.is_none() {
+                if let Some(obj) = c.as_object_mut() {
+                    obj.remove("Cmd");
+                }
+            }
+        }
+        if let Some(cmd) = &self.cmd {
+            c["Cmd"] = json!(cmd);
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct DirLayer {
     diff_id: String,
@@ -273,6 +347,19 @@ impl Committer {
         name: &str,
         created_by: &str,
     ) -> Result<Committed, CommitError> {
+        self.finish_commit_with(staged, base, name, created_by, &ConfigPatch::default())
+    }
+
+    /// [`Self::finish_commit`], with `patch` applied to the new image's config (a build step's
+    /// ENV, WORKDIR, USER...).
+    pub fn finish_commit_with(
+        &self,
+        staged: StagedLayer,
+        base: &Base,
+        name: &str,
+        created_by: &str,
+        patch: &ConfigPatch,
+    ) -> Result<Committed, CommitError> {
         validate_image_name(name)?;
         // Until `name` references them, the new blobs and layer dirs are unreferenced: the
         // store's gc must wait.
@@ -281,7 +368,40 @@ impl Committer {
         let diff_id = staged.summary.diff_id.clone();
         self.unpack_layer(&staged.tar, &diff_id)?;
         drop(staged);
+        let w = self.write_image(Some((&layer, &diff_id)), base, name, created_by, patch)?;
+        Ok(Committed {
+            name: name.to_string(),
+            digest: w.digest,
+            manifest_size: w.manifest_size,
+            layer,
+            diff_id,
+            image_size: w.image_size,
+        })
+    }
 
+    /// A new image named `name` with the layers of `base` and its config changed by `patch`
+    /// (no new layer: a build's final ENV/WORKDIR/USER/CMD, like Docker's `empty_layer` steps).
+    pub fn derive_image(
+        &self,
+        base: &Base,
+        name: &str,
+        created_by: &str,
+        patch: &ConfigPatch,
+    ) -> Result<Derived, CommitError> {
+        validate_image_name(name)?;
+        let _op = self.store.begin_operation();
+        self.write_image(None, base, name, created_by, patch)
+    }
+
+    /// Config and manifest of `base` plus `layer` (if any), with `patch` applied, named `name`.
+    fn write_image(
+        &self,
+        layer: Option<(&Descriptor, &str)>,
+        base: &Base,
+        name: &str,
+        created_by: &str,
+        patch: &ConfigPatch,
+    ) -> Result<Derived, CommitError> {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let (mut config, mut layers) = match base {
             Base::Image(img) => (
@@ -337,20 +457,28 @@ impl Committer {
         if !config["rootfs"]["diff_ids"].is_array() {
             config["rootfs"] = json!({"type": "layers", "diff_ids": []});
         }
-        if let Some(d) = config["rootfs"]["diff_ids"].as_array_mut() {
+        if let (Some((_, diff_id)), Some(d)) = (layer, config["rootfs"]["diff_ids"].as_array_mut())
+        {
             d.push(json!(diff_id));
         }
         if !config["history"].is_array() {
             config["history"] = json!([]);
         }
         if let Some(h) = config["history"].as_array_mut() {
-            h.push(json!({"created": now, "created_by": created_by}));
+            let mut entry = json!({"created": now, "created_by": created_by});
+            if layer.is_none() {
+                entry["empty_layer"] = json!(true);
+            }
+            h.push(entry);
         }
+        patch.apply(&mut config);
         config["created"] = json!(now);
         let config_bytes = serde_json::to_vec(&config)
             .map_err(|e| ImageError::invalid("image config", format!("cannot serialize: {e}")))?;
         let config_info = self.store.add_blob_bytes(&config_bytes, None)?;
-        layers.push(layer.clone());
+        if let Some((l, _)) = layer {
+            layers.push(l.clone());
+        }
         let image_size = layers.iter().map(|l| l.size).sum();
         let manifest = Manifest {
             schema_version: 2,
@@ -363,12 +491,9 @@ impl Committer {
             other: Default::default(),
         };
         let desc = self.store.add_manifest(name, &manifest)?;
-        Ok(Committed {
-            name: name.to_string(),
+        Ok(Derived {
             digest: desc.digest,
             manifest_size: desc.size,
-            layer,
-            diff_id,
             image_size,
         })
     }

@@ -48,6 +48,33 @@ pub trait Pusher: Send + Sync + 'static {
     ) -> Result<(), String>;
 }
 
+/// Running (frozen briefly), paused (frozen already) and hibernated (no process left; its upper
+/// dir is on disk) sandboxes can be committed; the states in between are moments of a transition
+/// that holds the sandbox's lock.
+fn committable(state: SandboxState) -> bool {
+    matches!(
+        state,
+        SandboxState::Running | SandboxState::Paused | SandboxState::Hibernated
+    )
+}
+
+fn not_committable(id: &str, state: SandboxState) -> CoreError {
+    CoreError::Conflict(format!(
+        "sandbox {id} is {state}: only running, paused or hibernated sandboxes can be committed{}",
+        if matches!(
+            state,
+            SandboxState::Pausing
+                | SandboxState::Resuming
+                | SandboxState::Hibernating
+                | SandboxState::Waking
+        ) {
+            "; try again in a moment"
+        } else {
+            ""
+        }
+    ))
+}
+
 fn image_err(e: impl std::fmt::Display) -> CoreError {
     CoreError::InvalidArgument(e.to_string())
 }
@@ -73,7 +100,7 @@ impl Warren {
         let _ = self.commits.pusher.set(pusher);
     }
 
-    fn images(&self) -> Result<Arc<Committer>, CoreError> {
+    pub(super) fn images(&self) -> Result<Arc<Committer>, CoreError> {
         self.commits
             .images
             .get()
@@ -84,7 +111,7 @@ impl Warren {
     /// Makes the committed image `image` (manifest `digest`) an image template of that name,
     /// with a `warren-template/<name>` ref of its own (as an imported template has), so that the
     /// template outlives the commit's own name until it is deleted.
-    async fn register_committed_template(
+    pub(super) async fn register_committed_template(
         &self,
         committer: &Committer,
         image: &str,
@@ -136,7 +163,7 @@ impl Warren {
     /// The committed image becomes the template of its name: refused when that name is a
     /// template of another kind, or a committed one that sandboxes or pools still use (replacing
     /// its image would let gc collect layer dirs they run on).
-    async fn check_image_name_free(&self, image: &str) -> Result<(), CoreError> {
+    pub(super) async fn check_image_name_free(&self, image: &str) -> Result<(), CoreError> {
         if self.templates.is_builtin(image) {
             return Err(CoreError::Conflict(format!(
                 "{image} is a built-in template; commit under another image name"
@@ -188,11 +215,8 @@ impl Warren {
             .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
         self.images()?;
         let rec = self.visible(who, &commit.spec.sandbox).await?;
-        if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
-            return Err(CoreError::Conflict(format!(
-                "sandbox {} is {}: only running or paused sandboxes can be committed",
-                rec.id, rec.state
-            )));
+        if !committable(rec.state) {
+            return Err(not_committable(&rec.id, rec.state));
         }
         self.check_image_name_free(&commit.spec.image).await?;
         if commit.push() && self.commits.pusher.get().is_none() {
@@ -258,95 +282,9 @@ impl Warren {
     async fn do_commit(&self, commit: &mut Commit, started: Instant) -> Result<(), CoreError> {
         let store = self.images()?;
         let id = commit.spec.sandbox.clone();
-        let staged;
-        let rec;
-        {
-            let lock = self.lock_for(&id);
-            let _guard = lock.lock().await;
-            rec = match self.store.get(&id).await? {
-                Some(r) if matches!(r.state, SandboxState::Running | SandboxState::Paused) => r,
-                Some(r) => {
-                    return Err(CoreError::Conflict(format!(
-                        "sandbox {id} is {}: only running or paused sandboxes can be committed",
-                        r.state
-                    )))
-                }
-                None => return Err(CoreError::NotFound(format!("sandbox {id} not found"))),
-            };
-            let upper = self.runtime.upper_dir(&id).ok_or_else(|| {
-                CoreError::Conflict(format!("sandbox {id} has no upper dir to commit"))
-            })?;
-            let freeze = rec.state == SandboxState::Running;
-            // Pre-copy with the sandbox running, then freeze only to rescan and copy what changed
-            // meanwhile: the freeze lasts as long as the metadata walk plus the recent writes,
-            // not as long as a copy of the whole upper dir.
-            let s2 = store.clone();
-            let up = upper.clone();
-            let mut pre = tokio::task::spawn_blocking(move || s2.pre_copy(&up))
-                .await
-                .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?
-                .map_err(image_err)?;
-            // From the freeze request to the end of the thaw: the whole time the sandbox's
-            // processes may be stopped.
-            let t0 = Instant::now();
-            if freeze {
-                self.runtime.freeze(&id).await?;
-            }
-            let s2 = store.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let copied = s2.frozen_pass(&upper, &mut pre);
-                (copied, pre)
-            })
-            .await;
-            let thawed = if freeze {
-                self.runtime.thaw(&id).await
-            } else {
-                Ok(())
-            };
-            let frozen_for = t0.elapsed();
-            if let Err(e) = thawed {
-                // A sandbox left frozen would hang every request: make it visible.
-                tracing::error!(sandbox = %id, error = %e, "thaw after commit failed");
-                return Err(e.into());
-            }
-            commit.status.freeze_duration_ms = Some(if freeze {
-                frozen_for.as_secs_f64() * 1000.0
-            } else {
-                0.0
-            });
-            let (copied, pre) =
-                res.map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?;
-            let copied = copied.map_err(image_err)?;
-            tracing::debug!(sandbox = %id, copied_while_frozen = copied, "frozen pass done");
-            let s2 = store.clone();
-            staged = tokio::task::spawn_blocking(move || s2.finish_staging(pre))
-                .await
-                .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?
-                .map_err(image_err)?;
-        }
-
-        // The base: the template's image if the sandbox's template is an image template and
-        // the sandbox runs on exactly its layers, else the sandbox's own lower dirs.
-        let rootfs = &rec.spec.rootfs;
-        let images = &self.templates.images;
-        let base = match images.get(&rec.template_id) {
-            Some(t)
-                if t.manifest_digest.is_some() && images.lower_dirs(&t) == rootfs.lower_dirs =>
-            {
-                let digest = t.manifest_digest.clone().unwrap_or_default();
-                Base::Image(Box::new(store.store().resolve(&digest)?))
-            }
-            _ => Base::Dirs {
-                lower_dirs: rootfs.lower_dirs.iter().rev().cloned().collect(),
-                host_binds: rootfs
-                    .ro_binds
-                    .iter()
-                    .map(|b| (b.source.clone(), b.target.clone()))
-                    .collect(),
-                user: Some(rec.spec.envd.default_user.clone()).filter(|u| !u.is_empty()),
-                start_command: self.templates.start_command(&rec.template_id),
-            },
-        };
+        let (staged, rec, frozen_ms) = self.stage_sandbox(&store, &id).await?;
+        commit.status.freeze_duration_ms = Some(frozen_ms);
+        let base = self.commit_base(&store, &rec)?;
         let image = commit.spec.image.clone();
         let created_by = format!("warren commit {} of sandbox {id}", commit.metadata.name);
         let s2 = store.clone();
@@ -401,6 +339,114 @@ impl Warren {
             commit.status.pushed = Some(true);
         }
         Ok(())
+    }
+
+    /// Copies a sandbox's upper dir to a staged layer tar, holding its operation lock: a full
+    /// pre-copy with the sandbox running, then, frozen, a rescan that copies only what changed
+    /// since. A paused sandbox is not frozen again, and a hibernated one has no process left
+    /// to freeze (its upper dir is on disk, unmounted): both are read as they are, and stay
+    /// paused or hibernated. Returns the staged tar, the sandbox's record and how long it was
+    /// frozen (ms).
+    pub(super) async fn stage_sandbox(
+        &self,
+        store: &Arc<Committer>,
+        id: &str,
+    ) -> Result<
+        (
+            warren_image::commit::StagedLayer,
+            crate::store::SandboxRecord,
+            f64,
+        ),
+        CoreError,
+    > {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let rec = match self.store.get(id).await? {
+            Some(r) if committable(r.state) => r,
+            Some(r) => return Err(not_committable(id, r.state)),
+            None => return Err(CoreError::NotFound(format!("sandbox {id} not found"))),
+        };
+        let upper = self.runtime.upper_dir(id).ok_or_else(|| {
+            CoreError::Conflict(format!("sandbox {id} has no upper dir to commit"))
+        })?;
+        let freeze = rec.state == SandboxState::Running;
+        // Pre-copy with the sandbox running, then freeze only to rescan and copy what changed
+        // meanwhile: the freeze lasts as long as the metadata walk plus the recent writes,
+        // not as long as a copy of the whole upper dir.
+        let s2 = store.clone();
+        let up = upper.clone();
+        let mut pre = tokio::task::spawn_blocking(move || s2.pre_copy(&up))
+            .await
+            .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?
+            .map_err(image_err)?;
+        // From the freeze request to the end of the thaw: the whole time the sandbox's
+        // processes may be stopped.
+        let t0 = Instant::now();
+        if freeze {
+            self.runtime.freeze(id).await?;
+        }
+        let s2 = store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let copied = s2.frozen_pass(&upper, &mut pre);
+            (copied, pre)
+        })
+        .await;
+        let thawed = if freeze {
+            self.runtime.thaw(id).await
+        } else {
+            Ok(())
+        };
+        let frozen_for = t0.elapsed();
+        if let Err(e) = thawed {
+            // A sandbox left frozen would hang every request: make it visible.
+            tracing::error!(sandbox = %id, error = %e, "thaw after commit failed");
+            return Err(e.into());
+        }
+        let frozen_ms = if freeze {
+            frozen_for.as_secs_f64() * 1000.0
+        } else {
+            0.0
+        };
+        let (copied, pre) =
+            res.map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?;
+        let copied = copied.map_err(image_err)?;
+        tracing::debug!(sandbox = %id, copied_while_frozen = copied, state = %rec.state, "frozen pass done");
+        let s2 = store.clone();
+        let staged = tokio::task::spawn_blocking(move || s2.finish_staging(pre))
+            .await
+            .map_err(|e| CoreError::InvalidArgument(format!("commit task failed: {e}")))?
+            .map_err(image_err)?;
+        Ok((staged, rec, frozen_ms))
+    }
+
+    /// The base a commit of `rec` builds on: the template's image if the sandbox's template is
+    /// an image template and the sandbox runs on exactly its layers, else the sandbox's own
+    /// lower dirs.
+    pub(super) fn commit_base(
+        &self,
+        store: &Committer,
+        rec: &crate::store::SandboxRecord,
+    ) -> Result<Base, CoreError> {
+        let rootfs = &rec.spec.rootfs;
+        let images = &self.templates.images;
+        Ok(match images.get(&rec.template_id) {
+            Some(t)
+                if t.manifest_digest.is_some() && images.lower_dirs(&t) == rootfs.lower_dirs =>
+            {
+                let digest = t.manifest_digest.clone().unwrap_or_default();
+                Base::Image(Box::new(store.store().resolve(&digest)?))
+            }
+            _ => Base::Dirs {
+                lower_dirs: rootfs.lower_dirs.iter().rev().cloned().collect(),
+                host_binds: rootfs
+                    .ro_binds
+                    .iter()
+                    .map(|b| (b.source.clone(), b.target.clone()))
+                    .collect(),
+                user: Some(rec.spec.envd.default_user.clone()).filter(|u| !u.is_empty()),
+                start_command: self.templates.start_command(&rec.template_id),
+            },
+        })
     }
 
     pub async fn get_commit(&self, name: &str) -> Result<Commit, CoreError> {

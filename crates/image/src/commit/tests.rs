@@ -321,3 +321,40 @@ fn bad_names_are_refused() {
     let err = store.store().resolve("nope:v1").unwrap_err();
     assert!(err.to_string().contains("nope:v1"), "{err}");
 }
+
+#[test]
+fn config_patch_merges_env_and_sets_the_rest() {
+    let mut cfg = serde_json::json!({
+        "config": {"Env": ["PATH=/bin", "A=old"], "Cmd": ["sh"], "User": "1000"},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    });
+    ConfigPatch::default().apply(&mut cfg);
+    assert_eq!(
+        cfg["config"]["User"], "1000",
+        "an empty patch changes nothing"
+    );
+    let patch = ConfigPatch {
+        env: vec![("A".into(), "new".into()), ("B".into(), "two words".into())],
+        working_dir: Some("/srv".into()),
+        user: Some("root".into()),
+        cmd: None,
+        entrypoint: Some(vec!["tini".into()]),
+    };
+    patch.apply(&mut cfg);
+    let c = &cfg["config"];
+    assert_eq!(
+        c["Env"],
+        serde_json::json!(["PATH=/bin", "A=new", "B=two words"])
+    );
+    assert_eq!(c["WorkingDir"], "/srv");
+    assert_eq!(c["User"], "root");
+    assert_eq!(c["Entrypoint"], serde_json::json!(["tini"]));
+    assert!(c.get("Cmd").is_none(), "ENTRYPOINT resets the base's CMD");
+    let mut bare = serde_json::json!({});
+    ConfigPatch {
+        cmd: Some(vec!["run".into()]),
+        ..Default::default()
+    }
+    .apply(&mut bare);
+    assert_eq!(bare["config"]["Cmd"], serde_json::json!(["run"]));
+}

@@ -1,0 +1,747 @@
+//! Template builds from a Dockerfile subset (see [`crate::dockerfile`]), run by the daemon as one
+//! background job per template: `POST /warren/v1/templates/{name}/build` starts it, `GET` on the
+//! same path follows it (step, cache hits, the RUN output), and the CLI only uploads and shows.
+//!
+//! Each `RUN`, `COPY` and `WORKDIR` runs in a fresh sandbox of the previous step's image (fresh,
+//! so the committed layer holds exactly that step's changes), is committed as one layer (the
+//! sandbox commit path: pre-copy, short freeze, staged tar) and killed. `ENV`, `WORKDIR` and
+//! `USER` go into every later step's image config, so each step image is a complete image; `CMD`
+//! and `ENTRYPOINT` only into the result, so that step sandboxes do not start the command. RUN
+//! runs as root unless the file says `USER` (Docker's rule for a `FROM` without `User`).
+//!
+//! Cache: a step's key is the previous image's digest (or `template:<name>` for a built-in
+//! `FROM`), the instruction, the ENV/WORKDIR/USER so far and, for COPY, the hash of the copied
+//! content. A step whose key names an image template (`warren-build/cache:<key>`) whose image is
+//! still in the store is taken as is. The result is a new manifest over the last step's layers
+//! with the final config (no empty layer), named NAME: an image and an image template, exactly
+//! like a commit's.
+
+use super::Warren;
+use crate::auth::Principal;
+use crate::build_context;
+use crate::dockerfile::{self, Instr, Step};
+use crate::error::CoreError;
+use crate::orchestrator::CreateRequest;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+use warren_image::commit::{Base, ConfigPatch};
+
+/// How much RUN output a build keeps (the tail).
+const LOG_KEEP: usize = 256 * 1024;
+
+/// A command for a step sandbox's envd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCommand {
+    /// A command line for `/bin/sh -c`.
+    pub cmd: String,
+    pub user: String,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Where a step's output goes (a type of its own: `async_trait` would otherwise name the slice's
+/// lifetime and the callback could not take any slice).
+pub type StepOutput = dyn Fn(&[u8]) + Send + Sync;
+
+/// Runs commands in, and uploads files to, a sandbox's envd (implemented over HTTP by the edge
+/// that owns the HTTP stack; the orchestrator decides what runs).
+#[async_trait::async_trait]
+pub trait StepRunner: Send + Sync + 'static {
+    /// Runs `cmd` to its end, passing its stdout and stderr to `output`; returns its exit code.
+    async fn run(
+        &self,
+        envd: SocketAddr,
+        token: &str,
+        cmd: &StepCommand,
+        output: &StepOutput,
+    ) -> Result<i32, String>;
+
+    /// Writes `data` to `path` in the sandbox, as root.
+    async fn upload(
+        &self,
+        envd: SocketAddr,
+        token: &str,
+        path: &str,
+        data: Vec<u8>,
+    ) -> Result<(), String>;
+}
+
+/// One step as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepView {
+    pub line: usize,
+    pub instruction: String,
+    /// `pending`, `running`, `done`, `cached`, `failed`; `config` for steps that only change
+    /// the image config.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+}
+
+/// A build job, as `GET /warren/v1/templates/{name}/build` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildJob {
+    pub name: String,
+    /// `building`, `ready` or `failed`.
+    pub status: String,
+    pub steps: Vec<StepView>,
+    /// Index into `steps` of the step running (or that failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current: Option<usize>,
+    pub cache_hits: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The RUN output from byte `log_start` of the whole output (older bytes are dropped).
+    pub log: String,
+    pub log_start: u64,
+    /// Bytes of output so far: a client that has seen up to here asks `?logFrom=` this.
+    pub log_end: u64,
+    #[serde(skip)]
+    log_bytes: Vec<u8>,
+}
+
+impl BuildJob {
+    /// The job with only the output from byte `from` on.
+    pub fn view(&self, log_from: u64) -> BuildJob {
+        let mut v = self.clone();
+        let skip = log_from.saturating_sub(self.log_start) as usize;
+        let tail = self
+            .log_bytes
+            .get(skip.min(self.log_bytes.len())..)
+            .unwrap_or(&[]);
+        v.log = String::from_utf8_lossy(tail).into_owned();
+        v.log_start = self.log_start.max(log_from.min(self.log_end));
+        v.log_bytes = Vec::new();
+        v
+    }
+
+    fn append_log(&mut self, data: &[u8]) {
+        self.log_bytes.extend_from_slice(data);
+        self.log_end += data.len() as u64;
+        if self.log_bytes.len() > LOG_KEEP {
+            let drop = self.log_bytes.len() - LOG_KEEP;
+            self.log_bytes.drain(..drop);
+            self.log_start += drop as u64;
+        }
+    }
+}
+
+/// The orchestrator's build jobs.
+#[derive(Default)]
+pub struct BuildState {
+    jobs: Mutex<HashMap<String, Arc<Mutex<BuildJob>>>>,
+    runner: OnceLock<Arc<dyn StepRunner>>,
+}
+
+/// Removes the uploaded context when the build ends, however it ends.
+struct ContextFile(Option<PathBuf>);
+
+impl Drop for ContextFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn lock(job: &Mutex<BuildJob>) -> std::sync::MutexGuard<'_, BuildJob> {
+    job.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bad(e: impl std::fmt::Display) -> CoreError {
+    CoreError::InvalidArgument(e.to_string())
+}
+
+/// What the build carries from step to step.
+struct Cursor {
+    /// The template the next step's sandbox starts from.
+    template: String,
+    /// Cache-key identity of the current image.
+    parent: String,
+    /// Manifest digest of the current image, once there is one.
+    image: Option<String>,
+    patch: ConfigPatch,
+    env: BTreeMap<String, String>,
+    workdir: Option<String>,
+    user: Option<String>,
+    cmd: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
+}
+
+impl Cursor {
+    fn key(&self, text: &str, extra: &str) -> String {
+        let k = serde_json::json!([self.parent, text, extra, self.patch]).to_string();
+        format!("{:x}", Sha256::digest(k.as_bytes()))
+    }
+
+    fn command(&self, cmd: String) -> StepCommand {
+        StepCommand {
+            cmd,
+            user: self.user.clone().unwrap_or_else(|| "root".into()),
+            cwd: self.workdir.clone(),
+            env: self.env.clone(),
+        }
+    }
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Warren {
+    pub fn set_step_runner(&self, runner: Arc<dyn StepRunner>) {
+        let _ = self.builds.runner.set(runner);
+    }
+
+    /// A fresh path where the edge may write an uploaded build context (in the image store's
+    /// temp dir, emptied at each start).
+    pub fn build_context_path(&self) -> Result<PathBuf, CoreError> {
+        Ok(self.images()?.store().temp_path("build-context.tar"))
+    }
+
+    /// The build job of template `name`, with its output from byte `log_from` on.
+    pub fn build_job(&self, name: &str, log_from: u64) -> Result<BuildJob, CoreError> {
+        let jobs = self.builds.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.get(name)
+            .map(|j| lock(j).view(log_from))
+            .ok_or_else(|| CoreError::NotFound(format!("no build of template {name}")))
+    }
+
+    /// Starts building template `name` from `dockerfile` (or, if `None`, the file
+    /// `dockerfile_path` of the context), with COPY sources from the `context` tar (which the
+    /// build removes when it ends). Checks everything it can before answering: the file, the
+    /// FROM template, the COPY sources, the name.
+    pub async fn start_build(
+        self: &Arc<Self>,
+        who: &Principal,
+        name: &str,
+        dockerfile: Option<String>,
+        dockerfile_path: &str,
+        context: Option<PathBuf>,
+    ) -> Result<BuildJob, CoreError> {
+        let context = ContextFile(context);
+        let runner = self
+            .builds
+            .runner
+            .get()
+            .cloned()
+            .ok_or_else(|| CoreError::Conflict("this daemon cannot run build steps".into()))?;
+        warren_image::commit::validate_image_name(name)
+            .map_err(|e| CoreError::InvalidArgument(format!("template name: {e}")))?;
+        if name.starts_with("warren-build/") {
+            return Err(CoreError::InvalidArgument(
+                "template names under warren-build/ are the build cache's".into(),
+            ));
+        }
+        self.images()?;
+        let ctx = context.0.clone();
+        let dp = dockerfile_path.to_string();
+        let (text, names) = tokio::task::spawn_blocking(move || {
+            let names = match &ctx {
+                Some(c) => build_context::list(c)?,
+                None => Vec::new(),
+            };
+            let text = match (dockerfile, &ctx) {
+                (Some(t), _) => t,
+                (None, Some(c)) => build_context::read_dockerfile(c, &dp)?,
+                (None, None) => return Err(build_context::ContextError::NoDockerfile(dp)),
+            };
+            Ok((text, names))
+        })
+        .await
+        .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
+        .map_err(bad)?;
+        let steps = dockerfile::parse(&text).map_err(bad)?;
+        let Some(Instr::From(from)) = steps.first().map(|s| s.instr.clone()) else {
+            return Err(CoreError::InvalidArgument(
+                "the first instruction must be FROM".into(),
+            ));
+        };
+        if self.templates.resolve(&from).is_err() {
+            return Err(CoreError::NotFound(format!(
+                "line {}: FROM {from}: no such template (create it first, e.g. `warren template create NAME --image REF`)",
+                steps[0].line
+            )));
+        }
+        for s in &steps {
+            if let Instr::Copy(srcs, _) = &s.instr {
+                if context.0.is_none() {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "line {}: COPY needs a build context (upload the context as a tar)",
+                        s.line
+                    )));
+                }
+                if let Some(missing) = srcs.iter().find(|x| !build_context::has_source(&names, x)) {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "line {}: COPY {missing}: not found in the build context",
+                        s.line
+                    )));
+                }
+            }
+        }
+        self.check_image_name_free(name).await?;
+        let job = {
+            let mut jobs = self.builds.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            if jobs.get(name).is_some_and(|j| lock(j).status == "building") {
+                return Err(CoreError::Conflict(format!(
+                    "template {name} is being built"
+                )));
+            }
+            let job = BuildJob {
+                name: name.to_string(),
+                status: "building".into(),
+                steps: steps
+                    .iter()
+                    .map(|s| StepView {
+                        line: s.line,
+                        instruction: s.text.clone(),
+                        status: "pending".into(),
+                        digest: None,
+                        duration_ms: None,
+                    })
+                    .collect(),
+                current: None,
+                cache_hits: 0,
+                digest: None,
+                error: None,
+                started_at: self.clock.now(),
+                finished_at: None,
+                log: String::new(),
+                log_start: 0,
+                log_end: 0,
+                log_bytes: Vec::new(),
+            };
+            let job = Arc::new(Mutex::new(job));
+            jobs.insert(name.to_string(), job.clone());
+            job
+        };
+        let view = lock(&job).view(0);
+        let me = self.clone();
+        let (who, name) = (who.clone(), name.to_string());
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let res = me
+                .run_build(&who, &name, &from, &steps, context, &job, runner)
+                .await;
+            let mut j = lock(&job);
+            j.finished_at = Some(me.clock.now());
+            match res {
+                Ok(digest) => {
+                    tracing::info!(template = %name, digest = %digest, cache_hits = j.cache_hits, secs = began.elapsed().as_secs_f64(), "template built");
+                    j.status = "ready".into();
+                    j.digest = Some(digest);
+                    j.current = None;
+                }
+                Err(e) => {
+                    tracing::warn!(template = %name, error = %e, "template build failed");
+                    j.status = "failed".into();
+                    j.error = Some(e.to_string());
+                    if let Some(s) = j.current.and_then(|i| j.steps.get_mut(i)) {
+                        s.status = "failed".into();
+                    }
+                }
+            }
+        });
+        Ok(view)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_build(
+        &self,
+        who: &Principal,
+        name: &str,
+        from: &str,
+        steps: &[Step],
+        context: ContextFile,
+        job: &Arc<Mutex<BuildJob>>,
+        runner: Arc<dyn StepRunner>,
+    ) -> Result<String, CoreError> {
+        let committer = self.images()?;
+        let from_image = self.templates.images.get(from);
+        let mut cur = Cursor {
+            template: from.to_string(),
+            parent: from_image
+                .as_ref()
+                .and_then(|t| t.manifest_digest.clone())
+                .unwrap_or_else(|| format!("template:{from}")),
+            image: from_image.as_ref().and_then(|t| t.manifest_digest.clone()),
+            patch: ConfigPatch::default(),
+            env: BTreeMap::new(),
+            workdir: from_image.as_ref().and_then(|t| t.workdir.clone()),
+            user: None,
+            cmd: None,
+            entrypoint: None,
+        };
+        let ready_port = self.templates.ready_port(from);
+        let fallback_start = self.templates.start_command(from);
+        for (i, step) in steps.iter().enumerate() {
+            let t0 = Instant::now();
+            {
+                let mut j = lock(job);
+                j.current = Some(i);
+                j.steps[i].status = "running".into();
+                let line = format!("step {}/{}: {}\n", i + 1, steps.len(), step.text);
+                j.append_log(line.as_bytes());
+            }
+            let outcome = match &step.instr {
+                Instr::From(_) => "done",
+                Instr::Env(pairs) => {
+                    for (k, v) in pairs {
+                        cur.env.insert(k.clone(), v.clone());
+                        cur.patch.env.retain(|(pk, _)| pk != k);
+                        cur.patch.env.push((k.clone(), v.clone()));
+                    }
+                    "config"
+                }
+                Instr::User(u) => {
+                    cur.user = Some(u.clone());
+                    cur.patch.user = Some(u.clone());
+                    "config"
+                }
+                Instr::Cmd(c) => {
+                    cur.cmd = Some(c.clone());
+                    "config"
+                }
+                Instr::Entrypoint(e) => {
+                    cur.entrypoint = Some(e.clone());
+                    // Docker: an ENTRYPOINT resets a CMD set before it.
+                    cur.cmd = None;
+                    "config"
+                }
+                Instr::Workdir(w) => {
+                    let dir = dockerfile::resolve_path(cur.workdir.as_deref(), w);
+                    let mut command = cur.command(format!("mkdir -p {}", sh_quote(&dir)));
+                    // The directory does not exist yet in the step's sandbox.
+                    command.cwd = Some("/".into());
+                    command.user = "root".into();
+                    cur.patch.working_dir = Some(dir.clone());
+                    let hit = self
+                        .layer_step(who, job, step, &mut cur, "", &runner, |_| {
+                            Ok((None, command))
+                        })
+                        .await?;
+                    cur.workdir = Some(dir);
+                    hit
+                }
+                Instr::Run(cmd) => {
+                    let command = cur.command(cmd.clone());
+                    self.layer_step(who, job, step, &mut cur, "", &runner, |_| {
+                        Ok((None, command))
+                    })
+                    .await?
+                }
+                Instr::Copy(srcs, dst) => {
+                    let ctx = context.0.clone().ok_or_else(|| {
+                        CoreError::InvalidArgument("COPY needs a build context".into())
+                    })?;
+                    let s2 = srcs.clone();
+                    let copied =
+                        tokio::task::spawn_blocking(move || build_context::copy_tar(&ctx, &s2))
+                            .await
+                            .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
+                            .map_err(bad)?;
+                    let dst = dockerfile::resolve_path(cur.workdir.as_deref(), dst);
+                    let staging = format!("/tmp/.warren-copy-{:08x}.tar", rand::random::<u32>());
+                    let tarq = sh_quote(&staging);
+                    let dq = sh_quote(&dst);
+                    let script = match &copied.single_file {
+                        // Docker's rule: one file copied to a path that is not a directory (and
+                        // does not end in `/`) becomes that path.
+                        Some(file) if !dst.ends_with('/') => format!(
+                            "set -e; if [ -d {dq} ]; then tar -xf {tarq} -C {dq}; else \
+                             mkdir -p \"$(dirname {dq})\"; t=$(mktemp -d); tar -xf {tarq} -C \"$t\"; \
+                             mv \"$t\"/{} {dq}; rmdir \"$t\"; fi; rm -f {tarq}",
+                            sh_quote(file)
+                        ),
+                        _ => format!("set -e; mkdir -p {dq}; tar -xf {tarq} -C {dq}; rm -f {tarq}"),
+                    };
+                    let (tar, hash) = (copied.bytes, copied.hash);
+                    let mut command = cur.command(script);
+                    command.user = "root".into();
+                    command.cwd = Some("/".into());
+                    self.layer_step(who, job, step, &mut cur, &hash, &runner, move |_| {
+                        Ok((Some((staging, tar)), command))
+                    })
+                    .await?
+                }
+            };
+            let mut j = lock(job);
+            j.steps[i].status = outcome.into();
+            j.steps[i].duration_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+            if outcome == "cached" {
+                j.cache_hits += 1;
+            }
+            if matches!(outcome, "cached" | "done") && step.instr.makes_layer() {
+                j.steps[i].digest = cur.image.clone();
+            }
+        }
+        {
+            let mut j = lock(job);
+            j.current = None;
+            j.append_log(format!("writing image {name}\n").as_bytes());
+        }
+
+        // The result: the last image's layers with the final config, named `name`.
+        let mut patch = cur.patch.clone();
+        patch.cmd = cur.cmd.clone();
+        patch.entrypoint = cur.entrypoint.clone();
+        if patch.entrypoint.is_some() && patch.cmd.is_none() {
+            patch.cmd = None;
+        }
+        // Checked again: a sandbox of the old template may have started during the build.
+        self.check_image_name_free(name).await?;
+        let created_by = format!("warren template build {name}");
+        let (digest, manifest_size) = match &cur.image {
+            Some(d) => {
+                let base = Base::Image(Box::new(committer.store().resolve(d)?));
+                let (c2, n2, p2) = (committer.clone(), name.to_string(), patch.clone());
+                let done = tokio::task::spawn_blocking(move || {
+                    c2.derive_image(&base, &n2, &created_by, &p2)
+                })
+                .await
+                .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
+                .map_err(bad)?;
+                (done.digest, done.manifest_size)
+            }
+            None => {
+                // A built-in FROM and no layer step: its dirs become the image's layers, through
+                // one commit of a sandbox of it (whose upper dir is all but empty).
+                let id = self.step_sandbox(who, name, &cur.template).await?;
+                let res = async {
+                    let (staged, rec, _) = self.stage_sandbox(&committer, &id).await?;
+                    let base = self.commit_base(&committer, &rec)?;
+                    let (c2, n2) = (committer.clone(), name.to_string());
+                    tokio::task::spawn_blocking(move || {
+                        c2.finish_commit_with(staged, &base, &n2, &created_by, &patch)
+                    })
+                    .await
+                    .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
+                    .map_err(bad)
+                }
+                .await;
+                self.kill_step_sandbox(who, &id).await;
+                let done = res?;
+                (done.digest, done.manifest_size)
+            }
+        };
+        self.register_committed_template(
+            &committer,
+            name,
+            &digest,
+            manifest_size,
+            fallback_start.clone(),
+        )
+        .await?;
+        if let Some(port) = ready_port {
+            self.templates.set_ready_port(name.to_string(), port);
+        }
+        Ok(digest)
+    }
+
+    async fn step_sandbox(
+        &self,
+        who: &Principal,
+        build: &str,
+        template: &str,
+    ) -> Result<String, CoreError> {
+        let req = CreateRequest {
+            template_id: template.to_string(),
+            timeout_secs: Some(3600),
+            metadata: [("warren.dev/build".to_string(), build.to_string())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        Ok(self.create(who, req).await?.id)
+    }
+
+    async fn kill_step_sandbox(&self, who: &Principal, id: &str) {
+        if let Err(e) = self.kill(who, id).await {
+            tracing::warn!(sandbox = %id, error = %e, "killing a build step's sandbox failed");
+        }
+    }
+
+    /// Runs one layer step, unless its key is cached, and moves the cursor onto its image.
+    /// `work` gives the file to upload first (if any) and the command to run. Returns `cached`
+    /// or `done`.
+    #[allow(clippy::too_many_arguments)]
+    async fn layer_step(
+        &self,
+        who: &Principal,
+        job: &Arc<Mutex<BuildJob>>,
+        step: &Step,
+        cur: &mut Cursor,
+        extra: &str,
+        runner: &Arc<dyn StepRunner>,
+        work: impl FnOnce(&str) -> Result<(Option<(String, Vec<u8>)>, StepCommand), CoreError>,
+    ) -> Result<&'static str, CoreError> {
+        let committer = self.images()?;
+        let key = cur.key(&step.text, extra);
+        let image = format!("warren-build/cache:{}", &key[..40]);
+        if let Some(t) = self.templates.images.get(&image) {
+            if let Some(d) = t
+                .manifest_digest
+                .clone()
+                .filter(|d| committer.store().resolve(d).is_ok())
+            {
+                lock(job).append_log(format!(" ---> CACHED {}\n", short(&d)).as_bytes());
+                cur.template = image;
+                cur.parent = d.clone();
+                cur.image = Some(d);
+                return Ok("cached");
+            }
+        }
+        let id = self.step_sandbox(who, &image, &cur.template).await?;
+        let res = async {
+            let rec = self
+                .store
+                .get(&id)
+                .await?
+                .ok_or_else(|| CoreError::NotFound(format!("sandbox {id} not found")))?;
+            let addr = SocketAddr::from((
+                rec.placement
+                    .as_ref()
+                    .map(|p| p.ip)
+                    .ok_or_else(|| CoreError::Conflict(format!("sandbox {id} has no address")))?,
+                warren_runtime::ENVD_PORT,
+            ));
+            let (upload, mut command) = work(&id)?;
+            // envd runs commands as a user by name: a numeric `USER 1000` (or `app:grp`) is
+            // named from the step's image, whose passwd an earlier RUN may have changed.
+            command.user = crate::image_templates::default_user(
+                Some(&command.user),
+                &rec.spec.rootfs.lower_dirs,
+            );
+            if let Some((path, data)) = upload {
+                runner
+                    .upload(addr, &rec.envd_access_token, &path, data)
+                    .await
+                    .map_err(|e| {
+                        CoreError::Conflict(format!("line {}: uploading: {e}", step.line))
+                    })?;
+            }
+            let out = {
+                let job = job.clone();
+                move |b: &[u8]| lock(&job).append_log(b)
+            };
+            let code = runner
+                .run(addr, &rec.envd_access_token, &command, &out)
+                .await
+                .map_err(|e| CoreError::Conflict(format!("line {}: {e}", step.line)))?;
+            if code != 0 {
+                let what = step.text.split_whitespace().next().unwrap_or("step");
+                return Err(CoreError::InvalidArgument(format!(
+                    "line {}: {} exited with code {code}",
+                    step.line,
+                    what.to_ascii_uppercase()
+                )));
+            }
+            let (staged, rec, _) = self.stage_sandbox(&committer, &id).await?;
+            let base = self.commit_base(&committer, &rec)?;
+            let (c2, img, patch) = (committer.clone(), image.clone(), cur.patch.clone());
+            let created_by = step.text.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                c2.finish_commit_with(staged, &base, &img, &created_by, &patch)
+            })
+            .await
+            .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
+            .map_err(bad)?;
+            self.register_committed_template(
+                &committer,
+                &image,
+                &done.digest,
+                done.manifest_size,
+                self.templates.start_command(&cur.template),
+            )
+            .await?;
+            if let Some(port) = self.templates.ready_port(&cur.template) {
+                self.templates.set_ready_port(image.clone(), port);
+            }
+            Ok(done.digest)
+        }
+        .await;
+        self.kill_step_sandbox(who, &id).await;
+        let digest = res?;
+        lock(job).append_log(format!(" ---> {}\n", short(&digest)).as_bytes());
+        cur.template = image;
+        cur.parent = digest.clone();
+        cur.image = Some(digest);
+        Ok("done")
+    }
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..19.min(digest.len())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keeps_a_tail_and_views_from_an_offset() {
+        let mut j = BuildJob {
+            name: "t".into(),
+            status: "building".into(),
+            steps: vec![],
+            current: None,
+            cache_hits: 0,
+            digest: None,
+            error: None,
+            started_at: Utc::now(),
+            finished_at: None,
+            log: String::new(),
+            log_start: 0,
+            log_end: 0,
+            log_bytes: vec![],
+        };
+        j.append_log(b"hello ");
+        j.append_log(b"world");
+        assert_eq!(j.view(0).log, "hello world");
+        assert_eq!(j.view(6).log, "world");
+        assert_eq!(j.view(6).log_start, 6);
+        assert_eq!(j.view(99).log, "");
+        assert_eq!(j.view(99).log_end, 11);
+        j.append_log(&vec![b'x'; LOG_KEEP]);
+        let v = j.view(0);
+        assert_eq!(v.log.len(), LOG_KEEP);
+        assert_eq!(v.log_start, 11);
+        assert_eq!(v.log_end, 11 + LOG_KEEP as u64);
+    }
+
+    #[test]
+    fn cache_key_follows_parent_text_content_and_config() {
+        let mut c = Cursor {
+            template: "base".into(),
+            parent: "template:base".into(),
+            image: None,
+            patch: ConfigPatch::default(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            cmd: None,
+            entrypoint: None,
+        };
+        let k = c.key("RUN a", "");
+        assert_eq!(k, c.key("RUN a", ""));
+        assert_ne!(k, c.key("RUN b", ""));
+        assert_ne!(k, c.key("RUN a", "hash"));
+        c.patch.env.push(("A".into(), "1".into()));
+        assert_ne!(k, c.key("RUN a", ""));
+    }
+}
