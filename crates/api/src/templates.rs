@@ -1,5 +1,6 @@
 //! Warren's template endpoints (`/warren/v1/templates`): create a template from an image
-//! reference, an OCI layout or archive, a docker-archive or a rootfs directory; follow its build;
+//! reference, an OCI layout or archive, a docker-archive, a rootfs directory or a checkpoint (ready
+//! at once, `201`: its sandboxes are restores of the checkpoint); follow its build;
 //! list, inspect and delete templates. A create answers `202` at once; the build's progress
 //! (phase, item, bytes) is in the template's `build` until its status is `ready` or `failed`.
 
@@ -33,6 +34,8 @@ pub struct CreateTemplate {
     pub oci_archive: Option<PathBuf>,
     pub docker_archive: Option<PathBuf>,
     pub rootfs: Option<PathBuf>,
+    /// A checkpoint of the caller's team: the template's sandboxes are restores of it.
+    pub checkpoint: Option<String>,
     /// Which image of a layout or archive (its ref name or tag) when it holds several.
     pub image_name: Option<String>,
     /// Registry credentials for `image`.
@@ -69,9 +72,14 @@ fn source(req: &CreateTemplate) -> ApiResult<TemplateSource> {
     if let Some(p) = &req.rootfs {
         sources.push(TemplateSource::Rootfs { path: p.clone() });
     }
+    if let Some(c) = &req.checkpoint {
+        sources.push(TemplateSource::Checkpoint {
+            checkpoint: c.clone(),
+        });
+    }
     if sources.len() != 1 {
         return Err(ApiError::bad_request(
-            "give exactly one of image, ociDir, ociArchive, dockerArchive, rootfs",
+            "give exactly one of image, ociDir, ociArchive, dockerArchive, rootfs, checkpoint",
         ));
     }
     Ok(sources.remove(0))
@@ -79,10 +87,23 @@ fn source(req: &CreateTemplate) -> ApiResult<TemplateSource> {
 
 async fn create(
     State(st): State<AppState>,
-    Auth(_who): Auth,
+    Auth(who): Auth,
     JsonBody(req): JsonBody<CreateTemplate>,
 ) -> ApiResult<Response> {
     let source = source(&req)?;
+    if let TemplateSource::Checkpoint { checkpoint } = &source {
+        if req.username.is_some() || req.password.is_some() || req.image_name.is_some() {
+            return Err(ApiError::bad_request(
+                "username, password and imageName do not apply to checkpoint",
+            ));
+        }
+        // Nothing to build: the template is ready at once.
+        let view = st
+            .warren
+            .create_checkpoint_template(&who, &req.name, checkpoint)
+            .await?;
+        return Ok((StatusCode::CREATED, Json(view)).into_response());
+    }
     let credentials = match (&req.username, &req.password) {
         (Some(u), Some(p)) => Some(warren_image::pull::Credentials {
             username: u.clone(),

@@ -506,6 +506,9 @@ impl Warren {
         if let Some(rec) = self.claim_from_pool(who, &req, timeout).await? {
             return Ok(rec);
         }
+        if let Some(ck) = self.templates.images.checkpoint_of(&req.template_id) {
+            return self.create_from_checkpoint_template(who, &ck, req).await;
+        }
         let id = new_sandbox_id();
         let token = generate_access_token();
         let network = req.network.policy(req.allow_internet)?;
