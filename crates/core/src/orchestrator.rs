@@ -481,6 +481,8 @@ impl Warren {
                     timeout_secs: req.timeout_secs,
                     metadata: req.metadata,
                     env_vars: req.env_vars,
+                    auto_pause: req.auto_pause,
+                    auto_resume: req.auto_resume,
                 };
                 return self
                     .restore_checkpoint(who, &req.template_id, restore)

@@ -42,6 +42,9 @@ pub struct RestoreRequest {
     pub metadata: BTreeMap<String, String>,
     /// Added to (and overriding) the source's env vars.
     pub env_vars: BTreeMap<String, String>,
+    /// As a create's: pause instead of kill at the timeout; resume on traffic.
+    pub auto_pause: bool,
+    pub auto_resume: bool,
 }
 
 fn unavailable(e: RuntimeError) -> CoreError {
@@ -372,8 +375,8 @@ impl Warren {
             memory_mb: source.memory_mb,
             disk_mb: source.disk_mb,
             allow_internet: spec.network.allow_internet,
-            auto_pause: false,
-            auto_resume_secs: None,
+            auto_pause: req.auto_pause,
+            auto_resume_secs: req.auto_resume.then_some(timeout.num_seconds() as u32),
             started_at: now,
             end_at: now + timeout,
             placement: None,
@@ -441,6 +444,8 @@ impl Warren {
             timeout_secs: req.timeout_secs,
             metadata: req.metadata,
             env_vars: req.env_vars,
+            auto_pause: req.auto_pause,
+            auto_resume: req.auto_resume,
         };
         self.restore_as(who, &ck, &source, &req.template_id, restore, Some(network))
             .await
@@ -525,6 +530,7 @@ impl Warren {
             timeout_secs,
             metadata: rec.metadata.clone(),
             env_vars: BTreeMap::new(),
+            ..Default::default()
         };
         self.restore_many(who, &ck.metadata.name, count, req).await
     }
