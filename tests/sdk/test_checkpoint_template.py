@@ -12,7 +12,7 @@ from e2b import Sandbox as CoreSandbox
 from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox
 
-from warren_helpers import remove_data_dir, remove_host_state, start_daemon, wait_until
+from warren_helpers import Daemon, remove_data_dir, remove_host_state, start_daemon, wait_until
 
 # Stands for a heavy import (pandas, torch, a model's weights): about a second of work at import.
 HEAVY = """import time
@@ -26,9 +26,12 @@ CHECK = "import os, sys\n('heavymod' in sys.modules, len(heavymod.TABLE), os.ura
 
 
 @pytest.fixture
-def tdaemon(request):
-    d = start_daemon()
-    yield d
+def tdaemons(request):
+    """A list holding the test's daemon; a test that restarts it appends the new one."""
+    first = start_daemon()
+    daemons = [first]
+    yield daemons
+    d = daemons[-1]
     if d.alive():
         for coll in ("sandboxsets",):
             for s in d.request("GET", f"/warren/v1/{coll}").json() or []:
@@ -37,11 +40,17 @@ def tdaemon(request):
             d.request("DELETE", f"/sandboxes/{sid}")
         wait_until(lambda: d.sandbox_dirs() == [], 15)
         d.stop()
-    remove_host_state(d.prefix)
-    remove_data_dir(d)
+    remove_host_state(first.prefix)
+    remove_data_dir(first)
     rep = getattr(request.node, "rep_call", None)
-    if (rep is None or not rep.failed) and os.path.exists(d.log_path):
-        os.unlink(d.log_path)
+    for x in daemons:
+        if (rep is None or not rep.failed) and os.path.exists(x.log_path):
+            os.unlink(x.log_path)
+
+
+@pytest.fixture
+def tdaemon(tdaemons):
+    return tdaemons[0]
 
 
 def opts(d) -> dict:
@@ -167,3 +176,26 @@ def test_bad_input(tdaemon):
     # A deleted template is gone for creates.
     r = d.request("POST", "/sandboxes", {"templateID": "t1"})
     assert r.status == 404, r.body
+
+
+def test_template_survives_a_daemon_restart(tdaemons):
+    d = tdaemons[0]
+    src = Sandbox.create(timeout=300, **opts(d))
+    assert src.run_code("kept = 'before restart'").error is None
+    snap = src.create_snapshot(name="kept")
+    r = d.request("POST", "/warren/v1/templates", {"name": "kept", "checkpoint": snap.snapshot_id})
+    assert r.status == 201, r.body
+    src.kill()
+    assert d.stop(timeout=20) == 0
+    d2 = Daemon(
+        binary=d.binary, envd=d.envd, port=d.port, api_key=d.api_key,
+        data_dir=d.data_dir, log_path=f"{d.log_path}.2",
+    )
+    tdaemons.append(d2)
+    d2.start()
+    got = d2.request("GET", "/warren/v1/templates/kept")
+    assert got.status == 200 and got.json()["kind"] == "checkpoint", got.body
+    s = Sandbox.create(template="kept", timeout=60, **opts(d2))
+    assert s.run_code("kept").text == "before restart"
+    s.kill()
+    assert d2.request("DELETE", "/warren/v1/checkpoints/kept").status == 409
