@@ -199,3 +199,16 @@ def test_template_survives_a_daemon_restart(tdaemons):
     assert s.run_code("kept").text == "before restart"
     s.kill()
     assert d2.request("DELETE", "/warren/v1/checkpoints/kept").status == 409
+
+
+def test_code_interpreter_kernel_state_survives_hibernation(tdaemon):
+    """CRIU closes the server's connections to its kernels at a wake too: the server reconnects
+    to the live kernel instead of replacing it (which would lose its variables)."""
+    d = tdaemon
+    s = Sandbox.create(timeout=300, **opts(d))
+    assert s.run_code("state = 40 + 2").error is None
+    r = d.request("POST", f"/warren/v1/sandboxes/{s.sandbox_id}/hibernate")
+    assert r.status in (200, 204), r.body
+    s2 = Sandbox.connect(s.sandbox_id, **opts(d))
+    r = s2.run_code("state", timeout=30)
+    assert r.error is None and r.text == "42", (r.error, r.text)
