@@ -5,6 +5,7 @@ its kernel, so its first `run_code` pays no import time. The checkpoint cannot b
 the template exists. Real CRIU; one daemon of its own."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -212,3 +213,45 @@ def test_code_interpreter_kernel_state_survives_hibernation(tdaemon):
     s2 = Sandbox.connect(s.sandbox_id, **opts(d))
     r = s2.run_code("state", timeout=30)
     assert r.error is None and r.text == "42", (r.error, r.text)
+
+
+def _cli(d, *args):
+    warren = os.path.join(os.path.dirname(str(d.binary)), "warren")
+    return subprocess.run([warren, *args, "--url", d.url, "--api-key", d.api_key],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_and_apply_kind_template(tdaemon, tmp_path):
+    d = tdaemon
+    src = CoreSandbox.create(timeout=120, **opts(d))
+    src.create_snapshot(name="one")
+    src.create_snapshot(name="two")
+    r = _cli(d, "template", "create", "from-cli", "--checkpoint", "one")
+    assert r.returncode == 0, r.stderr
+    r = _cli(d, "template", "list")
+    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("from-cli"))
+    assert row[1:5] == ["checkpoint", "ready", "checkpoint", "one"], row
+    f = tmp_path / "t.yaml"
+    f.write_text("apiVersion: warren.dev/v1alpha1\nkind: Template\nmetadata:\n  name: applied\n"
+                 "spec:\n  checkpoint: one\n")
+    for _ in range(2):  # idempotent
+        r = _cli(d, "apply", "-f", str(f))
+        assert r.returncode == 0 and "template/applied applied" in r.stdout, r.stderr
+    s = CoreSandbox.create(template="applied", timeout=60, **opts(d))
+    assert s.commands.run("hostname").stdout.strip() == s.sandbox_id
+    s.kill()
+    # Another source under the same name is a conflict; bad objects are named.
+    obj = {"apiVersion": "warren.dev/v1alpha1", "kind": "Template",
+           "metadata": {"name": "applied"}, "spec": {"checkpoint": "two"}}
+    r = d.request("PUT", "/warren/v1/templates/applied", obj)
+    assert r.status == 409 and "checkpoint one" in r.body.decode(), r.body
+    r = d.request("PUT", "/warren/v1/templates/other", obj)
+    assert r.status == 400 and "metadata.name" in r.body.decode(), r.body
+    r = d.request("PUT", "/warren/v1/templates/applied", {**obj, "kind": "Checkpoint"})
+    assert r.status == 400, r.body
+    r = d.request("PUT", "/warren/v1/templates/applied", {**obj, "spec": {"checkpont": "one"}})
+    assert r.status == 400, r.body
+    r = _cli(d, "delete", "-f", str(f))
+    assert r.returncode == 0 and "template/applied deleted" in r.stdout, r.stderr
+    assert _cli(d, "template", "delete", "from-cli").returncode == 0
+    assert d.request("DELETE", "/warren/v1/checkpoints/one").status == 204

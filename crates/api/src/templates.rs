@@ -21,7 +21,10 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/warren/v1/templates", get(list).post(create))
-        .route("/warren/v1/templates/{name}", get(inspect).delete(delete))
+        .route(
+            "/warren/v1/templates/{name}",
+            get(inspect).put(apply).delete(delete),
+        )
 }
 
 /// Exactly one source field must be set.
@@ -90,6 +93,115 @@ async fn create(
     Auth(who): Auth,
     JsonBody(req): JsonBody<CreateTemplate>,
 ) -> ApiResult<Response> {
+    create_from(&st, &who, req).await
+}
+
+/// `kind: Template` for `warren apply -f`: the source fields of a create under `spec`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateObject {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    pub kind: String,
+    pub metadata: TemplateMeta,
+    pub spec: TemplateSpec,
+    /// What a `GET` returned, sent back: ignored.
+    #[serde(default)]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateMeta {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateSpec {
+    pub image: Option<String>,
+    pub oci_dir: Option<PathBuf>,
+    pub oci_archive: Option<PathBuf>,
+    pub docker_archive: Option<PathBuf>,
+    pub rootfs: Option<PathBuf>,
+    pub checkpoint: Option<String>,
+    pub image_name: Option<String>,
+}
+
+/// `PUT /warren/v1/templates/{name}`: creates the template as a `POST` would; applying it again
+/// with the same source is a no-op (`200`), with another one a conflict (templates are not
+/// replaced in place: sandboxes and pools stack their layers).
+async fn apply(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(name): Path<String>,
+    JsonBody(obj): JsonBody<TemplateObject>,
+) -> ApiResult<Response> {
+    if obj.kind != "Template" {
+        return Err(ApiError::bad_request(format!(
+            "kind is {:?}, expected \"Template\"",
+            obj.kind
+        )));
+    }
+    if let Some(v) = &obj.api_version {
+        if !warren_core::objects::accepted_api_version(v) {
+            return Err(ApiError::bad_request(format!(
+                "apiVersion {v:?} is not supported (use {})",
+                warren_core::objects::API_VERSION
+            )));
+        }
+    }
+    if obj.metadata.name != name {
+        return Err(ApiError::bad_request(format!(
+            "metadata.name {:?} does not match the path's {name:?}",
+            obj.metadata.name
+        )));
+    }
+    let s = obj.spec;
+    let req = CreateTemplate {
+        name: name.clone(),
+        image: s.image,
+        oci_dir: s.oci_dir,
+        oci_archive: s.oci_archive,
+        docker_archive: s.docker_archive,
+        rootfs: s.rootfs,
+        checkpoint: s.checkpoint,
+        image_name: s.image_name,
+        username: None,
+        password: None,
+    };
+    let wanted = source(&req)?;
+    if let Ok(view) = st.warren.template(&name) {
+        let have = view
+            .template
+            .as_ref()
+            .map(|t| &t.source)
+            .or(view.build.as_ref().map(|b| &b.source));
+        return match have {
+            Some(h) if *h == wanted && view.status != "failed" => {
+                Ok((StatusCode::OK, Json(view)).into_response())
+            }
+            Some(h) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "template {name} exists with source {}; delete it first to change it",
+                    h.describe()
+                ),
+            )),
+            None => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("template {name} is built into the daemon and cannot be replaced"),
+            )),
+        };
+    }
+    create_from(&st, &who, req).await
+}
+
+async fn create_from(
+    st: &AppState,
+    who: &warren_core::auth::Principal,
+    req: CreateTemplate,
+) -> ApiResult<Response> {
     let source = source(&req)?;
     if let TemplateSource::Checkpoint { checkpoint } = &source {
         if req.username.is_some() || req.password.is_some() || req.image_name.is_some() {
@@ -100,7 +212,7 @@ async fn create(
         // Nothing to build: the template is ready at once.
         let view = st
             .warren
-            .create_checkpoint_template(&who, &req.name, checkpoint)
+            .create_checkpoint_template(who, &req.name, checkpoint)
             .await?;
         return Ok((StatusCode::CREATED, Json(view)).into_response());
     }
