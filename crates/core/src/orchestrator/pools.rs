@@ -486,7 +486,12 @@ impl Warren {
                 self.remove_member(id).await;
             }
             for _ in 0..p.create {
-                self.start_member(entry).await?;
+                // One pool whose template cannot start members (e.g. its checkpoint's files
+                // are gone) must not stop the others from filling.
+                if let Err(e) = self.start_member(entry).await {
+                    tracing::warn!(pool = %name, error = %e, "cannot start a pool member");
+                    break;
+                }
             }
         }
         // Unclaimed members of deleted pools.
@@ -535,8 +540,6 @@ impl Warren {
             allow_internet: set.spec.allow_internet_access,
             ..Default::default()
         };
-        // Nobody ever sees this token: it only keeps the idle member closed until a claim
-        // replaces it. The admin token lets the daemon, and only it, do that replacement.
         // A template made from a checkpoint: members are restores of it (a code interpreter
         // with its imports done), re-keyed to a token of their own like any member.
         let restore = match self.templates.images.checkpoint_of(&set.spec.template) {
@@ -557,6 +560,9 @@ impl Warren {
             // The restored processes live in the source's limits.
             Some((_, _, spec)) => (spec.id.clone(), spec.clone(), spec.resources),
             None => {
+                // Nobody ever sees this token: it only keeps the idle member closed until a
+                // claim replaces it. The admin token lets the daemon, and only it, do that
+                // replacement.
                 let mut spec = SandboxSpec {
                     id: id.clone(),
                     rootfs,
