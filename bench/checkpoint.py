@@ -13,7 +13,18 @@ bytes (every page present and non-zero, so CRIU must copy it all). Then:
 The daemon's sandboxes are limited to 512 MiB, so sizes stop at 400 MiB here; the runtime bench
 (`cargo test -p warren-runtime --test hibernate -- --ignored bench_checkpoint`) has 1,000 MiB.
 
+`--ci-template`: a template from a checkpoint, with the code-interpreter SDK. The cell is
+`import pandas, matplotlib.pyplot` (heavy imports of the code-interpreter-v1 template). Compared:
+
+- `fresh`: `Sandbox.create()` of code-interpreter-v1, then the first `run_code(cell)` (it waits
+  for the default kernel's start and pays the imports);
+- `template`: a code-interpreter sandbox runs the cell once, a checkpoint of it becomes template
+  `ci-imports` (`POST /warren/v1/templates {"checkpoint"}`); then `Sandbox.create(template=
+  "ci-imports")` (a restore) and the first `run_code(cell)` (the modules are in `sys.modules`);
+- `pooled`: the same from a SandboxSet of 2 on that template (a claim of a ready restore).
+
     python3 bench/checkpoint.py --url http://127.0.0.1:PORT --key KEY [--sizes 10,100,400] [-n 3]
+    python3 bench/checkpoint.py --url http://127.0.0.1:PORT --key KEY --ci-template [-n 5]
 """
 
 import argparse
@@ -127,6 +138,89 @@ def one_size(url, key, mib, n):
     return rows
 
 
+CELL = "import pandas, matplotlib.pyplot\npandas.__version__"
+
+
+def first_cell(sandbox_class, **create):
+    """Create, then the first run_code of CELL: (create ms, first cell ms, sandbox)."""
+    t0 = time.monotonic()
+    sbx = sandbox_class.create(timeout=300, **create)
+    t1 = time.monotonic()
+    r = sbx.run_code(CELL, timeout=120)
+    t2 = time.monotonic()
+    assert r.error is None and r.text, (r.error, r.text)
+    return (t1 - t0) * 1000, (t2 - t1) * 1000, sbx
+
+
+def ci_template(url, key, n):
+    from e2b_code_interpreter import Sandbox
+
+    rows = {"fresh": [], "template": [], "pooled": []}
+
+    def record(kind, create_ms, cell_ms):
+        row = {"kind": kind, "create_ms": round(create_ms, 1), "first_cell_ms": round(cell_ms, 1),
+               "total_ms": round(create_ms + cell_ms, 1)}
+        print(json.dumps(row), flush=True)
+        rows[kind].append(row)
+
+    for _ in range(n):
+        c, f, sbx = first_cell(Sandbox)
+        record("fresh", c, f)
+        sbx.kill()
+    # The template: a sandbox that did the imports, checkpointed.
+    _, _, src = first_cell(Sandbox)
+    st, ck = request(url, key, "PUT", "/warren/v1/checkpoints/ci-imports",
+                     {"kind": "Checkpoint", "metadata": {"name": "ci-imports"},
+                      "spec": {"sandbox": src.sandbox_id}})
+    assert st == 201, (st, ck)
+    st, t = request(url, key, "POST", "/warren/v1/templates",
+                    {"name": "ci-imports", "checkpoint": "ci-imports"})
+    assert st == 201, (st, t)
+    try:
+        for _ in range(n):
+            c, f, sbx = first_cell(Sandbox, template="ci-imports")
+            record("template", c, f)
+            sbx.kill()
+        pool = {"apiVersion": "warren.dev/v1alpha1", "kind": "SandboxSet",
+                "metadata": {"name": "ci-imports"},
+                "spec": {"replicas": 2, "template": "ci-imports"}}
+        st, _ = request(url, key, "PUT", "/warren/v1/sandboxsets/ci-imports", pool)
+        assert st == 200, (st, _)
+        for _ in range(n):
+            end = time.monotonic() + 120
+            while True:
+                _, v = request(url, key, "GET", "/warren/v1/sandboxsets/ci-imports")
+                if v["status"]["availableReplicas"] >= 2:
+                    break
+                assert time.monotonic() < end, v
+                time.sleep(0.2)
+            claimed = v["status"]["claimedReplicas"]
+            c, f, sbx = first_cell(Sandbox, template="ci-imports")
+            _, v = request(url, key, "GET", "/warren/v1/sandboxsets/ci-imports")
+            assert v["status"]["claimedReplicas"] == claimed + 1, "not claimed from the pool"
+            record("pooled", c, f)
+            sbx.kill()
+    finally:
+        request(url, key, "DELETE", "/warren/v1/sandboxsets/ci-imports")
+        src.kill()
+        end = time.monotonic() + 30
+        while request(url, key, "DELETE", "/warren/v1/templates/ci-imports")[0] == 409:
+            assert time.monotonic() < end
+            time.sleep(0.2)
+        while request(url, key, "DELETE", "/warren/v1/checkpoints/ci-imports")[0] == 409:
+            assert time.monotonic() < end
+            time.sleep(0.2)
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("create_ms", "first_cell_ms", "total_ms")}
+           for k, v in rows.items()}
+    s = ck["status"]
+    med["checkpoint"] = {"freeze_ms": round(s["freezeDurationMs"], 1),
+                         "memory_mib": round(s["memorySize"] / 1048576, 1),
+                         "files_mib": round(s["filesystemSize"] / 1048576, 2)}
+    for k, v in med.items():
+        print(f"{k} median: " + ", ".join(f"{f}={x}" for f, x in v.items()), flush=True)
+    return {"runs": rows, "median": med}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
@@ -134,12 +228,20 @@ def main():
     ap.add_argument("--sizes", default="10,100,400")
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--ci-template", action="store_true",
+                    help="first run_code: checkpoint template vs fresh code interpreter")
     a = ap.parse_args()
     import os
 
     os.environ.setdefault("E2B_API_URL", a.url)
     os.environ.setdefault("E2B_SANDBOX_URL", a.url)
     os.environ.setdefault("E2B_API_KEY", a.key)
+    if a.ci_template:
+        out = ci_template(a.url, a.key, a.n)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     out = []
     for mib in [int(x) for x in a.sizes.split(",")]:
         rows = one_size(a.url, a.key, mib, a.n)

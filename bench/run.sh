@@ -73,6 +73,10 @@ cargo test -q -p warren-runtime --test hibernate -- --ignored --nocapture bench 
 # daemon (10/100/400 MiB; sandboxes are limited to 512 MiB) and the runtime (up to 1,000 MiB).
 python3 bench/checkpoint.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.checkpoint.json"
 cp "$DATA.checkpoint.json" bench/last-run-checkpoint.json
+# Issue 7 figures: first run_code (import pandas, matplotlib) from a checkpoint template (cold and
+# pooled) vs a fresh code-interpreter sandbox.
+python3 bench/checkpoint.py --url "http://127.0.0.1:$PORT" --key "$KEY" --ci-template -n 3 --json "$DATA.ci-template.json"
+cp "$DATA.ci-template.json" bench/last-run-ci-template.json
 # Issue 8 figures: 1,000 idle sandboxes (host memory each besides their own cgroups), then the soak
 # (200 sandboxes × one command per second; SOAK_MINUTES=10 is the issue's figure).
 python3 bench/density.py --url "http://127.0.0.1:$PORT" --key "$KEY" --daemon-pid $DAEMON -n 1000 --json "$DATA.density.json"

@@ -177,6 +177,7 @@ async fn restore(
         timeout_secs: body.timeout,
         metadata: body.metadata,
         env_vars: body.env_vars,
+        ..Default::default()
     };
     let results = st
         .warren

@@ -1,5 +1,6 @@
 //! Warren's template endpoints (`/warren/v1/templates`): create a template from an image
-//! reference, an OCI layout or archive, a docker-archive or a rootfs directory; follow its build;
+//! reference, an OCI layout or archive, a docker-archive, a rootfs directory or a checkpoint (ready
+//! at once, `201`: its sandboxes are restores of the checkpoint); follow its build;
 //! list, inspect and delete templates. A create answers `202` at once; the build's progress
 //! (phase, item, bytes) is in the template's `build` until its status is `ready` or `failed`.
 
@@ -20,7 +21,10 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/warren/v1/templates", get(list).post(create))
-        .route("/warren/v1/templates/{name}", get(inspect).delete(delete))
+        .route(
+            "/warren/v1/templates/{name}",
+            get(inspect).put(apply).delete(delete),
+        )
 }
 
 /// Exactly one source field must be set.
@@ -33,6 +37,8 @@ pub struct CreateTemplate {
     pub oci_archive: Option<PathBuf>,
     pub docker_archive: Option<PathBuf>,
     pub rootfs: Option<PathBuf>,
+    /// A checkpoint of the caller's team: the template's sandboxes are restores of it.
+    pub checkpoint: Option<String>,
     /// Which image of a layout or archive (its ref name or tag) when it holds several.
     pub image_name: Option<String>,
     /// Registry credentials for `image`.
@@ -69,9 +75,14 @@ fn source(req: &CreateTemplate) -> ApiResult<TemplateSource> {
     if let Some(p) = &req.rootfs {
         sources.push(TemplateSource::Rootfs { path: p.clone() });
     }
+    if let Some(c) = &req.checkpoint {
+        sources.push(TemplateSource::Checkpoint {
+            checkpoint: c.clone(),
+        });
+    }
     if sources.len() != 1 {
         return Err(ApiError::bad_request(
-            "give exactly one of image, ociDir, ociArchive, dockerArchive, rootfs",
+            "give exactly one of image, ociDir, ociArchive, dockerArchive, rootfs, checkpoint",
         ));
     }
     Ok(sources.remove(0))
@@ -79,10 +90,132 @@ fn source(req: &CreateTemplate) -> ApiResult<TemplateSource> {
 
 async fn create(
     State(st): State<AppState>,
-    Auth(_who): Auth,
+    Auth(who): Auth,
     JsonBody(req): JsonBody<CreateTemplate>,
 ) -> ApiResult<Response> {
+    create_from(&st, &who, req).await
+}
+
+/// `kind: Template` for `warren apply -f`: the source fields of a create under `spec`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateObject {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    pub kind: String,
+    pub metadata: TemplateMeta,
+    pub spec: TemplateSpec,
+    /// What a `GET` returned, sent back: ignored.
+    #[serde(default)]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateMeta {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateSpec {
+    pub image: Option<String>,
+    pub oci_dir: Option<PathBuf>,
+    pub oci_archive: Option<PathBuf>,
+    pub docker_archive: Option<PathBuf>,
+    pub rootfs: Option<PathBuf>,
+    pub checkpoint: Option<String>,
+    pub image_name: Option<String>,
+}
+
+/// `PUT /warren/v1/templates/{name}`: creates the template as a `POST` would; applying it again
+/// with the same source is a no-op (`200`), with another one a conflict (templates are not
+/// replaced in place: sandboxes and pools stack their layers).
+async fn apply(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path(name): Path<String>,
+    JsonBody(obj): JsonBody<TemplateObject>,
+) -> ApiResult<Response> {
+    if obj.kind != "Template" {
+        return Err(ApiError::bad_request(format!(
+            "kind is {:?}, expected \"Template\"",
+            obj.kind
+        )));
+    }
+    if let Some(v) = &obj.api_version {
+        if !warren_core::objects::accepted_api_version(v) {
+            return Err(ApiError::bad_request(format!(
+                "apiVersion {v:?} is not supported (use {})",
+                warren_core::objects::API_VERSION
+            )));
+        }
+    }
+    if obj.metadata.name != name {
+        return Err(ApiError::bad_request(format!(
+            "metadata.name {:?} does not match the path's {name:?}",
+            obj.metadata.name
+        )));
+    }
+    let s = obj.spec;
+    let req = CreateTemplate {
+        name: name.clone(),
+        image: s.image,
+        oci_dir: s.oci_dir,
+        oci_archive: s.oci_archive,
+        docker_archive: s.docker_archive,
+        rootfs: s.rootfs,
+        checkpoint: s.checkpoint,
+        image_name: s.image_name,
+        username: None,
+        password: None,
+    };
+    let wanted = source(&req)?;
+    if let Ok(view) = st.warren.template(&name) {
+        let have = view
+            .template
+            .as_ref()
+            .map(|t| &t.source)
+            .or(view.build.as_ref().map(|b| &b.source));
+        return match have {
+            Some(h) if *h == wanted && view.status != "failed" => {
+                Ok((StatusCode::OK, Json(view)).into_response())
+            }
+            Some(h) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "template {name} exists with source {}; delete it first to change it",
+                    h.describe()
+                ),
+            )),
+            None => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("template {name} is built into the daemon and cannot be replaced"),
+            )),
+        };
+    }
+    create_from(&st, &who, req).await
+}
+
+async fn create_from(
+    st: &AppState,
+    who: &warren_core::auth::Principal,
+    req: CreateTemplate,
+) -> ApiResult<Response> {
     let source = source(&req)?;
+    if let TemplateSource::Checkpoint { checkpoint } = &source {
+        if req.username.is_some() || req.password.is_some() || req.image_name.is_some() {
+            return Err(ApiError::bad_request(
+                "username, password and imageName do not apply to checkpoint",
+            ));
+        }
+        // Nothing to build: the template is ready at once.
+        let view = st
+            .warren
+            .create_checkpoint_template(who, &req.name, checkpoint)
+            .await?;
+        return Ok((StatusCode::CREATED, Json(view)).into_response());
+    }
     let credentials = match (&req.username, &req.password) {
         (Some(u), Some(p)) => Some(warren_image::pull::Credentials {
             username: u.clone(),

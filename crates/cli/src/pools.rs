@@ -19,6 +19,7 @@ fn collection(kind: &str) -> Option<&'static str> {
         "PoolingAutoScaler" => Some("poolingautoscalers"),
         "Commit" => Some("commits"),
         "Checkpoint" => Some("checkpoints"),
+        "Template" => Some("templates"),
         _ => None,
     }
 }
@@ -41,7 +42,7 @@ pub fn read_objects(file: &Path) -> anyhow::Result<Vec<(&'static str, String, Va
         let kind = doc["kind"].as_str().unwrap_or_default();
         let coll = collection(kind).ok_or_else(|| {
             anyhow!(
-                "{} document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler, Commit or Checkpoint)",
+                "{} document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler, Commit, Checkpoint or Template)",
                 file.display()
             )
         })?;

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {
-    /// Create a template from an image, an OCI layout or archive, a docker-archive or a rootfs dir.
+    /// Create a template from an image, an OCI layout or archive, a docker-archive, a rootfs dir
+    /// or a checkpoint.
     Create(CreateArgs),
     /// List templates.
     #[command(visible_alias = "ls")]
@@ -60,6 +61,10 @@ pub struct CreateArgs {
     /// A root filesystem directory, used as the template's single read-only layer.
     #[arg(long, group = "source")]
     pub rootfs: Option<PathBuf>,
+    /// A checkpoint: every sandbox of the template (and of a pool on it) is a restore of it,
+    /// e.g. a code interpreter with its imports done.
+    #[arg(long, group = "source")]
+    pub checkpoint: Option<String>,
     /// Which image of the layout or archive (ref name or tag), when it holds several.
     #[arg(long)]
     pub image_name: Option<String>,
@@ -137,6 +142,7 @@ fn source_of(t: &Value) -> String {
     };
     match s["kind"].as_str() {
         Some("image") => s["reference"].as_str().unwrap_or("").to_string(),
+        Some("checkpoint") => format!("checkpoint {}", s["checkpoint"].as_str().unwrap_or("")),
         Some(k) => format!("{k} {}", s["path"].as_str().unwrap_or("")),
         None => "-".into(),
     }
@@ -173,6 +179,9 @@ async fn create(api: &ApiClient, out: Output, a: CreateArgs) -> anyhow::Result<u
     }
     if let Some(n) = &a.image_name {
         body["imageName"] = json!(n);
+    }
+    if let Some(c) = &a.checkpoint {
+        body["checkpoint"] = json!(c);
     }
     if let Some(u) = &a.username {
         let mut password = String::new();

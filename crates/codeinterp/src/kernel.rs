@@ -104,16 +104,152 @@ pub struct KernelConfig {
 
 type Routes = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
 
+/// The server's sockets to one kernel: replaced whole when the connection is lost while the
+/// kernel lives on (see [`Link::reconnect`]).
+struct Conn {
+    shell: zeromq::DealerSendHalf,
+    control: zeromq::DealerSendHalf,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.readers.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Everything needed to (re)connect to a kernel, shared with the task that reconnects.
+struct Link {
+    session: Session,
+    routes: Routes,
+    shell_port: u16,
+    iopub_port: u16,
+    control_port: u16,
+    exit: watch::Receiver<Option<String>>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    /// Bumped at each (re)connection: a reader of an older connection that ends is no news.
+    generation: std::sync::atomic::AtomicU64,
+    /// A reader of the current connection saw its socket end.
+    lost: tokio::sync::Notify,
+}
+
+/// How long a reconnection to a live kernel may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Link {
+    /// Connects fresh sockets to the kernel's shell, control and iopub ports and starts their
+    /// readers. Returns once the kernel answers on shell and publishes on iopub (as at start).
+    async fn connect(self: &Arc<Self>) -> Result<Conn, KernelError> {
+        let shell = connect(zeromq::DealerSocket::new(), self.shell_port).await?;
+        let control = connect(zeromq::DealerSocket::new(), self.control_port).await?;
+        let mut iopub = connect(zeromq::SubSocket::new(), self.iopub_port).await?;
+        iopub.subscribe("").await?;
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let (shell, shell_rx) = shell.split();
+        let (control, control_rx) = control.split();
+        let readers = vec![
+            spawn_reader(iopub, self.clone(), generation, "iopub"),
+            spawn_reader(shell_rx, self.clone(), generation, "shell"),
+            spawn_reader(control_rx, self.clone(), generation, "control"),
+        ];
+        let mut conn = Conn {
+            shell,
+            control,
+            readers,
+        };
+        self.handshake(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Sends a `kernel_info_request` until there is a `kernel_info_reply` on shell and a status
+    /// message on iopub for the same request: only then is the SUB socket surely subscribed (a
+    /// PUB drops what it publishes before that), so no output of the next execution is lost.
+    async fn handshake(&self, conn: &mut Conn) -> Result<(), KernelError> {
+        loop {
+            let msg = self.session.request("kernel_info_request", json!({}));
+            let mut rx = self.route_to(&msg);
+            let sent = conn.shell.send(self.frames(&msg)?).await;
+            if let Err(e) = sent {
+                self.unroute(&msg.header.msg_id);
+                return Err(e.into());
+            }
+            let (mut replied, mut published) = (false, false);
+            let deadline = tokio::time::sleep(Duration::from_millis(500));
+            tokio::pin!(deadline);
+            let mut exit = self.exit.clone();
+            while !(replied && published) {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) if m.msg_type() == "kernel_info_reply" => replied = true,
+                        Some(m) if m.msg_type() == "status" => published = true,
+                        Some(_) => {}
+                        None => break,
+                    },
+                    _ = exit.wait_for(Option::is_some) => {
+                        self.unroute(&msg.header.msg_id);
+                        return Err(KernelError::Dead(self.exit.borrow().clone().unwrap_or_default()));
+                    }
+                    _ = &mut deadline => break,
+                }
+            }
+            self.unroute(&msg.header.msg_id);
+            if replied && published {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replaces the connection to a kernel that still runs: CRIU closes TCP connections, loopback
+    /// ones too, when a sandbox is restored from a checkpoint or woken from hibernation, and the
+    /// kernel (still listening) must not be taken for dead then, or its state is lost.
+    async fn reconnect(self: &Arc<Self>, slot: &mut Option<Conn>) -> Result<(), KernelError> {
+        *slot = None;
+        let mut exit = self.exit.clone();
+        let conn = tokio::select! {
+            r = tokio::time::timeout(RECONNECT_TIMEOUT, self.connect()) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(KernelError::Dead("cannot reconnect to the kernel".into())),
+            },
+            _ = exit.wait_for(Option::is_some) => {
+                return Err(KernelError::Dead(self.exit.borrow().clone().unwrap_or_default()));
+            }
+        };
+        *slot = Some(conn);
+        Ok(())
+    }
+
+    fn frames(&self, msg: &Message) -> Result<ZmqMessage, KernelError> {
+        ZmqMessage::try_from(self.session.encode(msg))
+            .map_err(|_| KernelError::Dead("empty message".into()))
+    }
+
+    fn route_to(&self, msg: &Message) -> mpsc::Receiver<Message> {
+        let (tx, rx) = mpsc::channel(ROUTE_CAPACITY);
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(msg.header.msg_id.clone(), tx);
+        rx
+    }
+
+    fn unroute(&self, msg_id: &str) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(msg_id);
+    }
+}
+
 pub struct Kernel {
     pub language: Language,
     pid: i32,
     session: Session,
-    shell: tokio::sync::Mutex<zeromq::DealerSendHalf>,
-    control: tokio::sync::Mutex<zeromq::DealerSendHalf>,
-    routes: Routes,
+    link: Arc<Link>,
     /// `Some(reason)` once the process has ended.
     exit: watch::Receiver<Option<String>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
     connection_file: PathBuf,
     pid_file: PathBuf,
     tasks: Vec<JoinHandle<()>>,
@@ -174,11 +310,12 @@ fn route(routes: &Routes, msg: Message) -> Option<(mpsc::Sender<Message>, Messag
     Some((tx, msg))
 }
 
-/// Reads one socket forever, handing each message to the request it answers.
+/// Reads one socket until it ends, handing each message to the request it answers; an end of
+/// the current connection's socket is reported to the link, which reconnects.
 fn spawn_reader<S: SocketRecv + Send + 'static>(
     mut socket: S,
-    session: Session,
-    routes: Routes,
+    link: Arc<Link>,
+    generation: u64,
     name: &'static str,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -187,10 +324,13 @@ fn spawn_reader<S: SocketRecv + Send + 'static>(
                 Ok(m) => m.into_vec(),
                 Err(e) => {
                     tracing::debug!(socket = name, error = %e, "kernel socket closed");
+                    if link.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+                        link.lost.notify_one();
+                    }
                     return;
                 }
             };
-            match session.decode(&frames) {
+            match link.session.decode(&frames) {
                 Ok(msg) => {
                     tracing::trace!(
                         socket = name,
@@ -198,7 +338,7 @@ fn spawn_reader<S: SocketRecv + Send + 'static>(
                         parent = msg.parent_id().unwrap_or_default(),
                         "received"
                     );
-                    if let Some((tx, msg)) = route(&routes, msg) {
+                    if let Some((tx, msg)) = route(&link.routes, msg) {
                         // A gone consumer just means nobody waits for this request any more.
                         let _ = tx.send(msg).await;
                     }
@@ -335,32 +475,34 @@ impl Kernel {
         }));
 
         let session = Session::new(key.into_bytes());
-        let routes: Routes = Arc::default();
+        let link = Arc::new(Link {
+            session: session.clone(),
+            routes: Arc::default(),
+            shell_port: ports[0],
+            iopub_port: ports[1],
+            control_port: ports[3],
+            exit: exit.clone(),
+            conn: tokio::sync::Mutex::new(None),
+            generation: Default::default(),
+            lost: Default::default(),
+        });
         let mut kernel_exit = exit.clone();
-        let connected = async {
-            let shell = connect(zeromq::DealerSocket::new(), ports[0]).await?;
-            let control = connect(zeromq::DealerSocket::new(), ports[3]).await?;
-            let mut iopub = connect(zeromq::SubSocket::new(), ports[1]).await?;
-            iopub.subscribe("").await?;
-            Ok::<_, KernelError>((shell, control, iopub))
-        };
         let died = async {
             let _ = kernel_exit.wait_for(Option::is_some).await;
         };
         let connected = tokio::select! {
-            r = tokio::time::timeout(START_TIMEOUT, connected) => r,
+            r = tokio::time::timeout(START_TIMEOUT, link.connect()) => r,
             _ = died => Ok(Err(KernelError::Dead(String::new()))),
         };
-        let abort_all = |tasks: &[JoinHandle<()>]| tasks.iter().for_each(JoinHandle::abort);
-        let (shell, control, iopub) = match connected {
-            Ok(Ok(s)) => s,
+        let conn = match connected {
+            Ok(Ok(c)) => c,
             other => {
                 kill_group(pid, libc::SIGKILL);
-                abort_all(&tasks);
+                tasks.iter().for_each(JoinHandle::abort);
                 let _ = std::fs::remove_file(&connection_file);
                 let _ = std::fs::remove_file(&pid_file);
                 let detail = match other {
-                    Err(_) => "timed out connecting to it".to_string(),
+                    Err(_) => format!("no kernel_info_reply within {START_TIMEOUT:?}"),
                     Ok(Err(e)) => e.to_string(),
                     Ok(Ok(_)) => unreachable!(),
                 };
@@ -370,82 +512,18 @@ impl Kernel {
                 )));
             }
         };
-        tasks.push(spawn_reader(
-            iopub,
-            session.clone(),
-            routes.clone(),
-            "iopub",
-        ));
-        let (shell, shell_rx) = shell.split();
-        tasks.push(spawn_reader(
-            shell_rx,
-            session.clone(),
-            routes.clone(),
-            "shell",
-        ));
-        let (control, control_rx) = control.split();
-        tasks.push(spawn_reader(
-            control_rx,
-            session.clone(),
-            routes.clone(),
-            "control",
-        ));
-        let kernel = Kernel {
+        *link.conn.lock().await = Some(conn);
+        tasks.push(tokio::spawn(watch_link(link.clone(), pid)));
+        Ok(Kernel {
             language,
             pid,
             session,
-            shell: tokio::sync::Mutex::new(shell),
-            control: tokio::sync::Mutex::new(control),
-            routes,
+            link,
             exit,
-            stderr_tail,
             connection_file,
             pid_file,
             tasks,
-        };
-        match tokio::time::timeout(START_TIMEOUT, kernel.wait_ready()).await {
-            Ok(Ok(())) => Ok(kernel),
-            Ok(Err(e)) => Err(fail(format!(
-                "{e}; its stderr ends with:\n{}",
-                tail_text(&kernel.stderr_tail)
-            ))),
-            Err(_) => Err(fail(format!(
-                "no kernel_info_reply within {START_TIMEOUT:?}; its stderr ends with:\n{}",
-                tail_text(&kernel.stderr_tail)
-            ))),
-        }
-    }
-
-    /// Waits for a `kernel_info_reply` on shell and a status message on iopub for the same
-    /// request: only then is the SUB socket surely subscribed (a PUB drops what it publishes
-    /// before that), so no output of the first execution can be lost.
-    async fn wait_ready(&self) -> Result<(), KernelError> {
-        loop {
-            let msg = self.session.request("kernel_info_request", json!({}));
-            let mut rx = self.send(Channel::Shell, &msg).await?;
-            let (mut replied, mut published) = (false, false);
-            let deadline = tokio::time::sleep(Duration::from_millis(500));
-            tokio::pin!(deadline);
-            let mut exit = self.exit.clone();
-            while !(replied && published) {
-                tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(m) if m.msg_type() == "kernel_info_reply" => replied = true,
-                        Some(m) if m.msg_type() == "status" => published = true,
-                        Some(_) => {}
-                        None => break,
-                    },
-                    _ = exit.wait_for(Option::is_some) => {
-                        return Err(KernelError::Dead(self.exit_reason()));
-                    }
-                    _ = &mut deadline => break,
-                }
-            }
-            self.unroute(&msg.header.msg_id);
-            if replied && published {
-                return Ok(());
-            }
-        }
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -468,7 +546,8 @@ impl Kernel {
     }
 
     /// Sends a request; everything that names it as parent (reply, iopub output) comes out of
-    /// the returned receiver until [`Kernel::unroute`].
+    /// the returned receiver until [`Kernel::unroute`]. A connection found lost while the kernel
+    /// lives is replaced first.
     pub async fn send(
         &self,
         channel: Channel,
@@ -477,17 +556,26 @@ impl Kernel {
         if !self.is_alive() {
             return Err(KernelError::Dead(self.exit_reason()));
         }
-        let (tx, rx) = mpsc::channel(ROUTE_CAPACITY);
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(msg.header.msg_id.clone(), tx);
-        let frames = ZmqMessage::try_from(self.session.encode(msg))
-            .map_err(|_| KernelError::Dead("empty message".into()))?;
-        let sent = match channel {
-            Channel::Shell => self.shell.lock().await.send(frames).await,
-            Channel::Control => self.control.lock().await.send(frames).await,
+        let link = &self.link;
+        let rx = link.route_to(msg);
+        let mut slot = link.conn.lock().await;
+        let mut sent = match slot.as_mut() {
+            Some(conn) => conn.send(channel, link.frames(msg)?).await,
+            None => Err(zeromq::ZmqError::Other("not connected")),
         };
+        if sent.is_err() && self.is_alive() {
+            tracing::info!(
+                kernel_pid = self.pid,
+                "kernel connection lost: reconnecting"
+            );
+            if let Err(e) = link.reconnect(&mut slot).await {
+                self.unroute(&msg.header.msg_id);
+                return Err(e);
+            }
+            if let Some(conn) = slot.as_mut() {
+                sent = conn.send(channel, link.frames(msg)?).await;
+            }
+        }
         if let Err(e) = sent {
             self.unroute(&msg.header.msg_id);
             return Err(e.into());
@@ -496,10 +584,7 @@ impl Kernel {
     }
 
     pub fn unroute(&self, msg_id: &str) {
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(msg_id);
+        self.link.unroute(msg_id);
     }
 
     /// Starts executing `code`; returns the request id and its messages.
@@ -547,6 +632,37 @@ impl Kernel {
     }
 }
 
+impl Conn {
+    async fn send(&mut self, channel: Channel, frames: ZmqMessage) -> Result<(), zeromq::ZmqError> {
+        match channel {
+            Channel::Shell => self.shell.send(frames).await,
+            Channel::Control => self.control.send(frames).await,
+        }
+    }
+}
+
+/// Reconnects as soon as a reader of the current connection sees its socket end while the
+/// kernel lives (a restore from a checkpoint, a wake from hibernation), so that the next request
+/// finds a working connection and pays nothing for it.
+async fn watch_link(link: Arc<Link>, pid: i32) {
+    let mut exit = link.exit.clone();
+    loop {
+        tokio::select! {
+            _ = link.lost.notified() => {}
+            _ = exit.wait_for(Option::is_some) => return,
+        }
+        if link.exit.borrow().is_some() {
+            return;
+        }
+        let mut slot = link.conn.lock().await;
+        tracing::info!(kernel_pid = pid, "kernel connection lost: reconnecting");
+        match link.reconnect(&mut slot).await {
+            Ok(()) => tracing::info!(kernel_pid = pid, "kernel connection restored"),
+            Err(e) => tracing::warn!(kernel_pid = pid, error = %e, "reconnecting to the kernel"),
+        }
+    }
+}
+
 /// The kernel sockets a request can go to.
 #[derive(Debug, Clone, Copy)]
 pub enum Channel {
@@ -557,6 +673,11 @@ pub enum Channel {
 impl Drop for Kernel {
     fn drop(&mut self) {
         self.kill();
+        // The connection's readers hold the link: stop them now rather than when the dead
+        // kernel's sockets end.
+        if let Ok(mut conn) = self.link.conn.try_lock() {
+            conn.take();
+        }
         for t in &self.tasks {
             t.abort();
         }

@@ -51,6 +51,9 @@ pub enum TemplateSource {
     },
     /// A directory used as the single read-only layer, as is.
     Rootfs { path: PathBuf },
+    /// A memory checkpoint (or a filesystem-only one): every sandbox of the template is a
+    /// restore of it, e.g. a code interpreter whose kernel already imported heavy modules.
+    Checkpoint { checkpoint: String },
 }
 
 impl TemplateSource {
@@ -63,6 +66,15 @@ impl TemplateSource {
                 format!("docker-archive {}", path.display())
             }
             TemplateSource::Rootfs { path } => format!("rootfs {}", path.display()),
+            TemplateSource::Checkpoint { checkpoint } => format!("checkpoint {checkpoint}"),
+        }
+    }
+
+    /// The checkpoint a template restores, when it is made from one.
+    pub fn checkpoint(&self) -> Option<&str> {
+        match self {
+            TemplateSource::Checkpoint { checkpoint } => Some(checkpoint),
+            _ => None,
         }
     }
 }
@@ -146,12 +158,37 @@ impl ImageTemplates {
     }
 
     pub(crate) fn lower_dirs(&self, t: &ImageTemplate) -> Vec<PathBuf> {
+        // A checkpoint's layers are exactly those its processes had: the source's own `/etc`
+        // layer is among them.
+        if t.source.checkpoint().is_some() {
+            return t.layers.clone();
+        }
         let etc = self
             .etc_layer
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         etc.into_iter().chain(t.layers.iter().cloned()).collect()
+    }
+
+    /// The checkpoint template `name` restores, if it is a checkpoint template.
+    pub fn checkpoint_of(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .and_then(|t| t.source.checkpoint().map(str::to_string))
+    }
+
+    /// The checkpoint templates that restore checkpoint `checkpoint`, sorted.
+    pub fn using_checkpoint(&self, checkpoint: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .ready
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|t| t.source.checkpoint() == Some(checkpoint))
+            .map(|t| t.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     pub fn build(&self, name: &str) -> Option<BuildStatus> {

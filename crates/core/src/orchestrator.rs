@@ -484,6 +484,8 @@ impl Warren {
                     timeout_secs: req.timeout_secs,
                     metadata: req.metadata,
                     env_vars: req.env_vars,
+                    auto_pause: req.auto_pause,
+                    auto_resume: req.auto_resume,
                 };
                 return self
                     .restore_checkpoint(who, &req.template_id, restore)
@@ -508,6 +510,9 @@ impl Warren {
         // A warm pool of this template hands out a ready member instead of a cold start.
         if let Some(rec) = self.claim_from_pool(who, &req, timeout).await? {
             return Ok(rec);
+        }
+        if let Some(ck) = self.templates.images.checkpoint_of(&req.template_id) {
+            return self.create_from_checkpoint_template(who, &ck, req).await;
         }
         let id = new_sandbox_id();
         let token = generate_access_token();

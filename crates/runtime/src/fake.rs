@@ -3,8 +3,8 @@
 //! kernel, and can be told to fail, so error paths are testable without root.
 
 use crate::{
-    CheckpointStats, NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
-    SandboxStats,
+    CheckpointInfo, CheckpointOptions, CheckpointStats, NetworkPolicy, Placement, RuntimeError,
+    SandboxRuntime, SandboxSpec, SandboxStats,
 };
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
@@ -31,6 +31,10 @@ pub struct FakeRuntime {
     fail_next_create: AtomicBool,
     /// Why hibernation is unavailable, when a test says so (a host without a working CRIU).
     no_hibernate: Mutex<Option<String>>,
+    /// Checkpoints taken (by name).
+    checkpoints: Mutex<HashSet<String>>,
+    /// Sandbox id → the checkpoint it was restored from.
+    restored: Mutex<HashMap<String, String>>,
 }
 
 impl FakeRuntime {
@@ -56,6 +60,11 @@ impl FakeRuntime {
         if let Some(s) = self.sandboxes.lock().unwrap().get_mut(id) {
             s.alive = false;
         }
+    }
+
+    /// The checkpoint sandbox `id` was restored from, if it was.
+    pub fn restored_from(&self, id: &str) -> Option<String> {
+        self.restored.lock().unwrap().get(id).cloned()
     }
 
     pub fn get(&self, id: &str) -> Option<FakeSandbox> {
@@ -243,6 +252,57 @@ impl SandboxRuntime for FakeRuntime {
         s.placement.init_pid = pid;
         s.placement.init_start_ticks = pid as u64;
         Ok(s.placement.clone())
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        if !self.is_alive(id) {
+            return Err(RuntimeError::UnknownSandbox(id.into()));
+        }
+        self.checkpoints.lock().unwrap().insert(name.to_string());
+        Ok(CheckpointInfo {
+            image_bytes: if opts.memory { 4096 } else { 0 },
+            fs_bytes: 1,
+            duration: std::time::Duration::from_millis(1),
+            frozen: std::time::Duration::from_millis(1),
+        })
+    }
+
+    fn checkpoint_layer(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.checkpoints
+            .lock()
+            .unwrap()
+            .contains(name)
+            .then(|| format!("/fake/checkpoints/{name}/fs").into())
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Placement, RuntimeError> {
+        if !self.checkpoints.lock().unwrap().contains(name) {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                id: spec.id.clone(),
+                reason: format!("no checkpoint {name}"),
+            });
+        }
+        let placement = self.create(spec).await?;
+        self.restored
+            .lock()
+            .unwrap()
+            .insert(spec.id.clone(), name.to_string());
+        Ok(placement)
+    }
+
+    async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
+        self.checkpoints.lock().unwrap().remove(name);
+        Ok(())
     }
 
     async fn adopt_hibernated(

@@ -25,7 +25,7 @@ use crate::store::SandboxRecord;
 use chrono::Utc;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use warren_runtime::{CheckpointOptions, RuntimeError};
+use warren_runtime::{CheckpointOptions, RuntimeError, SandboxSpec};
 
 /// Most forks one request may ask for.
 pub const MAX_FORKS: u32 = 100;
@@ -42,6 +42,9 @@ pub struct RestoreRequest {
     pub metadata: BTreeMap<String, String>,
     /// Added to (and overriding) the source's env vars.
     pub env_vars: BTreeMap<String, String>,
+    /// As a create's: pause instead of kill at the timeout; resume on traffic.
+    pub auto_pause: bool,
+    pub auto_resume: bool,
 }
 
 fn unavailable(e: RuntimeError) -> CoreError {
@@ -218,6 +221,13 @@ impl Warren {
                 "checkpoint {name} is being taken; delete it once it has finished"
             )));
         }
+        let templates = self.templates.images.using_checkpoint(name);
+        if !templates.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "checkpoint {name} is the source of template(s) {}: delete them first",
+                templates.join(", ")
+            )));
+        }
         let users = self.checkpoint_users(name).await?;
         if !users.is_empty() {
             return Err(CoreError::Conflict(format!(
@@ -242,15 +252,27 @@ impl Warren {
         name: &str,
         req: RestoreRequest,
     ) -> Result<SandboxRecord, CoreError> {
-        let timeout = self.timeout(req.timeout_secs)?;
         let (ck, source) = self.checkpoint_with_source(who, name).await?;
+        self.restore_as(who, &ck, &source, name, req, None).await
+    }
+
+    /// Checks that checkpoint `ck` can be restored and returns the spec of a new sandbox
+    /// restored from it: a new id and access token, the checkpoint's files stacked over the
+    /// source's layers, the source's env vars plus `extra_env`.
+    pub(super) fn restored_spec(
+        &self,
+        ck: &Checkpoint,
+        source: &CheckpointSource,
+        extra_env: &BTreeMap<String, String>,
+    ) -> Result<SandboxSpec, CoreError> {
+        let name = &ck.metadata.name;
         if ck.status.phase != CheckpointPhase::Succeeded {
             return Err(CoreError::Conflict(format!(
                 "checkpoint {name} is {:?}, not usable",
                 ck.status.phase
             )));
         }
-        for (k, v) in &req.env_vars {
+        for (k, v) in extra_env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                 return Err(CoreError::InvalidArgument(format!(
                     "invalid environment variable {k:?}"
@@ -260,64 +282,44 @@ impl Warren {
         let layer = self.runtime.checkpoint_layer(name).ok_or_else(|| {
             CoreError::NotFound(format!("the files of checkpoint {name} are gone"))
         })?;
-        let memory = ck.memory();
-        if memory && source.spec.envd.admin_token.is_none() {
+        if ck.memory() && source.spec.envd.admin_token.is_none() {
             return Err(CoreError::Conflict(format!(
                 "checkpoint {name} is of a sandbox made before checkpoints could re-key envd; \
                  take a new one"
             )));
         }
-        let id = new_sandbox_id();
-        let token = generate_access_token();
         let mut spec = source.spec.clone();
-        spec.id = id.clone();
+        spec.id = new_sandbox_id();
         spec.rootfs.lower_dirs.insert(0, layer);
-        spec.envd.access_token = Some(token.clone());
-        let mut env_vars = source.env_vars.clone();
-        env_vars.extend(req.env_vars.clone());
-        spec.envd.env_vars.extend(req.env_vars);
-        let now = self.clock.now();
-        let rec = SandboxRecord {
-            id: id.clone(),
-            template_id: name.to_string(),
-            team_id: who.team.clone(),
-            api_key_id: who.key_id.clone(),
-            state: SandboxState::Creating,
-            metadata: req.metadata,
-            env_vars,
-            envd_access_token: token.clone(),
-            cpu_count: source.cpu_count,
-            memory_mb: source.memory_mb,
-            disk_mb: source.disk_mb,
-            allow_internet: source.allow_internet,
-            auto_pause: false,
-            auto_resume_secs: None,
-            started_at: now,
-            end_at: now + timeout,
-            placement: None,
-            spec: spec.clone(),
-        };
-        self.store.insert(rec).await?;
-        let lock = self.lock_for(&id);
-        let _guard = lock.lock().await;
-        let started = std::time::Instant::now();
+        spec.envd.access_token = Some(generate_access_token());
+        spec.envd.env_vars.extend(extra_env.clone());
+        Ok(spec)
+    }
+
+    /// Starts sandbox `spec` from checkpoint `name`: with `memory`, CRIU restores the tree and
+    /// the restored envd is re-keyed to `spec`'s access token, env vars and user (with the
+    /// source's admin token, which the restored envd holds); filesystem only, it boots fresh on
+    /// the checkpoint's files. The caller abandons the sandbox on error.
+    pub(super) async fn start_restored(
+        &self,
+        name: &str,
+        memory: bool,
+        spec: &SandboxSpec,
+    ) -> Result<warren_runtime::Placement, CoreError> {
+        let id = &spec.id;
         let placement = if memory {
-            self.runtime.restore_checkpoint(name, &spec).await
+            self.runtime.restore_checkpoint(name, spec).await
         } else {
-            self.runtime.create(&spec).await
+            self.runtime.create(spec).await
         };
-        let placement = match placement {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(sandbox = %id, checkpoint = %name, error = %e, "restore failed");
-                self.abandon_create(&id).await;
-                return Err(unavailable(e));
-            }
-        };
+        let placement = placement.map_err(|e| {
+            tracing::warn!(sandbox = %id, checkpoint = %name, error = %e, "restore failed");
+            unavailable(e)
+        })?;
         if memory {
             let init = InitRequest {
                 env_vars: spec.envd.env_vars.clone(),
-                access_token: token,
+                access_token: spec.envd.access_token.clone().unwrap_or_default(),
                 default_user: spec.envd.default_user.clone(),
             };
             let envd = self
@@ -329,12 +331,68 @@ impl Warren {
             let admin = spec.envd.admin_token.clone().unwrap_or_default();
             if let Err(e) = envd.init(placement.envd_addr(), &admin, &init).await {
                 tracing::warn!(sandbox = %id, error = %e, "restored envd refused /init");
-                self.abandon_create(&id).await;
                 return Err(CoreError::Internal(format!(
                     "the restored sandbox's envd could not be re-keyed: {e}"
                 )));
             }
         }
+        Ok(placement)
+    }
+
+    /// Creates one sandbox, owned by `who`, from checkpoint `ck` (whose team the caller has
+    /// checked, or which a template publishes); it reports `template_id` as its template.
+    /// `network` replaces the source's network policy (a template's creates bring their own).
+    pub(super) async fn restore_as(
+        &self,
+        who: &Principal,
+        ck: &Checkpoint,
+        source: &CheckpointSource,
+        template_id: &str,
+        req: RestoreRequest,
+        network: Option<warren_runtime::NetworkPolicy>,
+    ) -> Result<SandboxRecord, CoreError> {
+        let name = ck.metadata.name.as_str();
+        let timeout = self.timeout(req.timeout_secs)?;
+        let mut spec = self.restored_spec(ck, source, &req.env_vars)?;
+        if let Some(n) = network {
+            spec.network = n;
+        }
+        let id = spec.id.clone();
+        let token = spec.envd.access_token.clone().unwrap_or_default();
+        let mut env_vars = source.env_vars.clone();
+        env_vars.extend(req.env_vars);
+        let now = self.clock.now();
+        let rec = SandboxRecord {
+            id: id.clone(),
+            template_id: template_id.to_string(),
+            team_id: who.team.clone(),
+            api_key_id: who.key_id.clone(),
+            state: SandboxState::Creating,
+            metadata: req.metadata,
+            env_vars,
+            envd_access_token: token,
+            cpu_count: source.cpu_count,
+            memory_mb: source.memory_mb,
+            disk_mb: source.disk_mb,
+            allow_internet: spec.network.allow_internet,
+            auto_pause: req.auto_pause,
+            auto_resume_secs: req.auto_resume.then_some(timeout.num_seconds() as u32),
+            started_at: now,
+            end_at: now + timeout,
+            placement: None,
+            spec: spec.clone(),
+        };
+        self.store.insert(rec).await?;
+        let lock = self.lock_for(&id);
+        let _guard = lock.lock().await;
+        let started = std::time::Instant::now();
+        let placement = match self.start_restored(name, ck.memory(), &spec).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.abandon_create(&id).await;
+                return Err(e);
+            }
+        };
         let now = self.clock.now();
         let rec = self
             .store
@@ -355,10 +413,42 @@ impl Warren {
         tracing::info!(
             sandbox = %id,
             checkpoint = %name,
+            template = %template_id,
             ms = started.elapsed().as_millis() as u64,
             "sandbox restored from checkpoint"
         );
         Ok(rec)
+    }
+
+    /// A create for a template made from a checkpoint: a restore of it, owned by `who`, with the
+    /// request's network settings (the template's checkpoint may be of another team's sandbox:
+    /// the template publishes it).
+    pub(super) async fn create_from_checkpoint_template(
+        &self,
+        who: &Principal,
+        checkpoint: &str,
+        req: super::CreateRequest,
+    ) -> Result<SandboxRecord, CoreError> {
+        let (ck, source) = self
+            .store
+            .get_checkpoint(checkpoint)
+            .await?
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "checkpoint {checkpoint} of template {} is gone",
+                    req.template_id
+                ))
+            })?;
+        let network = req.network.policy(req.allow_internet)?;
+        let restore = RestoreRequest {
+            timeout_secs: req.timeout_secs,
+            metadata: req.metadata,
+            env_vars: req.env_vars,
+            auto_pause: req.auto_pause,
+            auto_resume: req.auto_resume,
+        };
+        self.restore_as(who, &ck, &source, &req.template_id, restore, Some(network))
+            .await
     }
 
     /// Creates `count` sandboxes from one checkpoint, in parallel; one result per sandbox, in
@@ -440,6 +530,7 @@ impl Warren {
             timeout_secs,
             metadata: rec.metadata.clone(),
             env_vars: BTreeMap::new(),
+            ..Default::default()
         };
         self.restore_many(who, &ck.metadata.name, count, req).await
     }
@@ -460,6 +551,11 @@ impl Warren {
                     .is_some_and(|t| now - t > FORK_CHECKPOINT_GRACE);
             let failed = c.status.phase == CheckpointPhase::Failed;
             if !(expired || spent_fork || failed) {
+                continue;
+            }
+            // A template's sandboxes and pool are restores of it: it outlives its TTL until the
+            // template is deleted.
+            if !self.templates.images.using_checkpoint(name).is_empty() {
                 continue;
             }
             match self.checkpoint_users(name).await {

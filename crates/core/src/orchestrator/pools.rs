@@ -486,7 +486,12 @@ impl Warren {
                 self.remove_member(id).await;
             }
             for _ in 0..p.create {
-                self.start_member(entry).await?;
+                // One pool whose template cannot start members (e.g. its checkpoint's files
+                // are gone) must not stop the others from filling.
+                if let Err(e) = self.start_member(entry).await {
+                    tracing::warn!(pool = %name, error = %e, "cannot start a pool member");
+                    break;
+                }
             }
         }
         // Unclaimed members of deleted pools.
@@ -535,25 +540,50 @@ impl Warren {
             allow_internet: set.spec.allow_internet_access,
             ..Default::default()
         };
-        // Nobody ever sees this token: it only keeps the idle member closed until a claim
-        // replaces it. The admin token lets the daemon, and only it, do that replacement.
-        let token = generate_access_token();
-        let mut spec = SandboxSpec {
-            id: id.clone(),
-            rootfs,
-            resources,
-            network,
-            envd: EnvdSettings {
-                access_token: Some(token.clone()),
-                env_vars: BTreeMap::new(),
-                default_user: self.config.default_user.clone(),
-                admin_token: Some(generate_access_token()),
-                start_command: self.templates.start_command(&set.spec.template),
-                default_cwd: None,
-            },
+        // A template made from a checkpoint: members are restores of it (a code interpreter
+        // with its imports done), re-keyed to a token of their own like any member.
+        let restore = match self.templates.images.checkpoint_of(&set.spec.template) {
+            Some(ck) => {
+                let (c, source) = self.store.get_checkpoint(&ck).await?.ok_or_else(|| {
+                    CoreError::NotFound(format!(
+                        "checkpoint {ck} of template {} is gone",
+                        set.spec.template
+                    ))
+                })?;
+                let mut spec = self.restored_spec(&c, &source, &BTreeMap::new())?;
+                spec.network = network.clone();
+                Some((ck, c.memory(), spec))
+            }
+            None => None,
         };
-        self.templates
-            .apply_defaults(&set.spec.template, &mut spec.envd);
+        let (id, spec, resources) = match &restore {
+            // The restored processes live in the source's limits.
+            Some((_, _, spec)) => (spec.id.clone(), spec.clone(), spec.resources),
+            None => {
+                // Nobody ever sees this token: it only keeps the idle member closed until a
+                // claim replaces it. The admin token lets the daemon, and only it, do that
+                // replacement.
+                let mut spec = SandboxSpec {
+                    id: id.clone(),
+                    rootfs,
+                    resources,
+                    network,
+                    envd: EnvdSettings {
+                        access_token: Some(generate_access_token()),
+                        env_vars: BTreeMap::new(),
+                        default_user: self.config.default_user.clone(),
+                        admin_token: Some(generate_access_token()),
+                        start_command: self.templates.start_command(&set.spec.template),
+                        default_cwd: None,
+                    },
+                };
+                self.templates
+                    .apply_defaults(&set.spec.template, &mut spec.envd);
+                (id, spec, resources)
+            }
+        };
+        let token = spec.envd.access_token.clone().unwrap_or_default();
+        let restore = restore.map(|(ck, memory, _)| (ck, memory));
         let now = self.clock.now();
         let rec = SandboxRecord {
             id: id.clone(),
@@ -586,13 +616,17 @@ impl Warren {
             };
             let op_lock = me.lock_for(&id);
             let _guard = op_lock.lock().await;
-            let result = match me.runtime.create(&spec).await {
+            let placement = match &restore {
+                Some((ck, memory)) => me.start_restored(ck, *memory, &spec).await,
+                None => me.runtime.create(&spec).await.map_err(CoreError::from),
+            };
+            let result = match placement {
                 Ok(placement) => me
                     .store
                     .apply(&id, Event::Warmed, move |r| r.placement = Some(placement))
                     .await
                     .map_err(CoreError::from),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(e),
             };
             let label = |result: &str| ResultLabel {
                 pool: pool.clone(),

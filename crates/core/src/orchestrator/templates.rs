@@ -40,6 +40,7 @@ impl From<ImageError> for CoreError {
 fn kind_of(t: &ImageTemplate) -> &'static str {
     match t.source {
         TemplateSource::Rootfs { .. } => "rootfs",
+        TemplateSource::Checkpoint { .. } => "checkpoint",
         _ => "image",
     }
 }
@@ -118,6 +119,13 @@ impl Warren {
                         path.display()
                     )));
                 }
+            }
+            // Made at once by `create_checkpoint_template`, which knows whose checkpoint it is.
+            TemplateSource::Checkpoint { .. } => {
+                return Err(CoreError::InvalidArgument(
+                    "a template from a checkpoint is not built: use create_checkpoint_template"
+                        .into(),
+                ))
             }
         }
         if !matches!(source, TemplateSource::Rootfs { .. }) {
@@ -255,7 +263,9 @@ impl Warren {
                         blocking(move || import(&store, &path, n.as_deref(), &sref, &*report))
                             .await?
                     }
-                    TemplateSource::Rootfs { .. } => unreachable!("handled above"),
+                    TemplateSource::Rootfs { .. } | TemplateSource::Checkpoint { .. } => {
+                        unreachable!("rootfs handled above, checkpoints refused by create_template")
+                    }
                 };
                 (imported.layer_dirs.clone(), Some(imported))
             }
@@ -293,6 +303,105 @@ impl Warren {
         Ok(t)
     }
 
+    /// Makes template `name` from checkpoint `checkpoint` (of the principal's team): every
+    /// sandbox of the template, and every member of a pool on it, is a restore of the
+    /// checkpoint. Ready at once (nothing is copied); like any template it is usable by every
+    /// team of the daemon. The checkpoint cannot be deleted while the template exists.
+    pub async fn create_checkpoint_template(
+        &self,
+        who: &crate::auth::Principal,
+        name: &str,
+        checkpoint: &str,
+    ) -> Result<TemplateView, CoreError> {
+        if !crate::templates::safe_name(name) || name.len() > 128 {
+            return Err(CoreError::InvalidArgument(format!(
+                "invalid template name {name:?}: use letters, digits, '-', '_' and '.'"
+            )));
+        }
+        let ck = self.get_checkpoint(who, checkpoint).await?;
+        if ck.status.phase != crate::checkpoint::CheckpointPhase::Succeeded {
+            return Err(CoreError::Conflict(format!(
+                "checkpoint {checkpoint} is {:?}: only a finished checkpoint can be a template",
+                ck.status.phase
+            )));
+        }
+        if ck.fork_of().is_some() {
+            return Err(CoreError::InvalidArgument(format!(
+                "checkpoint {checkpoint} was made by a fork and is collected with its forks; \
+                 take a named checkpoint of the sandbox for a template"
+            )));
+        }
+        let (_, source) = self
+            .store
+            .get_checkpoint(checkpoint)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("checkpoint {checkpoint} not found")))?;
+        let layer = self.runtime.checkpoint_layer(checkpoint).ok_or_else(|| {
+            CoreError::NotFound(format!("the files of checkpoint {checkpoint} are gone"))
+        })?;
+        let envd = &source.spec.envd;
+        let t = ImageTemplate {
+            name: name.to_string(),
+            source: TemplateSource::Checkpoint {
+                checkpoint: checkpoint.to_string(),
+            },
+            store_ref: None,
+            manifest_digest: None,
+            // Exactly what a restore stacks: the checkpoint's files over the source's layers.
+            layers: std::iter::once(layer)
+                .chain(source.spec.rootfs.lower_dirs.iter().cloned())
+                .collect(),
+            env: envd.env_vars.clone(),
+            workdir: envd.default_cwd.clone(),
+            user: Some(envd.default_user.clone()),
+            start_command: envd.start_command.clone(),
+            size_bytes: ck.status.size.unwrap_or(0),
+            host_binds: source
+                .spec
+                .rootfs
+                .ro_binds
+                .iter()
+                .map(|b| (b.source.clone(), b.target.clone()))
+                .collect(),
+            created_at: self.clock.now(),
+        };
+        {
+            // The check and the insert under one lock: two creates of one name make one template.
+            let builds = self
+                .templates
+                .images
+                .builds
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut ready = self
+                .templates
+                .images
+                .ready
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if self.templates.is_builtin(name)
+                || ready.contains_key(name)
+                || builds.get(name).is_some_and(|b| b.status == "building")
+            {
+                return Err(CoreError::Conflict(format!(
+                    "template {name} exists; delete it first"
+                )));
+            }
+            ready.insert(name.to_string(), t.clone());
+        }
+        if let Err(e) = it::save(&self.store, &t).await {
+            self.templates
+                .images
+                .ready
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+            return Err(e.into());
+        }
+        tracing::info!(template = %name, checkpoint = %checkpoint, "checkpoint template ready");
+        self.template(name)
+    }
+
     /// One template: ready, building or failed.
     pub fn template(&self, name: &str) -> Result<TemplateView, CoreError> {
         if let Some(t) = self.templates.images.get(name) {
@@ -309,6 +418,7 @@ impl Warren {
                 name: name.to_string(),
                 kind: match b.source {
                     TemplateSource::Rootfs { .. } => "rootfs".into(),
+                    TemplateSource::Checkpoint { .. } => "checkpoint".into(),
                     _ => "image".into(),
                 },
                 status: b.status.clone(),

@@ -476,3 +476,99 @@ async fn recovery_kills_interrupted_claims_and_tick_reaps_dead_members() {
     assert!(report.killed.contains(&ids[0]));
     assert!(f.rt.get(&ids[0]).is_none());
 }
+
+#[tokio::test]
+async fn a_checkpoint_template_restores_on_create_and_fills_its_pool() {
+    let f = fixture();
+    let mut req = create_req("base");
+    req.env_vars.insert("FROM_SOURCE".into(), "1".into());
+    let src = f.warren.create(&who(), req).await.unwrap();
+    let ck: crate::checkpoint::Checkpoint = serde_json::from_value(serde_json::json!({
+        "kind": "Checkpoint", "metadata": {"name": "ck"}, "spec": {"sandbox": src.id}
+    }))
+    .unwrap();
+    f.warren.create_checkpoint(&who(), ck).await.unwrap();
+    let view = f
+        .warren
+        .create_checkpoint_template(&who(), "warm", "ck")
+        .await
+        .unwrap();
+    assert_eq!(
+        (view.kind.as_str(), view.status.as_str()),
+        ("checkpoint", "ready")
+    );
+    // Bad input: unknown checkpoint, a name in use, a bad name.
+    let e = f
+        .warren
+        .create_checkpoint_template(&who(), "x", "nope")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoreError::NotFound(_)), "{e}");
+    for (name, conflict) in [("warm", true), ("base", true), ("../x", false)] {
+        let e = f
+            .warren
+            .create_checkpoint_template(&who(), name, "ck")
+            .await
+            .unwrap_err();
+        assert_eq!(matches!(e, CoreError::Conflict(_)), conflict, "{name}: {e}");
+    }
+
+    // A cold create of the template is a restore, re-keyed to its own token.
+    let mut req = create_req("warm");
+    req.env_vars.insert("X".into(), "a".into());
+    let a = f.warren.create(&who(), req).await.unwrap();
+    assert_eq!(a.template_id, "warm");
+    assert_eq!(f.rt.restored_from(&a.id).as_deref(), Some("ck"));
+    assert_ne!(a.envd_access_token, src.envd_access_token);
+    let (_, admin, init) = f.envd.calls.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(Some(admin), src.spec.envd.admin_token);
+    assert_eq!(init.access_token, a.envd_access_token);
+    assert_eq!(init.env_vars["FROM_SOURCE"], "1");
+    assert_eq!(init.env_vars["X"], "a");
+    assert_eq!(
+        a.spec.rootfs.lower_dirs[0],
+        std::path::PathBuf::from("/fake/checkpoints/ck/fs")
+    );
+
+    // The checkpoint is held by the template.
+    let e = f.warren.delete_checkpoint(&who(), "ck").await.unwrap_err();
+    assert!(
+        matches!(&e, CoreError::Conflict(m) if m.contains("warm")),
+        "{e}"
+    );
+
+    // A pool on the template fills with restores; a create claims one.
+    f.warren
+        .apply_sandbox_set(set("p", "warm", 2))
+        .await
+        .unwrap();
+    f.settle().await;
+    assert_eq!(f.status("p").await.available_replicas, 2);
+    let mut req = create_req("warm");
+    req.env_vars.insert("X".into(), "c".into());
+    let c = f.warren.create(&who(), req).await.unwrap();
+    assert_eq!(f.status("p").await.claimed_replicas, 1);
+    assert_eq!(f.rt.restored_from(&c.id).as_deref(), Some("ck"));
+    let (_, _, init) = f.envd.calls.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(init.access_token, c.envd_access_token);
+    assert_eq!(
+        init.env_vars["FROM_SOURCE"], "1",
+        "the source's env under the request's"
+    );
+    assert_eq!(init.env_vars["X"], "c");
+
+    // The template is held by its pool and sandboxes; then everything goes.
+    let e = f.warren.delete_template("warm").await.unwrap_err();
+    assert!(
+        matches!(&e, CoreError::Conflict(m) if m.contains('p')),
+        "{e}"
+    );
+    f.warren.delete_sandbox_set("p").await.unwrap();
+    for id in [&a.id, &c.id] {
+        f.warren.kill(&who(), id).await.unwrap();
+    }
+    f.settle().await;
+    f.warren.delete_template("warm").await.unwrap();
+    f.warren.delete_checkpoint(&who(), "ck").await.unwrap();
+    assert!(warren_runtime::SandboxRuntime::checkpoint_layer(&*f.rt, "ck").is_none());
+}
