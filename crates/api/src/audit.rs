@@ -372,16 +372,21 @@ pub struct AuditParams {
     /// Only entries of this API key id.
     key: Option<String>,
     /// `api`, `process`, `file`, `network` or `lifecycle`.
+    #[param(pattern = "^(api|process|file|network|lifecycle)$")]
     kind: Option<String>,
     /// RFC 3339 time.
+    #[param(format = DateTime)]
     since: Option<String>,
     /// RFC 3339 time.
+    #[param(format = DateTime)]
     until: Option<String>,
     /// Only entries after this sequence number (to follow the log).
     after: Option<i64>,
-    /// At most this many entries, 1 to 100000 (default 1000).
+    /// At most this many entries (default 1000).
+    #[param(minimum = 1, maximum = 100000)]
     limit: Option<u32>,
-    /// `jsonl` for JSON lines (one entry per line), else a JSON array.
+    /// `jsonl` for JSON lines (one entry per line), `json` (the default) for a JSON array.
+    #[param(pattern = "^(json|jsonl)$")]
     format: Option<String>,
 }
 

@@ -12,8 +12,11 @@ use warren_core::SandboxRecord;
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
     #[serde(rename = "templateID")]
+    #[schema(example = "base")]
     pub template_id: String,
-    /// Seconds until the sandbox is killed (or paused, with `autoPause`).
+    /// Seconds until the sandbox is killed (or paused, with `autoPause`); at most the daemon's
+    /// maximum (24 h by default).
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<i64>,
     pub auto_pause: Option<bool>,
     pub auto_resume: Option<AutoResume>,
@@ -34,12 +37,16 @@ pub struct AutoResume {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TimeoutBody {
+    /// Seconds from now; at most the daemon's maximum (24 h by default).
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: i64,
 }
 
 /// `ConnectSandboxV2`, the v1 connect body and the v1 resume body.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ConnectBody {
+    /// Seconds from now; at most the daemon's maximum (24 h by default).
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<i64>,
 }
 

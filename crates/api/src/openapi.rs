@@ -92,7 +92,125 @@ pub(crate) fn finish(mut doc: Doc) -> Doc {
                 .or_insert_with(|| RefOr::T(error.clone()));
         }
     }
+    add_links(&mut doc);
     doc
+}
+
+/// Links from the answers that name a new object to the operations on it, so clients (and
+/// schemathesis' stateful phase) know that `sandboxID` of a create is the `{id}` of the rest.
+fn add_links(doc: &mut Doc) {
+    // (method, path, status, runtime expression of the name, target path pattern)
+    const SOURCES: &[(&str, &str, &str, &str, &str)] = &[
+        (
+            "post",
+            "/v2/sandboxes",
+            "201",
+            "$response.body#/sandboxID",
+            "{id}",
+        ),
+        (
+            "post",
+            "/sandboxes",
+            "201",
+            "$response.body#/sandboxID",
+            "{id}",
+        ),
+        (
+            "post",
+            "/warren/v1/templates",
+            "202",
+            "$response.body#/name",
+            "/warren/v1/templates/{name}",
+        ),
+        (
+            "post",
+            "/warren/v1/commits",
+            "202",
+            "$response.body#/metadata/name",
+            "/warren/v1/commits/{name}",
+        ),
+        (
+            "put",
+            "/warren/v1/commits/{name}",
+            "202",
+            "$request.path.name",
+            "/warren/v1/commits/{name}",
+        ),
+        (
+            "put",
+            "/warren/v1/secrets/{name}",
+            "200",
+            "$request.path.name",
+            "/warren/v1/secrets/{name}",
+        ),
+        (
+            "put",
+            "/warren/v1/sandboxsets/{name}",
+            "200",
+            "$request.path.name",
+            "/warren/v1/sandboxsets/{name}",
+        ),
+        (
+            "put",
+            "/warren/v1/poolingautoscalers/{name}",
+            "200",
+            "$request.path.name",
+            "/warren/v1/poolingautoscalers/{name}",
+        ),
+    ];
+    let ops: Vec<(String, String, String)> = doc
+        .paths
+        .paths
+        .iter()
+        .flat_map(|(path, item)| {
+            [
+                ("get", &item.get),
+                ("put", &item.put),
+                ("post", &item.post),
+                ("delete", &item.delete),
+            ]
+            .into_iter()
+            .filter_map(|(m, op)| {
+                let id = op.as_ref()?.operation_id.clone()?;
+                Some((path.clone(), m.to_string(), id))
+            })
+        })
+        .collect();
+    for (method, path, status, expr, target) in SOURCES {
+        let param = if target.ends_with("{name}") {
+            "name"
+        } else {
+            "id"
+        };
+        let Some(item) = doc.paths.paths.get_mut(*path) else {
+            continue;
+        };
+        let op = match *method {
+            "post" => item.post.as_mut(),
+            _ => item.put.as_mut(),
+        };
+        let Some(RefOr::T(resp)) = op.and_then(|o| o.responses.responses.get_mut(*status)) else {
+            continue;
+        };
+        for (tpath, tmethod, tid) in &ops {
+            let hit = if target.starts_with('/') {
+                tpath == target
+            } else {
+                tpath.contains(target)
+            };
+            if hit && !(tpath == path && tmethod == method) {
+                resp.links.insert(
+                    tid.clone(),
+                    RefOr::T(
+                        utoipa::openapi::link::LinkBuilder::new()
+                            .operation_id(tid.clone())
+                            .parameter(param, *expr)
+                            .build(),
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// The document, built once from the same routes [`crate::app`] serves.
@@ -105,12 +223,58 @@ pub fn document() -> &'static Doc {
 pub fn document_json() -> &'static str {
     static JSON: OnceLock<String> = OnceLock::new();
     JSON.get_or_init(|| {
-        let mut s = document()
-            .to_pretty_json()
-            .expect("an OpenAPI document serializes");
+        let mut v = serde_json::to_value(document()).expect("an OpenAPI document serializes");
+        camel_case_links(&mut v);
+        let mut s = serde_json::to_string_pretty(&Sorted(&v)).expect("a JSON value serializes");
         s.push('\n');
         s
     })
+}
+
+/// A JSON value written with its object keys sorted: whether serde_json keeps insertion order
+/// depends on which crates a build unifies features for (`preserve_order`), and the checked-in
+/// copy must not change with that.
+struct Sorted<'a>(&'a serde_json::Value);
+
+impl serde::Serialize for Sorted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0 {
+            serde_json::Value::Object(m) => {
+                let mut entries: Vec<_> = m.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                let mut map = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    map.serialize_entry(k, &Sorted(v))?;
+                }
+                map.end()
+            }
+            serde_json::Value::Array(a) => s.collect_seq(a.iter().map(Sorted)),
+            other => other.serialize(s),
+        }
+    }
+}
+
+/// utoipa 5 writes a Link's `operationId` as `operation_id` (fixed in utoipa 6, which needs a
+/// newer Rust than the workspace's rust-version); clients would not see the links otherwise.
+fn camel_case_links(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let links = paths
+        .values_mut()
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|op| op.get_mut("responses")?.as_object_mut())
+        .flat_map(|responses| responses.values_mut())
+        .filter_map(|resp| resp.get_mut("links")?.as_object_mut())
+        .flat_map(|links| links.values_mut())
+        .filter_map(|link| link.as_object_mut());
+    for link in links {
+        if let Some(id) = link.remove("operation_id") {
+            link.insert("operationId".into(), id);
+        }
+    }
 }
 
 /// This document; needs no key.

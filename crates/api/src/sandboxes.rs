@@ -16,7 +16,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Creates a sandbox (or claims one from a warm pool of its template).
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes",
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[a-z0-9-]{1,255}$",
         description = "Retries with the same key get the same sandbox")),
     request_body = NewSandbox,
     responses((status = 201, description = "Created", body = SandboxJson)))]
@@ -31,7 +31,7 @@ pub async fn create_v2(
 
 /// v1 create: the same body and answer as v2.
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[a-z0-9-]{1,255}$",
         description = "Retries with the same key get the same sandbox")),
     request_body = NewSandbox,
     responses((status = 201, description = "Created", body = SandboxJson)))]
@@ -86,11 +86,12 @@ pub async fn get(
 #[utoipa::path(get, path = "/v2/sandboxes", tag = "sandboxes",
     params(("metadata" = Option<String>, Query,
             description = "Metadata filter, itself a query string: `k1=v1&k2=v2`, each part percent-quoted"),
-        ("state" = Option<String>, Query, description = "Comma-separated: `running`, `paused`"),
+        ("state" = Option<String>, Query, pattern = "^(|running|paused)(,(|running|paused))*$",
+            description = "Comma-separated: `running`, `paused`"),
         ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
-        ("startedAfter" = Option<String>, Query, description = "RFC 3339 time"),
-        ("order" = Option<String>, Query, description = "`asc` or `desc` by start time"),
-        ("limit" = Option<u32>, Query, description = "Page size"),
+        ("startedAfter" = Option<String>, Query, format = DateTime, description = "RFC 3339 time"),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "`asc` or `desc` by start time"),
+        ("limit" = Option<u32>, Query, minimum = 1, description = "Page size"),
         ("nextToken" = Option<String>, Query, description = "`X-Next-Token` of the previous page")),
     responses((status = 200, description = "The page", body = Vec<ListedSandboxJson>,
         headers(("X-Next-Token" = String, description = "Present when there are more")))))]
@@ -118,10 +119,11 @@ pub async fn list_v2(
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
     params(("metadata" = Option<String>, Query,
             description = "Metadata filter, itself a query string: `k1=v1&k2=v2`, each part percent-quoted"),
-        ("state" = Option<String>, Query, description = "Comma-separated: `running`, `paused`"),
+        ("state" = Option<String>, Query, pattern = "^(|running|paused)(,(|running|paused))*$",
+            description = "Comma-separated: `running`, `paused`"),
         ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
-        ("startedAfter" = Option<String>, Query, description = "RFC 3339 time"),
-        ("order" = Option<String>, Query, description = "`asc` or `desc` by start time")),
+        ("startedAfter" = Option<String>, Query, format = DateTime, description = "RFC 3339 time"),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "`asc` or `desc` by start time")),
     responses((status = 200, description = "Every matching sandbox", body = Vec<ListedSandboxJson>)))]
 pub async fn list_v1(
     State(st): State<AppState>,
