@@ -91,7 +91,7 @@ pub async fn get(
         ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
         ("startedAfter" = Option<String>, Query, format = DateTime, description = "RFC 3339 time"),
         ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "`asc` or `desc` by start time"),
-        ("limit" = Option<u32>, Query, minimum = 1, description = "Page size"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "Page size (at most 4294967295)"),
         ("nextToken" = Option<String>, Query, description = "`X-Next-Token` of the previous page")),
     responses((status = 200, description = "The page", body = Vec<ListedSandboxJson>,
         headers(("X-Next-Token" = String, description = "Present when there are more")))))]
