@@ -116,6 +116,13 @@ def _cleanup(d) -> list:
             problems.append(f"DELETE /sandboxes/{sid} -> {r.status} {r.body!r}")
     if not wait_until(lambda: d.list_ids() == [], 30):
         problems.append(f"sandboxes still listed after kill: {d.list_ids()}")
+    # Then checkpoints (snapshots, and those forks were made from): they hold disk until deleted.
+    r = d.request("GET", "/warren/v1/checkpoints")
+    for obj in r.json() if r.status == 200 else []:
+        name = obj["metadata"]["name"]
+        r = d.request("DELETE", f"/warren/v1/checkpoints/{name}")
+        if r.status not in (204, 404):
+            problems.append(f"DELETE /warren/v1/checkpoints/{name} -> {r.status} {r.body!r}")
     status = d.stop()
     if status != 0:
         problems.append(f"warren exited with {status} after SIGTERM:\n{d.log_tail(20)}")

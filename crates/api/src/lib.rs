@@ -6,6 +6,7 @@
 //! and go to [`proxy`].
 
 pub mod audit;
+pub mod checkpoints;
 pub mod commits;
 pub mod error;
 pub mod extract;
@@ -83,6 +84,7 @@ pub(crate) fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(pools::routes())
         .merge(templates::routes())
         .merge(commits::routes())
+        .merge(checkpoints::routes())
         .routes(routes!(h::create_v1, h::list_v1))
         .routes(routes!(h::create_v2, h::list_v2))
         .routes(routes!(h::get, h::kill))

@@ -38,6 +38,7 @@ pub const BEARER_SCHEME: &str = "AccessTokenAuth";
         (name = "templates", description = "Templates from OCI images or directories"),
         (name = "pools", description = "Warm pools: SandboxSet and PoolingAutoScaler"),
         (name = "commits", description = "Commits of a sandbox to an image, and registry secrets"),
+        (name = "checkpoints", description = "Checkpoints (E2B snapshots), restores and forks"),
         (name = "audit", description = "The audit log"),
         (name = "meta", description = "Health, metrics and this document"),
     )
@@ -106,14 +107,14 @@ fn add_links(doc: &mut Doc) {
             "/v2/sandboxes",
             "201",
             "$response.body#/sandboxID",
-            "{id}",
+            "sandboxes/{id}",
         ),
         (
             "post",
             "/sandboxes",
             "201",
             "$response.body#/sandboxID",
-            "{id}",
+            "sandboxes/{id}",
         ),
         (
             "post",
@@ -135,6 +136,20 @@ fn add_links(doc: &mut Doc) {
             "202",
             "$request.path.name",
             "/warren/v1/commits/{name}",
+        ),
+        (
+            "post",
+            "/warren/v1/checkpoints",
+            "201",
+            "$response.body#/metadata/name",
+            "/warren/v1/checkpoints/{name}",
+        ),
+        (
+            "put",
+            "/warren/v1/checkpoints/{name}",
+            "201",
+            "$request.path.name",
+            "/warren/v1/checkpoints/{name}",
         ),
         (
             "put",

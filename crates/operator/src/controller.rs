@@ -2,9 +2,9 @@
 //! the Sandbox reconciler, and the error policy (exponential backoff per object).
 
 use crate::conditions;
-use crate::crd::{Condition, Sandbox, SandboxSet};
+use crate::crd::{Condition, PoolingAutoScaler, Sandbox, SandboxSet};
 use crate::sandbox::{self, PodConfig, CLEANUP_POLL, FINALIZER};
-use crate::{sandboxset, Error, LABEL_SANDBOX};
+use crate::{autoscaler, sandboxset, Error, LABEL_SANDBOX};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -24,6 +24,8 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive failures per object (`kind/namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Each PoolingAutoScaler's observation window (`namespace/name`).
+    scalers: Mutex<HashMap<String, autoscaler::ScalerState>>,
 }
 
 impl Context {
@@ -37,7 +39,30 @@ impl Context {
             client,
             pods,
             failures: Mutex::default(),
+            scalers: Mutex::default(),
         })
+    }
+
+    /// Runs `f` on the memory of autoscaler `key` (`None` if it has none yet).
+    pub(crate) fn with_scaler<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut Option<autoscaler::ScalerState>) -> T,
+    ) -> T {
+        let mut m = self.scalers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = m.remove(key);
+        let out = f(&mut slot);
+        if let Some(s) = slot {
+            m.insert(key.to_string(), s);
+        }
+        out
+    }
+
+    pub(crate) fn forget_scaler(&self, key: &str) {
+        self.scalers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     /// Publishes a Warning event when the `Ready` condition turns to a failure reason it did not
@@ -111,6 +136,10 @@ pub const FAILURE_REASONS: &[&str] = &[
     "PodConflict",
     "NodeUnreachable",
     "ReconcileFailed",
+    "NodeLost",
+    "PodLost",
+    "TargetNotFound",
+    "ScaleFailed",
 ];
 
 /// Delay after the `n`th consecutive failure (n ≥ 1).
@@ -173,6 +202,27 @@ pub fn sandbox_set_error_policy(set: Arc<SandboxSet>, err: &Error, ctx: Arc<Cont
     Action::requeue(delay)
 }
 
+pub async fn reconcile_autoscaler(
+    pas: Arc<PoolingAutoScaler>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let res = autoscaler::reconcile(pas.clone(), &ctx).await;
+    if res.is_ok() {
+        ctx.succeeded(&Context::key("PoolingAutoScaler", &*pas));
+    }
+    res
+}
+
+pub fn autoscaler_error_policy(
+    pas: Arc<PoolingAutoScaler>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let delay = ctx.backoff(Context::key("PoolingAutoScaler", &*pas));
+    tracing::warn!(autoscaler = %pas.name_any(), error = %err, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
 /// Runs the SandboxSet and Sandbox controllers until SIGTERM/SIGINT. `namespace`: watch one
 /// namespace, or all of them.
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
@@ -211,13 +261,24 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         watcher::Config::default().labels(LABEL_SANDBOX),
     )
     .shutdown_on_signal()
-    .run(reconcile_sandbox, sandbox_error_policy, ctx)
+    .run(reconcile_sandbox, sandbox_error_policy, ctx.clone())
     .for_each(|r| async move {
         if let Err(e) = r {
             tracing::debug!(error = %e, "sandbox controller");
         }
     });
-    futures::join!(sets, sandboxes);
+    let scalers = Controller::new(
+        api::<PoolingAutoScaler>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(reconcile_autoscaler, autoscaler_error_policy, ctx.clone())
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "autoscaler controller");
+        }
+    });
+    futures::join!(sets, sandboxes, scalers);
 }
 
 #[cfg(test)]

@@ -5,17 +5,23 @@
 //! (unit-tested without HTTP), and a thin part that talks to the API server (tested against a mock
 //! API server in `tests`).
 
+pub mod autoscaler;
 pub mod claim;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod leader;
+pub mod nodeloss;
 pub mod sandbox;
 pub mod sandboxset;
 
 #[cfg(test)]
 mod mock;
+#[cfg(test)]
+mod mock_autoscaler;
+#[cfg(test)]
+mod mock_nodeloss;
 
 pub use error::Error;
 

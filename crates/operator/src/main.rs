@@ -39,6 +39,9 @@ enum Command {
         /// warren.dev/node-agent=true).
         #[arg(long = "node-selector", value_parser = parse_pair)]
         node_selector: Vec<(String, String)>,
+        /// Seconds a node may be NotReady before its sandboxes are declared lost (`NodeLost`).
+        #[arg(long, default_value_t = 60)]
+        node_lost_after: u64,
         /// Reconcile only while holding the Lease, so several replicas can run (`false` for a
         /// single replica, e.g. outside the cluster).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -93,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
             namespace,
             placeholder_image,
             node_selector,
+            node_lost_after,
             leader_election,
             lease_name,
             lease_namespace,
@@ -109,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
             let mut pods = PodConfig {
                 placeholder_image,
+                node_lost_after: std::time::Duration::from_secs(node_lost_after),
                 ..PodConfig::default()
             };
             if !node_selector.is_empty() {

@@ -23,22 +23,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use tower_test::mock::{Handle, SendResponse};
 
-const NS: &str = "testns";
+pub(crate) const NS: &str = "testns";
 
-struct ApiServer(Handle<Request<Body>, Response<Body>>);
+pub(crate) struct ApiServer(Handle<Request<Body>, Response<Body>>);
 
 /// One request the reconciler sent, and the means to answer it.
-struct Call {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
+pub(crate) struct Call {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub body: Value,
     send: SendResponse<Response<Body>>,
 }
 
 impl Call {
-    fn reply(self, code: u16, body: Value) {
+    pub fn reply(self, code: u16, body: Value) {
         let resp = Response::builder()
             .status(code)
             .header("content-type", "application/json")
@@ -47,11 +47,11 @@ impl Call {
         self.send.send_response(resp);
     }
 
-    fn ok(self, body: Value) {
+    pub fn ok(self, body: Value) {
         self.reply(200, body)
     }
 
-    fn status_error(self, code: u16, reason: &str, message: &str) {
+    pub fn status_error(self, code: u16, reason: &str, message: &str) {
         self.reply(
             code,
             json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
@@ -62,7 +62,7 @@ impl Call {
 
 impl ApiServer {
     /// The next request, which must be `method` on `path`.
-    async fn expect(&mut self, method: &str, path: &str) -> Call {
+    pub async fn expect(&mut self, method: &str, path: &str) -> Call {
         let (req, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
             .await
             .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
@@ -99,7 +99,7 @@ impl ApiServer {
     }
 }
 
-fn mock() -> (Arc<Context>, ApiServer) {
+pub(crate) fn mock() -> (Arc<Context>, ApiServer) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, NS);
     (
@@ -109,7 +109,7 @@ fn mock() -> (Arc<Context>, ApiServer) {
 }
 
 /// Runs the reconcile on its own task while the test plays the API server.
-async fn run<F, T>(fut: F) -> tokio::task::JoinHandle<T>
+pub(crate) async fn run<F, T>(fut: F) -> tokio::task::JoinHandle<T>
 where
     F: Future<Output = T> + Send + 'static,
     T: Send + 'static,
@@ -121,7 +121,7 @@ where
     })
 }
 
-fn sandbox(name: &str) -> Sandbox {
+pub(crate) fn sandbox(name: &str) -> Sandbox {
     let mut s = Sandbox::new(
         name,
         SandboxSpec {
@@ -140,12 +140,12 @@ fn sandbox(name: &str) -> Sandbox {
     s
 }
 
-fn with_finalizer(mut s: Sandbox) -> Sandbox {
+pub(crate) fn with_finalizer(mut s: Sandbox) -> Sandbox {
     s.metadata.finalizers = Some(vec![FINALIZER.into()]);
     s
 }
 
-fn ready() -> Condition {
+pub(crate) fn ready() -> Condition {
     Condition {
         type_: "Ready".into(),
         status: "True".into(),
@@ -156,9 +156,9 @@ fn ready() -> Condition {
     }
 }
 
-const SANDBOXES: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxes";
-const PODS: &str = "/api/v1/namespaces/testns/pods";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/testns/events";
+pub(crate) const SANDBOXES: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxes";
+pub(crate) const PODS: &str = "/api/v1/namespaces/testns/pods";
+pub(crate) const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/testns/events";
 
 #[tokio::test]
 async fn new_sandbox_gets_the_finalizer_first() {
@@ -344,7 +344,7 @@ async fn deleting_a_sandbox_waits_for_its_pod_then_drops_the_finalizer() {
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
 }
 
-fn set(replicas: i32, max_unavailable: i32) -> SandboxSet {
+pub(crate) fn set(replicas: i32, max_unavailable: i32) -> SandboxSet {
     let mut s = SandboxSet::new(
         "pool",
         SandboxSetSpec {
@@ -369,7 +369,7 @@ fn set(replicas: i32, max_unavailable: i32) -> SandboxSet {
     s
 }
 
-fn member(set: &SandboxSet, name: &str, rev: &str, created: &str) -> Value {
+pub(crate) fn member(set: &SandboxSet, name: &str, rev: &str, created: &str) -> Value {
     let mut s = sandbox(name);
     s.spec = member_spec(&set.spec);
     s.metadata.labels = Some(BTreeMap::from([
@@ -397,7 +397,7 @@ fn member(set: &SandboxSet, name: &str, rev: &str, created: &str) -> Value {
     serde_json::to_value(s).unwrap()
 }
 
-fn list(items: Vec<Value>) -> Value {
+pub(crate) fn list(items: Vec<Value>) -> Value {
     json!({"apiVersion": "warren.dev/v1alpha1", "kind": "SandboxList",
            "metadata": {"resourceVersion": "500"}, "items": items})
 }

@@ -11,8 +11,9 @@ use crate::conditions::{self, condition};
 use crate::controller::Context;
 use crate::crd::{Sandbox, SandboxPhase, SandboxSpec, SandboxStatus, API_VERSION};
 use crate::error::{is_conflict, is_not_found};
+use crate::nodeloss::{self, NodeHealth, NODE_LOST, NODE_UNREACHABLE, POD_LOST};
 use crate::{Error, FIELD_MANAGER, LABEL_SANDBOX};
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
@@ -39,6 +40,8 @@ pub struct PodConfig {
     pub placeholder_image: String,
     /// Where sandboxes may run (nodes with the node agent).
     pub node_selector: BTreeMap<String, String>,
+    /// A sandbox whose node has been `NotReady` this long is lost (see [`crate::nodeloss`]).
+    pub node_lost_after: Duration,
 }
 
 impl Default for PodConfig {
@@ -46,6 +49,9 @@ impl Default for PodConfig {
         PodConfig {
             placeholder_image: "registry.k8s.io/pause:3.10".into(),
             node_selector: BTreeMap::from([("warren.dev/node-agent".into(), "true".into())]),
+            // Kubelet's default node-monitor grace period is 40 s: a node is NotReady after it,
+            // and lost 20 s later.
+            node_lost_after: Duration::from_secs(60),
         }
     }
 }
@@ -445,6 +451,13 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
         }
         Deadline::Wait(next) => next,
     };
+    // Pod and Sandbox changes wake us through the watches; times need a timer.
+    let idle = Duration::from_secs(300);
+    let requeue = Action::requeue(next.map_or(idle, |d| d.min(idle)));
+    // Final: never a new Pod (a new, empty sandbox) under the id of one that was lost.
+    if nodeloss::is_lost(sbx.status.as_ref()) {
+        return Ok(requeue);
+    }
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod =
@@ -454,6 +467,22 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
             .map_err(Error::kube("get pod of", "Sandbox", &name))?
         {
             Some(p) => p,
+            // It had a Pod (it was placed on a node): the Pod was deleted under it.
+            None if old.node_name.is_some() => {
+                let node = old.node_name.clone().unwrap_or_default();
+                let (reason, msg) = match node_health(ctx, &node).await? {
+                    NodeHealth::Lost(m) => (NODE_LOST, format!("pod {name} is gone: {m}")),
+                    _ => (
+                        POD_LOST,
+                        format!("pod {name} on node {node} was deleted or evicted"),
+                    ),
+                };
+                let st = nodeloss::lost_status(&sbx, reason, msg, &now);
+                patch_status(&api, &name, &st).await?;
+                ctx.publish_failure(&*sbx, &old.conditions, &st.conditions)
+                    .await;
+                return Ok(requeue);
+            }
             None => {
                 let pod = build_pod(&sbx, &ctx.pods)?;
                 match pods.create(&PostParams::default(), &pod).await {
@@ -490,15 +519,52 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
                 }
             }
         };
-    let st = observe(&sbx, Some(&pod), &now);
+    let mut st = observe(&sbx, Some(&pod), &now);
+    let mut action = requeue;
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    if let Some(node) = node.filter(|_| owned_by(&pod, &sbx) && nodeloss::needs_node_check(&pod)) {
+        match node_health(ctx, &node).await? {
+            NodeHealth::Ready => {}
+            NodeHealth::Lost(m) => {
+                st = nodeloss::lost_status(&sbx, NODE_LOST, format!("pod {name}: {m}"), &now);
+                action = Action::await_change();
+            }
+            NodeHealth::Unreachable { message, recheck } => {
+                st.message = Some(message.clone());
+                st.conditions = vec![condition(
+                    &old.conditions,
+                    "Ready",
+                    false,
+                    NODE_UNREACHABLE,
+                    message,
+                    gen,
+                    &now,
+                )];
+                action = Action::requeue(recheck);
+            }
+        }
+    }
     if status_changed(sbx.status.as_ref(), &st) {
         patch_status(&api, &name, &st).await?;
         ctx.publish_failure(&*sbx, &old.conditions, &st.conditions)
             .await;
     }
-    // Pod and Sandbox changes wake us through the watches; times need a timer.
-    let idle = Duration::from_secs(300);
-    Ok(Action::requeue(next.map_or(idle, |d| d.min(idle))))
+    Ok(action)
+}
+
+/// The health of node `name` now, from its Node object.
+async fn node_health(ctx: &Context, name: &str) -> Result<NodeHealth, Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let node = nodes
+        .get_opt(name)
+        .await
+        .map_err(Error::kube("get node of", "Sandbox", name))?;
+    Ok(nodeloss::node_health(
+        name,
+        node.as_ref(),
+        Timestamp::now(),
+        ctx.pods.node_lost_after,
+    ))
 }
 
 /// Runs while a deleted Sandbox still has [`FINALIZER`]: deletes its Pod and fails with
@@ -516,7 +582,32 @@ pub async fn cleanup(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> 
     let Some(pod) = pod.filter(|p| owned_by(p, &sbx)) else {
         return Ok(Action::await_change());
     };
-    if pod.meta().deletion_timestamp.is_none() {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    if let (Some(_), Some(node)) = (&pod.meta().deletion_timestamp, node) {
+        // A Pod on a dead node stays Terminating forever (no kubelet confirms it): nothing is
+        // left to clean there, so delete it for good.
+        if let NodeHealth::Lost(_) = node_health(ctx, &node).await? {
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: pod.meta().uid.clone(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match pods.delete(&name, &dp).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => return Ok(Action::await_change()),
+                Err(e) => {
+                    return Err(Error::kube(
+                        "force-delete pod (node lost) of",
+                        "Sandbox",
+                        &name,
+                    )(e))
+                }
+            }
+        }
+    } else if pod.meta().deletion_timestamp.is_none() {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: pod.meta().uid.clone(),

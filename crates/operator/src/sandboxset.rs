@@ -267,7 +267,7 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
         .map_err(Error::kube("list members of", "SandboxSet", &name))?;
     // Only members this set controls (a same-named set recreated with another uid does not adopt
     // the old one's members) and that are not already going away.
-    let members: Vec<Member> = list
+    let (lost, owned): (Vec<&Sandbox>, Vec<&Sandbox>) = list
         .items
         .iter()
         .filter(|s| {
@@ -276,8 +276,8 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
                 .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
         })
         .filter(|s| s.meta().deletion_timestamp.is_none())
-        .map(member_view)
-        .collect();
+        .partition(|s| crate::nodeloss::is_replaceable(s.status.as_ref()));
+    let members: Vec<Member> = owned.into_iter().map(member_view).collect();
     let p = plan(
         set.spec.replicas,
         max_unavailable,
@@ -288,7 +288,10 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
 
     let mut conflicts = 0;
     let mut failure: Option<String> = None;
-    for m in &p.delete {
+    // Members lost with their node or Pod never come back: replace them (the plan above already
+    // does not count them). Guarded by resourceVersion like every other member delete.
+    let lost: Vec<Member> = lost.into_iter().map(member_view).collect();
+    for m in lost.iter().chain(&p.delete) {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 resource_version: m.resource_version.clone(),

@@ -174,11 +174,18 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("warren.dev", "sandboxsets", "list"),
         ("warren.dev", "sandboxsets", "watch"),
         ("warren.dev", "sandboxsets/status", "patch"),
+        ("warren.dev", "sandboxsets", "get"),
+        ("warren.dev", "sandboxsets/scale", "get"),
+        ("warren.dev", "sandboxsets/scale", "update"),
+        ("warren.dev", "poolingautoscalers", "list"),
+        ("warren.dev", "poolingautoscalers", "watch"),
+        ("warren.dev", "poolingautoscalers/status", "patch"),
         ("", "pods", "get"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "pods", "create"),
         ("", "pods", "delete"),
+        ("", "nodes", "get"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
     ] {
@@ -199,7 +206,13 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         assert!(!allows(&rules, "", "secrets", "get"));
     }
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "delete"));
+    // The autoscaler changes replicas through /scale, never the whole set.
+    assert!(!allows(&rules, "warren.dev", "sandboxsets", "update"));
+    assert!(!allows(&rules, "warren.dev", "sandboxsets", "patch"));
     assert!(!allows(&rules, "", "pods", "patch"));
+    for verb in ["list", "watch", "patch", "update", "delete"] {
+        assert!(!allows(&rules, "", "nodes", verb), "{verb} nodes");
+    }
 
     let role: Vec<Role> = one(&docs, "Role");
     assert_eq!(role[0].metadata.namespace.as_deref(), Some(NAMESPACE));
