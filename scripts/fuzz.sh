@@ -41,8 +41,10 @@ for t in "${targets[@]}"; do
     -print_final_stats=1 >"$log" 2>&1; then
     grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || tail -n 3 "$log"
   else
-    tail -n 60 "$log" >&2
-    echo "!! fuzz target $t failed; the input is in fuzz/artifacts/$t/" >&2
+    # The panic message comes before the backtrace; the replay command at the end.
+    grep -E -A1 'panicked at|ERROR: libFuzzer' "$log" >&2 || true
+    tail -n 15 "$log" >&2
+    echo "!! fuzz target $t failed (log: fuzz/$log); the input is in fuzz/artifacts/$t/" >&2
     failed+=("$t")
   fi
 done
