@@ -35,3 +35,9 @@ fi
 # The Python layer of the code-interpreter-v1 template (pip from PyPI into the layer; rebuilt only
 # when its requirements change).
 "$(dirname "$0")/build-code-interpreter-template.sh"
+
+# cargo-fuzz (scripts/fuzz.sh), from crates.io into ~/.cargo/bin; skipped when already there.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi

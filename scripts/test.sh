@@ -14,11 +14,14 @@ python3 -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (unit and real-kernel tests)"
 cargo build --workspace --all-targets
 cargo test --workspace
+echo "== fuzz targets (cargo-fuzz, briefly)"
+scripts/fuzz.sh
 echo "== E2B Python SDK conformance (pytest)"
 WARREN_BIN="$PWD/target/debug/warren" python3 -m pytest tests/sdk -q
 echo "== E2B JS SDK conformance (node --test)"

@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::extract::Auth;
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Query, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -39,10 +39,9 @@ pub async fn record_api(State(st): State<AppState>, mut req: Request, next: Next
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| req.uri().path().to_string());
     let sandbox = sandbox_in_path(req.uri().path());
-    let who = req
-        .headers()
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
+    let who = crate::extract::presented_key(req.headers())
+        .ok()
+        .flatten()
         .and_then(|k| st.warren.authenticate(Some(k)).ok());
     if let Some(p) = &who {
         // The handler's `Auth` extractor takes it from here instead of checking the key again.
@@ -369,16 +368,29 @@ impl EnvelopeScanner {
 }
 
 /// Query of `GET /warren/v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
+    /// Only entries about this sandbox.
     sandbox: Option<String>,
+    /// Only entries of this API key id.
     key: Option<String>,
+    /// `api`, `process`, `file`, `network` or `lifecycle`.
+    #[param(pattern = "^(api|process|file|network|lifecycle)$")]
     kind: Option<String>,
+    /// RFC 3339 time.
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// RFC 3339 time.
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Only entries after this sequence number (to follow the log).
     after: Option<i64>,
+    /// At most this many entries (default 1000).
+    #[param(minimum = 1, maximum = 100000)]
     limit: Option<u32>,
-    /// `jsonl` for JSON lines (one entry per line), else a JSON array.
+    /// `jsonl` for JSON lines (one entry per line), `json` (the default) for a JSON array.
+    #[param(pattern = "^(json|jsonl)$")]
     format: Option<String>,
 }
 
@@ -397,10 +409,13 @@ fn time(name: &str, v: Option<String>) -> Result<Option<DateTime<Utc>>, ApiError
 }
 
 /// `GET /warren/v1/audit`: the caller's team's entries, oldest first.
+#[utoipa::path(get, path = "/warren/v1/audit", tag = "audit", params(AuditParams),
+    responses((status = 200, description = "Entries, oldest first", body = Vec<Object>,
+        content(("application/json"), ("application/x-ndjson")))))]
 pub async fn query(
     State(st): State<AppState>,
     Auth(who): Auth,
-    Query(p): Query<AuditParams>,
+    crate::extract::QueryParams(p): crate::extract::QueryParams<AuditParams>,
 ) -> Result<Response, ApiError> {
     let kind = match p.kind.as_deref() {
         None => None,

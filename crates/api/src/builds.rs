@@ -12,11 +12,12 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -25,8 +26,8 @@ const MAX_CONTEXT: u64 = 2 << 30;
 /// Largest JSON body (a Dockerfile).
 const MAX_JSON: usize = 1 << 20;
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/warren/v1/templates/{name}/build", post(start).get(status))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(start, status))
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +48,11 @@ struct StatusQuery {
     log_from: Option<u64>,
 }
 
+/// Starts a build of the template from a Dockerfile (a tar build context or JSON).
+#[utoipa::path(post, path = "/warren/v1/templates/{name}/build", operation_id = "build_template", tag = "templates",
+    params(("name" = String, Path), ("dockerfile" = Option<String>, Query, description = "The Dockerfile's path in a tar context")),
+    request_body(content = Object, description = "`{\"dockerfile\": \"FROM ...\"}`, or a tar build context as `application/x-tar`"),
+    responses((status = 202, description = "Build started", body = Object)))]
 async fn start(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -122,6 +128,10 @@ async fn receive(body: Body, path: &std::path::Path) -> ApiResult<()> {
     Ok(())
 }
 
+/// A build's steps, progress and RUN output from byte `logFrom` on.
+#[utoipa::path(get, path = "/warren/v1/templates/{name}/build", operation_id = "get_template_build", tag = "templates",
+    params(("name" = String, Path), ("logFrom" = Option<u64>, Query)),
+    responses((status = 200, description = "The build job", body = Object)))]
 async fn status(
     State(st): State<AppState>,
     Auth(_who): Auth,

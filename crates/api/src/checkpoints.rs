@@ -19,28 +19,42 @@ use crate::AppState;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use warren_core::checkpoint::Checkpoint;
 use warren_core::orchestrator::checkpoints::RestoreRequest;
 use warren_core::{CoreError, SandboxRecord};
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/warren/v1/checkpoints", get(list).post(create))
-        .route(
-            "/warren/v1/checkpoints/{name}",
-            get(get_one).put(apply).delete(delete),
-        )
-        .route("/warren/v1/checkpoints/{name}/restore", post(restore))
-        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
-        .route("/snapshots", get(list_snapshots))
-        .route("/templates/{id}", axum::routing::delete(delete_snapshot))
-        .route("/sandboxes/{id}/fork", post(fork))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get_one, apply, delete))
+        .routes(routes!(restore))
+        .routes(routes!(create_snapshot))
+        .routes(routes!(list_snapshots))
+        .routes(routes!(delete_snapshot))
+        .routes(routes!(fork))
+}
+
+/// Request body of the checkpoint endpoints (the object the operator's `Checkpoint` CRD holds).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documentation only: the handlers parse warren_core's Checkpoint
+#[schema(as = Checkpoint)]
+pub struct CheckpointDoc {
+    /// `warren.dev/v1alpha1`.
+    #[schema(rename = "apiVersion")]
+    api_version: Option<String>,
+    /// `Checkpoint` (the default).
+    kind: Option<String>,
+    metadata: crate::pools::ObjectMetaDoc,
+    /// `{"sandbox": "<id>", "keepRunning": true, "ttlAfterFinished": "1h",
+    /// "persistentContents": ["memory", "filesystem"]}`
+    spec: serde_json::Value,
 }
 
 fn parse(value: serde_json::Value) -> ApiResult<Checkpoint> {
@@ -57,10 +71,16 @@ fn parse(value: serde_json::Value) -> ApiResult<Checkpoint> {
         .map_err(|e| ApiError::bad_request(format!("invalid Checkpoint: {e}")))
 }
 
+#[utoipa::path(get, path = "/warren/v1/checkpoints", operation_id = "list_checkpoints", tag = "checkpoints",
+    responses((status = 200, description = "The team's checkpoints", body = Vec<Object>)))]
 async fn list(State(st): State<AppState>, Auth(who): Auth) -> ApiResult<Json<Vec<Checkpoint>>> {
     Ok(Json(st.warren.list_checkpoints(&who).await?))
 }
 
+/// Takes a checkpoint of a sandbox now; answers when it is on disk (or failed).
+#[utoipa::path(post, path = "/warren/v1/checkpoints", operation_id = "create_checkpoint", tag = "checkpoints",
+    request_body = CheckpointDoc,
+    responses((status = 201, description = "Taken", body = Object)))]
 async fn create(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -75,6 +95,10 @@ async fn create(
 
 /// Apply by name: an existing checkpoint with the same spec is returned as it is; another spec
 /// under the same name is a conflict, since a checkpoint is a one-off snapshot.
+#[utoipa::path(put, path = "/warren/v1/checkpoints/{name}", operation_id = "apply_checkpoint", tag = "checkpoints", params(("name" = String, Path)),
+    request_body = CheckpointDoc,
+    responses((status = 200, description = "Exists with this spec", body = Object),
+        (status = 201, description = "Taken", body = Object)))]
 async fn apply(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -105,6 +129,8 @@ async fn apply(
     ))
 }
 
+#[utoipa::path(get, path = "/warren/v1/checkpoints/{name}", operation_id = "get_checkpoint", tag = "checkpoints", params(("name" = String, Path)),
+    responses((status = 200, description = "The checkpoint and its status", body = Object)))]
 async fn get_one(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -113,6 +139,8 @@ async fn get_one(
     Ok(Json(st.warren.get_checkpoint(&who, &name).await?))
 }
 
+#[utoipa::path(delete, path = "/warren/v1/checkpoints/{name}", operation_id = "delete_checkpoint", tag = "checkpoints", params(("name" = String, Path)),
+    responses((status = 204, description = "Deleted")))]
 async fn delete(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -122,12 +150,14 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// One fork's outcome, as E2B's `SandboxForkResult`.
-#[derive(Serialize)]
+/// One fork's outcome, as E2B's `SandboxForkResult`: `sandbox` or `error`.
+#[derive(Serialize, utoipa::ToSchema)]
 struct ForkResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     sandbox: Option<crate::models::SandboxJson>,
+    /// `{"code": <HTTP status>, "message": "..."}`
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::error::ErrorJson>)]
     error: Option<serde_json::Value>,
 }
 
@@ -156,10 +186,13 @@ fn fork_results(
     (StatusCode::CREATED, Json(items))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct RestoreBody {
+    /// How many sandboxes to restore (1 by default).
+    #[schema(minimum = 1, maximum = 100)]
     count: Option<u32>,
+    /// Seconds each sandbox lives.
     timeout: Option<i64>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
@@ -167,6 +200,10 @@ struct RestoreBody {
     env_vars: BTreeMap<String, String>,
 }
 
+/// Creates `count` sandboxes from a checkpoint, each continuing from its state.
+#[utoipa::path(post, path = "/warren/v1/checkpoints/{name}/restore", operation_id = "restore_checkpoint", tag = "checkpoints", params(("name" = String, Path)),
+    request_body = RestoreBody,
+    responses((status = 201, description = "One result per sandbox", body = Vec<ForkResult>)))]
 async fn restore(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -186,12 +223,20 @@ async fn restore(
     Ok(fork_results(&st, results).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ForkBody {
+    /// How many forks (1 by default).
+    #[schema(minimum = 1, maximum = 100)]
     count: Option<i64>,
+    /// Seconds each fork lives.
     timeout: Option<i64>,
 }
 
+/// Forks a running sandbox `count` times (E2B's `sbx.fork(count)`): each fork continues from the
+/// sandbox's current state, independently.
+#[utoipa::path(post, path = "/sandboxes/{id}/fork", operation_id = "fork_sandbox", tag = "checkpoints", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = ForkBody,
+    responses((status = 201, description = "One result per fork", body = Vec<ForkResult>)))]
 async fn fork(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -209,13 +254,15 @@ async fn fork(
     Ok(fork_results(&st, results).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct SnapshotBody {
+    /// The snapshot's name (generated when absent).
     name: Option<String>,
+    /// `false` keeps only the filesystem.
     memory: Option<bool>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct SnapshotInfo {
     #[serde(rename = "snapshotID")]
     snapshot_id: String,
@@ -229,6 +276,10 @@ fn snapshot_info(c: &Checkpoint) -> SnapshotInfo {
     }
 }
 
+/// E2B's `sbx.create_snapshot(name)`: a checkpoint with the sandbox running on.
+#[utoipa::path(post, path = "/sandboxes/{id}/snapshots", operation_id = "create_snapshot", tag = "checkpoints", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = SnapshotBody,
+    responses((status = 201, description = "Taken", body = SnapshotInfo)))]
 async fn create_snapshot(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -248,6 +299,12 @@ async fn create_snapshot(
     Ok((StatusCode::CREATED, Json(snapshot_info(&c))))
 }
 
+/// E2B's `Sandbox.list_snapshots`, paged with the `x-next-token` header.
+#[utoipa::path(get, path = "/snapshots", operation_id = "list_snapshots", tag = "checkpoints",
+    params(("sandboxID" = Option<String>, Query), ("name" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100),
+        ("nextToken" = Option<String>, Query)),
+    responses((status = 200, description = "A page of snapshots", body = Vec<SnapshotInfo>)))]
 async fn list_snapshots(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -309,6 +366,8 @@ async fn list_snapshots(
 }
 
 /// The SDK deletes a snapshot as a template: a checkpoint of that name goes, else the template.
+#[utoipa::path(delete, path = "/templates/{id}", operation_id = "delete_snapshot", tag = "checkpoints", params(("id" = String, Path, description = "Snapshot or template name")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_snapshot(
     State(st): State<AppState>,
     Auth(who): Auth,

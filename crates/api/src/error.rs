@@ -5,6 +5,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use warren_core::CoreError;
 
+/// The body of every error answer, as the E2B SDK parses it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorJson {
+    /// The HTTP status code again.
+    pub code: u16,
+    pub message: String,
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -56,7 +65,10 @@ pub(crate) fn no_retry(status: StatusCode, resp: &mut Response) {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"code": self.status.as_u16(), "message": self.message});
+        let body = ErrorJson {
+            code: self.status.as_u16(),
+            message: self.message,
+        };
         let mut resp = (self.status, Json(body)).into_response();
         no_retry(self.status, &mut resp);
         resp

@@ -4,12 +4,41 @@ use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use warren_core::Principal;
 
-/// The caller, from the `X-API-Key` header (header names are case-insensitive).
+/// The caller, from the `X-API-Key` header or, as E2B's access-token scheme sends it,
+/// `Authorization: Bearer <key>` (header names are case-insensitive).
 pub struct Auth(pub Principal);
+
+fn unauthorized(msg: &str) -> ApiError {
+    ApiError::from(warren_core::CoreError::Unauthorized(msg.into()))
+}
+
+/// The key a request presents, if any. `X-API-Key` wins when both are sent, as upstream checks
+/// it first.
+pub fn presented_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    if let Some(v) = headers.get("x-api-key") {
+        return v
+            .to_str()
+            .map(Some)
+            .map_err(|_| unauthorized("invalid API key"));
+    }
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| unauthorized("invalid Authorization header"))?;
+    match v.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
+        _ => Err(unauthorized(
+            "Authorization must be `Bearer <API key>`, or send X-API-Key",
+        )),
+    }
+}
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
@@ -19,15 +48,22 @@ impl FromRequestParts<AppState> for Auth {
         if let Some(p) = parts.extensions.get::<Principal>() {
             return Ok(Auth(p.clone()));
         }
-        let key = match parts.headers.get("x-api-key") {
-            None => None,
-            Some(v) => Some(v.to_str().map_err(|_| {
-                ApiError::from(warren_core::CoreError::Unauthorized(
-                    "invalid API key".into(),
-                ))
-            })?),
-        };
+        let key = presented_key(&parts.headers)?;
         Ok(Auth(state.warren.authenticate(key)?))
+    }
+}
+
+/// A query string parsed into `T`, whose failures are E2B-shaped 400s (axum's `Query` answers
+/// plain text).
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|axum::extract::Query(t)| QueryParams(t))
+            .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
     }
 }
 

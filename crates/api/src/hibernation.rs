@@ -11,6 +11,9 @@ use axum::Json;
 
 /// Dumps the sandbox's memory to disk now (a running sandbox is paused first); answers its
 /// detail, `state: paused` with `memoryLocation: disk`. 501 on a host where CRIU cannot work.
+#[utoipa::path(post, path = "/warren/v1/sandboxes/{id}/hibernate", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    responses((status = 200, description = "Hibernated", body = SandboxDetailJson)))]
 pub async fn hibernate(
     State(st): State<AppState>,
     Auth(who): Auth,

@@ -15,14 +15,17 @@ pub mod extract;
 pub mod hibernation;
 pub mod models;
 pub mod network;
+pub mod openapi;
 pub mod pools;
 pub mod proxy;
 pub mod sandboxes;
 pub mod templates;
 
-use axum::routing::{get, post, put};
 use axum::Router;
 use std::sync::Arc;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use warren_core::{SandboxRecord, Warren};
 
 pub use error::ApiError;
@@ -58,41 +61,45 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         proxy: proxy::SandboxProxy::default(),
         domain: opts.domain,
     };
-    use sandboxes as h;
-    let api = Router::new()
-        .route("/health", get(h::health))
-        .merge(pools::routes())
-        .merge(templates::routes())
-        .merge(builds::routes())
-        .merge(commits::routes())
-        .merge(checkpoints::routes())
-        .route("/sandboxes", post(h::create).get(h::list_v1))
-        .route("/v2/sandboxes", post(h::create).get(h::list_v2))
-        .route("/sandboxes/{id}", get(h::get).delete(h::kill))
-        .route("/sandboxes/{id}/timeout", post(h::set_timeout))
-        .route("/sandboxes/{id}/pause", post(h::pause))
-        .route("/sandboxes/{id}/resume", post(h::resume))
-        .route("/sandboxes/{id}/connect", post(h::connect))
-        .route("/v2/sandboxes/{id}/connect", post(h::connect))
-        .route("/sandboxes/{id}/metrics", get(network::metrics))
-        .route("/sandboxes/{id}/network", put(network::update_network))
-        .route(
-            "/warren/v1/sandboxes/{id}/hibernate",
-            post(hibernation::hibernate),
-        )
-        .route("/warren/v1/audit", get(audit::query))
+    let (api, _) = documented_routes().split_for_parts();
+    let api = api
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit::record_api,
         ))
-        .fallback(h::not_found)
-        .method_not_allowed_fallback(h::method_not_allowed)
+        .fallback(sandboxes::not_found)
+        .method_not_allowed_fallback(sandboxes::method_not_allowed)
         .with_state(state.clone());
     // The router wraps the API as a whole (not per route) so that sandbox traffic for any path,
     // including paths the API also has (`/health`), is routed before the API sees it.
     Router::new()
         .fallback_service(api)
         .layer(axum::middleware::from_fn_with_state(state, proxy::dispatch))
+}
+
+/// Every API route, each registered with its OpenAPI annotation (see [`openapi`]).
+pub(crate) fn documented_routes() -> OpenApiRouter<AppState> {
+    use sandboxes as h;
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(h::health))
+        .routes(routes!(openapi::serve))
+        .merge(pools::routes())
+        .merge(templates::routes())
+        .merge(builds::routes())
+        .merge(commits::routes())
+        .merge(checkpoints::routes())
+        .routes(routes!(h::create_v1, h::list_v1))
+        .routes(routes!(h::create_v2, h::list_v2))
+        .routes(routes!(h::get, h::kill))
+        .routes(routes!(h::set_timeout))
+        .routes(routes!(h::pause))
+        .routes(routes!(h::resume))
+        .routes(routes!(h::connect_v1))
+        .routes(routes!(h::connect_v2))
+        .routes(routes!(network::metrics))
+        .routes(routes!(network::update_network))
+        .routes(routes!(hibernation::hibernate))
+        .routes(routes!(audit::query))
 }
 
 #[cfg(test)]

@@ -3,15 +3,20 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
 use warren_core::SandboxRecord;
 
 /// `NewSandboxV2` (and the v1 `NewSandbox`). Fields the SDK may send that Warren does not act on
 /// (`mcp`, `volumeMounts`, parts of `network`, …) are ignored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
     #[serde(rename = "templateID")]
+    #[schema(example = "base")]
     pub template_id: String,
+    /// Seconds until the sandbox is killed (or paused, with `autoPause`); at most the daemon's
+    /// maximum (24 h by default).
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<i64>,
     pub auto_pause: Option<bool>,
     pub auto_resume: Option<AutoResume>,
@@ -24,25 +29,29 @@ pub struct NewSandbox {
 }
 
 /// `autoResume` of `NewSandboxV2`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct AutoResume {
     #[serde(default)]
     pub enabled: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct TimeoutBody {
+    /// Seconds from now; at most the daemon's maximum (24 h by default).
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: i64,
 }
 
 /// `ConnectSandboxV2`, the v1 connect body and the v1 resume body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ConnectBody {
+    /// Seconds from now; at most the daemon's maximum (24 h by default).
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<i64>,
 }
 
 /// Pause takes `{}` or options Warren does not distinguish (`memory`, `requireHealthyGuest`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct PauseBody {}
 
 fn rfc3339(t: &DateTime<Utc>) -> String {
@@ -50,8 +59,9 @@ fn rfc3339(t: &DateTime<Utc>) -> String {
 }
 
 /// `Sandbox`: the create and connect response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Sandbox)]
 pub struct SandboxJson {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -84,16 +94,19 @@ impl SandboxJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Lifecycle {
     pub auto_resume: bool,
+    /// `kill` or `pause`.
+    #[schema(value_type = String)]
     pub on_timeout: &'static str,
 }
 
 /// `SandboxDetail` (GET /sandboxes/{id}).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = SandboxDetail)]
 pub struct SandboxDetailJson {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -110,6 +123,8 @@ pub struct SandboxDetailJson {
     pub memory_mb: u64,
     #[serde(rename = "diskSizeMB")]
     pub disk_size_mb: u64,
+    /// `running` or `paused`.
+    #[schema(value_type = String)]
     pub state: &'static str,
     pub metadata: BTreeMap<String, String>,
     pub envd_access_token: String,
@@ -120,10 +135,12 @@ pub struct SandboxDetailJson {
     pub network: crate::network::NetworkInfoJson,
     /// What a paused sandbox keeps (`memory`, `filesystem`, `ip`); empty while running.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    #[schema(value_type = Vec<String>)]
     pub persistent_contents: &'static [&'static str],
     /// Warren's extension: where a paused sandbox's memory is, `ram` (frozen) or `disk`
     /// (hibernated).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub memory_location: Option<&'static str>,
 }
 
@@ -164,8 +181,9 @@ impl SandboxDetailJson {
 }
 
 /// `ListedSandbox` (GET /v2/sandboxes, GET /sandboxes).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = ListedSandbox)]
 pub struct ListedSandboxJson {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -181,6 +199,8 @@ pub struct ListedSandboxJson {
     pub memory_mb: u64,
     #[serde(rename = "diskSizeMB")]
     pub disk_size_mb: u64,
+    /// `running` or `paused`.
+    #[schema(value_type = String)]
     pub state: &'static str,
     pub envd_version: String,
     pub metadata: BTreeMap<String, String>,

@@ -10,14 +10,16 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use warren_core::{MetricPoint, NetworkRequest, NetworkUpdate, SandboxRecord};
 
 /// E2B's `SandboxNetworkConfig` as a create request carries it. Fields Warren does not act on
 /// (`dnsServers`, `egressProxy`, `maskRequestHost`, `rules`, …) are ignored; domain names in
 /// `allowOut` go through the runtime's DNS filter (whatever server the sandbox asks, so
 /// `dnsServers` needs no opening).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = SandboxNetworkConfig)]
 pub struct NetworkConfigJson {
     #[serde(alias = "allow_public_traffic")]
     pub allow_public_traffic: Option<bool>,
@@ -38,8 +40,9 @@ impl NetworkConfigJson {
 }
 
 /// `SandboxNetworkUpdateConfig`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = SandboxNetworkUpdateConfig)]
 pub struct NetworkUpdateJson {
     #[serde(default, alias = "allow_out")]
     pub allow_out: Option<Vec<String>>,
@@ -51,8 +54,9 @@ pub struct NetworkUpdateJson {
 }
 
 /// The network part of `SandboxDetail`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = SandboxNetworkInfo)]
 pub struct NetworkInfoJson {
     pub allow_public_traffic: bool,
     pub allow_out: Vec<String>,
@@ -71,8 +75,9 @@ impl NetworkInfoJson {
 }
 
 /// `SandboxMetric`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = SandboxMetric)]
 pub struct MetricJson {
     pub timestamp: String,
     pub timestamp_unix: i64,
@@ -101,6 +106,11 @@ impl From<MetricPoint> for MetricJson {
     }
 }
 
+/// Replaces the sandbox's egress rules.
+#[utoipa::path(put, path = "/sandboxes/{id}/network", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = NetworkUpdateJson,
+    responses((status = 204, description = "Rules applied")))]
 pub async fn update_network(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -116,7 +126,12 @@ pub async fn update_network(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `?start=<unix>&end=<unix>`, both optional.
+/// The sandbox's resource use over time; `?start=<unix>&end=<unix>`, both optional.
+#[utoipa::path(get, path = "/sandboxes/{id}/metrics", operation_id = "sandbox_metrics", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID"),
+        ("start" = Option<i64>, Query, description = "Unix seconds"),
+        ("end" = Option<i64>, Query, description = "Unix seconds")),
+    responses((status = 200, description = "Samples, oldest first", body = Vec<MetricJson>)))]
 pub async fn metrics(
     State(st): State<AppState>,
     Auth(who): Auth,

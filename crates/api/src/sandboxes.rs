@@ -14,7 +14,37 @@ use warren_core::{ConnectOutcome, CreateRequest, ListOrder, ListQuery, PublicSta
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub async fn create(
+/// Creates a sandbox (or claims one from a warm pool of its template).
+#[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes",
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[a-z0-9-]{1,255}$",
+        description = "Retries with the same key get the same sandbox")),
+    request_body = NewSandbox,
+    responses((status = 201, description = "Created", body = SandboxJson)))]
+pub async fn create_v2(
+    st: State<AppState>,
+    who: Auth,
+    headers: axum::http::HeaderMap,
+    body: JsonBody<NewSandbox>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    create(st, who, headers, body).await
+}
+
+/// v1 create: the same body and answer as v2.
+#[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[a-z0-9-]{1,255}$",
+        description = "Retries with the same key get the same sandbox")),
+    request_body = NewSandbox,
+    responses((status = 201, description = "Created", body = SandboxJson)))]
+pub async fn create_v1(
+    st: State<AppState>,
+    who: Auth,
+    headers: axum::http::HeaderMap,
+    body: JsonBody<NewSandbox>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    create(st, who, headers, body).await
+}
+
+async fn create(
     State(st): State<AppState>,
     Auth(who): Auth,
     headers: axum::http::HeaderMap,
@@ -37,6 +67,8 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    responses((status = 200, description = "The sandbox", body = SandboxDetailJson)))]
 pub async fn get(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -50,6 +82,19 @@ pub async fn get(
     )))
 }
 
+/// One page of the caller's sandboxes; `X-Next-Token` in the answer asks for the next.
+#[utoipa::path(get, path = "/v2/sandboxes", tag = "sandboxes",
+    params(("metadata" = Option<String>, Query,
+            description = "Metadata filter, itself a query string: `k1=v1&k2=v2`, each part percent-quoted"),
+        ("state" = Option<String>, Query, pattern = "^(|running|paused)(,(|running|paused))*$",
+            description = "Comma-separated: `running`, `paused`"),
+        ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
+        ("startedAfter" = Option<String>, Query, format = DateTime, description = "RFC 3339 time"),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "`asc` or `desc` by start time"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "Page size (at most 4294967295)"),
+        ("nextToken" = Option<String>, Query, description = "`X-Next-Token` of the previous page")),
+    responses((status = 200, description = "The page", body = Vec<ListedSandboxJson>,
+        headers(("X-Next-Token" = String, description = "Present when there are more")))))]
 pub async fn list_v2(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -71,6 +116,15 @@ pub async fn list_v2(
 }
 
 /// v1 list: same filters, one page with everything.
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
+    params(("metadata" = Option<String>, Query,
+            description = "Metadata filter, itself a query string: `k1=v1&k2=v2`, each part percent-quoted"),
+        ("state" = Option<String>, Query, pattern = "^(|running|paused)(,(|running|paused))*$",
+            description = "Comma-separated: `running`, `paused`"),
+        ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
+        ("startedAfter" = Option<String>, Query, format = DateTime, description = "RFC 3339 time"),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "`asc` or `desc` by start time")),
+    responses((status = 200, description = "Every matching sandbox", body = Vec<ListedSandboxJson>)))]
 pub async fn list_v1(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -88,6 +142,8 @@ pub async fn list_v1(
     ))
 }
 
+#[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    responses((status = 204, description = "Killed")))]
 pub async fn kill(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -97,6 +153,10 @@ pub async fn kill(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sets the sandbox to end `timeout` seconds from now.
+#[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = TimeoutBody,
+    responses((status = 204, description = "Timeout set")))]
 pub async fn set_timeout(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -107,18 +167,49 @@ pub async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body(content = PauseBody, description = "`{}`; other options are accepted and ignored"),
+    responses((status = 204, description = "Paused")))]
 pub async fn pause(
     State(st): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(_): JsonBody<PauseBody>,
+    _body: JsonBody<PauseBody>,
 ) -> ApiResult<StatusCode> {
     st.warren.pause(&who, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// v2 connect (and the v1 alias): 201 when a paused sandbox was resumed, 200 when it was running.
-pub async fn connect(
+/// Connects to a sandbox, resuming it if paused: 201 when it was resumed, 200 when it was
+/// running.
+#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body(content = ConnectBody),
+    responses((status = 200, description = "Was running", body = SandboxJson),
+        (status = 201, description = "Resumed", body = SandboxJson)))]
+pub async fn connect_v2(
+    st: State<AppState>,
+    who: Auth,
+    id: Path<String>,
+    body: JsonBody<ConnectBody>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    connect(st, who, id, body).await
+}
+
+/// v1 alias of v2 connect.
+#[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body(content = ConnectBody),
+    responses((status = 200, description = "Was running", body = SandboxJson),
+        (status = 201, description = "Resumed", body = SandboxJson)))]
+pub async fn connect_v1(
+    st: State<AppState>,
+    who: Auth,
+    id: Path<String>,
+    body: JsonBody<ConnectBody>,
+) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    connect(st, who, id, body).await
+}
+
+async fn connect(
     State(st): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
@@ -133,6 +224,9 @@ pub async fn connect(
 }
 
 /// v1 resume: like connect, but a running sandbox is a conflict (as upstream answers it).
+#[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox ID")),
+    request_body(content = ConnectBody),
+    responses((status = 201, description = "Resumed", body = SandboxJson)))]
 pub async fn resume(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -150,6 +244,10 @@ pub async fn resume(
     Ok((StatusCode::CREATED, Json(st.sandbox_json(&rec))))
 }
 
+/// Liveness; needs no key.
+#[utoipa::path(get, path = "/health", tag = "meta", security(()),
+    responses((status = 200, description = "The daemon is up", body = Object,
+        example = json!({"status": "ok"}))))]
 pub async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }

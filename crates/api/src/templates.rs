@@ -10,32 +10,38 @@ use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use std::path::PathBuf;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use warren_core::image_templates::TemplateSource;
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/warren/v1/templates", get(list).post(create))
-        .route(
-            "/warren/v1/templates/{name}",
-            get(inspect).put(apply).delete(delete),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(inspect, apply, delete))
 }
 
 /// Exactly one source field must be set.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTemplate {
     pub name: String,
     pub image: Option<String>,
+    /// A path on the daemon's host.
+    #[schema(value_type = Option<String>)]
     pub oci_dir: Option<PathBuf>,
+    /// A path on the daemon's host.
+    #[schema(value_type = Option<String>)]
     pub oci_archive: Option<PathBuf>,
+    /// A path on the daemon's host.
+    #[schema(value_type = Option<String>)]
     pub docker_archive: Option<PathBuf>,
+    /// A path on the daemon's host.
+    #[schema(value_type = Option<String>)]
     pub rootfs: Option<PathBuf>,
     /// A checkpoint of the caller's team: the template's sandboxes are restores of it.
     pub checkpoint: Option<String>,
@@ -88,6 +94,10 @@ fn source(req: &CreateTemplate) -> ApiResult<TemplateSource> {
     Ok(sources.remove(0))
 }
 
+/// Starts building a template; poll `GET /warren/v1/templates/{name}` for its progress.
+#[utoipa::path(post, path = "/warren/v1/templates", operation_id = "create_template", tag = "templates",
+    request_body = CreateTemplate,
+    responses((status = 202, description = "Build started", body = Object)))]
 async fn create(
     State(st): State<AppState>,
     Auth(who): Auth,
@@ -128,6 +138,11 @@ pub struct TemplateSpec {
     pub image_name: Option<String>,
 }
 
+#[utoipa::path(put, path = "/warren/v1/templates/{name}", operation_id = "apply_template", tag = "templates", params(("name" = String, Path)),
+    request_body = Object,
+    responses((status = 200, description = "Exists with this source", body = Object),
+        (status = 201, description = "Created from a checkpoint", body = Object),
+        (status = 202, description = "Build started", body = Object)))]
 /// `PUT /warren/v1/templates/{name}`: creates the template as a `POST` would; applying it again
 /// with the same source is a no-op (`200`), with another one a conflict (templates are not
 /// replaced in place: sandboxes and pools stack their layers).
@@ -238,21 +253,27 @@ async fn create_from(
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
-async fn list(State(st): State<AppState>, Auth(_who): Auth) -> ApiResult<Response> {
+#[utoipa::path(get, path = "/warren/v1/templates", operation_id = "list_templates", tag = "templates",
+    responses((status = 200, description = "Every template", body = Vec<Object>)))]
+async fn list(State(st): State<AppState>, _who: Auth) -> ApiResult<Response> {
     Ok(Json(st.warren.list_templates()).into_response())
 }
 
+#[utoipa::path(get, path = "/warren/v1/templates/{name}", operation_id = "get_template", tag = "templates", params(("name" = String, Path)),
+    responses((status = 200, description = "The template and its build", body = Object)))]
 async fn inspect(
     State(st): State<AppState>,
-    Auth(_who): Auth,
+    _who: Auth,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     Ok(Json(st.warren.template(&name)?).into_response())
 }
 
+#[utoipa::path(delete, path = "/warren/v1/templates/{name}", operation_id = "delete_template", tag = "templates", params(("name" = String, Path)),
+    responses((status = 204, description = "Deleted")))]
 async fn delete(
     State(st): State<AppState>,
-    Auth(_who): Auth,
+    _who: Auth,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     st.warren.delete_template(&name).await?;

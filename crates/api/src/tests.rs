@@ -242,7 +242,95 @@ async fn auth_errors_are_401_json() {
 }
 
 #[tokio::test]
+async fn bearer_keys_and_their_errors() {
+    let app = test_app(None);
+    let bearer = format!("Bearer {KEY1}");
+    let (s, v, _) = call(
+        &app,
+        "GET",
+        "/v2/sandboxes",
+        None,
+        None,
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for auth in ["Bearer wrong", "Basic a2V5Og==", "Bearer", ""] {
+        let (s, v, _) = call(
+            &app,
+            "GET",
+            "/v2/sandboxes",
+            None,
+            None,
+            &[("authorization", auth)],
+        )
+        .await;
+        assert_error(s, &v, StatusCode::UNAUTHORIZED);
+    }
+    // X-API-Key is checked first, as upstream does.
+    let (s, v, _) = call(
+        &app,
+        "GET",
+        "/v2/sandboxes",
+        Some("wrong"),
+        None,
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_error(s, &v, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn openapi_document_is_served_without_a_key() {
+    let app = test_app(None);
+    let (s, v, resp) = call(&app, "GET", "/openapi.json", None, None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(v["openapi"], "3.1.0");
+    assert_eq!(
+        v,
+        serde_json::from_str::<Value>(crate::openapi::document_json()).unwrap()
+    );
+    // Every documented operation is routed: none falls through to the 404/405 fallbacks.
+    for (path, item) in v["paths"].as_object().unwrap() {
+        let uri = path
+            .replace("{id}", "nosuchsandbox")
+            .replace("{name}", "nosuch");
+        for method in item.as_object().unwrap().keys() {
+            let (s, body, _) =
+                call(&app, &method.to_uppercase(), &uri, Some(KEY1), None, &[]).await;
+            let msg = body["message"].as_str().unwrap_or("");
+            assert!(
+                !msg.starts_with("no such endpoint") && s != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}: {s} {body}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn bad_inputs_are_400_or_404_json() {
+    {
+        let app = test_app(None);
+        for q in [
+            "limit=0",
+            "limit=x",
+            "after=z",
+            "since=yesterday",
+            "kind=nope",
+        ] {
+            let (s, v, _) = call(
+                &app,
+                "GET",
+                &format!("/warren/v1/audit?{q}"),
+                Some(KEY1),
+                None,
+                &[],
+            )
+            .await;
+            assert_error(s, &v, StatusCode::BAD_REQUEST);
+        }
+    }
     let app = test_app(None);
     for body in [
         "{not json",

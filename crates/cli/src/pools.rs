@@ -7,57 +7,26 @@
 use crate::client::ApiClient;
 use crate::output;
 use crate::Output;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use http::Method;
 use serde_json::Value;
 use std::path::Path;
 
-/// The collection path of each kind.
-fn collection(kind: &str) -> Option<&'static str> {
-    match kind {
-        "SandboxSet" => Some("sandboxsets"),
-        "PoolingAutoScaler" => Some("poolingautoscalers"),
-        "Commit" => Some("commits"),
-        "Checkpoint" => Some("checkpoints"),
-        "Template" => Some("templates"),
-        _ => None,
-    }
-}
-
-/// Every document of a YAML file (`-` is standard input), with its kind's collection and name.
+/// Every document of a YAML file (`-` is standard input), with its kind's collection and name
+/// (parsed by [`warren_core::objects::parse_manifest`], which the fuzz target `yaml_objects`
+/// covers).
 pub fn read_objects(file: &Path) -> anyhow::Result<Vec<(&'static str, String, Value)>> {
     let text = if file == Path::new("-") {
         std::io::read_to_string(std::io::stdin()).context("reading standard input")?
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .map_err(|e| anyhow!("{}: invalid YAML: {e}", file.display()))?;
-    let mut out = vec![];
-    for (i, doc) in docs.into_iter().enumerate() {
-        if doc.is_null() {
-            continue; // an empty document (a trailing `---`)
-        }
-        let n = i + 1;
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        let coll = collection(kind).ok_or_else(|| {
-            anyhow!(
-                "{} document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler, Commit, Checkpoint or Template)",
-                file.display()
-            )
-        })?;
-        let name = doc
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| anyhow!("{} document {n}: metadata.name is required", file.display()))?
-            .to_string();
-        out.push((coll, name, doc));
-    }
-    if out.is_empty() {
-        bail!("{}: no objects found", file.display());
-    }
-    Ok(out)
+    let objs = warren_core::objects::parse_manifest(&text)
+        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    Ok(objs
+        .into_iter()
+        .map(|o| (o.collection, o.name, o.doc))
+        .collect())
 }
 
 fn singular(coll: &str) -> &str {

@@ -434,6 +434,64 @@ impl PoolingAutoScaler {
     }
 }
 
+/// One document of a manifest (`warren apply -f`): the REST collection of its kind, its name and
+/// the object as it was written (the daemon parses and validates it as that kind).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestObject {
+    pub collection: &'static str,
+    pub name: String,
+    pub doc: serde_json::Value,
+}
+
+/// The REST collection (`/warren/v1/<collection>`) of each kind a manifest may hold.
+pub fn manifest_collection(kind: &str) -> Option<&'static str> {
+    match kind {
+        KIND_SANDBOX_SET => Some("sandboxsets"),
+        KIND_AUTOSCALER => Some("poolingautoscalers"),
+        "Commit" => Some("commits"),
+        "Checkpoint" => Some("checkpoints"),
+        "Template" => Some("templates"),
+        _ => None,
+    }
+}
+
+/// Reads a YAML manifest (several documents separated by `---`) only as far as routing needs:
+/// each document's kind and `metadata.name`. Empty documents (a trailing `---`) are skipped; a
+/// manifest with no object is an error, as is any document that cannot be routed.
+pub fn parse_manifest(text: &str) -> Result<Vec<ManifestObject>, ObjectError> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| invalid(format!("invalid YAML: {e}")))?;
+    let mut out = vec![];
+    for (i, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let n = i + 1;
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let collection = manifest_collection(kind).ok_or_else(|| {
+            invalid(format!(
+                "document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler, \
+                 Commit, Checkpoint or Template)"
+            ))
+        })?;
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(serde_json::Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| invalid(format!("document {n}: metadata.name is required")))?
+            .to_string();
+        out.push(ManifestObject {
+            collection,
+            name,
+            doc,
+        });
+    }
+    if out.is_empty() {
+        return Err(invalid("no objects found"));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,5 +593,37 @@ mod tests {
         let mut bad = set;
         bad.spec.template = String::new();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn manifest_routes_each_document_and_refuses_what_it_cannot_route() {
+        let objs = parse_manifest(
+            "kind: SandboxSet\nmetadata: {name: a}\nspec: {replicas: 1, template: base}\n---\n\
+             kind: Checkpoint\nmetadata: {name: c}\nspec: {sandbox: x}\n---\n",
+        )
+        .unwrap();
+        let routes: Vec<_> = objs
+            .iter()
+            .map(|o| (o.collection, o.name.as_str()))
+            .collect();
+        assert_eq!(routes, [("sandboxsets", "a"), ("checkpoints", "c")]);
+        for (text, want) in [
+            (
+                "kind: Deployment\nmetadata: {name: x}\n",
+                "unknown kind \"Deployment\"",
+            ),
+            (
+                "kind: Commit\nmetadata: {name: \"\"}\n",
+                "metadata.name is required",
+            ),
+            ("kind: Commit\nmetadata: 5\n", "metadata.name is required"),
+            ("kind: [SandboxSet]\n", "unknown kind \"\""),
+            ("---\n---\n", "no objects found"),
+            ("", "no objects found"),
+            ("kind: SandboxSet\nmetadata: [\n", "invalid YAML"),
+        ] {
+            let err = parse_manifest(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 }

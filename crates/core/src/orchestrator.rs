@@ -451,6 +451,8 @@ impl Warren {
                 "Idempotency-Key must be 1-255 characters of [a-z0-9-]".into(),
             ));
         }
+        // A bad request is refused even when its key was seen: a retry must not turn it into a 201.
+        self.timeout(req.timeout_secs)?;
         let mut seen = self.idempotency.lock().await;
         seen.retain(|_, (_, at)| at.elapsed() < IDEMPOTENCY_TTL);
         let slot = (who.team.clone(), key.to_string());

@@ -532,6 +532,16 @@ async fn idempotency_key_returns_the_first_sandbox_per_team() {
             Err(CoreError::InvalidArgument(_))
         ));
     }
+    // A retry with the same key but an invalid body is refused, not answered with the sandbox
+    // (schemathesis found it answering 201 to `timeout: -1`).
+    let mut negative = base();
+    negative.timeout_secs = Some(-1);
+    assert!(matches!(
+        f.warren
+            .create_idempotent(&t1(), negative, Some("retry-1"))
+            .await,
+        Err(CoreError::InvalidArgument(_))
+    ));
 }
 
 #[tokio::test]
