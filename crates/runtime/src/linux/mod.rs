@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod dns;
 pub mod net;
 pub mod template;
+pub mod userns;
 
 pub use template::{prepare_base_template, sandbox_resolv_conf};
 
@@ -67,6 +68,15 @@ pub struct LinuxRuntimeConfig {
     /// Where the DNS filter (domain names in egress rules) sends the questions it allows;
     /// empty means the host's resolvers from `/etc/resolv.conf`.
     pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// Runs every sandbox in its own user namespace (see [`userns`]): root inside is an
+    /// unprivileged host uid range. Off by default for now, because CRIU 4.1.1 cannot dump such a
+    /// sandbox (its network namespace belongs to the host's user namespace): with it on,
+    /// hibernation and checkpoints are unavailable.
+    pub user_namespaces: bool,
+    /// First host uid/gid of the pool sandboxes' user namespaces are mapped onto, and how many
+    /// ranges of [`userns::IdRange::COUNT`] ids it holds (so at most that many sandboxes).
+    pub uid_base: u32,
+    pub uid_ranges: u32,
 }
 
 impl LinuxRuntimeConfig {
@@ -85,6 +95,8 @@ impl LinuxRuntimeConfig {
             .map(|i| ALPHABET[((h >> (i * 8)) % 36) as usize] as char)
             .collect();
         let slot = ((h >> 32) % 128) as u32; // 128 /20 subnets in 10.200.0.0/13
+                                             // 30 pools of 1024 ranges (2^26 ids) from 2^31, far above any distribution's users.
+        let uid_slot = ((h >> 40) % 30) as u32;
         let network = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (slot << 12);
         LinuxRuntimeConfig {
             data_dir,
@@ -95,9 +107,15 @@ impl LinuxRuntimeConfig {
             name_prefix: format!("w{tag}"),
             prepared_networks: 4,
             dns_upstreams: Vec::new(),
+            user_namespaces: false,
+            uid_base: (1 << 31) + uid_slot * (UID_RANGES_PER_DAEMON * userns::IdRange::COUNT),
+            uid_ranges: UID_RANGES_PER_DAEMON,
         }
     }
 }
+
+/// Sandboxes a daemon can hold at once with the derived uid pool (one id range each).
+const UID_RANGES_PER_DAEMON: u32 = 1024;
 
 /// The sandbox's egress rules as last installed, in its dir.
 const EGRESS_FILE: &str = "egress.json";
@@ -122,6 +140,8 @@ pub struct LinuxRuntime {
     /// The layer that shows the init binary inside every sandbox (see [`checkpoint`]).
     init_layer: PathBuf,
     criu: CriuSupport,
+    /// Host id ranges of the sandboxes' user namespaces.
+    ids: userns::IdPool,
 }
 
 impl LinuxRuntime {
@@ -140,9 +160,18 @@ impl LinuxRuntime {
         // daemon can reap them (and see them die) instead of the host's init.
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let ids = userns::IdPool::new(config.uid_base, config.uid_ranges)?;
         let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
         let init_layer = checkpoint::prepare_init_layer(&config.data_dir, &config.envd_binary)?;
-        let criu = CriuSupport::detect();
+        let criu = if config.user_namespaces {
+            CriuSupport::Unavailable(
+                "sandboxes run in user namespaces (--user-namespaces), which CRIU 4.1.1 cannot \
+                 dump: their network namespace belongs to the host's user namespace"
+                    .into(),
+            )
+        } else {
+            CriuSupport::detect()
+        };
         if let CriuSupport::Unavailable(why) = &criu {
             tracing::warn!("hibernation and checkpoints are disabled: {why}");
         }
@@ -175,6 +204,7 @@ impl LinuxRuntime {
             sandboxes: Mutex::new(HashMap::new()),
             init_layer,
             criu,
+            ids,
         };
         // Network namespaces are prepared only after recovery (the end of `sweep`, or the first
         // create): until the surviving sandboxes are adopted, their addresses look free.
@@ -254,6 +284,7 @@ impl LinuxRuntime {
         &self,
         spec: &SandboxSpec,
         slot: &net::NetSlot,
+        ids: Option<userns::IdRange>,
     ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
         let t0 = std::time::Instant::now();
         let id = &spec.id;
@@ -282,6 +313,22 @@ impl LinuxRuntime {
         }
         .save(&dir)?;
         prof("prepared", &t0);
+        let mounts = match ids {
+            Some(ids) => {
+                let (lower, upper, work) = (lower_dirs.clone(), upper.clone(), work.clone());
+                let binds = spec.rootfs.ro_binds.clone();
+                let netns = slot.netns.as_raw_fd();
+                // The slot (and so its namespace descriptor) outlives this blocking call.
+                let m = tokio::task::spawn_blocking(move || {
+                    userns::prepare_mounts(&ids, netns, &lower, &upper, &work, &binds)
+                })
+                .await
+                .expect("mount preparation does not panic")?;
+                prof("mounts prepared", &t0);
+                Some(m)
+            }
+            None => None,
+        };
 
         let log_path = dir.join("init.log");
         let log = std::fs::File::create(&log_path)
@@ -291,6 +338,11 @@ impl LinuxRuntime {
             &procs,
             slot.netns.as_raw_fd(),
             log,
+            mounts.as_ref().map(|m| UserNs {
+                fd: m.userns.as_raw_fd(),
+                inherit: m.inherited_fds(),
+                cwd: CString::new(dir.as_os_str().as_bytes()).unwrap_or_default(),
+            }),
         )
         .map_err(|e| RuntimeError::sys("spawn sandbox init", id, e))?;
         prof("spawned", &t0);
@@ -309,11 +361,16 @@ impl LinuxRuntime {
                 lower_dirs,
                 upper_dir: upper.clone(),
                 work_dir: work.clone(),
-                rootfs_dir: rootfs.clone(),
+                // In a user namespace, relative to the sandbox dir (the init's working dir).
+                rootfs_dir: match &mounts {
+                    Some(_) => PathBuf::from("rootfs"),
+                    None => rootfs.clone(),
+                },
                 ro_binds: spec.rootfs.ro_binds.clone(),
                 // The prepared namespace is configured already.
                 net: None,
                 envd: spec.envd.clone(),
+                mounts: mounts.as_ref().map(|m| m.init_mounts()),
             };
             let json = serde_json::to_vec(&init_spec).expect("init spec serializes");
             stdin
@@ -338,6 +395,8 @@ impl LinuxRuntime {
         })??;
         // The intermediate process exits right after forking PID 1.
         let _ = child.wait().await;
+        // PID 1 has attached its mounts; the daemon's descriptors of them can go.
+        drop(mounts);
 
         let init_start_ticks = start_ticks(started).ok_or_else(|| RuntimeError::StartFailed {
             id: id.clone(),
@@ -348,6 +407,7 @@ impl LinuxRuntime {
             init_start_ticks,
             ip: slot.ip,
             veth: slot.veth.clone(),
+            userns: ids,
         };
         let alive = watch_exit(started, id.clone())?;
         Ok((placement, alive))
@@ -431,12 +491,26 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
     })
 }
 
-/// Spawns `warren-envd init` with its cgroups joined and its namespaces unshared.
+/// What the init needs to enter its user namespace.
+struct UserNs {
+    /// The namespace (see [`userns::new_userns`]).
+    fd: std::os::fd::RawFd,
+    /// Detached mounts the init inherits.
+    inherit: Vec<std::os::fd::RawFd>,
+    /// The sandbox dir, entered as host root before the switch.
+    cwd: CString,
+}
+
+/// Spawns `warren-envd init` with its cgroups joined and its namespaces unshared: the network
+/// namespace is joined first, so it stays owned by the host's user namespace; then the user
+/// namespace is entered as its root, and the mount, uts, ipc, cgroup and pid namespaces are made
+/// inside it (owned by it, so root in the sandbox can mount its /proc, but nothing of the host's).
 fn spawn_init(
     envd: &Path,
     cgroup_procs: &[PathBuf],
     netns: std::os::fd::RawFd,
     log: std::fs::File,
+    user: Option<UserNs>,
 ) -> std::io::Result<tokio::process::Child> {
     // Opened before fork: the child may only make async-signal-safe syscalls.
     let mut procs_fds = Vec::new();
@@ -456,17 +530,39 @@ fn spawn_init(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .kill_on_drop(true);
-    // SAFETY: the closure only calls write(2), setns(2) and unshare(2) on values prepared before
-    // fork, which are async-signal-safe; it allocates nothing.
+    // SAFETY: the closure only makes raw syscalls (write, setns, chdir, fcntl, set*id, unshare)
+    // on values prepared before fork, which are async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
             for fd in &raw {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
+                    return fail();
                 }
             }
             if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
+                return fail();
+            }
+            if let Some(u) = &user {
+                if libc::chdir(u.cwd.as_ptr()) != 0 {
+                    return fail();
+                }
+                for fd in &u.inherit {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return fail();
+                    }
+                }
+                if libc::setns(u.fd, libc::CLONE_NEWUSER) != 0 {
+                    return fail();
+                }
+                // Root of the namespace: host ids are the range's first. No supplementary
+                // groups: the host's would be unmapped.
+                if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                    || libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                    || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+                {
+                    return fail();
+                }
             }
             let flags = libc::CLONE_NEWNS
                 | libc::CLONE_NEWUTS
@@ -563,9 +659,21 @@ impl SandboxRuntime for LinuxRuntime {
                 reason: "a sandbox with this id exists".into(),
             });
         }
-        let slot = self.net.take_slot().await?;
+        let ids = match self.config.user_namespaces {
+            true => Some(self.ids.allocate()?),
+            false => None,
+        };
+        let slot = match self.net.take_slot().await {
+            Ok(slot) => slot,
+            Err(e) => {
+                if let Some(ids) = &ids {
+                    self.ids.release(ids);
+                }
+                return Err(e);
+            }
+        };
         self.refill_networks();
-        match self.create_inner(spec, &slot).await {
+        match self.create_inner(spec, &slot, ids).await {
             Ok((placement, alive)) => {
                 self.sandboxes.lock().unwrap().insert(
                     spec.id.clone(),
@@ -591,6 +699,9 @@ impl SandboxRuntime for LinuxRuntime {
                     .await
                 {
                     tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
+                }
+                if let Some(ids) = &ids {
+                    self.ids.release(ids);
                 }
                 Err(e)
             }
@@ -624,7 +735,12 @@ impl SandboxRuntime for LinuxRuntime {
                     t.internet_denied,
                     t.egress,
                 )
-                .await
+                .await?;
+                // Only now: no process of the sandbox holds its ids any more.
+                if let Some(ids) = &t.placement.userns {
+                    self.ids.release(ids);
+                }
+                Ok(())
             }
             None => self.cleanup(id, None, None, false, false).await,
         }
@@ -640,6 +756,9 @@ impl SandboxRuntime for LinuxRuntime {
         }
         let alive = watch_exit(placement.init_pid, id.to_string())?;
         self.net.ipam.claim(placement.ip);
+        if let Some(ids) = &placement.userns {
+            self.ids.claim(ids);
+        }
         let denied = self
             .net
             .denied_addresses()
@@ -697,6 +816,9 @@ impl SandboxRuntime for LinuxRuntime {
             tracing::info!(sandbox = %id, "removed the tree of a wake the daemon's restart interrupted");
         }
         self.net.ipam.claim(placement.ip);
+        if let Some(ids) = &placement.userns {
+            self.ids.claim(ids);
+        }
         let denied = self
             .net
             .denied_addresses()

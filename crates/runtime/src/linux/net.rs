@@ -465,7 +465,19 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            crate::init::configure_network(Some(&net)).map_err(std::io::Error::other)
+            crate::init::configure_network(Some(&net)).map_err(std::io::Error::other)?;
+            // Root in the sandbox is root of its user namespace only, which has no say over this
+            // host-owned network namespace: ports below 1024 and ICMP echo sockets are opened
+            // to every id here instead, as in a rootless container. (Per-namespace sysctls; this
+            // thread is in the sandbox's namespace.)
+            for (path, value) in [
+                ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
+                ("/proc/sys/net/ipv4/ping_group_range", "0 4294967294"),
+            ] {
+                std::fs::write(path, value)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("write {path}: {e}")))?;
+            }
+            Ok(())
         })
         .await;
         if let Err(e) = configured {
