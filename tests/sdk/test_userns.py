@@ -1,5 +1,6 @@
-"""`warren serve --user-namespaces`: every sandbox in its own user namespace, root inside mapped to
-an unprivileged host uid range that a restart keeps. Uses its own daemon with the option on."""
+"""User namespaces (on by default): every sandbox in its own user namespace, root inside mapped to
+an unprivileged host uid range of its own that a restart keeps and a kill frees, and sandbox root
+unable to do what host root can. `warren serve --user-namespaces=false` turns them off."""
 
 import os
 
@@ -9,17 +10,115 @@ from e2b import Sandbox
 from warren_helpers import Daemon, remove_data_dir, remove_host_state, start_daemon, wait_until
 
 
+def host_uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("Uid:"))
+    return int(line.split()[2])
+
+
+def mapping(sbx) -> int:
+    """The first host uid of the sandbox's range, as its own /proc/self/uid_map says."""
+    inside, outside, count = sbx.commands.run("cat /proc/self/uid_map", user="root").stdout.split()
+    assert inside == "0" and count == "65536"
+    return int(outside)
+
+
+def host_pids_of(marker: str) -> list:
+    """Host pids of processes whose command line contains the marker."""
+    found = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(p))
+        except OSError:
+            pass
+    return found
+
+
+def test_root_inside_is_a_range_of_its_own_and_files_keep_their_owners(daemon, new_sandbox):
+    a, b = new_sandbox(), new_sandbox()
+    base_a, base_b = mapping(a), mapping(b)
+    assert base_a != 0 and base_b != 0
+    assert abs(base_a - base_b) >= 65536, "disjoint ranges, one per sandbox"
+    assert base_a >= 65536 and base_b >= 65536, "never host root's or the distribution's ids"
+
+    # A process of root in the sandbox is the range's first uid on the host, one of `user`
+    # (1000) is base + 1000.
+    tag = a.sandbox_id
+    a.commands.run(f"exec -a userns-root-{tag} sleep 300", user="root", background=True)
+    a.commands.run(f"exec -a userns-user-{tag} sleep 300", user="user", background=True)
+    assert wait_until(lambda: host_pids_of(f"userns-user-{tag}") != [], 5)
+    assert wait_until(lambda: host_pids_of(f"userns-root-{tag}") != [], 5)
+    assert {host_uid(p) for p in host_pids_of(f"userns-root-{tag}")} == {base_a}
+    assert {host_uid(p) for p in host_pids_of(f"userns-user-{tag}")} == {base_a + 1000}
+    pid = host_pids_of(f"userns-root-{tag}")[0]
+
+    # Inside, files keep their owners: made by root, by `user`, uploaded through the files API
+    # (as `user`, the default), and the image's own files and the host /usr bind (root's).
+    a.commands.run("echo r > /root-made", user="root")
+    a.commands.run("echo u > /home/user/user-made", user="user")
+    a.files.write("/home/user/by-api.txt", "hello")
+    out = a.commands.run(
+        "stat -c '%u:%g %n' /root-made /home/user/user-made /home/user/by-api.txt /etc/passwd "
+        "/usr/bin/env",
+        user="root",
+    ).stdout.split("\n")
+    assert out[:5] == [
+        "0:0 /root-made",
+        "1000:1000 /home/user/user-made",
+        "1000:1000 /home/user/by-api.txt",
+        "0:0 /etc/passwd",
+        "0:0 /usr/bin/env",
+    ], out
+    # On the host, through the sandbox's own mounts, they belong to the range...
+    root_view = f"/proc/{pid}/root"
+    assert os.stat(f"{root_view}/root-made").st_uid == base_a
+    assert os.stat(f"{root_view}/home/user/by-api.txt").st_uid == base_a + 1000
+    # ...while its upper dir stores plain ids, as image layers do (what commits export).
+    upper = os.path.join(daemon.data_dir, "sandboxes", a.sandbox_id, "disk", "upper")
+    assert os.stat(os.path.join(upper, "root-made")).st_uid == 0
+    assert os.stat(os.path.join(upper, "home/user/by-api.txt")).st_uid == 1000
+
+
+def test_root_inside_cannot_do_what_host_root_can(daemon, sandbox):
+    for what, cmd in [
+        ("make a block device", "mknod /tmp/sda b 8 0"),
+        ("make a memory device", "mknod /tmp/mem c 1 1"),
+        ("make the host /usr bind writable", "mount -o remount,rw /usr"),
+        ("write a host-owned file bound read-only", "echo x >> /usr/bin/env"),
+        ("chown a host-owned file", "chown 1000 /usr/bin/env"),
+        ("take its interface down", "ip link set eth0 down"),
+        ("change its address", "ip addr add 192.0.2.1/32 dev eth0"),
+    ]:
+        r = sandbox.commands.run(f"{cmd}; echo rc=$?", user="root")
+        assert "rc=0" not in r.stdout, f"root in the sandbox could {what}: {r.stdout} {r.stderr}"
+    # The host /usr is untouched, and its file is still host root's on the host.
+    assert os.stat("/usr/bin/env").st_uid == 0
+    with open("/usr/bin/env", "rb") as f:
+        assert not f.read().endswith(b"x\n")
+
+
+def test_hibernate_and_wake_keep_the_range(daemon, sandbox):
+    base = mapping(sandbox)
+    sandbox.commands.run("echo before > /tmp/kept", user="user")
+    r = daemon.request("POST", f"/sandboxes/{sandbox.sandbox_id}/hibernate")
+    if r.status == 404:
+        pytest.skip("no hibernate route in this daemon's API")
+    assert r.status in (200, 204), r.body
+    again = Sandbox.connect(sandbox.sandbox_id, **daemon.sdk_opts())
+    assert mapping(again) == base
+    assert again.commands.run("cat /tmp/kept; stat -c %u /tmp/kept", user="user").stdout.split() == [
+        "before",
+        "1000",
+    ]
+
+
 @pytest.fixture
-def userns_daemon():
-    saved = os.environ.get("WARREN_USER_NAMESPACES")
-    os.environ["WARREN_USER_NAMESPACES"] = "true"
-    try:
-        d = start_daemon()
-    finally:
-        if saved is None:
-            os.environ.pop("WARREN_USER_NAMESPACES", None)
-        else:
-            os.environ["WARREN_USER_NAMESPACES"] = saved
+def own_daemon():
+    d = start_daemon()
     daemons = [d]
     yield daemons
     last = daemons[-1]
@@ -32,79 +131,28 @@ def userns_daemon():
     remove_data_dir(d)
 
 
-def host_uid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(x for x in f if x.startswith("Uid:"))
-    return int(line.split()[2])
-
-
-def mapping(sbx) -> tuple:
-    inside, outside, count = sbx.commands.run("cat /proc/self/uid_map", user="root").stdout.split()
-    assert inside == "0" and count == "65536"
-    return int(outside)
-
-
-def host_pids_of(sbx_pid_cmd: str) -> list:
-    """Host pids of processes whose command line contains the marker."""
-    found = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                if sbx_pid_cmd.encode() in f.read():
-                    found.append(int(p))
-        except OSError:
-            pass
-    return found
-
-
-def test_root_in_a_sandbox_is_an_unprivileged_host_uid_and_restarts_keep_the_range(userns_daemon):
-    d = userns_daemon[0]
+def test_a_restart_keeps_the_range_and_a_kill_frees_it(own_daemon):
+    d = own_daemon[0]
     opts = dict(api_key=d.api_key, api_url=d.url, sandbox_url=d.url)
     a = Sandbox.create(timeout=120, **opts)
     b = Sandbox.create(timeout=120, **opts)
     base_a, base_b = mapping(a), mapping(b)
-    assert base_a != base_b, "one range per sandbox"
-    assert base_a >= 65536 and base_b >= 65536, "never host root's ids"
-
-    # A process running as root in the sandbox is the range's first uid on the host, one
-    # running as `user` (1000) is base + 1000.
-    a.commands.run("exec -a warren-userns-root-marker sleep 300", user="root", background=True)
-    a.commands.run("exec -a warren-userns-user-marker sleep 300", user="user", background=True)
-    assert wait_until(lambda: host_pids_of("warren-userns-user-marker") != [], 5)
-    assert {host_uid(p) for p in host_pids_of("warren-userns-root-marker")} == {base_a}
-    assert {host_uid(p) for p in host_pids_of("warren-userns-user-marker")} == {base_a + 1000}
-
-    # Files keep their owners inside, and plain ids on disk (what commits export).
-    a.commands.run("echo r > /root-made && chown 1000:1000 /home/user", user="root")
-    a.files.write("/home/user/by-api.txt", "hello")
-    out = a.commands.run("stat -c '%u %n' /root-made /home/user/by-api.txt /usr/bin/env", user="root").stdout
-    assert out.split("\n")[:3] == ["0 /root-made", "1000 /home/user/by-api.txt", "0 /usr/bin/env"], out
-    upper = os.path.join(d.data_dir, "sandboxes", a.sandbox_id, "upper")
-    assert os.stat(os.path.join(upper, "root-made")).st_uid == 0
-    assert os.stat(os.path.join(upper, "home/user/by-api.txt")).st_uid == 1000
-
-    # Privileged ports still bind for root in the sandbox.
-    r = a.commands.run("python3 -c 'import socket; s=socket.socket(); s.bind((\"0.0.0.0\", 80)); print(\"bound\")'", user="root")
-    assert r.stdout.strip() == "bound"
 
     # A restart on the same data dir re-adopts the sandbox with its recorded range.
     assert d.stop(timeout=20) == 0
     d2 = Daemon(binary=d.binary, envd=d.envd, port=d.port, api_key=d.api_key, data_dir=d.data_dir,
                 log_path=f"{d.log_path}.2")
-    userns_daemon.append(d2)
-    saved = os.environ.get("WARREN_USER_NAMESPACES")
-    os.environ["WARREN_USER_NAMESPACES"] = "true"
-    try:
-        d2.start()
-    finally:
-        if saved is None:
-            os.environ.pop("WARREN_USER_NAMESPACES", None)
+    own_daemon.append(d2)
+    d2.start()
     again = Sandbox.connect(a.sandbox_id, **opts)
     assert mapping(again) == base_a, "the adopted sandbox keeps its range"
-    # The restarted daemon knows which ranges are taken: a new sandbox gets a free one.
+    # The restarted daemon knows which ranges are taken: new sandboxes get free ones.
     c = Sandbox.create(timeout=60, **opts)
     assert mapping(c) not in (base_a, base_b)
-    for s in (again, b, c):
+    # A kill frees the range: with all others held, the next sandboxes get it back (prepared
+    # network namespaces hold a few ranges ahead, so look among the next several).
+    b.kill()
+    made = [Sandbox.create(timeout=60, **opts) for _ in range(6)]
+    assert base_b in [mapping(s) for s in made], "the killed sandbox's range is reused"
+    for s in [again, c, *made]:
         s.kill()

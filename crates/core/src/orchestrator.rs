@@ -62,9 +62,8 @@ pub struct WarrenConfig {
     pub default_timeout: Duration,
     /// Longest timeout a client may ask for.
     pub max_timeout: Duration,
+    /// Limits of every sandbox; `disk_mb` is also the disk size reported to clients.
     pub default_resources: Resources,
-    /// Disk size reported to clients (the overlay upper dir has no quota of its own).
-    pub disk_size_mb: u64,
     /// The envd version reported to SDKs; it gates SDK features, so it must match what
     /// warren-envd implements.
     pub envd_version: String,
@@ -81,7 +80,6 @@ impl Default for WarrenConfig {
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_resources: Resources::default(),
-            disk_size_mb: 1024,
             envd_version: "0.6.4".into(),
             default_user: "user".into(),
             hibernate_after: Some(Duration::from_secs(600)),
@@ -472,7 +470,23 @@ impl Warren {
         if req.template_id.is_empty() {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
         }
-        let rootfs = self.templates.resolve(&req.template_id)?;
+        let rootfs = match self.templates.resolve(&req.template_id) {
+            Ok(r) => r,
+            // E2B's `Sandbox.create(template=<snapshot id>)`: a checkpoint restores.
+            Err(e) => {
+                if !self.is_checkpoint(who, &req.template_id).await {
+                    return Err(e.into());
+                }
+                let restore = checkpoints::RestoreRequest {
+                    timeout_secs: req.timeout_secs,
+                    metadata: req.metadata,
+                    env_vars: req.env_vars,
+                };
+                return self
+                    .restore_checkpoint(who, &req.template_id, restore)
+                    .await;
+            }
+        };
         let ready_port = self.templates.ready_port(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -506,7 +520,8 @@ impl Warren {
                 access_token: Some(token.clone()),
                 env_vars: req.env_vars.clone(),
                 default_user: self.config.default_user.clone(),
-                admin_token: None,
+                // Lets the daemon re-key envd in sandboxes restored from a checkpoint of this one.
+                admin_token: Some(generate_access_token()),
                 start_command: self.templates.start_command(&req.template_id),
                 default_cwd: None,
             },
@@ -525,7 +540,7 @@ impl Warren {
             envd_access_token: token,
             cpu_count: resources.vcpus,
             memory_mb: resources.memory_mb,
-            disk_mb: self.config.disk_size_mb,
+            disk_mb: resources.disk_mb,
             allow_internet,
             auto_pause: req.auto_pause,
             auto_resume_secs: req.auto_resume.then_some(timeout.num_seconds() as u32),
@@ -831,6 +846,7 @@ impl Warren {
             }
         }
         self.expire_commits().await;
+        self.expire_checkpoints().await;
     }
 
     /// Runs [`Warren::tick`] about once a second until the returned task is aborted.
@@ -871,6 +887,7 @@ impl Warren {
                 }
             }
         }
+        self.recover_checkpoints().await?;
         report.swept = self.runtime.sweep(&keep).await?;
         self.load_pools().await?;
         if !report.swept.is_empty() {
@@ -962,6 +979,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
 
+pub mod checkpoints;
 pub mod commits;
 pub mod hibernation;
 pub mod metrics;

@@ -51,6 +51,8 @@ const MIGRATIONS: &[&str] = &[
     // 6: when a sandbox was frozen, the idle clock of auto-hibernation, so that a restart
     // neither resets it (a sandbox paused for hours would wait again) nor loses it.
     "ALTER TABLE sandboxes ADD COLUMN paused_at TEXT;",
+    // 7: checkpoints (see checkpoint.rs).
+    crate::checkpoint::MIGRATION_CHECKPOINTS,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -49,8 +49,9 @@ pub struct InitSpec {
 pub struct InitMounts {
     /// The overlay root, already idmapped.
     pub rootfs_fd: i32,
-    /// A sysfs of the sandbox's network namespace, read-only. Sandbox root may not mount one
-    /// itself: that needs `CAP_SYS_ADMIN` over the network namespace, which stays the host's.
+    /// A sysfs of the sandbox's network namespace, read-only, made by the daemon (a sysfs the
+    /// init mounted inside its user namespace would belong to it, and could be remounted
+    /// read-write by the sandbox's root).
     pub sysfs_fd: i32,
     /// One per `ro_binds` entry: an idmapped read-only bind, or `None` to bind the source plainly.
     pub bind_fds: Vec<Option<i32>>,
@@ -641,8 +642,7 @@ fn set_up(sock: libc::c_int, name: &str) -> Result<(), InitError> {
             name,
         )?;
         let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        // Already up (the daemon prepares the namespace): nothing to ask for, which matters in a
-        // user namespace, where root has no CAP_NET_ADMIN over the host-owned network namespace.
+        // Already up (the daemon prepares the namespace): nothing to ask for.
         if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 {
             return Ok(());
         }

@@ -1,7 +1,8 @@
 //! The real runtime on Linux.
 //!
 //! Creating a sandbox (see [`crate::init`] for the half that runs inside):
-//! 1. an address, a cgroup per hierarchy (with limits) and a veth pair on the host bridge;
+//! 1. an address, a cgroup per hierarchy (with limits), a veth pair on the host bridge and, with a
+//!    disk cap, the sandbox's own file system for its upper dir ([`disk`]);
 //! 2. `warren-envd init` is spawned with its cgroups joined and new mount, uts, ipc, net, cgroup
 //!    and pid namespaces (`pre_exec`, async-signal-safe syscalls only); it forks PID 1 of the new
 //!    pid namespace and reports its host pid;
@@ -10,12 +11,14 @@
 //!
 //! The overlay and every other mount exist only in the sandbox's mount namespace, so they vanish
 //! with its last process: destroying a sandbox is killing its cgroup, then deleting the veth, the
-//! nftables element, the upper dir and the cgroups.
+//! nftables element, the upper dir (and its file system) and the cgroups.
 
 pub mod cgroup;
 pub mod checkpoint;
+pub mod disk;
 pub mod dns;
 pub mod net;
+mod snapshots;
 pub mod template;
 pub mod userns;
 
@@ -23,8 +26,8 @@ pub use template::{prepare_base_template, sandbox_resolv_conf};
 
 use crate::init::InitSpec;
 use crate::{
-    CheckpointStats, NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
-    SandboxStats,
+    CheckpointInfo, CheckpointOptions, CheckpointStats, NetworkPolicy, Placement, RuntimeError,
+    SandboxRuntime, SandboxSpec, SandboxStats,
 };
 use async_trait::async_trait;
 use cgroup::CgroupManager;
@@ -69,9 +72,8 @@ pub struct LinuxRuntimeConfig {
     /// empty means the host's resolvers from `/etc/resolv.conf`.
     pub dns_upstreams: Vec<std::net::SocketAddr>,
     /// Runs every sandbox in its own user namespace (see [`userns`]): root inside is an
-    /// unprivileged host uid range. Off by default for now, because CRIU 4.1.1 cannot dump such a
-    /// sandbox (its network namespace belongs to the host's user namespace): with it on,
-    /// hibernation and checkpoints are unavailable.
+    /// unprivileged host uid range of its own. On by default (`warren serve
+    /// --user-namespaces=false` turns it off).
     pub user_namespaces: bool,
     /// First host uid/gid of the pool sandboxes' user namespaces are mapped onto, and how many
     /// ranges of [`userns::IdRange::COUNT`] ids it holds (so at most that many sandboxes).
@@ -95,7 +97,7 @@ impl LinuxRuntimeConfig {
             .map(|i| ALPHABET[((h >> (i * 8)) % 36) as usize] as char)
             .collect();
         let slot = ((h >> 32) % 128) as u32; // 128 /20 subnets in 10.200.0.0/13
-                                             // 30 pools of 1024 ranges (2^26 ids) from 2^31, far above any distribution's users.
+                                             // 30 pools of 1024 uid ranges (2^26 ids) from 2^31, far above any distribution's users.
         let uid_slot = ((h >> 40) % 30) as u32;
         let network = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (slot << 12);
         LinuxRuntimeConfig {
@@ -107,7 +109,7 @@ impl LinuxRuntimeConfig {
             name_prefix: format!("w{tag}"),
             prepared_networks: 4,
             dns_upstreams: Vec::new(),
-            user_namespaces: false,
+            user_namespaces: true,
             uid_base: (1 << 31) + uid_slot * (UID_RANGES_PER_DAEMON * userns::IdRange::COUNT),
             uid_ranges: UID_RANGES_PER_DAEMON,
         }
@@ -141,7 +143,7 @@ pub struct LinuxRuntime {
     init_layer: PathBuf,
     criu: CriuSupport,
     /// Host id ranges of the sandboxes' user namespaces.
-    ids: userns::IdPool,
+    ids: Arc<userns::IdPool>,
 }
 
 impl LinuxRuntime {
@@ -160,18 +162,10 @@ impl LinuxRuntime {
         // daemon can reap them (and see them die) instead of the host's init.
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        let ids = userns::IdPool::new(config.uid_base, config.uid_ranges)?;
+        let ids = Arc::new(userns::IdPool::new(config.uid_base, config.uid_ranges)?);
         let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
         let init_layer = checkpoint::prepare_init_layer(&config.data_dir, &config.envd_binary)?;
-        let criu = if config.user_namespaces {
-            CriuSupport::Unavailable(
-                "sandboxes run in user namespaces (--user-namespaces), which CRIU 4.1.1 cannot \
-                 dump: their network namespace belongs to the host's user namespace"
-                    .into(),
-            )
-        } else {
-            CriuSupport::detect()
-        };
+        let criu = CriuSupport::detect();
         if let CriuSupport::Unavailable(why) = &criu {
             tracing::warn!("hibernation and checkpoints are disabled: {why}");
         }
@@ -188,6 +182,7 @@ impl LinuxRuntime {
             &config.name_prefix,
             config.subnet.0,
             config.subnet.1,
+            config.user_namespaces.then(|| ids.clone()),
         )
         .await?;
         let net = Arc::new(net);
@@ -261,6 +256,32 @@ impl LinuxRuntime {
         self.teardown_host().await
     }
 
+    /// After a failed wake of a sandbox in a user namespace: its kept network namespace gets its
+    /// `eth0` back if the restore took it (see [`HostNetwork::replug`]), so a later wake works.
+    async fn replug_kept_netns(&self, dir: &Path, placement: &Placement) {
+        let path = dir.join("netns");
+        let replugged = match std::fs::File::open(&path) {
+            Ok(f) => {
+                self.net
+                    .replug(&OwnedFd::from(f), placement.ip, &placement.veth)
+                    .await
+            }
+            Err(e) => Err(RuntimeError::io("open", &path, e)),
+        };
+        if let Err(e) = replugged {
+            tracing::warn!(path = %path.display(), error = %e, "giving a hibernated sandbox its network back");
+        }
+    }
+
+    /// The address, prefix and gateway of the sandbox at `ip`, as its eth0 is configured.
+    fn net_config(&self, ip: Ipv4Addr) -> crate::init::InitNet {
+        crate::init::InitNet {
+            address: ip,
+            prefix_len: self.net.ipam.prefix_len(),
+            gateway: self.net.ipam.gateway(),
+        }
+    }
+
     fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.config.data_dir.join("sandboxes").join(id)
     }
@@ -289,10 +310,18 @@ impl LinuxRuntime {
         let t0 = std::time::Instant::now();
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-        }
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).map_err(|e| RuntimeError::io("mkdir", &rootfs, e))?;
+        let (upper, work) = if spec.resources.disk_mb > 0 {
+            disk::create(&dir, spec.resources.disk_mb).await?
+        } else {
+            let (upper, work) = (dir.join("upper"), dir.join("work"));
+            for d in [&upper, &work] {
+                std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
+            }
+            (upper, work)
+        };
+        prof("disk", &t0);
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {
             self.net.deny_internet(slot.ip)?;
@@ -313,21 +342,24 @@ impl LinuxRuntime {
         }
         .save(&dir)?;
         prof("prepared", &t0);
-        let mounts = match ids {
-            Some(ids) => {
+        let mounts = match (ids, &slot.userns) {
+            (Some(ids), Some((_, userns_fd))) => {
+                let userns_fd = userns_fd
+                    .try_clone()
+                    .map_err(|e| RuntimeError::sys("dup user namespace", id, e))?;
                 let (lower, upper, work) = (lower_dirs.clone(), upper.clone(), work.clone());
                 let binds = spec.rootfs.ro_binds.clone();
                 let netns = slot.netns.as_raw_fd();
                 // The slot (and so its namespace descriptor) outlives this blocking call.
                 let m = tokio::task::spawn_blocking(move || {
-                    userns::prepare_mounts(&ids, netns, &lower, &upper, &work, &binds)
+                    userns::prepare_mounts(&ids, userns_fd, netns, &lower, &upper, &work, &binds)
                 })
                 .await
                 .expect("mount preparation does not panic")?;
                 prof("mounts prepared", &t0);
                 Some(m)
             }
-            None => None,
+            _ => None,
         };
 
         let log_path = dir.join("init.log");
@@ -479,6 +511,7 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
         return Ok(());
     }
     checkpoint::unpin_netns(dir);
+    disk::release(dir);
     let rootfs = CString::new(dir.join("rootfs").as_os_str().as_bytes()).unwrap_or_default();
     // SAFETY: valid C string; EINVAL (not a mount point) is the normal outcome and ignored.
     unsafe { libc::umount2(rootfs.as_ptr(), libc::MNT_DETACH) };
@@ -659,19 +692,10 @@ impl SandboxRuntime for LinuxRuntime {
                 reason: "a sandbox with this id exists".into(),
             });
         }
-        let ids = match self.config.user_namespaces {
-            true => Some(self.ids.allocate()?),
-            false => None,
-        };
-        let slot = match self.net.take_slot().await {
-            Ok(slot) => slot,
-            Err(e) => {
-                if let Some(ids) = &ids {
-                    self.ids.release(ids);
-                }
-                return Err(e);
-            }
-        };
+        // With user namespaces on, the prepared slot comes with the sandbox's user namespace (it
+        // owns the network namespace) and id range, which the sandbox keeps from here on.
+        let slot = self.net.take_slot().await?;
+        let ids = slot.userns.as_ref().map(|(range, _)| *range);
         self.refill_networks();
         match self.create_inner(spec, &slot, ids).await {
             Ok((placement, alive)) => {
@@ -700,9 +724,7 @@ impl SandboxRuntime for LinuxRuntime {
                 {
                     tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
                 }
-                if let Some(ids) = &ids {
-                    self.ids.release(ids);
-                }
+                self.net.release_ids(&slot);
                 Err(e)
             }
         }
@@ -917,6 +939,7 @@ impl SandboxRuntime for LinuxRuntime {
             t.placement.clone()
         };
         let dir = self.sandbox_dir(id);
+        disk::ensure_mounted(&dir)?;
         let procs: Vec<PathBuf> = self
             .cgroups
             .dirs(id)
@@ -928,8 +951,20 @@ impl SandboxRuntime for LinuxRuntime {
             id,
             dir: &dir,
             cgroup_procs: &procs,
+            userns: placement
+                .userns
+                .map(|range| (range, self.net_config(placement.ip))),
         })
-        .await?;
+        .await;
+        let pid = match pid {
+            Ok(pid) => pid,
+            Err(e) => {
+                if placement.userns.is_some() {
+                    self.replug_kept_netns(&dir, &placement).await;
+                }
+                return Err(e);
+            }
+        };
         let ticks = start_ticks(pid).ok_or_else(|| RuntimeError::Checkpoint {
             op: "restore",
             id: id.to_string(),
@@ -1041,26 +1076,55 @@ impl SandboxRuntime for LinuxRuntime {
             return Err(RuntimeError::UnknownSandbox(id.to_string()));
         }
         let cg = self.cgroups.clone();
-        let upper = self.sandbox_dir(id).join("upper");
+        let dir = self.sandbox_dir(id);
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             let memory_bytes = cg.memory_usage(&id).unwrap_or(0);
+            // A sandbox with its own disk: what df shows (one statfs); else walk the upper dir.
+            let (disk_bytes, disk_total_bytes) =
+                disk::usage(&dir).unwrap_or_else(|| (disk_usage(&disk::overlay_dirs(&dir).0), 0));
             SandboxStats {
                 cpu_usage_ns: cg.cpu_usage_ns(&id).unwrap_or(0),
                 memory_bytes,
                 memory_cache_bytes: cg.memory_cache(&id).unwrap_or(0).min(memory_bytes),
-                disk_bytes: disk_usage(&upper),
+                disk_bytes,
+                disk_total_bytes,
             }
         })
         .await
         .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
     }
 
+    async fn checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        self.checkpoint_impl(id, name, opts).await
+    }
+
+    fn checkpoint_layer(&self, name: &str) -> Option<PathBuf> {
+        self.checkpoint_layer_impl(name)
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Placement, RuntimeError> {
+        self.restore_checkpoint_impl(name, spec).await
+    }
+
+    async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
+        self.delete_checkpoint_impl(name).await
+    }
+
     fn upper_dir(&self, id: &str) -> Option<PathBuf> {
         if !self.sandboxes.lock().unwrap().contains_key(id) {
             return None;
         }
-        Some(self.sandbox_dir(id).join("upper"))
+        Some(disk::overlay_dirs(&self.sandbox_dir(id)).0)
     }
 
     fn is_alive(&self, id: &str) -> bool {
@@ -1118,6 +1182,11 @@ mod tests {
         let first = u32::from(Ipv4Addr::new(10, 200, 0, 0));
         let last = u32::from(Ipv4Addr::new(10, 207, 255, 255));
         assert!((first..=last).contains(&u32::from(a.subnet.0)));
+        // Every derived uid pool fits above 2^31 and below (uid_t)-1.
+        for c in [&a, &b] {
+            assert!(c.uid_base >= 1 << 31);
+            userns::IdPool::new(c.uid_base, c.uid_ranges).expect("derived uid pool is valid");
+        }
         // Host veth names: prefix (4) + 'h' + 8 = 13 bytes.
         assert_eq!(format!("{}h{}", a.name_prefix, "abcdefgh").len(), 13);
     }

@@ -3,6 +3,7 @@
 //! the sandbox's network namespace), NAT egress, and an nftables table that drops traffic between
 //! sandboxes, from sandboxes to the host, and egress of sandboxes created without internet access.
 
+use super::userns::{IdPool, IdRange};
 use crate::egress::EgressRules;
 use crate::RuntimeError;
 use futures::TryStreamExt;
@@ -14,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Address management for one subnet: the first host address is the gateway, the rest go to
 /// sandboxes, handed out next-fit so a freed address is not reused at once.
@@ -158,8 +159,14 @@ pub struct HostNetwork {
     next_slot: AtomicU64,
     /// Network namespaces made ahead of time, ready to be entered by a new sandbox.
     ready: Mutex<Vec<NetSlot>>,
+    /// With user namespaces on: the pool each prepared namespace's user namespace takes its id
+    /// range from (the network namespace is made inside it, see [`NetSlot::userns`]).
+    ids: Option<Arc<IdPool>>,
     /// Egress rules with domain names, by sandbox address: what the DNS filter answers for.
     dns_rules: Mutex<HashMap<Ipv4Addr, (String, EgressRules)>>,
+    /// Until when each address the DNS filter opened for a sandbox is open (as nft was told),
+    /// so that repeated answers for the same names do not run nft while it has long to live.
+    dns_opened: Mutex<HashMap<(String, Ipv4Addr), std::time::Instant>>,
 }
 
 /// A network namespace with its veth on the bridge, its address and default route configured,
@@ -173,6 +180,10 @@ pub struct NetSlot {
     pub ip: Ipv4Addr,
     /// Host end of the veth pair.
     pub veth: String,
+    /// With user namespaces on: the sandbox's user namespace, which owns `netns` (CRIU dumps a
+    /// tree only when all its namespaces belong to its user namespace), and its id range, which
+    /// the sandbox made with this slot keeps (and releases when it is destroyed).
+    pub userns: Option<(IdRange, OwnedFd)>,
 }
 
 impl HostNetwork {
@@ -182,6 +193,7 @@ impl HostNetwork {
         name_prefix: &str,
         network: Ipv4Addr,
         prefix_len: u8,
+        ids: Option<Arc<IdPool>>,
     ) -> Result<Self, RuntimeError> {
         let ipam = Ipam::new(network, prefix_len)?;
         let (conn, handle, _) = rtnetlink::new_connection()
@@ -241,7 +253,9 @@ impl HostNetwork {
             peer_prefix: format!("{name_prefix}p"),
             next_slot: AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
+            ids,
             dns_rules: Mutex::new(HashMap::new()),
+            dns_opened: Mutex::new(HashMap::new()),
             ipam,
         };
         net.install_rules()?;
@@ -286,6 +300,9 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
 
     /// Removes the nftables tables and the bridge (when the daemon is told to clean up the host).
     pub async fn teardown(&self) -> Result<(), RuntimeError> {
+        for slot in self.ready.lock().unwrap().drain(..) {
+            self.release_ids(&slot);
+        }
         let t = &self.table;
         let _ = nft(&format!("delete table inet {t}\ndelete table bridge {t}\n"));
         self.handle
@@ -394,25 +411,11 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             .collect()
     }
 
-    /// Makes a network namespace with `lo` and `eth0` up, an address and a default route.
-    pub async fn prepare_slot(&self) -> Result<NetSlot, RuntimeError> {
-        let ip = self.ipam.allocate()?;
-        match self.prepare_slot_with(ip).await {
-            Ok(slot) => Ok(slot),
-            Err(e) => {
-                self.ipam.release(ip);
-                Err(e)
-            }
-        }
-    }
-
-    async fn prepare_slot_with(&self, ip: Ipv4Addr) -> Result<NetSlot, RuntimeError> {
-        let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        let short = format!("{}{:04x}", self.own_tag(), n & 0xffff);
-        let (host, _) = self.names_for_short(&short);
-        // A namespace of its own for a thread that ends right after: the daemon's threads never
-        // change namespace, and the descriptor keeps the namespace alive.
-        let netns = on_fresh_thread(|| {
+    /// A network namespace owned by the host's user namespace. A thread of its own unshares it
+    /// and ends right after: the daemon's threads never change namespace, and the descriptor
+    /// keeps the namespace alive.
+    async fn new_netns(&self) -> Result<OwnedFd, RuntimeError> {
+        on_fresh_thread(|| {
             // SAFETY: unshare affects only this short-lived thread (network namespaces are per
             // task); open returns a descriptor we own.
             unsafe {
@@ -430,8 +433,75 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             }
         })
         .await
-        .map_err(|e| RuntimeError::io("create network namespace", "/proc/thread-self/ns/net", e))?;
+        .map_err(|e| RuntimeError::io("create network namespace", "/proc/thread-self/ns/net", e))
+    }
 
+    /// Gives a slot's id range back to the pool (a slot no sandbox will use).
+    pub fn release_ids(&self, slot: &NetSlot) {
+        if let (Some(pool), Some((range, _))) = (&self.ids, &slot.userns) {
+            pool.release(range);
+        }
+    }
+
+    /// Makes a network namespace with `lo` and `eth0` up, an address and a default route (with
+    /// user namespaces on, inside a new user namespace of its own id range).
+    pub async fn prepare_slot(&self) -> Result<NetSlot, RuntimeError> {
+        let ip = self.ipam.allocate()?;
+        let range = match &self.ids {
+            Some(pool) => match pool.allocate() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.ipam.release(ip);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        match self.prepare_slot_with(ip, range).await {
+            Ok(slot) => Ok(slot),
+            Err(e) => {
+                self.ipam.release(ip);
+                if let (Some(pool), Some(range)) = (&self.ids, &range) {
+                    pool.release(range);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare_slot_with(
+        &self,
+        ip: Ipv4Addr,
+        range: Option<IdRange>,
+    ) -> Result<NetSlot, RuntimeError> {
+        let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let short = format!("{}{:04x}", self.own_tag(), n & 0xffff);
+        let (host, _) = self.names_for_short(&short);
+        let (userns, netns) = match range {
+            Some(range) => {
+                let made =
+                    tokio::task::spawn_blocking(move || super::userns::new_userns(&range, true))
+                        .await
+                        .expect("user namespace creation does not panic")?;
+                let netns = made.netns.expect("asked for a network namespace");
+                (Some((range, made.userns)), netns)
+            }
+            None => (None, self.new_netns().await?),
+        };
+
+        self.plug(&netns, ip, &host).await?;
+        Ok(NetSlot {
+            netns,
+            ip,
+            veth: host,
+            userns,
+        })
+    }
+
+    /// Gives the network namespace `netns` its `eth0`: a veth pair whose host end `host` is on
+    /// the bridge, configured with `ip`, a default route and `lo` up.
+    async fn plug(&self, netns: &OwnedFd, ip: Ipv4Addr, host: &str) -> Result<(), RuntimeError> {
+        let host = host.to_string();
         // One request: the pair, its sandbox end created inside the namespace as eth0, its host
         // end on the bridge and up.
         // The sandbox's MAC is derived from its address (as Docker does): an address handed out
@@ -465,30 +535,44 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            crate::init::configure_network(Some(&net)).map_err(std::io::Error::other)?;
-            // Root in the sandbox is root of its user namespace only, which has no say over this
-            // host-owned network namespace: ports below 1024 and ICMP echo sockets are opened
-            // to every id here instead, as in a rootless container. (Per-namespace sysctls; this
-            // thread is in the sandbox's namespace.)
-            for (path, value) in [
-                ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
-                ("/proc/sys/net/ipv4/ping_group_range", "0 4294967294"),
-            ] {
-                std::fs::write(path, value)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("write {path}: {e}")))?;
-            }
-            Ok(())
+            crate::init::configure_network(Some(&net)).map_err(std::io::Error::other)
         })
         .await;
         if let Err(e) = configured {
             let _ = self.delete_veth(&host).await;
             return Err(RuntimeError::io("configure sandbox network", &host, e));
         }
-        Ok(NetSlot {
-            netns,
-            ip,
-            veth: host,
+        Ok(())
+    }
+
+    /// Gives a hibernated sandbox's kept network namespace its `eth0` again if it lost it (a wake
+    /// of a sandbox in a user namespace moves it into the restored tree's new namespace, and it
+    /// dies with that namespace if the restore fails), so that the next wake finds it.
+    pub async fn replug(
+        &self,
+        netns: &OwnedFd,
+        ip: Ipv4Addr,
+        host: &str,
+    ) -> Result<(), RuntimeError> {
+        let ns_fd = netns.as_raw_fd();
+        let has_eth0 = on_fresh_thread(move || {
+            // SAFETY: setns on this short-lived thread only; if_nametoindex reads a C string.
+            unsafe {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(libc::if_nametoindex(c"eth0".as_ptr()) != 0)
+            }
         })
+        .await
+        .map_err(|e| RuntimeError::io("look for eth0 in", host, e))?;
+        if has_eth0 {
+            return Ok(());
+        }
+        // The host end may outlive its peer for a moment (a namespace is torn down
+        // asynchronously): it goes first, so the name is free.
+        self.delete_veth(host).await?;
+        self.plug(netns, ip, host).await
     }
 
     /// Cuts a sandbox off from everything outside the sandbox subnet.
@@ -567,6 +651,10 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
                 "delete element inet {t} dns_redirect {{ {ip} }}\n"
             )))?;
         }
+        self.dns_opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(owner, _), _| owner != id);
         absent_ok(nft(&format!("delete set inet {t} dns_{id}\n")))
     }
 
@@ -605,16 +693,41 @@ insert rule inet {t} input iifname "{br}" ip daddr {gw} meta l4proto {{ udp, tcp
 
     /// Opens addresses the DNS filter resolved for sandbox `id` (address, seconds). Re-adding
     /// an address restarts its timeout: add (so that it exists), delete, add, in one transaction.
+    /// Addresses still open for more than half the time asked are left alone.
     pub fn open_resolved(&self, id: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), RuntimeError> {
+        let now = std::time::Instant::now();
+        let stale: Vec<(Ipv4Addr, u32)> = {
+            let opened = self.dns_opened.lock().unwrap_or_else(|e| e.into_inner());
+            addrs
+                .iter()
+                .filter(|(ip, secs)| {
+                    let half = std::time::Duration::from_secs(u64::from(*secs) / 2);
+                    opened
+                        .get(&(id.to_string(), *ip))
+                        .is_none_or(|until| until.saturating_duration_since(now) <= half)
+                })
+                .copied()
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok(());
+        }
         let t = &self.table;
         let mut script = String::new();
-        for (ip, secs) in addrs {
+        for (ip, secs) in &stale {
             let set = format!("inet {t} dns_{id}");
             script.push_str(&format!("add element {set} {{ {ip} timeout {secs}s }}\n"));
             script.push_str(&format!("delete element {set} {{ {ip} }}\n"));
             script.push_str(&format!("add element {set} {{ {ip} timeout {secs}s }}\n"));
         }
-        nft(&script)
+        nft(&script)?;
+        let mut opened = self.dns_opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.retain(|_, until| *until > now);
+        for (ip, secs) in stale {
+            let until = now + std::time::Duration::from_secs(secs.into());
+            opened.insert((id.to_string(), ip), until);
+        }
+        Ok(())
     }
 
     /// Entries of the egress map: sandbox address and the id its chain is named after.

@@ -17,9 +17,17 @@
 //! so that the work dir and copy-ups it creates map back to on-disk id 0. The sandbox's init only
 //! attaches the detached mounts it inherits (`move_mount`).
 //!
-//! The network namespace stays owned by the initial user namespace (it is joined before the user
-//! namespace is entered): root in the sandbox has no `CAP_NET_ADMIN` over its own interface,
-//! addresses, routes or firewall.
+//! The network namespace is made inside the user namespace, so it belongs to it (CRIU dumps a tree
+//! only when all its namespaces belong to its user namespace); each prepared network namespace
+//! comes with its user namespace and id range (`super::net::NetSlot::userns`). Root in the
+//! sandbox still cannot reconfigure its interface, addresses, routes or firewall: envd drops
+//! `CAP_NET_ADMIN` from the bounding set, and seccomp denies making a new user namespace to
+//! regain it.
+//!
+//! Hibernation and checkpoints: the tree is dumped with its network namespace empty
+//! (`--empty-ns net`); CRIU's restore makes the user namespace anew from the mapping in the
+//! images (rewritten for a fork, which gets a range of its own) and a network namespace inside
+//! it, into which its action script moves the sandbox's `eth0` (see `super::checkpoint`).
 
 pub use crate::spec::IdRange;
 use crate::RuntimeError;
@@ -109,33 +117,72 @@ fn last_err(op: &'static str, path: &Path) -> RuntimeError {
     RuntimeError::io(op, path, std::io::Error::last_os_error())
 }
 
-/// The child of [`new_userns`]: it only waits for its parent's byte on the pipe.
+/// What the child of [`new_userns`] is given: its ends of two pipes, and whether it makes a
+/// network namespace too.
+struct HolderArgs {
+    /// Read end: a byte once the maps are written, another when it may exit.
+    go: libc::c_int,
+    /// Write end: a byte once its network namespace exists (or its unshare failed: then 0).
+    done: libc::c_int,
+    netns: bool,
+}
+
+/// The child of [`new_userns`]: it waits for its parent's byte on the pipe (the maps are written),
+/// makes a network namespace if asked (as root of the new user namespace, so the namespace is
+/// owned by it), reports, and waits for the byte that lets it exit.
 extern "C" fn userns_holder(arg: *mut libc::c_void) -> libc::c_int {
-    let fd = arg as usize as libc::c_int;
-    let mut b = 0u8;
-    // SAFETY: reading one byte into a local from the pipe's read end, then exiting without
-    // touching the parent's memory (shared through CLONE_VM).
+    // SAFETY: the parent's HolderArgs outlives the child (the parent waits for it); the child
+    // makes raw syscalls only, into locals, and exits without returning into shared memory.
     unsafe {
-        libc::read(fd, (&mut b as *mut u8).cast(), 1);
+        let args = &*(arg as *const HolderArgs);
+        let mut b = 0u8;
+        if libc::read(args.go, (&mut b as *mut u8).cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        let ok: u8 = if args.netns {
+            (libc::unshare(libc::CLONE_NEWNET) == 0) as u8
+        } else {
+            1
+        };
+        libc::write(args.done, (&ok as *const u8).cast(), 1);
+        libc::read(args.go, (&mut b as *mut u8).cast(), 1);
         libc::_exit(0)
     }
 }
 
-/// Makes a user namespace mapping `range`, owned by the daemon's (initial) user namespace, and
-/// returns a descriptor of it. A namespace needs a process to be created in: a child cloned
-/// straight into it (sharing the daemon's memory, so nothing is copied) holds it while the maps
-/// are written and the namespace is opened, then exits.
-pub fn new_userns(range: &IdRange) -> Result<OwnedFd, RuntimeError> {
-    let mut pipe = [0 as libc::c_int; 2];
+fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+    let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(last_err("pipe2", Path::new("userns holder")));
     }
     // SAFETY: both descriptors are fresh and owned here.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A sandbox's user namespace and, when asked for, a network namespace owned by it.
+pub struct NewUserns {
+    pub userns: OwnedFd,
+    pub netns: Option<OwnedFd>,
+}
+
+/// Makes a user namespace mapping `range`, owned by the daemon's (initial) user namespace, and
+/// returns a descriptor of it; with `netns`, also a network namespace owned by it (CRIU dumps a
+/// sandbox only when all its namespaces belong to its user namespace). A namespace needs a
+/// process to be created in: a child cloned straight into it (sharing the daemon's memory, so
+/// nothing is copied) holds it while the maps are written and the namespaces are opened, then
+/// exits.
+pub fn new_userns(range: &IdRange, netns: bool) -> Result<NewUserns, RuntimeError> {
+    let (go_rd, go_wr) = pipe()?;
+    let (done_rd, done_wr) = pipe()?;
+    let args = HolderArgs {
+        go: go_rd.as_raw_fd(),
+        done: done_wr.as_raw_fd(),
+        netns,
+    };
     let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the stack outlives the child (it exits before `waitpid` below returns, and the
-    // vector is dropped after that); the child runs `userns_holder` only, which makes two
+    // SAFETY: the stack and `args` outlive the child (it exits before `waitpid` below returns,
+    // and both are dropped after that); the child runs `userns_holder` only, which makes raw
     // syscalls. CLONE_VM avoids copying the daemon's page tables.
     let pid = unsafe {
         let top = stack.as_mut_ptr().add(stack.len());
@@ -143,32 +190,52 @@ pub fn new_userns(range: &IdRange) -> Result<OwnedFd, RuntimeError> {
             userns_holder,
             top.cast(),
             libc::CLONE_NEWUSER | libc::CLONE_VM | libc::SIGCHLD,
-            rd.as_raw_fd() as usize as *mut libc::c_void,
+            &args as *const HolderArgs as *mut libc::c_void,
         )
     };
     if pid < 0 {
         return Err(last_err("clone", Path::new("new user namespace")));
     }
+    let open = |what: &str| {
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/{what}"));
+        std::fs::File::open(&ns)
+            .map(OwnedFd::from)
+            .map_err(|e| RuntimeError::io("open", &ns, e))
+    };
     let result = (|| {
         let line = range.map_line();
         for map in ["uid_map", "gid_map"] {
             let path = PathBuf::from(format!("/proc/{pid}/{map}"));
             std::fs::write(&path, &line).map_err(|e| RuntimeError::io("write", &path, e))?;
         }
-        let ns = PathBuf::from(format!("/proc/{pid}/ns/user"));
-        std::fs::File::open(&ns)
-            .map(OwnedFd::from)
-            .map_err(|e| RuntimeError::io("open", &ns, e))
+        let userns = open("user")?;
+        // SAFETY: writing one byte from a constant to our pipe; reading one into a local.
+        let ok = unsafe {
+            libc::write(go_wr.as_raw_fd(), b"x".as_ptr().cast(), 1);
+            let mut ok = 0u8;
+            let n = libc::read(done_rd.as_raw_fd(), (&mut ok as *mut u8).cast(), 1);
+            n == 1 && ok == 1
+        };
+        if !ok {
+            return Err(RuntimeError::io(
+                "unshare",
+                "network namespace in the sandbox's user namespace",
+                std::io::Error::other("the namespace holder could not make it"),
+            ));
+        }
+        let netns = if netns { Some(open("net")?) } else { None };
+        Ok(NewUserns { userns, netns })
     })();
-    // The child has its own copy of the write end, so closing ours would not wake it: a byte does.
-    // SAFETY: writing one byte from a local to our pipe.
-    unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr().cast(), 1) };
-    drop(wr);
+    // The child has its own copy of the write end, so closing ours would not wake it: a byte
+    // does (two if the first never went, so it does not block on the second read).
+    // SAFETY: writing bytes from a constant to our pipe.
+    unsafe { libc::write(go_wr.as_raw_fd(), b"xx".as_ptr().cast(), 2) };
+    drop(go_wr);
     let mut status = 0;
     // SAFETY: waiting for our own child; __WALL as it may not report as a normal child.
     unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
     drop(stack);
-    drop(rd);
+    drop((go_rd, done_rd, done_wr));
     result
 }
 
@@ -302,17 +369,17 @@ impl SandboxMounts {
     }
 }
 
-/// Builds the sandbox's user namespace and its detached mounts: the idmapped overlay root and
-/// binds, and the sysfs of its network namespace `netns`.
+/// Builds the sandbox's detached mounts, idmapped through its user namespace `userns` (of
+/// `range`): the overlay root and binds, and the sysfs of its network namespace `netns`.
 pub fn prepare_mounts(
     range: &IdRange,
+    userns: OwnedFd,
     netns: RawFd,
     lower_dirs: &[PathBuf],
     upper: &Path,
     work: &Path,
     ro_binds: &[crate::BindMount],
 ) -> Result<SandboxMounts, RuntimeError> {
-    let userns = new_userns(range)?;
     let ns = userns.as_raw_fd();
     // Upper and work dir must be on one mount for overlayfs: idmap their common parent once.
     let parent = upper
