@@ -101,19 +101,32 @@ def test_root_inside_cannot_do_what_host_root_can(daemon, sandbox):
         assert not f.read().endswith(b"x\n")
 
 
-def test_hibernate_and_wake_keep_the_range(daemon, sandbox):
+def test_hibernate_keeps_the_range_and_forks_get_their_own(daemon, sandbox):
+    opts = dict(api_key=daemon.api_key, api_url=daemon.url, sandbox_url=daemon.url)
     base = mapping(sandbox)
-    sandbox.commands.run("echo before > /tmp/kept", user="user")
-    r = daemon.request("POST", f"/sandboxes/{sandbox.sandbox_id}/hibernate")
-    if r.status == 404:
-        pytest.skip("no hibernate route in this daemon's API")
-    assert r.status in (200, 204), r.body
-    again = Sandbox.connect(sandbox.sandbox_id, **daemon.sdk_opts())
-    assert mapping(again) == base
-    assert again.commands.run("cat /tmp/kept; stat -c %u /tmp/kept", user="user").stdout.split() == [
-        "before",
-        "1000",
-    ]
+    sandbox.commands.run("echo before > /home/user/kept", user="user")
+    r = daemon.request("POST", f"/warren/v1/sandboxes/{sandbox.sandbox_id}/hibernate")
+    assert r.status == 200, r.body
+    again = Sandbox.connect(sandbox.sandbox_id, **opts)
+    assert mapping(again) == base, "a woken sandbox keeps its range"
+    out = again.commands.run("cat /home/user/kept; stat -c %u /home/user/kept", user="user")
+    assert out.stdout.split() == ["before", "1000"]
+
+    # Forks are restored from one checkpoint, each into a user namespace of its own range.
+    forks = again.fork(count=2)
+    try:
+        for f in forks:
+            daemon.register(f.sandbox_id)
+        bases = {mapping(f) for f in forks} | {base}
+        assert len(bases) == 3, f"source and forks share a range: {bases}"
+        for f in forks:
+            assert f.commands.run("cat /home/user/kept; id -u", user="user").stdout.split() == [
+                "before",
+                "1000",
+            ]
+    finally:
+        for f in forks:
+            f.kill()
 
 
 @pytest.fixture

@@ -590,6 +590,10 @@ fn images_for_range(
     Ok(scratch.to_path_buf())
 }
 
+/// Where a restore of a sandbox in a user namespace attaches its idmapped binds for criu (see
+/// [`restore_into`]): `<dir>/<sandbox id>/bind<i>`.
+const CRIU_BINDS_DIR: &str = "/run/warren-criu-binds";
+
 /// Whether the images hold a user namespace of their own (the tree was dumped in one).
 pub fn images_have_userns(images: &Path) -> bool {
     std::fs::read_dir(images)
@@ -657,9 +661,15 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
     let mut bind_paths = Vec::new();
     let mounts = match &userns {
         Some((range, _)) => {
+            // CRIU opens the bind sources with the restored tree's host ids, which need not be
+            // able to search the data dir: the mount points are in a world-searchable dir (empty
+            // on the host: the binds are attached in criu's mount namespace only).
+            let top = Path::new(CRIU_BINDS_DIR).join(id);
             for i in 0..record.ro_binds.len() {
-                let p = here.join(format!(".criu-bind{i}"));
+                let p = top.join(format!("bind{i}"));
                 std::fs::create_dir_all(&p).map_err(|e| RuntimeError::io("mkdir", &p, e))?;
+                std::fs::set_permissions(&top, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .map_err(|e| RuntimeError::io("chmod", &top, e))?;
                 bind_paths.push(p);
             }
             images = images_for_range(&images, range, &scratch_images)?;
@@ -824,6 +834,9 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
     drop(mounts);
     for p in &bind_paths {
         let _ = std::fs::remove_dir(p);
+    }
+    if !bind_paths.is_empty() {
+        let _ = std::fs::remove_dir(Path::new(CRIU_BINDS_DIR).join(id));
     }
     let log = work_dir.unwrap_or(&images).join("restore.log");
     let failed = match status {
