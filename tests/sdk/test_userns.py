@@ -169,3 +169,34 @@ def test_a_restart_keeps_the_range_and_a_kill_frees_it(own_daemon):
     assert base_b in [mapping(s) for s in made], "the killed sandbox's range is reused"
     for s in [again, c, *made]:
         s.kill()
+
+
+def test_a_commit_records_in_sandbox_ids_not_host_ids(daemon, new_sandbox):
+    import json
+    import subprocess
+    import tarfile
+
+    sbx = new_sandbox()
+    r = sbx.commands.run("echo r > /srv/root-made && echo u > /home/user/user-made", user="root")
+    assert r.exit_code == 0, r.stderr
+    sbx.commands.run("chown 1000:1000 /home/user/user-made", user="root")
+    body = {"apiVersion": "warren.dev/v1alpha1", "kind": "Commit", "metadata": {"name": ""},
+            "spec": {"sandbox": sbx.sandbox_id, "image": "local/userns-commit:v1"}}
+    r = daemon.request("POST", "/warren/v1/commits", body)
+    assert r.status == 202, (r.status, r.body)
+    name = r.json()["metadata"]["name"]
+    done = wait_until(lambda: daemon.request("GET", f"/warren/v1/commits/{name}").json()["status"]["phase"]
+                      in ("Succeeded", "Failed"), 60)
+    assert done
+    layout = os.path.join(daemon.data_dir, "images/oci")
+    info = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{layout}:local/userns-commit:v1"],
+                                     capture_output=True, text=True, check=True).stdout)
+    top = info["Layers"][-1].split(":", 1)[1]
+    owners = {}
+    with tarfile.open(os.path.join(layout, "blobs/sha256", top)) as t:
+        for m in t.getmembers():
+            owners[m.name.lstrip("./")] = (m.uid, m.gid)
+    assert owners["srv/root-made"] == (0, 0), owners
+    assert owners["home/user/user-made"] == (1000, 1000), owners
+    assert all(uid < 65536 and gid < 65536 for uid, gid in owners.values()), owners
+    assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
