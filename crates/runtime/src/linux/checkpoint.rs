@@ -611,10 +611,8 @@ const SETUP_NETNS_SCRIPT: &str = r#"#!/bin/sh
 [ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0
 set -e
 nsenter --net="$WARREN_NETNS" ip link set eth0 netns "$CRTOOLS_INIT_PID"
-nsenter -t "$CRTOOLS_INIT_PID" -n ip link set lo up
-nsenter -t "$CRTOOLS_INIT_PID" -n ip addr add "$WARREN_ADDR" dev eth0
-nsenter -t "$CRTOOLS_INIT_PID" -n ip link set eth0 up
-nsenter -t "$CRTOOLS_INIT_PID" -n ip route add default via "$WARREN_GATEWAY"
+printf 'link set lo up\naddr add %s dev eth0\nlink set eth0 up\nroute add default via %s\n' \
+  "$WARREN_ADDR" "$WARREN_GATEWAY" | nsenter -t "$CRTOOLS_INIT_PID" -n ip -batch -
 "#;
 
 /// Restores the tree of `t.images` into the network namespace `t.netns`, the cgroups of
