@@ -129,9 +129,18 @@ def test_hibernate_keeps_the_range_and_forks_get_their_own(daemon, sandbox):
             f.kill()
 
 
-@pytest.fixture
-def own_daemon():
-    d = start_daemon()
+@pytest.fixture(params=[None])
+def own_daemon(request):
+    saved = os.environ.get("WARREN_USER_NAMESPACES")
+    if request.param is not None:
+        os.environ["WARREN_USER_NAMESPACES"] = request.param
+    try:
+        d = start_daemon()
+    finally:
+        if saved is None:
+            os.environ.pop("WARREN_USER_NAMESPACES", None)
+        else:
+            os.environ["WARREN_USER_NAMESPACES"] = saved
     daemons = [d]
     yield daemons
     last = daemons[-1]
@@ -200,3 +209,16 @@ def test_a_commit_records_in_sandbox_ids_not_host_ids(daemon, new_sandbox):
     assert owners["home/user/user-made"] == (1000, 1000), owners
     assert all(uid < 65536 and gid < 65536 for uid, gid in owners.values()), owners
     assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
+
+
+@pytest.mark.parametrize("own_daemon", ["false"], indirect=True)
+def test_the_opt_out_runs_sandboxes_as_host_ids(own_daemon):
+    d = own_daemon[0]
+    opts = dict(api_key=d.api_key, api_url=d.url, sandbox_url=d.url)
+    sbx = Sandbox.create(timeout=120, **opts)
+    assert sbx.commands.run("cat /proc/self/uid_map", user="root").stdout.split() == [
+        "0", "0", "4294967295"]
+    forks = sbx.fork(count=1)
+    assert forks[0].commands.run("id -u", user="root").stdout.strip() == "0"
+    for s in [sbx, *forks]:
+        s.kill()

@@ -28,6 +28,10 @@ struct Harness {
 
 impl Harness {
     async fn new(name: &str) -> Harness {
+        Self::with(name, true).await
+    }
+
+    async fn with(name: &str, user_namespaces: bool) -> Harness {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -38,7 +42,7 @@ impl Harness {
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data).unwrap();
         let mut config = LinuxRuntimeConfig::derived(data.clone(), init_binary());
-        config.user_namespaces = true;
+        config.user_namespaces = user_namespaces;
         // Namespaces made on demand, so the test sees which range a create gets.
         config.prepared_networks = 0;
         let rt = LinuxRuntime::new(config).await.expect("runtime starts");
@@ -249,5 +253,43 @@ async fn sandbox_root_cannot_do_what_host_root_can() {
         owner, range.host_base,
         "seen from the host through its mount"
     );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn without_user_namespaces_sandboxes_run_as_host_ids_and_still_hibernate_and_fork() {
+    let h = Harness::with("off", false).await;
+    if let Err(why) = h.rt.hibernate_support() {
+        panic!("CRIU must work on this host for this test: {why}");
+    }
+    let p = h.rt.create(&h.spec("nousernsa")).await.expect("create");
+    assert_eq!(p.userns, None);
+    let map = std::fs::read_to_string(format!("/proc/{}/uid_map", p.init_pid)).unwrap();
+    let map: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(map, ["0", "0", "4294967295"], "the host's own ids");
+    assert_eq!(host_uid_of(p.init_pid), 0);
+
+    // Hibernation keeps its network namespace outside the images, as before user namespaces.
+    h.rt.hibernate("nousernsa").await.expect("hibernate");
+    let woken = h.rt.wake("nousernsa").await.expect("wake");
+    assert_eq!(woken.userns, None);
+    assert_eq!(host_uid_of(woken.init_pid), 0);
+    let opts = warren_runtime::CheckpointOptions {
+        memory: true,
+        keep_running: true,
+    };
+    h.rt.checkpoint("nousernsa", "offck", &opts)
+        .await
+        .expect("checkpoint");
+    let mut spec = h.spec("nousernsb");
+    spec.rootfs
+        .lower_dirs
+        .insert(0, h.rt.checkpoint_layer("offck").expect("layer"));
+    let fork = h.rt.restore_checkpoint("offck", &spec).await.expect("fork");
+    assert_eq!(
+        fork.userns, None,
+        "restored as taken: without a user namespace"
+    );
+    assert_eq!(host_uid_of(fork.init_pid), 0);
     h.finish().await;
 }
