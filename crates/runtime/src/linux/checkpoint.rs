@@ -97,7 +97,10 @@ impl CriuSupport {
         };
         keep_kdat_cache();
         match std::process::Command::new(&bin).arg("check").output() {
-            Ok(out) if out.status.success() => CriuSupport::Available(bin),
+            Ok(out) if out.status.success() => {
+                warn_if_unpatched(&bin);
+                CriuSupport::Available(bin)
+            }
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stderr).to_string()
                     + &String::from_utf8_lossy(&out.stdout);
@@ -126,6 +129,44 @@ impl CriuSupport {
 
 /// Where our CRIU build keeps its kernel-feature cache (`make RUNDIR=`, scripts/install-criu.sh).
 const KDAT_DIR: &str = "/run/criu";
+
+/// The patches `scripts/install-criu.sh` builds CRIU with, in its order (file names sorted).
+const CRIU_PATCHES: &[&str] = &[
+    include_str!("../../../../scripts/criu-patches/0001-sockets-so-passcred-eopnotsupp.patch"),
+    include_str!(
+        "../../../../scripts/criu-patches/0002-rlimits-from-proc-without-cap-sys-resource.patch"
+    ),
+    include_str!(
+        "../../../../scripts/criu-patches/0003-userns-check-opens-namespaces-in-the-parent.patch"
+    ),
+];
+
+/// Warns when the CRIU that `scripts/install-criu.sh` installed was built from another patch set
+/// (its stamp holds the sha256 of the patches, concatenated): an older build dumps sandboxes in
+/// user namespaces once, but not again after a wake or a fork (patch 0003). Nothing to compare
+/// for a CRIU from elsewhere (`$WARREN_CRIU`, `$PATH`).
+fn warn_if_unpatched(bin: &Path) {
+    use sha2::Digest;
+    if bin != Path::new("/usr/local/sbin/criu") {
+        return;
+    }
+    let Ok(stamp) = std::fs::read_to_string("/usr/local/share/warren/criu.stamp") else {
+        return;
+    };
+    let mut h = sha2::Sha256::new();
+    for p in CRIU_PATCHES {
+        h.update(p.as_bytes());
+    }
+    let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if stamp.split_whitespace().last() != Some(want.as_str()) {
+        tracing::warn!(
+            "{} was built from other patches than this warren's scripts/criu-patches: run \
+             scripts/install-criu.sh (without them a woken or forked sandbox in a user namespace \
+             cannot be hibernated or checkpointed again)",
+            bin.display()
+        );
+    }
+}
 
 /// CRIU probes the kernel's features on every run (about 100 ms, paid by every dump and restore)
 /// unless it can cache them on a tmpfs, which `/run` is not on every host. Mounts a 1 MiB tmpfs,
@@ -1042,4 +1083,43 @@ fn criu_writing_to(images: &Path) -> bool {
             args.any(|a| a == b"--images-dir") && args.next() == Some(want)
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_criu_patches_are_the_scripts_ones_in_order() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/criu-patches");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "patch"))
+            .collect();
+        files.sort();
+        let on_disk: Vec<String> = files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(on_disk, CRIU_PATCHES, "list every patch in CRIU_PATCHES");
+    }
+
+    #[test]
+    fn userns_entry_is_the_protobuf_criu_writes() {
+        // uid_map and gid_map of one extent {0, 2^31, 65536}.
+        let e = userns_entry(&IdRange {
+            host_base: 1 << 31,
+            count: 65536,
+        });
+        let extent = [
+            0x08, 0x00, 0x10, 0x80, 0x80, 0x80, 0x80, 0x08, 0x18, 0x80, 0x80, 0x04,
+        ];
+        let mut want = vec![0x0a, extent.len() as u8];
+        want.extend_from_slice(&extent);
+        want.extend_from_slice(&[0x12, extent.len() as u8]);
+        want.extend_from_slice(&extent);
+        assert_eq!(e, want);
+    }
 }
