@@ -98,7 +98,7 @@ impl LinuxRuntimeConfig {
             .collect();
         let slot = ((h >> 32) % 128) as u32; // 128 /20 subnets in 10.200.0.0/13
                                              // 30 pools of 1024 uid ranges (2^26 ids) from 2^31, far above any distribution's users.
-        let uid_slot = ((h >> 40) % 30) as u32;
+        let uid_slot = ((h >> 40) % userns::POOLS as u64) as u32;
         let network = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (slot << 12);
         LinuxRuntimeConfig {
             data_dir,
@@ -110,14 +110,12 @@ impl LinuxRuntimeConfig {
             prepared_networks: 4,
             dns_upstreams: Vec::new(),
             user_namespaces: true,
-            uid_base: (1 << 31) + uid_slot * (UID_RANGES_PER_DAEMON * userns::IdRange::COUNT),
-            uid_ranges: UID_RANGES_PER_DAEMON,
+            uid_base: userns::POOL_FIRST
+                + uid_slot * (userns::POOL_RANGES * userns::IdRange::COUNT),
+            uid_ranges: userns::POOL_RANGES,
         }
     }
 }
-
-/// Sandboxes a daemon can hold at once with the derived uid pool (one id range each).
-const UID_RANGES_PER_DAEMON: u32 = 1024;
 
 /// The sandbox's egress rules as last installed, in its dir.
 const EGRESS_FILE: &str = "egress.json";
@@ -144,6 +142,8 @@ pub struct LinuxRuntime {
     criu: CriuSupport,
     /// Host id ranges of the sandboxes' user namespaces.
     ids: Arc<userns::IdPool>,
+    /// Holds this daemon's id pool against other daemons on the host.
+    _uid_pool_lock: Option<OwnedFd>,
 }
 
 impl LinuxRuntime {
@@ -162,6 +162,17 @@ impl LinuxRuntime {
         // daemon can reap them (and see them die) instead of the host's init.
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        // The derived pool, unless another daemon on this host holds it (see
+        // [`userns::reserve_pool`]).
+        let mut config = config;
+        let uid_pool_lock = if config.user_namespaces {
+            let (base, lock) =
+                userns::reserve_pool(&config.data_dir, config.uid_base, config.uid_ranges)?;
+            config.uid_base = base;
+            lock
+        } else {
+            None
+        };
         let ids = Arc::new(userns::IdPool::new(config.uid_base, config.uid_ranges)?);
         let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
         let init_layer = checkpoint::prepare_init_layer(&config.data_dir, &config.envd_binary)?;
@@ -169,7 +180,6 @@ impl LinuxRuntime {
         if let CriuSupport::Unavailable(why) = &criu {
             tracing::warn!("hibernation and checkpoints are disabled: {why}");
         }
-        let mut config = config;
         config.subnet = net::choose_subnet(
             &config.data_dir.join("subnet"),
             &config.bridge,
@@ -200,6 +210,7 @@ impl LinuxRuntime {
             init_layer,
             criu,
             ids,
+            _uid_pool_lock: uid_pool_lock,
         };
         // Network namespaces are prepared only after recovery (the end of `sweep`, or the first
         // create): until the surviving sandboxes are adopted, their addresses look free.

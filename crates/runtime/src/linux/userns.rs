@@ -109,6 +109,62 @@ impl IdPool {
     }
 }
 
+/// Where daemons take their id pools: pool `n` is ids `2^31 + n * POOL_IDS ..`, for `POOLS`
+/// pools of [`POOL_RANGES`] ranges each, far above any distribution's users.
+pub const POOL_FIRST: u32 = 1 << 31;
+pub const POOL_RANGES: u32 = 1024;
+pub const POOLS: u32 = 30;
+
+/// Takes an id pool no other daemon on this host holds, so that no two sandboxes share host ids
+/// even across daemons: `preferred` (derived from the data dir) if free, else the one this data
+/// dir had before (`<data_dir>/uid-pool`), else the next free one. Each pool is held by an
+/// exclusive `flock` on `/run/warren-uid-pools/<n>.lock` for as long as the returned descriptor
+/// lives (the daemon's life). A base off the pools' grid (set by hand) is used as is, unlocked.
+pub fn reserve_pool(
+    data_dir: &Path,
+    preferred: u32,
+    ranges: u32,
+) -> Result<(u32, Option<OwnedFd>), RuntimeError> {
+    let size = POOL_RANGES * IdRange::COUNT;
+    let slot_of = |base: u32| {
+        let off = base.checked_sub(POOL_FIRST)?;
+        (ranges == POOL_RANGES && off % size == 0 && off / size < POOLS).then_some(off / size)
+    };
+    let Some(derived) = slot_of(preferred) else {
+        return Ok((preferred, None));
+    };
+    let record = data_dir.join("uid-pool");
+    let recorded = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .and_then(slot_of);
+    let dir = Path::new("/run/warren-uid-pools");
+    std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("mkdir", dir, e))?;
+    let order = recorded
+        .into_iter()
+        .chain((0..POOLS).map(|k| (derived + k) % POOLS));
+    for slot in order {
+        let path = dir.join(format!("{slot}.lock"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RuntimeError::io("open", &path, e))?;
+        // SAFETY: flock on a descriptor we own; non-blocking.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let base = POOL_FIRST + slot * size;
+        std::fs::write(&record, base.to_string())
+            .map_err(|e| RuntimeError::io("write", &record, e))?;
+        return Ok((base, Some(OwnedFd::from(f))));
+    }
+    Err(RuntimeError::Config(format!(
+        "all {POOLS} uid pools are held by other warren daemons on this host"
+    )))
+}
+
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
 }
@@ -627,6 +683,26 @@ mod tests {
             count: IdRange::COUNT,
         });
         assert_eq!(pool.allocate().unwrap().host_base, (1 << 31) + 65536);
+    }
+
+    #[test]
+    fn daemons_on_one_host_take_different_pools_and_keep_theirs() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let preferred = POOL_FIRST + 7 * POOL_RANGES * IdRange::COUNT;
+        let (base_a, lock_a) = reserve_pool(a.path(), preferred, POOL_RANGES).unwrap();
+        let (base_b, lock_b) = reserve_pool(b.path(), preferred, POOL_RANGES).unwrap();
+        assert!(lock_a.is_some() && lock_b.is_some());
+        assert_ne!(base_a, base_b, "the second daemon moves on to a free pool");
+        for base in [base_a, base_b] {
+            IdPool::new(base, POOL_RANGES).expect("a valid pool");
+        }
+        // A restart of the second daemon (its lock gone) takes its recorded pool again.
+        drop(lock_b);
+        let (again, _lock) = reserve_pool(b.path(), preferred, POOL_RANGES).unwrap();
+        assert_eq!(again, base_b);
+        // A base set by hand is used as is.
+        let (base, lock) = reserve_pool(a.path(), 5 << 16, 2).unwrap();
+        assert_eq!((base, lock.is_none()), (5 << 16, true));
     }
 
     #[test]
