@@ -951,6 +951,11 @@ impl SandboxRuntime for LinuxRuntime {
         };
         let dir = self.sandbox_dir(id);
         disk::ensure_mounted(&dir)?;
+        // A wake the daemon's crash interrupted took eth0 into a tree that was then removed (see
+        // `adopt_hibernated`): the kept namespace gets it back first.
+        if placement.userns.is_some() {
+            self.replug_kept_netns(&dir, &placement).await;
+        }
         let procs: Vec<PathBuf> = self
             .cgroups
             .dirs(id)

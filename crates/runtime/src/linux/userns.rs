@@ -191,6 +191,20 @@ extern "C" fn userns_holder(arg: *mut libc::c_void) -> libc::c_int {
     // makes raw syscalls only, into locals, and exits without returning into shared memory.
     unsafe {
         let args = &*(arg as *const HolderArgs);
+        // The clone copied the daemon's whole descriptor table (its listening socket, its lock
+        // of the id pool...): none of it may outlive the daemon in a holder the daemon's death
+        // left waiting, so the holder closes all but its two pipe ends, and dies with the daemon.
+        let (lo, hi) = (args.go.min(args.done) as u32, args.go.max(args.done) as u32);
+        for (first, last) in [
+            (3, lo.wrapping_sub(1)),
+            (lo + 1, hi - 1),
+            (hi + 1, u32::MAX),
+        ] {
+            if first <= last {
+                libc::syscall(libc::SYS_close_range, first, last, 0u32);
+            }
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
         let mut b = 0u8;
         if libc::read(args.go, (&mut b as *mut u8).cast(), 1) != 1 {
             libc::_exit(1);
