@@ -49,9 +49,8 @@ pub struct InitSpec {
 pub struct InitMounts {
     /// The overlay root, already idmapped.
     pub rootfs_fd: i32,
-    /// A sysfs of the sandbox's network namespace, read-only, made by the daemon (a sysfs the
-    /// init mounted inside its user namespace would belong to it, and could be remounted
-    /// read-write by the sandbox's root).
+    /// A sysfs of the sandbox's network namespace, read-only, made by the daemon inside that
+    /// namespace (see [`crate::linux::userns::sysfs_of`]).
     pub sysfs_fd: i32,
     /// One per `ro_binds` entry: an idmapped read-only bind, or `None` to bind the source plainly.
     pub bind_fds: Vec<Option<i32>>,

@@ -547,8 +547,7 @@ pub fn prepare_mounts(
 }
 
 /// A fresh sysfs of the network namespace `netns`, detached and read-only. Sysfs shows the
-/// network devices of the namespace it is created in, and creating one takes `CAP_SYS_ADMIN` over
-/// that namespace, which the sandbox's root lacks: a short-lived thread enters the namespace
+/// network devices of the namespace it is created in: a short-lived thread enters the namespace
 /// (network namespaces are per thread) and makes it.
 pub fn sysfs_of(netns: RawFd) -> Result<OwnedFd, RuntimeError> {
     let made = std::thread::scope(|s| {
