@@ -60,6 +60,19 @@ for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ND_PORT/health" >/dev/nul
 python3 bench/bench.py --url "http://127.0.0.1:$ND_PORT" --key "$KEY" --rootfs "$ND_DATA/templates/base/rootfs" -n "$N" --only-create --json "$DATA.nodisk.json"
 kill $ND_DAEMON; wait $ND_DAEMON 2>/dev/null || true
 rm -rf "$ND_DATA" "$ND_DATA.log"
+# Issue 8 figure: what the per-sandbox user namespace (on by default) costs a create: the daemon
+# above against one with --user-namespaces=false, alternating so that both see the same machine load.
+UN_DATA=$(mktemp -d /tmp/warren-bench-userns.XXXXXX)
+UN_PORT=$((PORT + 3))
+WARREN_API_KEY=$KEY "$BIN/warren" serve --user-namespaces=false --listen 127.0.0.1:$UN_PORT --data-dir "$UN_DATA" >"$UN_DATA.log" 2>&1 &
+UN_DAEMON=$!
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$UN_PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
+for round in 1 2 3; do
+  python3 bench/bench.py --only-create --url "http://127.0.0.1:$PORT" --key "$KEY" --rootfs "$DATA/templates/base/rootfs" -n "$N" --json "$DATA.userns.$round.json"
+  python3 bench/bench.py --only-create --url "http://127.0.0.1:$UN_PORT" --key "$KEY" --rootfs "$UN_DATA/templates/base/rootfs" -n "$N" --json "$DATA.nouserns.$round.json"
+done
+kill $UN_DAEMON; wait $UN_DAEMON 2>/dev/null || true
+rm -rf "$UN_DATA" "$UN_DATA.log"
 # Issue 4 figures: code-interpreter-v1 create → first run_code, warm run_code, idle memory.
 python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --json "$DATA.codeinterp.json"
 # Issue 5 figures: import of a ~200 MiB image (layout, oci-archive, loopback registry pull) and

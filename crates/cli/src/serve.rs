@@ -46,6 +46,18 @@ pub struct ServeArgs {
     /// resolved through; repeatable (default: the host's resolvers from /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_parser = parse_dns_upstream)]
     dns_upstreams: Vec<std::net::SocketAddr>,
+    /// Run every sandbox in its own user namespace, root inside mapped to an unprivileged host
+    /// uid range of its own (the default); `--user-namespaces=false` runs sandboxes as host ids.
+    #[arg(
+        long,
+        env = "WARREN_USER_NAMESPACES",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    user_namespaces: bool,
     /// Keep no audit log (<data-dir>/audit.db); for measuring what it costs.
     #[arg(long)]
     no_audit: bool,
@@ -159,6 +171,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let envd = args.envd_binary.clone().unwrap_or_else(default_envd_binary);
     let mut runtime_config = LinuxRuntimeConfig::derived(data_dir.clone(), envd);
     runtime_config.dns_upstreams = args.dns_upstreams.clone();
+    runtime_config.user_namespaces = args.user_namespaces;
     if let Some(subnet) = args.subnet {
         runtime_config.subnet = subnet;
         runtime_config.subnet_fixed = true;

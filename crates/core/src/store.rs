@@ -523,6 +523,11 @@ pub(crate) mod tests {
             init_start_ticks: 2,
             ip: "10.0.0.2".parse().unwrap(),
             veth: "v".into(),
+            // The sandbox's uid range is recorded with it, for restarts and wakes.
+            userns: Some(warren_runtime::IdRange {
+                host_base: 1 << 31,
+                count: 65536,
+            }),
         };
         let p2 = placement.clone();
         let r = s

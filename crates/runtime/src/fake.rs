@@ -115,6 +115,7 @@ impl SandboxRuntime for FakeRuntime {
             init_start_ticks: pid as u64,
             ip: Ipv4Addr::new(10, 0, (pid >> 8) as u8, pid as u8),
             veth: format!("fake{pid}"),
+            userns: None,
         };
         let mut map = self.sandboxes.lock().unwrap();
         if map.contains_key(&spec.id) {

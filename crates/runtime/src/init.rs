@@ -35,6 +35,25 @@ pub struct InitSpec {
     pub ro_binds: Vec<crate::BindMount>,
     pub net: Option<InitNet>,
     pub envd: EnvdSettings,
+    /// Set when the sandbox runs in its own user namespace: the detached mounts the daemon made
+    /// (see [`crate::linux::userns`]), inherited as these descriptors, take the place of the
+    /// mounts init would make itself. `rootfs_dir` is then relative to the init's working
+    /// directory (the sandbox dir, entered while the process was still host root: the data
+    /// dir's ancestors need not be searchable by the sandbox's unprivileged host ids).
+    #[serde(default)]
+    pub mounts: Option<InitMounts>,
+}
+
+/// Descriptors of detached mounts the init attaches (`move_mount`) instead of mounting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InitMounts {
+    /// The overlay root, already idmapped.
+    pub rootfs_fd: i32,
+    /// A sysfs of the sandbox's network namespace, read-only, made by the daemon inside that
+    /// namespace (see [`crate::linux::userns::sysfs_of`]).
+    pub sysfs_fd: i32,
+    /// One per `ro_binds` entry: an idmapped read-only bind, or `None` to bind the source plainly.
+    pub bind_fds: Vec<Option<i32>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -198,6 +217,50 @@ fn mount_raw(
     )
 }
 
+/// Attaches the detached mount `fd` at `target` and closes the descriptor.
+fn attach(fd: i32, target: &std::path::Path) -> Result<(), InitError> {
+    let t = cstr(target);
+    // SAFETY: move_mount of a descriptor we inherited onto a valid C string path; the empty
+    // source path with MOVE_MOUNT_F_EMPTY_PATH names the descriptor itself.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    } as libc::c_int;
+    let result = check(rc, "move_mount", format!("fd {fd} on {}", target.display()));
+    // SAFETY: the descriptor was handed to us for this mount alone.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// The flags of the mount holding `path` that a remount inside a user namespace must keep (the
+/// kernel locks them on mounts inherited from a more privileged namespace).
+fn locked_flags(path: &std::path::Path) -> libc::c_ulong {
+    let c = cstr(path);
+    // SAFETY: statvfs on a valid C string into a zeroed out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    let mut flags = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            flags |= ms_flag;
+        }
+    }
+    flags
+}
+
 /// The mount options of a sandbox's overlay root (also used to mount it again for a restore).
 pub fn overlay_options(
     lower_dirs: &[PathBuf],
@@ -227,26 +290,44 @@ fn mount_rootfs(spec: &InitSpec) -> Result<(), InitError> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    let data = overlay_options(&spec.lower_dirs, &spec.upper_dir, &spec.work_dir);
-    mount_raw("overlay", root, "overlay", 0, Some(&data))?;
+    match &spec.mounts {
+        Some(m) => attach(m.rootfs_fd, root)?,
+        None => {
+            let data = overlay_options(&spec.lower_dirs, &spec.upper_dir, &spec.work_dir);
+            mount_raw("overlay", root, "overlay", 0, Some(&data))?;
+        }
+    }
     // /etc/hostname agrees with the kernel's hostname (the sandbox id). Best effort: a template
     // without /etc simply has no such file.
     let _ = std::fs::write(root.join("etc/hostname"), format!("{}\n", spec.id));
 
-    for bind in &spec.ro_binds {
+    for (i, bind) in spec.ro_binds.iter().enumerate() {
         let target = root.join(bind.target.strip_prefix("/").unwrap_or(&bind.target));
         std::fs::create_dir_all(&target).map_err(|e| InitError {
             op: "mkdir",
             what: target.display().to_string(),
             source: e,
         })?;
+        if let Some(fd) = spec
+            .mounts
+            .as_ref()
+            .and_then(|m| m.bind_fds.get(i).copied().flatten())
+        {
+            attach(fd, &target)?;
+            continue;
+        }
         let src = bind.source.display().to_string();
         mount_raw(&src, &target, "", libc::MS_BIND | libc::MS_REC, None)?;
         mount_raw(
             "none",
             &target,
             "",
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | locked_flags(&bind.source),
             None,
         )?;
     }
@@ -262,13 +343,16 @@ fn mount_rootfs(spec: &InitSpec) -> Result<(), InitError> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     )?;
-    mount_raw(
-        "sysfs",
-        &sub("sys"),
-        "sysfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
-        None,
-    )?;
+    match &spec.mounts {
+        Some(m) => attach(m.sysfs_fd, &sub("sys"))?,
+        None => mount_raw(
+            "sysfs",
+            &sub("sys"),
+            "sysfs",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+            None,
+        )?,
+    }
     mount_raw(
         "tmpfs",
         &sub("run"),
@@ -370,21 +454,32 @@ fn populate_dev(dev: &std::path::Path) -> Result<(), InitError> {
         ("tty", 5, 0),
     ];
     for (name, major, minor) in nodes {
-        let path = cstr(dev.join(name));
+        let target = dev.join(name);
+        let path = cstr(&target);
         // SAFETY: path is a valid C string; mknod has no other preconditions.
-        check(
-            unsafe {
-                libc::mknod(
-                    path.as_ptr(),
-                    libc::S_IFCHR | 0o666,
-                    libc::makedev(major, minor),
-                )
-            },
-            "mknod",
-            name,
-        )?;
-        // SAFETY: as above; the umask may have masked the mode.
-        unsafe { libc::chmod(path.as_ptr(), 0o666) };
+        let made = unsafe {
+            libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        if made == 0 {
+            // SAFETY: as above; the umask may have masked the mode.
+            unsafe { libc::chmod(path.as_ptr(), 0o666) };
+            continue;
+        }
+        // In a user namespace no device node can be made: the host's own node is bound over an
+        // empty file instead (the tmpfs may hold no devices of its own either way).
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+            return Err(err("mknod", name));
+        }
+        std::fs::File::create(&target).map_err(|e| InitError {
+            op: "create",
+            what: target.display().to_string(),
+            source: e,
+        })?;
+        mount_raw(&format!("/dev/{name}"), &target, "", libc::MS_BIND, None)?;
     }
     let pts = dev.join("pts");
     let shm = dev.join("shm");
@@ -545,7 +640,12 @@ fn set_up(sock: libc::c_int, name: &str) -> Result<(), InitError> {
             "SIOCGIFFLAGS",
             name,
         )?;
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        // Already up (the daemon prepares the namespace): nothing to ask for.
+        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 {
+            return Ok(());
+        }
+        req.ifr_ifru.ifru_flags |= up;
         check(
             libc::ioctl(sock, libc::SIOCSIFFLAGS, &req),
             "SIOCSIFFLAGS",

@@ -21,8 +21,8 @@ pub mod spec;
 pub use egress::{Cidr, EgressRules};
 pub use error::RuntimeError;
 pub use spec::{
-    BindMount, CheckpointInfo, CheckpointOptions, CheckpointStats, EnvdSettings, NetworkPolicy,
-    Placement, Resources, RootfsSpec, SandboxSpec, SandboxStats, ENVD_PORT,
+    BindMount, CheckpointInfo, CheckpointOptions, CheckpointStats, EnvdSettings, IdRange,
+    NetworkPolicy, Placement, Resources, RootfsSpec, SandboxSpec, SandboxStats, ENVD_PORT,
 };
 
 use async_trait::async_trait;

@@ -145,6 +145,28 @@ pub struct Placement {
     pub ip: Ipv4Addr,
     /// Host-side veth name.
     pub veth: String,
+    /// The host ids the sandbox's user namespace maps its ids onto; `None` for a sandbox made
+    /// without one (by a daemon from before user namespaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<IdRange>,
+}
+
+/// A sandbox's host id range: sandbox ids `0..count` are host ids `host_base..host_base+count`,
+/// for uids and gids alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    pub host_base: u32,
+    pub count: u32,
+}
+
+impl IdRange {
+    /// Ids per sandbox: the whole 16-bit range images and distributions use.
+    pub const COUNT: u32 = 65536;
+
+    /// The line written to `uid_map` and `gid_map`.
+    pub fn map_line(&self) -> String {
+        format!("0 {} {}\n", self.host_base, self.count)
+    }
 }
 
 impl Placement {

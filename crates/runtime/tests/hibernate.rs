@@ -401,6 +401,15 @@ async fn checkpoint_forks_continue_independently() {
     eprintln!("3 restores in {:?}", t.elapsed());
     for (i, f) in forks.iter().enumerate() {
         assert_ne!(f.ip, p.ip, "a fork has its own address");
+        // And its own user namespace id range, the one its init's namespace maps.
+        let range = f
+            .userns
+            .expect("sandboxes run in user namespaces by default");
+        assert_ne!(Some(range), p.userns, "a fork has its own id range");
+        assert!(forks.iter().filter(|g| g.userns == f.userns).count() == 1);
+        let map = std::fs::read_to_string(format!("/proc/{}/uid_map", f.init_pid)).unwrap();
+        let map: Vec<&str> = map.split_whitespace().collect();
+        assert_eq!(map, ["0", &range.host_base.to_string(), "65536"]);
         assert_eq!(
             ask(SocketAddr::from((f.ip, 8080))),
             Some(served + 1),
@@ -421,11 +430,13 @@ async fn checkpoint_forks_continue_independently() {
         assert!(contiguous(&c), "went on from the checkpointed memory");
         assert_eq!(&c[..at_ckpt.len()], &at_ckpt[..]);
     }
-    std::fs::write(
-        format!("/proc/{}/root/tmp/mine", forks[0].init_pid),
-        "fork0",
-    )
-    .unwrap();
+    // Written as the fork's root (through its user namespace: host root is no id in there).
+    let wrote = Command::new("nsenter")
+        .args(["-t", &forks[0].init_pid.to_string(), "-a", "/bin/sh", "-c"])
+        .arg("echo fork0 > /tmp/mine")
+        .status()
+        .unwrap();
+    assert!(wrote.success());
     assert!(
         read_in_sandbox(&forks[1], "/tmp/mine").is_empty(),
         "invisible in others"

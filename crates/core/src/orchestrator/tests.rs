@@ -437,6 +437,7 @@ async fn recovery_after_restart() {
             init_start_ticks: 1,
             ip: "10.9.9.9".parse().unwrap(),
             veth: "x".into(),
+            userns: None,
         },
     );
     // A crash in the middle of a create leaves a `Creating` row.

@@ -16,10 +16,10 @@
 //!   veth, address and firewall state survive the hibernation (and a daemon restart);
 //! * `checkpoint/`: the CRIU images and logs.
 
-use crate::{BindMount, CheckpointStats, RuntimeError};
+use crate::{BindMount, CheckpointStats, IdRange, RuntimeError};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -97,7 +97,10 @@ impl CriuSupport {
         };
         keep_kdat_cache();
         match std::process::Command::new(&bin).arg("check").output() {
-            Ok(out) if out.status.success() => CriuSupport::Available(bin),
+            Ok(out) if out.status.success() => {
+                warn_if_unpatched(&bin);
+                CriuSupport::Available(bin)
+            }
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stderr).to_string()
                     + &String::from_utf8_lossy(&out.stdout);
@@ -126,6 +129,44 @@ impl CriuSupport {
 
 /// Where our CRIU build keeps its kernel-feature cache (`make RUNDIR=`, scripts/install-criu.sh).
 const KDAT_DIR: &str = "/run/criu";
+
+/// The patches `scripts/install-criu.sh` builds CRIU with, in its order (file names sorted).
+const CRIU_PATCHES: &[&str] = &[
+    include_str!("../../../../scripts/criu-patches/0001-sockets-so-passcred-eopnotsupp.patch"),
+    include_str!(
+        "../../../../scripts/criu-patches/0002-rlimits-from-proc-without-cap-sys-resource.patch"
+    ),
+    include_str!(
+        "../../../../scripts/criu-patches/0003-userns-check-opens-namespaces-in-the-parent.patch"
+    ),
+];
+
+/// Warns when the CRIU that `scripts/install-criu.sh` installed was built from another patch set
+/// (its stamp holds the sha256 of the patches, concatenated): an older build dumps sandboxes in
+/// user namespaces once, but not again after a wake or a fork (patch 0003). Nothing to compare
+/// for a CRIU from elsewhere (`$WARREN_CRIU`, `$PATH`).
+fn warn_if_unpatched(bin: &Path) {
+    use sha2::Digest;
+    if bin != Path::new("/usr/local/sbin/criu") {
+        return;
+    }
+    let Ok(stamp) = std::fs::read_to_string("/usr/local/share/warren/criu.stamp") else {
+        return;
+    };
+    let mut h = sha2::Sha256::new();
+    for p in CRIU_PATCHES {
+        h.update(p.as_bytes());
+    }
+    let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if stamp.split_whitespace().last() != Some(want.as_str()) {
+        tracing::warn!(
+            "{} was built from other patches than this warren's scripts/criu-patches: run \
+             scripts/install-criu.sh (without them a woken or forked sandbox in a user namespace \
+             cannot be hibernated or checkpointed again)",
+            bin.display()
+        );
+    }
+}
 
 /// CRIU probes the kernel's features on every run (about 100 ms, paid by every dump and restore)
 /// unless it can cache them on a tmpfs, which `/run` is not on every host. Mounts a 1 MiB tmpfs,
@@ -306,6 +347,18 @@ pub async fn dump_into(t: DumpTarget<'_>) -> Result<CheckpointStats, RuntimeErro
         .map_err(|e| RuntimeError::io("stat", &netns, e))?
         .ino();
 
+    // A sandbox in a user namespace of its own: its network namespace belongs to that user
+    // namespace, which a restore makes anew, and a namespace made anew cannot enter one owned by
+    // another. So its network namespace is not kept as an external one, but dumped empty
+    // (`--empty-ns net`: no interfaces, addresses or firewall are recorded) and made anew by the
+    // restore, which then moves the sandbox's eth0 into it (see [`restore_into`]).
+    let in_userns = {
+        let f = std::fs::File::open(&netns).map_err(|e| RuntimeError::io("open", &netns, e))?;
+        owning_userns(f.as_raw_fd())
+            .map_err(|e| RuntimeError::io("NS_GET_USERNS", &netns, e))?
+            .is_some()
+    };
+
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("dump")
         .arg("--tree")
@@ -319,12 +372,20 @@ pub async fn dump_into(t: DumpTarget<'_>) -> Result<CheckpointStats, RuntimeErro
         // Nothing to lock: connections are closed, not carried over, and no process runs in
         // the namespace while it is hibernated. CRIU's lock runs iptables (~50 ms each way).
         .args(["--network-lock", "skip"])
-        .arg("--external")
-        .arg(format!("net[{netns_ino}]:{NETNS_KEY}"))
         .arg("--manage-cgroups=ignore");
+    if in_userns {
+        cmd.args(["--empty-ns", "net"]);
+    } else {
+        cmd.arg("--external")
+            .arg(format!("net[{netns_ino}]:{NETNS_KEY}"));
+    }
     for (i, bind) in record.ro_binds.iter().enumerate() {
         cmd.arg("--external")
             .arg(format!("mnt[{}]:bind{i}", bind.target.display()));
+    }
+    for (mountpoint, key) in host_device_binds(init_pid) {
+        cmd.arg("--external")
+            .arg(format!("mnt[{mountpoint}]:{key}"));
     }
     if let Some(f) = freezer {
         cmd.arg("--freeze-cgroup").arg(f);
@@ -355,6 +416,51 @@ pub async fn dump_into(t: DumpTarget<'_>) -> Result<CheckpointStats, RuntimeErro
     })
 }
 
+/// Device nodes a sandbox in a user namespace has bound from the host's `/dev` (it cannot make
+/// them, see `crate::init`), also over masked `/proc` files: CRIU cannot dump a bind of a file
+/// system the tree has no mount of, so they are external mounts, keyed by the device's name and
+/// bound again from the host's `/dev` on restore ([`HOST_DEVICES`]). `(mountpoint, key)` pairs
+/// from the init's mountinfo; none for a sandbox without a user namespace (its `/dev` nodes
+/// live on its own tmpfs).
+fn host_device_binds(init_pid: u32) -> Vec<(String, String)> {
+    let info = std::fs::read_to_string(format!("/proc/{init_pid}/mountinfo")).unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            // "id parent maj:min root mountpoint opts [optional...] - fstype source superopts"
+            let (left, right) = line.split_once(" - ")?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let (root, mountpoint) = (*fields.get(3)?, *fields.get(4)?);
+            let fstype = right.split(' ').next()?;
+            let name = root.strip_prefix('/')?;
+            (fstype == "devtmpfs" && HOST_DEVICES.contains(&name))
+                .then(|| (mountpoint.to_string(), device_key(name)))
+        })
+        .collect()
+}
+
+/// The host devices a sandbox in a user namespace binds (`crate::init::populate_dev`).
+const HOST_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn device_key(name: &str) -> String {
+    format!("dev-{name}")
+}
+
+/// The user namespace owning the namespace `ns`, unless it is the daemon's own.
+pub fn owning_userns(ns: i32) -> std::io::Result<Option<OwnedFd>> {
+    const NS_GET_USERNS: libc::c_ulong = 0xb701; // _IO(0xb7, 0x1)
+                                                 // SAFETY: the ioctl takes no argument and returns a new descriptor or -1.
+    let fd = unsafe { libc::ioctl(ns, NS_GET_USERNS) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned here.
+    let owner = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino());
+    let own = ino(Path::new("/proc/self/ns/user"))?;
+    let theirs = ino(Path::new(&format!("/proc/self/fd/{fd}")))?;
+    Ok((own != theirs).then_some(owner))
+}
+
 /// What a restore needs that the runtime holds.
 pub struct RestoreTarget<'a> {
     pub criu: &'a Path,
@@ -363,6 +469,8 @@ pub struct RestoreTarget<'a> {
     /// The sandbox's `cgroup.procs` files: criu joins them first, so the restored tree is
     /// charged to and limited by the sandbox's cgroups.
     pub cgroup_procs: &'a [PathBuf],
+    /// A sandbox in a user namespace: its range and its address (see [`RestoreInto::userns`]).
+    pub userns: Option<(IdRange, crate::init::InitNet)>,
 }
 
 /// Restores the tree dumped in `<dir>/checkpoint` into the pinned network namespace, the
@@ -373,6 +481,7 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
         id,
         dir,
         cgroup_procs,
+        userns,
     } = t;
     let record = RootfsRecord::load(dir)?;
     let images = images_dir(dir);
@@ -404,6 +513,7 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
         netns: netns.as_raw_fd(),
         cgroup_procs,
         pidfile: &dir.join("restore.pid"),
+        userns,
     })
     .await
 }
@@ -418,11 +528,133 @@ pub struct RestoreInto<'a> {
     pub work_dir: Option<&'a Path>,
     /// The root to mount for the restored tree.
     pub record: &'a RootfsRecord,
-    /// The network namespace the tree gets (stays open for the call).
+    /// The network namespace the tree gets (stays open for the call). For a tree dumped in a
+    /// user namespace of its own, the namespace whose `eth0` (with its veth peer on the bridge)
+    /// moves into the one the restore makes.
     pub netns: i32,
     pub cgroup_procs: &'a [PathBuf],
     pub pidfile: &'a Path,
+    /// For a tree dumped in a user namespace of its own: the id range of the one it is restored
+    /// into, and the address `eth0` gets there. Must be `Some` exactly for such images.
+    pub userns: Option<(IdRange, crate::init::InitNet)>,
 }
+
+/// The protobuf of CRIU's `userns_entry` for a one-extent mapping of `range` (uid and gid maps
+/// alike): `repeated uid_gid_extent uid_map = 1, gid_map = 2`, each extent
+/// `{first = 1, lower_first = 2, count = 3}`.
+fn userns_entry(range: &IdRange) -> Vec<u8> {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut extent = Vec::new();
+    for (tag, v) in [
+        (0x08, 0u64),
+        (0x10, range.host_base as u64),
+        (0x18, range.count as u64),
+    ] {
+        extent.push(tag);
+        varint(v, &mut extent);
+    }
+    let mut entry = Vec::new();
+    for tag in [0x0a, 0x12] {
+        entry.push(tag);
+        varint(extent.len() as u64, &mut entry);
+        entry.extend_from_slice(&extent);
+    }
+    entry
+}
+
+/// The images to restore with the user namespace mapping `range`: CRIU makes the restored tree's
+/// user namespace from the mapping it recorded, which for a fork is the source sandbox's range,
+/// and every sandbox must have a range of its own. When the mapping differs, `scratch` is made
+/// a copy of `images` of hard links but for the user namespace image, written anew (two magic
+/// words, then one length-prefixed entry), so that forks of one checkpoint restored at the same
+/// time each get their own; `images` itself is never changed.
+fn images_for_range(
+    images: &Path,
+    range: &IdRange,
+    scratch: &Path,
+) -> Result<PathBuf, RuntimeError> {
+    let entries: Vec<PathBuf> = std::fs::read_dir(images)
+        .map_err(|e| RuntimeError::io("read", images, e))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let is_userns = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("userns-"))
+    };
+    let Some(path) = entries.iter().find(|p| is_userns(p)) else {
+        return Ok(images.to_path_buf());
+    };
+    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io("read", path, e))?;
+    let bad = || {
+        RuntimeError::io(
+            "parse",
+            path,
+            std::io::Error::other("not a CRIU user namespace image with one entry"),
+        )
+    };
+    if bytes.len() < 12 {
+        return Err(bad());
+    }
+    let len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    if bytes.len() != 12 + len {
+        return Err(bad());
+    }
+    let entry = userns_entry(range);
+    if bytes[12..] == entry[..] {
+        return Ok(images.to_path_buf());
+    }
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+    out.extend_from_slice(&entry);
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch).map_err(|e| RuntimeError::io("mkdir", scratch, e))?;
+    for p in &entries {
+        let name = p.file_name().unwrap_or_default();
+        let target = scratch.join(name);
+        if is_userns(p) {
+            std::fs::write(&target, &out).map_err(|e| RuntimeError::io("write", &target, e))?;
+        } else {
+            // Hard links (CRIU does not follow symlinked page images); a copy across file
+            // systems.
+            std::fs::hard_link(p, &target)
+                .or_else(|_| std::fs::copy(p, &target).map(|_| ()))
+                .map_err(|e| RuntimeError::io("link", &target, e))?;
+        }
+    }
+    Ok(scratch.to_path_buf())
+}
+
+/// Where a restore of a sandbox in a user namespace attaches its idmapped binds for criu (see
+/// [`restore_into`]): `<dir>/<sandbox id>/bind<i>`.
+const CRIU_BINDS_DIR: &str = "/run/warren-criu-binds";
+
+/// Whether the images hold a user namespace of their own (the tree was dumped in one).
+pub fn images_have_userns(images: &Path) -> bool {
+    std::fs::read_dir(images)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("userns-"))
+        })
+        .unwrap_or(false)
+}
+
+/// Run by criu (`--action-script`) once the restored init is in its new namespaces: moves the
+/// sandbox's `eth0` from the namespace that holds it into the init's new network namespace
+/// (moving drops its address and routes) and configures it as at create.
+const SETUP_NETNS_SCRIPT: &str = r#"#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0
+set -e
+nsenter --net="$WARREN_NETNS" ip link set eth0 netns "$CRTOOLS_INIT_PID"
+printf 'link set lo up\naddr add %s dev eth0\nlink set eth0 up\nroute add default via %s\n' \
+  "$WARREN_ADDR" "$WARREN_GATEWAY" | nsenter -t "$CRTOOLS_INIT_PID" -n ip -batch -
+"#;
 
 /// Restores the tree of `t.images` into the network namespace `t.netns`, the cgroups of
 /// `t.cgroup_procs` and a fresh mount of the overlay root `t.record`. Returns the new init's
@@ -437,12 +669,78 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
         netns,
         cgroup_procs,
         pidfile,
+        userns,
     } = t;
     let _ = std::fs::remove_file(pidfile);
     std::fs::create_dir_all(&record.rootfs_dir)
         .map_err(|e| RuntimeError::io("mkdir", &record.rootfs_dir, e))?;
     let options =
         crate::init::overlay_options(&record.lower_dirs, &record.upper_dir, &record.work_dir);
+    let here = pidfile.parent().unwrap_or(Path::new("/"));
+    let scratch_images = here.join(".criu-images");
+    let mut images = images.to_path_buf();
+    if userns.is_some() != images_have_userns(&images) {
+        return Err(RuntimeError::Checkpoint {
+            id: id.to_string(),
+            op: "restore",
+            reason: if userns.is_some() {
+                "the checkpoint was made without user namespaces; restore it with a daemon \
+                 started with --user-namespaces=false"
+            } else {
+                "the checkpoint was made in a user namespace; restore it with a daemon that \
+                 runs sandboxes in user namespaces (the default)"
+            }
+            .into(),
+        });
+    }
+    // In a user namespace, the root and the read-only binds are idmapped mounts (as at create,
+    // see `super::userns`), made through a namespace of the same mapping (an idmapping is its
+    // mapping, whichever namespace carries it), and attached in criu's mount namespace, from
+    // where criu takes them for the tree. The images get the range of the namespace to make.
+    let mut bind_paths = Vec::new();
+    let mounts = match &userns {
+        Some((range, _)) => {
+            // CRIU opens the bind sources with the restored tree's host ids, which need not be
+            // able to search the data dir: the mount points are in a world-searchable dir (empty
+            // on the host: the binds are attached in criu's mount namespace only).
+            let top = Path::new(CRIU_BINDS_DIR).join(id);
+            for i in 0..record.ro_binds.len() {
+                let p = top.join(format!("bind{i}"));
+                std::fs::create_dir_all(&p).map_err(|e| RuntimeError::io("mkdir", &p, e))?;
+                std::fs::set_permissions(&top, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .map_err(|e| RuntimeError::io("chmod", &top, e))?;
+                bind_paths.push(p);
+            }
+            images = images_for_range(&images, range, &scratch_images)?;
+            let made = super::userns::new_userns(range, false)?;
+            let (range, record) = (*range, record.clone());
+            let m = tokio::task::spawn_blocking(move || {
+                super::userns::prepare_mounts(
+                    &range,
+                    made.userns,
+                    netns,
+                    &record.lower_dirs,
+                    &record.upper_dir,
+                    &record.work_dir,
+                    &record.ro_binds,
+                )
+            })
+            .await
+            .expect("mount preparation does not panic")?;
+            Some(m)
+        }
+        None => None,
+    };
+    let root_fd = mounts.as_ref().map(|m| m.rootfs.as_raw_fd()).unwrap_or(-1);
+    let bind_fds: Vec<(i32, CString)> = match &mounts {
+        Some(m) => m
+            .binds
+            .iter()
+            .zip(&bind_paths)
+            .filter_map(|(fd, p)| fd.as_ref().map(|fd| (fd.as_raw_fd(), cstr(p))))
+            .collect(),
+        None => Vec::new(),
+    };
 
     // Everything the child touches is prepared before fork.
     let mut procs_fds = Vec::new();
@@ -461,7 +759,7 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("restore")
         .arg("--images-dir")
-        .arg(images)
+        .arg(&images)
         .args(["--log-file", "restore.log", "-v2"]);
     if let Some(w) = work_dir {
         cmd.arg("--work-dir").arg(w);
@@ -472,12 +770,46 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
         .arg("--pidfile")
         .arg(pidfile)
         .arg("--tcp-close")
-        .arg("--inherit-fd")
-        .arg(format!("fd[{NETNS_FD}]:{NETNS_KEY}"))
         .arg("--manage-cgroups=ignore");
+    match &userns {
+        Some((_, net)) => {
+            let script = here.join("setup-netns.sh");
+            std::fs::write(&script, SETUP_NETNS_SCRIPT)
+                .and_then(|_| {
+                    std::fs::set_permissions(
+                        &script,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                    )
+                })
+                .map_err(|e| RuntimeError::io("write", &script, e))?;
+            cmd.args(["--empty-ns", "net"])
+                .arg("--action-script")
+                .arg(&script)
+                .env(
+                    "WARREN_NETNS",
+                    format!("/proc/{}/fd/{netns}", std::process::id()),
+                )
+                .env("WARREN_ADDR", format!("{}/{}", net.address, net.prefix_len))
+                .env("WARREN_GATEWAY", net.gateway.to_string());
+        }
+        None => {
+            cmd.arg("--inherit-fd")
+                .arg(format!("fd[{NETNS_FD}]:{NETNS_KEY}"));
+        }
+    }
     for (i, bind) in record.ro_binds.iter().enumerate() {
+        // Idmapped in a user namespace (attached in criu's mount namespace below).
+        let source = match mounts.as_ref().and_then(|m| m.binds[i].as_ref()) {
+            Some(_) => bind_paths[i].clone(),
+            None => bind.source.clone(),
+        };
         cmd.arg("--external")
-            .arg(format!("mnt[bind{i}]:{}", bind.source.display()));
+            .arg(format!("mnt[bind{i}]:{}", source.display()));
+    }
+    // Keys a tree without host device binds does not use are ignored.
+    for name in HOST_DEVICES {
+        cmd.arg("--external")
+            .arg(format!("mnt[{}]:/dev/{name}", device_key(name)));
     }
     // SAFETY: the closure makes only async-signal-safe syscalls (write, unshare, mount, dup2) on
     // values prepared before fork, and allocates nothing.
@@ -503,7 +835,24 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
             {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::mount(
+            if root_fd >= 0 {
+                // The idmapped overlay and binds, detached mounts made by the daemon.
+                for (fd, target) in std::iter::once((root_fd, &root_c))
+                    .chain(bind_fds.iter().map(|(fd, p)| (*fd, p)))
+                {
+                    if libc::syscall(
+                        libc::SYS_move_mount,
+                        fd,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        target.as_ptr(),
+                        libc::MOVE_MOUNT_F_EMPTY_PATH,
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            } else if libc::mount(
                 c"overlay".as_ptr(),
                 root_c.as_ptr(),
                 c"overlay".as_ptr(),
@@ -521,9 +870,24 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
     }
     let status = run(&mut cmd, id, "restore").await;
     drop(procs_fds);
-    let log = work_dir.unwrap_or(images).join("restore.log");
-    if !status? {
-        return Err(criu_failed(id, "restore", &log, "criu restore failed"));
+    drop(mounts);
+    for p in &bind_paths {
+        let _ = std::fs::remove_dir(p);
+    }
+    if !bind_paths.is_empty() {
+        let _ = std::fs::remove_dir(Path::new(CRIU_BINDS_DIR).join(id));
+    }
+    let log = work_dir.unwrap_or(&images).join("restore.log");
+    let failed = match status {
+        Ok(true) => None,
+        Ok(false) => Some(criu_failed(id, "restore", &log, "criu restore failed")),
+        Err(e) => Some(e),
+    };
+    if images == scratch_images {
+        let _ = std::fs::remove_dir_all(&scratch_images);
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     let pid = std::fs::read_to_string(pidfile)
         .ok()
@@ -719,4 +1083,43 @@ fn criu_writing_to(images: &Path) -> bool {
             args.any(|a| a == b"--images-dir") && args.next() == Some(want)
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_criu_patches_are_the_scripts_ones_in_order() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/criu-patches");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "patch"))
+            .collect();
+        files.sort();
+        let on_disk: Vec<String> = files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(on_disk, CRIU_PATCHES, "list every patch in CRIU_PATCHES");
+    }
+
+    #[test]
+    fn userns_entry_is_the_protobuf_criu_writes() {
+        // uid_map and gid_map of one extent {0, 2^31, 65536}.
+        let e = userns_entry(&IdRange {
+            host_base: 1 << 31,
+            count: 65536,
+        });
+        let extent = [
+            0x08, 0x00, 0x10, 0x80, 0x80, 0x80, 0x80, 0x08, 0x18, 0x80, 0x80, 0x04,
+        ];
+        let mut want = vec![0x0a, extent.len() as u8];
+        want.extend_from_slice(&extent);
+        want.extend_from_slice(&[0x12, extent.len() as u8]);
+        want.extend_from_slice(&extent);
+        assert_eq!(e, want);
+    }
 }

@@ -20,6 +20,7 @@ pub mod dns;
 pub mod net;
 mod snapshots;
 pub mod template;
+pub mod userns;
 
 pub use template::{prepare_base_template, sandbox_resolv_conf};
 
@@ -70,6 +71,14 @@ pub struct LinuxRuntimeConfig {
     /// Where the DNS filter (domain names in egress rules) sends the questions it allows;
     /// empty means the host's resolvers from `/etc/resolv.conf`.
     pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// Runs every sandbox in its own user namespace (see [`userns`]): root inside is an
+    /// unprivileged host uid range of its own. On by default (`warren serve
+    /// --user-namespaces=false` turns it off).
+    pub user_namespaces: bool,
+    /// First host uid/gid of the pool sandboxes' user namespaces are mapped onto, and how many
+    /// ranges of [`userns::IdRange::COUNT`] ids it holds (so at most that many sandboxes).
+    pub uid_base: u32,
+    pub uid_ranges: u32,
 }
 
 impl LinuxRuntimeConfig {
@@ -88,6 +97,8 @@ impl LinuxRuntimeConfig {
             .map(|i| ALPHABET[((h >> (i * 8)) % 36) as usize] as char)
             .collect();
         let slot = ((h >> 32) % 128) as u32; // 128 /20 subnets in 10.200.0.0/13
+                                             // 30 pools of 1024 uid ranges (2^26 ids) from 2^31, far above any distribution's users.
+        let uid_slot = ((h >> 40) % userns::POOLS as u64) as u32;
         let network = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (slot << 12);
         LinuxRuntimeConfig {
             data_dir,
@@ -98,6 +109,10 @@ impl LinuxRuntimeConfig {
             name_prefix: format!("w{tag}"),
             prepared_networks: 4,
             dns_upstreams: Vec::new(),
+            user_namespaces: true,
+            uid_base: userns::POOL_FIRST
+                + uid_slot * (userns::POOL_RANGES * userns::IdRange::COUNT),
+            uid_ranges: userns::POOL_RANGES,
         }
     }
 }
@@ -125,6 +140,10 @@ pub struct LinuxRuntime {
     /// The layer that shows the init binary inside every sandbox (see [`checkpoint`]).
     init_layer: PathBuf,
     criu: CriuSupport,
+    /// Host id ranges of the sandboxes' user namespaces.
+    ids: Arc<userns::IdPool>,
+    /// Holds this daemon's id pool against other daemons on the host.
+    _uid_pool_lock: Option<OwnedFd>,
 }
 
 impl LinuxRuntime {
@@ -143,13 +162,24 @@ impl LinuxRuntime {
         // daemon can reap them (and see them die) instead of the host's init.
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        // The derived pool, unless another daemon on this host holds it (see
+        // [`userns::reserve_pool`]).
+        let mut config = config;
+        let uid_pool_lock = if config.user_namespaces {
+            let (base, lock) =
+                userns::reserve_pool(&config.data_dir, config.uid_base, config.uid_ranges)?;
+            config.uid_base = base;
+            lock
+        } else {
+            None
+        };
+        let ids = Arc::new(userns::IdPool::new(config.uid_base, config.uid_ranges)?);
         let cgroups = CgroupManager::new(&format!("warren-{}", config.name_prefix))?;
         let init_layer = checkpoint::prepare_init_layer(&config.data_dir, &config.envd_binary)?;
         let criu = CriuSupport::detect();
         if let CriuSupport::Unavailable(why) = &criu {
             tracing::warn!("hibernation and checkpoints are disabled: {why}");
         }
-        let mut config = config;
         config.subnet = net::choose_subnet(
             &config.data_dir.join("subnet"),
             &config.bridge,
@@ -162,6 +192,7 @@ impl LinuxRuntime {
             &config.name_prefix,
             config.subnet.0,
             config.subnet.1,
+            config.user_namespaces.then(|| ids.clone()),
         )
         .await?;
         let net = Arc::new(net);
@@ -178,6 +209,8 @@ impl LinuxRuntime {
             sandboxes: Mutex::new(HashMap::new()),
             init_layer,
             criu,
+            ids,
+            _uid_pool_lock: uid_pool_lock,
         };
         // Network namespaces are prepared only after recovery (the end of `sweep`, or the first
         // create): until the surviving sandboxes are adopted, their addresses look free.
@@ -234,6 +267,32 @@ impl LinuxRuntime {
         self.teardown_host().await
     }
 
+    /// After a failed wake of a sandbox in a user namespace: its kept network namespace gets its
+    /// `eth0` back if the restore took it (see [`HostNetwork::replug`]), so a later wake works.
+    async fn replug_kept_netns(&self, dir: &Path, placement: &Placement) {
+        let path = dir.join("netns");
+        let replugged = match std::fs::File::open(&path) {
+            Ok(f) => {
+                self.net
+                    .replug(&OwnedFd::from(f), placement.ip, &placement.veth)
+                    .await
+            }
+            Err(e) => Err(RuntimeError::io("open", &path, e)),
+        };
+        if let Err(e) = replugged {
+            tracing::warn!(path = %path.display(), error = %e, "giving a hibernated sandbox its network back");
+        }
+    }
+
+    /// The address, prefix and gateway of the sandbox at `ip`, as its eth0 is configured.
+    fn net_config(&self, ip: Ipv4Addr) -> crate::init::InitNet {
+        crate::init::InitNet {
+            address: ip,
+            prefix_len: self.net.ipam.prefix_len(),
+            gateway: self.net.ipam.gateway(),
+        }
+    }
+
     fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.config.data_dir.join("sandboxes").join(id)
     }
@@ -257,6 +316,7 @@ impl LinuxRuntime {
         &self,
         spec: &SandboxSpec,
         slot: &net::NetSlot,
+        ids: Option<userns::IdRange>,
     ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
         let t0 = std::time::Instant::now();
         let id = &spec.id;
@@ -293,6 +353,25 @@ impl LinuxRuntime {
         }
         .save(&dir)?;
         prof("prepared", &t0);
+        let mounts = match (ids, &slot.userns) {
+            (Some(ids), Some((_, userns_fd))) => {
+                let userns_fd = userns_fd
+                    .try_clone()
+                    .map_err(|e| RuntimeError::sys("dup user namespace", id, e))?;
+                let (lower, upper, work) = (lower_dirs.clone(), upper.clone(), work.clone());
+                let binds = spec.rootfs.ro_binds.clone();
+                let netns = slot.netns.as_raw_fd();
+                // The slot (and so its namespace descriptor) outlives this blocking call.
+                let m = tokio::task::spawn_blocking(move || {
+                    userns::prepare_mounts(&ids, userns_fd, netns, &lower, &upper, &work, &binds)
+                })
+                .await
+                .expect("mount preparation does not panic")?;
+                prof("mounts prepared", &t0);
+                Some(m)
+            }
+            _ => None,
+        };
 
         let log_path = dir.join("init.log");
         let log = std::fs::File::create(&log_path)
@@ -302,6 +381,11 @@ impl LinuxRuntime {
             &procs,
             slot.netns.as_raw_fd(),
             log,
+            mounts.as_ref().map(|m| UserNs {
+                fd: m.userns.as_raw_fd(),
+                inherit: m.inherited_fds(),
+                cwd: CString::new(dir.as_os_str().as_bytes()).unwrap_or_default(),
+            }),
         )
         .map_err(|e| RuntimeError::sys("spawn sandbox init", id, e))?;
         prof("spawned", &t0);
@@ -320,11 +404,16 @@ impl LinuxRuntime {
                 lower_dirs,
                 upper_dir: upper.clone(),
                 work_dir: work.clone(),
-                rootfs_dir: rootfs.clone(),
+                // In a user namespace, relative to the sandbox dir (the init's working dir).
+                rootfs_dir: match &mounts {
+                    Some(_) => PathBuf::from("rootfs"),
+                    None => rootfs.clone(),
+                },
                 ro_binds: spec.rootfs.ro_binds.clone(),
                 // The prepared namespace is configured already.
                 net: None,
                 envd: spec.envd.clone(),
+                mounts: mounts.as_ref().map(|m| m.init_mounts()),
             };
             let json = serde_json::to_vec(&init_spec).expect("init spec serializes");
             stdin
@@ -349,6 +438,8 @@ impl LinuxRuntime {
         })??;
         // The intermediate process exits right after forking PID 1.
         let _ = child.wait().await;
+        // PID 1 has attached its mounts; the daemon's descriptors of them can go.
+        drop(mounts);
 
         let init_start_ticks = start_ticks(started).ok_or_else(|| RuntimeError::StartFailed {
             id: id.clone(),
@@ -359,6 +450,7 @@ impl LinuxRuntime {
             init_start_ticks,
             ip: slot.ip,
             veth: slot.veth.clone(),
+            userns: ids,
         };
         let alive = watch_exit(started, id.clone())?;
         Ok((placement, alive))
@@ -443,12 +535,26 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
     })
 }
 
-/// Spawns `warren-envd init` with its cgroups joined and its namespaces unshared.
+/// What the init needs to enter its user namespace.
+struct UserNs {
+    /// The namespace (see [`userns::new_userns`]).
+    fd: std::os::fd::RawFd,
+    /// Detached mounts the init inherits.
+    inherit: Vec<std::os::fd::RawFd>,
+    /// The sandbox dir, entered as host root before the switch.
+    cwd: CString,
+}
+
+/// Spawns `warren-envd init` with its cgroups joined and its namespaces unshared: the network
+/// namespace is joined first, so it stays owned by the host's user namespace; then the user
+/// namespace is entered as its root, and the mount, uts, ipc, cgroup and pid namespaces are made
+/// inside it (owned by it, so root in the sandbox can mount its /proc, but nothing of the host's).
 fn spawn_init(
     envd: &Path,
     cgroup_procs: &[PathBuf],
     netns: std::os::fd::RawFd,
     log: std::fs::File,
+    user: Option<UserNs>,
 ) -> std::io::Result<tokio::process::Child> {
     // Opened before fork: the child may only make async-signal-safe syscalls.
     let mut procs_fds = Vec::new();
@@ -468,17 +574,39 @@ fn spawn_init(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .kill_on_drop(true);
-    // SAFETY: the closure only calls write(2), setns(2) and unshare(2) on values prepared before
-    // fork, which are async-signal-safe; it allocates nothing.
+    // SAFETY: the closure only makes raw syscalls (write, setns, chdir, fcntl, set*id, unshare)
+    // on values prepared before fork, which are async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
             for fd in &raw {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
+                    return fail();
                 }
             }
             if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
+                return fail();
+            }
+            if let Some(u) = &user {
+                if libc::chdir(u.cwd.as_ptr()) != 0 {
+                    return fail();
+                }
+                for fd in &u.inherit {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return fail();
+                    }
+                }
+                if libc::setns(u.fd, libc::CLONE_NEWUSER) != 0 {
+                    return fail();
+                }
+                // Root of the namespace: host ids are the range's first. No supplementary
+                // groups: the host's would be unmapped.
+                if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                    || libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                    || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+                {
+                    return fail();
+                }
             }
             let flags = libc::CLONE_NEWNS
                 | libc::CLONE_NEWUTS
@@ -575,9 +703,12 @@ impl SandboxRuntime for LinuxRuntime {
                 reason: "a sandbox with this id exists".into(),
             });
         }
+        // With user namespaces on, the prepared slot comes with the sandbox's user namespace (it
+        // owns the network namespace) and id range, which the sandbox keeps from here on.
         let slot = self.net.take_slot().await?;
+        let ids = slot.userns.as_ref().map(|(range, _)| *range);
         self.refill_networks();
-        match self.create_inner(spec, &slot).await {
+        match self.create_inner(spec, &slot, ids).await {
             Ok((placement, alive)) => {
                 self.sandboxes.lock().unwrap().insert(
                     spec.id.clone(),
@@ -604,6 +735,7 @@ impl SandboxRuntime for LinuxRuntime {
                 {
                     tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
                 }
+                self.net.release_ids(&slot);
                 Err(e)
             }
         }
@@ -636,7 +768,12 @@ impl SandboxRuntime for LinuxRuntime {
                     t.internet_denied,
                     t.egress,
                 )
-                .await
+                .await?;
+                // Only now: no process of the sandbox holds its ids any more.
+                if let Some(ids) = &t.placement.userns {
+                    self.ids.release(ids);
+                }
+                Ok(())
             }
             None => self.cleanup(id, None, None, false, false).await,
         }
@@ -652,6 +789,9 @@ impl SandboxRuntime for LinuxRuntime {
         }
         let alive = watch_exit(placement.init_pid, id.to_string())?;
         self.net.ipam.claim(placement.ip);
+        if let Some(ids) = &placement.userns {
+            self.ids.claim(ids);
+        }
         let denied = self
             .net
             .denied_addresses()
@@ -709,6 +849,9 @@ impl SandboxRuntime for LinuxRuntime {
             tracing::info!(sandbox = %id, "removed the tree of a wake the daemon's restart interrupted");
         }
         self.net.ipam.claim(placement.ip);
+        if let Some(ids) = &placement.userns {
+            self.ids.claim(ids);
+        }
         let denied = self
             .net
             .denied_addresses()
@@ -808,6 +951,11 @@ impl SandboxRuntime for LinuxRuntime {
         };
         let dir = self.sandbox_dir(id);
         disk::ensure_mounted(&dir)?;
+        // A wake the daemon's crash interrupted took eth0 into a tree that was then removed (see
+        // `adopt_hibernated`): the kept namespace gets it back first.
+        if placement.userns.is_some() {
+            self.replug_kept_netns(&dir, &placement).await;
+        }
         let procs: Vec<PathBuf> = self
             .cgroups
             .dirs(id)
@@ -819,8 +967,20 @@ impl SandboxRuntime for LinuxRuntime {
             id,
             dir: &dir,
             cgroup_procs: &procs,
+            userns: placement
+                .userns
+                .map(|range| (range, self.net_config(placement.ip))),
         })
-        .await?;
+        .await;
+        let pid = match pid {
+            Ok(pid) => pid,
+            Err(e) => {
+                if placement.userns.is_some() {
+                    self.replug_kept_netns(&dir, &placement).await;
+                }
+                return Err(e);
+            }
+        };
         let ticks = start_ticks(pid).ok_or_else(|| RuntimeError::Checkpoint {
             op: "restore",
             id: id.to_string(),
@@ -1038,6 +1198,11 @@ mod tests {
         let first = u32::from(Ipv4Addr::new(10, 200, 0, 0));
         let last = u32::from(Ipv4Addr::new(10, 207, 255, 255));
         assert!((first..=last).contains(&u32::from(a.subnet.0)));
+        // Every derived uid pool fits above 2^31 and below (uid_t)-1.
+        for c in [&a, &b] {
+            assert!(c.uid_base >= 1 << 31);
+            userns::IdPool::new(c.uid_base, c.uid_ranges).expect("derived uid pool is valid");
+        }
         // Host veth names: prefix (4) + 'h' + 8 = 13 bytes.
         assert_eq!(format!("{}h{}", a.name_prefix, "abcdefgh").len(), 13);
     }

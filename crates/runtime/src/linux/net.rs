@@ -3,6 +3,7 @@
 //! the sandbox's network namespace), NAT egress, and an nftables table that drops traffic between
 //! sandboxes, from sandboxes to the host, and egress of sandboxes created without internet access.
 
+use super::userns::{IdPool, IdRange};
 use crate::egress::EgressRules;
 use crate::RuntimeError;
 use futures::TryStreamExt;
@@ -14,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Address management for one subnet: the first host address is the gateway, the rest go to
 /// sandboxes, handed out next-fit so a freed address is not reused at once.
@@ -158,6 +159,9 @@ pub struct HostNetwork {
     next_slot: AtomicU64,
     /// Network namespaces made ahead of time, ready to be entered by a new sandbox.
     ready: Mutex<Vec<NetSlot>>,
+    /// With user namespaces on: the pool each prepared namespace's user namespace takes its id
+    /// range from (the network namespace is made inside it, see [`NetSlot::userns`]).
+    ids: Option<Arc<IdPool>>,
     /// Egress rules with domain names, by sandbox address: what the DNS filter answers for.
     dns_rules: Mutex<HashMap<Ipv4Addr, (String, EgressRules)>>,
     /// Until when each address the DNS filter opened for a sandbox is open (as nft was told),
@@ -176,6 +180,10 @@ pub struct NetSlot {
     pub ip: Ipv4Addr,
     /// Host end of the veth pair.
     pub veth: String,
+    /// With user namespaces on: the sandbox's user namespace, which owns `netns` (CRIU dumps a
+    /// tree only when all its namespaces belong to its user namespace), and its id range, which
+    /// the sandbox made with this slot keeps (and releases when it is destroyed).
+    pub userns: Option<(IdRange, OwnedFd)>,
 }
 
 impl HostNetwork {
@@ -185,6 +193,7 @@ impl HostNetwork {
         name_prefix: &str,
         network: Ipv4Addr,
         prefix_len: u8,
+        ids: Option<Arc<IdPool>>,
     ) -> Result<Self, RuntimeError> {
         let ipam = Ipam::new(network, prefix_len)?;
         let (conn, handle, _) = rtnetlink::new_connection()
@@ -244,6 +253,7 @@ impl HostNetwork {
             peer_prefix: format!("{name_prefix}p"),
             next_slot: AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
+            ids,
             dns_rules: Mutex::new(HashMap::new()),
             dns_opened: Mutex::new(HashMap::new()),
             ipam,
@@ -290,6 +300,9 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
 
     /// Removes the nftables tables and the bridge (when the daemon is told to clean up the host).
     pub async fn teardown(&self) -> Result<(), RuntimeError> {
+        for slot in self.ready.lock().unwrap().drain(..) {
+            self.release_ids(&slot);
+        }
         let t = &self.table;
         let _ = nft(&format!("delete table inet {t}\ndelete table bridge {t}\n"));
         self.handle
@@ -398,25 +411,11 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             .collect()
     }
 
-    /// Makes a network namespace with `lo` and `eth0` up, an address and a default route.
-    pub async fn prepare_slot(&self) -> Result<NetSlot, RuntimeError> {
-        let ip = self.ipam.allocate()?;
-        match self.prepare_slot_with(ip).await {
-            Ok(slot) => Ok(slot),
-            Err(e) => {
-                self.ipam.release(ip);
-                Err(e)
-            }
-        }
-    }
-
-    async fn prepare_slot_with(&self, ip: Ipv4Addr) -> Result<NetSlot, RuntimeError> {
-        let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        let short = format!("{}{:04x}", self.own_tag(), n & 0xffff);
-        let (host, _) = self.names_for_short(&short);
-        // A namespace of its own for a thread that ends right after: the daemon's threads never
-        // change namespace, and the descriptor keeps the namespace alive.
-        let netns = on_fresh_thread(|| {
+    /// A network namespace owned by the host's user namespace. A thread of its own unshares it
+    /// and ends right after: the daemon's threads never change namespace, and the descriptor
+    /// keeps the namespace alive.
+    async fn new_netns(&self) -> Result<OwnedFd, RuntimeError> {
+        on_fresh_thread(|| {
             // SAFETY: unshare affects only this short-lived thread (network namespaces are per
             // task); open returns a descriptor we own.
             unsafe {
@@ -434,8 +433,75 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             }
         })
         .await
-        .map_err(|e| RuntimeError::io("create network namespace", "/proc/thread-self/ns/net", e))?;
+        .map_err(|e| RuntimeError::io("create network namespace", "/proc/thread-self/ns/net", e))
+    }
 
+    /// Gives a slot's id range back to the pool (a slot no sandbox will use).
+    pub fn release_ids(&self, slot: &NetSlot) {
+        if let (Some(pool), Some((range, _))) = (&self.ids, &slot.userns) {
+            pool.release(range);
+        }
+    }
+
+    /// Makes a network namespace with `lo` and `eth0` up, an address and a default route (with
+    /// user namespaces on, inside a new user namespace of its own id range).
+    pub async fn prepare_slot(&self) -> Result<NetSlot, RuntimeError> {
+        let ip = self.ipam.allocate()?;
+        let range = match &self.ids {
+            Some(pool) => match pool.allocate() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.ipam.release(ip);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        match self.prepare_slot_with(ip, range).await {
+            Ok(slot) => Ok(slot),
+            Err(e) => {
+                self.ipam.release(ip);
+                if let (Some(pool), Some(range)) = (&self.ids, &range) {
+                    pool.release(range);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare_slot_with(
+        &self,
+        ip: Ipv4Addr,
+        range: Option<IdRange>,
+    ) -> Result<NetSlot, RuntimeError> {
+        let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let short = format!("{}{:04x}", self.own_tag(), n & 0xffff);
+        let (host, _) = self.names_for_short(&short);
+        let (userns, netns) = match range {
+            Some(range) => {
+                let made =
+                    tokio::task::spawn_blocking(move || super::userns::new_userns(&range, true))
+                        .await
+                        .expect("user namespace creation does not panic")?;
+                let netns = made.netns.expect("asked for a network namespace");
+                (Some((range, made.userns)), netns)
+            }
+            None => (None, self.new_netns().await?),
+        };
+
+        self.plug(&netns, ip, &host).await?;
+        Ok(NetSlot {
+            netns,
+            ip,
+            veth: host,
+            userns,
+        })
+    }
+
+    /// Gives the network namespace `netns` its `eth0`: a veth pair whose host end `host` is on
+    /// the bridge, configured with `ip`, a default route and `lo` up.
+    async fn plug(&self, netns: &OwnedFd, ip: Ipv4Addr, host: &str) -> Result<(), RuntimeError> {
+        let host = host.to_string();
         // One request: the pair, its sandbox end created inside the namespace as eth0, its host
         // end on the bridge and up.
         // The sandbox's MAC is derived from its address (as Docker does): an address handed out
@@ -476,11 +542,37 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             let _ = self.delete_veth(&host).await;
             return Err(RuntimeError::io("configure sandbox network", &host, e));
         }
-        Ok(NetSlot {
-            netns,
-            ip,
-            veth: host,
+        Ok(())
+    }
+
+    /// Gives a hibernated sandbox's kept network namespace its `eth0` again if it lost it (a wake
+    /// of a sandbox in a user namespace moves it into the restored tree's new namespace, and it
+    /// dies with that namespace if the restore fails), so that the next wake finds it.
+    pub async fn replug(
+        &self,
+        netns: &OwnedFd,
+        ip: Ipv4Addr,
+        host: &str,
+    ) -> Result<(), RuntimeError> {
+        let ns_fd = netns.as_raw_fd();
+        let has_eth0 = on_fresh_thread(move || {
+            // SAFETY: setns on this short-lived thread only; if_nametoindex reads a C string.
+            unsafe {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(libc::if_nametoindex(c"eth0".as_ptr()) != 0)
+            }
         })
+        .await
+        .map_err(|e| RuntimeError::io("look for eth0 in", host, e))?;
+        if has_eth0 {
+            return Ok(());
+        }
+        // The host end may outlive its peer for a moment (a namespace is torn down
+        // asynchronously): it goes first, so the name is free.
+        self.delete_veth(host).await?;
+        self.plug(netns, ip, host).await
     }
 
     /// Cuts a sandbox off from everything outside the sandbox subnet.

@@ -303,6 +303,7 @@ impl LinuxRuntime {
                 {
                     tracing::error!(sandbox = %id, error = %cleanup, "cleanup after failed restore");
                 }
+                self.net.release_ids(&slot);
                 Err(e)
             }
         }
@@ -346,7 +347,17 @@ impl LinuxRuntime {
             ro_binds: source.ro_binds.clone(),
         };
         record.save(&dir)?;
-        let pid = checkpoint::restore_into(RestoreInto {
+        // The restored tree's user namespace follows the checkpoint: one taken in a user
+        // namespace is restored into one of its own range (the slot's, or a fresh one from a
+        // daemon started without user namespaces); one taken without is restored without (a
+        // checkpoint from before user namespaces), and the slot's range goes back to the pool.
+        let slot_range = slot.userns.as_ref().map(|(range, _)| *range);
+        let (range, extra) = match (checkpoint::images_have_userns(images), slot_range) {
+            (true, Some(r)) => (Some(r), false),
+            (true, None) => (Some(self.ids.allocate()?), true),
+            (false, _) => (None, false),
+        };
+        let restored = checkpoint::restore_into(RestoreInto {
             criu,
             id,
             images,
@@ -355,19 +366,37 @@ impl LinuxRuntime {
             netns: slot.netns.as_raw_fd(),
             cgroup_procs: &procs,
             pidfile: &dir.join("restore.pid"),
+            userns: range.map(|r| (r, self.net_config(slot.ip))),
         })
-        .await?;
-        let ticks = start_ticks(pid).ok_or_else(|| {
-            ckpt_err(id, "restore", format!("restored init {pid} exited at once"))
-        })?;
-        let alive = watch_exit(pid, id.clone())?;
-        set_hostname(id, pid)?;
+        .await;
+        let started = restored.and_then(|pid| {
+            let ticks = start_ticks(pid).ok_or_else(|| {
+                ckpt_err(id, "restore", format!("restored init {pid} exited at once"))
+            })?;
+            let alive = watch_exit(pid, id.clone())?;
+            set_hostname(id, pid)?;
+            Ok((pid, ticks, alive))
+        });
+        let (pid, ticks, alive) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                // The slot's range is released by the caller.
+                if let (true, Some(r)) = (extra, &range) {
+                    self.ids.release(r);
+                }
+                return Err(e);
+            }
+        };
+        if range.is_none() {
+            self.net.release_ids(slot);
+        }
         Ok((
             Placement {
                 init_pid: pid,
                 init_start_ticks: ticks,
                 ip: slot.ip,
                 veth: slot.veth.clone(),
+                userns: range,
             },
             alive,
         ))
