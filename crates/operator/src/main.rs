@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use warren_operator::agent::http::{AgentAddress, HttpNodeAgent};
 use warren_operator::controller::{self, Context};
 use warren_operator::crd::crd_documents;
 use warren_operator::leader::{run_as_leader, LeaseConfig};
@@ -42,6 +43,12 @@ enum Command {
         /// Seconds a node may be NotReady before its sandboxes are declared lost (`NodeLost`).
         #[arg(long, default_value_t = 60)]
         node_lost_after: u64,
+        /// Port of the Warren node agent on every node (the DaemonSet's host port).
+        #[arg(long, default_value_t = warren_operator::agent::DEFAULT_PORT)]
+        node_agent_port: u16,
+        /// File with the bearer token the node agents require (a mounted Secret).
+        #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
+        node_agent_token_file: Option<PathBuf>,
         /// Reconcile only while holding the Lease, so several replicas can run (`false` for a
         /// single replica, e.g. outside the cluster).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -97,6 +104,8 @@ async fn main() -> anyhow::Result<()> {
             placeholder_image,
             node_selector,
             node_lost_after,
+            node_agent_port,
+            node_agent_token_file,
             leader_election,
             lease_name,
             lease_namespace,
@@ -120,7 +129,23 @@ async fn main() -> anyhow::Result<()> {
                 pods.node_selector = node_selector.into_iter().collect::<BTreeMap<_, _>>();
             }
             tracing::info!(namespace = ?namespace, "warren-operator starting");
-            let ctx = Context::new(client, pods);
+            let token = match node_agent_token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading the node agent token {}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let agent = HttpNodeAgent::new(
+                AgentAddress::NodeInternalIp {
+                    client: client.clone(),
+                    port: node_agent_port,
+                },
+                token,
+            );
+            let ctx = Context::with_agent(client, pods, Some(std::sync::Arc::new(agent)));
             if leader_election {
                 let identity = match identity {
                     Some(id) => id,

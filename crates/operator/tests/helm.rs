@@ -186,6 +186,13 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "create"),
         ("", "pods", "delete"),
         ("", "nodes", "get"),
+        ("warren.dev", "checkpoints", "watch"),
+        ("warren.dev", "checkpoints", "patch"),
+        ("warren.dev", "checkpoints", "delete"),
+        ("warren.dev", "checkpoints/status", "patch"),
+        ("warren.dev", "commits", "watch"),
+        ("warren.dev", "commits", "delete"),
+        ("warren.dev", "commits/status", "patch"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
     ] {
