@@ -167,6 +167,11 @@ def main():
     ap.add_argument("--rootfs", required=True, help="the base template's lower layer")
     ap.add_argument("-n", type=int, default=50)
     ap.add_argument("--json")
+    ap.add_argument(
+        "--only-create",
+        action="store_true",
+        help="only the create/pause/resume loop (for comparing daemon settings, e.g. disk caps)",
+    )
     a = ap.parse_args()
     host, port = a.url.split("//")[1].split(":")
     api = Api(host, int(port), a.key)
@@ -175,8 +180,9 @@ def main():
     # Warm-up: page cache, first-use costs.
     bench_warren(api, 3)
     results.update(bench_warren(api, a.n))
-    results.update(bench_sdk(a.url, a.key, max(10, a.n // 2)))
-    results.update(bench_oci(a.rootfs, a.n))
+    if not a.only_create:
+        results.update(bench_sdk(a.url, a.key, max(10, a.n // 2)))
+        results.update(bench_oci(a.rootfs, a.n))
 
     print(f"\n{'operation':<32} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
     summary = {}
@@ -184,11 +190,13 @@ def main():
         summary[name] = {"n": len(s), "p50": pct(s, 50), "p99": pct(s, 99), "mean": statistics.mean(s)}
         print(f"{name:<32} {len(s):>4} {pct(s, 50):>8.2f} {pct(s, 99):>8.2f} {statistics.mean(s):>8.2f}")
     base = summary["create until envd /health"]["p50"]
+    if a.json:
+        json.dump(summary, open(a.json, "w"), indent=2)
+    if a.only_create:
+        return
     print("\nratios (Warren create until /health, p50, over each runtime's run of /bin/true, p50):")
     for name in [k for k in summary if "run (" in k]:
         print(f"  warren / {name.split()[0]}: {base / summary[name]['p50']:.2f}")
-    if a.json:
-        json.dump(summary, open(a.json, "w"), indent=2)
 
 
 if __name__ == "__main__":

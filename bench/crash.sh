@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark tier of the crash-safety test: 100 SIGKILLs of the daemon at random moments of
-# creates, pauses, resumes and kills, each followed by a restart and a consistency check
+# creates, pauses, resumes, hibernations, commits and kills, each followed by a restart and a consistency check
 # (tests/sdk/test_crash.py). Run as root after `cargo build -p warren -p warren-envd`.
 #   bench/crash.sh [ITERATIONS] [SEED]
 set -euo pipefail

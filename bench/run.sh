@@ -51,6 +51,15 @@ for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$NA_PORT/health" >/dev/nul
 python3 bench/parity.py --url "http://127.0.0.1:$NA_PORT" --key "$KEY" --only-rate --json "$DATA.noaudit.json"
 kill $NA_DAEMON; wait $NA_DAEMON 2>/dev/null || true
 rm -rf "$NA_DATA" "$NA_DATA.log"
+# What the per-sandbox disk cap costs a create: the same loop against a daemon without caps.
+ND_DATA=$(mktemp -d /tmp/warren-bench-nodisk.XXXXXX)
+ND_PORT=$((PORT + 2))
+WARREN_API_KEY=$KEY "$BIN/warren" serve --sandbox-disk-mb 0 --listen 127.0.0.1:$ND_PORT --data-dir "$ND_DATA" >"$ND_DATA.log" 2>&1 &
+ND_DAEMON=$!
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ND_PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
+python3 bench/bench.py --url "http://127.0.0.1:$ND_PORT" --key "$KEY" --rootfs "$ND_DATA/templates/base/rootfs" -n "$N" --only-create --json "$DATA.nodisk.json"
+kill $ND_DAEMON; wait $ND_DAEMON 2>/dev/null || true
+rm -rf "$ND_DATA" "$ND_DATA.log"
 # Issue 4 figures: code-interpreter-v1 create → first run_code, warm run_code, idle memory.
 python3 bench/codeinterp.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 20 --json "$DATA.codeinterp.json"
 # Issue 5 figures: import of a ~200 MiB image (layout, oci-archive, loopback registry pull) and
@@ -60,6 +69,10 @@ python3 bench/images.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n "$N" --js
 python3 bench/commit.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.commit.json"
 # Issue 7 figures: hibernate and wake at 10, 100 and 1,000 MiB (real CRIU, LinuxRuntime directly).
 cargo test -q -p warren-runtime --test hibernate -- --ignored --nocapture bench 2>&1 | grep '^BENCH'
+# Issue 7 figures: checkpoint (size, freeze) and fork of 10 until all answer /health, through the
+# daemon (10/100/400 MiB; sandboxes are limited to 512 MiB) and the runtime (up to 1,000 MiB).
+python3 bench/checkpoint.py --url "http://127.0.0.1:$PORT" --key "$KEY" -n 3 --json "$DATA.checkpoint.json"
+cp "$DATA.checkpoint.json" bench/last-run-checkpoint.json
 # Issue 8 figures: 1,000 idle sandboxes (host memory each besides their own cgroups), then the soak
 # (200 sandboxes × one command per second; SOAK_MINUTES=10 is the issue's figure).
 python3 bench/density.py --url "http://127.0.0.1:$PORT" --key "$KEY" --daemon-pid $DAEMON -n 1000 --json "$DATA.density.json"

@@ -5,7 +5,8 @@ set -euo pipefail
 packages=(
   nftables      # nft: sandbox egress rules, NAT, east-west drop
   iproute2      # ip: used by tests to build their own "outside" network namespace
-  util-linux    # nsenter: used by the runtime's kernel tests
+  util-linux    # nsenter: used by the runtime's kernel tests; fallocate in the disk-cap test
+  e2fsprogs     # mkfs.ext4 (>= 1.47 for assume_storage_prezeroed): each sandbox's capped disk
   procps        # ps, visible inside sandboxes through the host's /usr
   python3       # Debian's /usr/bin/python3, visible inside base-template sandboxes
   python3-venv  # the venv of the code-interpreter-v1 template (scripts/build-code-interpreter-template.sh)

@@ -15,6 +15,7 @@ import pytest
 from warren_helpers import (
     Daemon,
     host_state,
+    mounts_under,
     remove_data_dir,
     remove_host_state,
     sandbox_factory,
@@ -88,6 +89,8 @@ def _shutdown(d: Daemon) -> list:
         problems.append(f"sandbox cgroups left after the daemon stopped: {leaks}")
     if d.sandbox_dirs():
         problems.append(f"sandbox dirs left after the daemon stopped: {d.sandbox_dirs()}")
+    if mounts_under(d.data_dir):
+        problems.append(f"mounts left under the data dir (sandbox disks?): {mounts_under(d.data_dir)}")
     # With no sandbox left, a stopping daemon gives back its bridge, prepared namespaces,
     # nftables tables and cgroup parents.
     if not wait_until(lambda: host_state(d.prefix) == [], 5):

@@ -1,9 +1,11 @@
-"""Crash safety: the daemon is SIGKILLed at random moments while creates, pauses, resumes and
-kills are in flight, then restarted on the same data dir. After recovery every sandbox is either
-usable or fully gone: the API, the sandbox dirs, the cgroups, the veths, the nft egress entries
-and the processes agree, and no sandbox whose create or resume was acknowledged is lost.
+"""Crash safety: the daemon is SIGKILLed at random moments while creates, pauses, resumes,
+hibernations, commits and kills are in flight, then restarted on the same data dir. After
+recovery every sandbox is either usable or fully gone: the API, the sandbox dirs, the mounts,
+the cgroups, the veths, the nft egress entries and the processes agree; no sandbox whose create
+or resume was acknowledged is lost, and no accepted commit is lost (it finished, or says that
+the restart interrupted it) and a finished one is a usable template.
 
-WARREN_CRASH_ITERATIONS sets the number of kills (CI: 6; the benchmark tier runs 100 with
+WARREN_CRASH_ITERATIONS sets the number of kills (CI: 10; the benchmark tier runs 100 with
 `bench/crash.sh`)."""
 
 import concurrent.futures
@@ -16,9 +18,10 @@ import threading
 import time
 
 from test_restart import _restart
-from warren_helpers import remove_data_dir, remove_host_state, start_daemon, wait_until
+from warren_helpers import (mounts_under, remove_data_dir, remove_host_state, start_daemon,
+                            wait_until)
 
-ITERATIONS = int(os.environ.get("WARREN_CRASH_ITERATIONS", "6"))
+ITERATIONS = int(os.environ.get("WARREN_CRASH_ITERATIONS", "10"))
 
 
 class Ledger:
@@ -28,6 +31,14 @@ class Ledger:
         self.lock = threading.Lock()
         self.alive = set()  # acknowledged creates, not acknowledged kills
         self.killed = set()
+        self.commits = set()  # accepted commits (202)
+        self.usable_commits = set()  # succeeded ones already started from
+        self.serial = 0
+
+    def next_serial(self):
+        with self.lock:
+            self.serial += 1
+            return self.serial
 
     def created(self, sid):
         with self.lock:
@@ -49,7 +60,8 @@ def worker(d, ledger, stop, rng):
     while not stop.is_set():
         with ledger.lock:
             known = sorted(ledger.alive)
-        op = rng.choice(["create", "create", "pause", "resume", "kill"] if known else ["create"])
+        ops = ["create", "create", "pause", "resume", "hibernate", "commit", "kill"]
+        op = rng.choice(ops if known else ["create"])
         try:
             if op == "create":
                 r = d.request("POST", "/v2/sandboxes", {"templateID": "base", "timeout": 600}, timeout=10)
@@ -61,6 +73,16 @@ def worker(d, ledger, stop, rng):
                     d.request("POST", f"/sandboxes/{sid}/pause", timeout=10)
                 elif op == "resume":
                     d.request("POST", f"/sandboxes/{sid}/connect", {"timeout": 600}, timeout=10)
+                elif op == "hibernate":
+                    d.request("POST", f"/warren/v1/sandboxes/{sid}/hibernate", timeout=30)
+                elif op == "commit":
+                    name = f"crash-{ledger.next_serial()}"
+                    body = {"kind": "Commit", "metadata": {"name": name},
+                            "spec": {"sandbox": sid, "image": f"local/{name}:v1"}}
+                    r = d.request("POST", "/warren/v1/commits", body, timeout=30)
+                    if r.status == 202:
+                        with ledger.lock:
+                            ledger.commits.add(name)
                 else:
                     ledger.killing(sid)
                     r = d.request("DELETE", f"/sandboxes/{sid}", timeout=10)
@@ -71,17 +93,21 @@ def worker(d, ledger, stop, rng):
 
 
 def envd_answers(d, sid):
-    r = d.request(
-        "POST",
-        "/process.Process/List",
-        raw=b"{}",
-        api_key=None,
-        headers={
-            "E2b-Sandbox-Id": sid,
-            "E2b-Sandbox-Port": "49983",
-            "X-Access-Token": d.request("GET", f"/sandboxes/{sid}").json()["envdAccessToken"],
-        },
-    )
+    try:
+        r = d.request(
+            "POST",
+            "/process.Process/List",
+            raw=b"{}",
+            api_key=None,
+            headers={
+                "E2b-Sandbox-Id": sid,
+                "E2b-Sandbox-Port": "49983",
+                "X-Access-Token": d.request("GET", f"/sandboxes/{sid}").json()["envdAccessToken"],
+            },
+            timeout=10,
+        )
+    except OSError:
+        return False  # e.g. a sandbox left frozen: the request hangs
     return r.status == 200
 
 
@@ -108,10 +134,17 @@ def check_consistent(d, ledger):
                 continue
         if not envd_answers(d, sid):
             problems.append(f"{sid}: envd does not answer after restart")
-    # Host state: only listed sandboxes have dirs, cgroups and processes.
+    problems += check_commits(d, ledger)
+    # Host state: only listed sandboxes have dirs, mounts, cgroups and processes.
     dirs = set(os.listdir(os.path.join(d.data_dir, "sandboxes")))
     if dirs - set(listed):
         problems.append(f"sandbox dirs without a sandbox: {sorted(dirs - set(listed))}")
+    sandboxes_dir = os.path.join(d.data_dir, "sandboxes") + "/"
+    stray = sorted({m for m in mounts_under(d.data_dir)
+                    if m.startswith(sandboxes_dir)
+                    and m[len(sandboxes_dir):].split("/")[0] not in listed})
+    if stray:
+        problems.append(f"mounts without a sandbox: {stray}")
     for parent in glob.glob(f"/sys/fs/cgroup/*/{d.cgroup_name}"):
         cgs = {c for c in os.listdir(parent) if os.path.isdir(os.path.join(parent, c))}
         if cgs - set(listed):
@@ -127,8 +160,37 @@ def check_consistent(d, ledger):
     return listed, problems
 
 
+def check_commits(d, ledger):
+    """Every accepted commit is still there: finished, or failed saying why; a finished one's
+    image is a template a sandbox can start from."""
+    problems = []
+    for name in sorted(ledger.commits):
+        ok = wait_until(lambda: d.request("GET", f"/warren/v1/commits/{name}").json()
+                        .get("status", {}).get("phase") in ("Succeeded", "Failed"), 30)
+        r = d.request("GET", f"/warren/v1/commits/{name}")
+        if r.status != 200:
+            problems.append(f"accepted commit {name} lost: {r.status} {r.body[:200]!r}")
+            continue
+        status = r.json().get("status", {})
+        if not ok:
+            problems.append(f"commit {name} never finished: {status}")
+        elif status["phase"] == "Failed" and not status.get("message"):
+            problems.append(f"commit {name} failed without a message")
+        elif status["phase"] == "Succeeded" and name not in ledger.usable_commits:
+            t = d.request("POST", "/sandboxes", {"templateID": f"local/{name}:v1", "timeout": 60})
+            if t.status != 201:
+                problems.append(f"commit {name} succeeded but its image does not start: "
+                                f"{t.status} {t.body[:200]!r}")
+            else:
+                d.request("DELETE", f"/sandboxes/{t.json()['sandboxID']}")
+                ledger.usable_commits.add(name)
+    return problems
+
+
 def test_sigkill_at_random_points_leaves_nothing_inconsistent():
-    rng = random.Random(int(os.environ.get("WARREN_CRASH_SEED", time.time())))
+    seed = int(os.environ.get("WARREN_CRASH_SEED", time.time()))
+    print(f"WARREN_CRASH_SEED={seed}")
+    rng = random.Random(seed)
     daemons = [start_daemon()]
     ledger = Ledger()
     try:
@@ -144,7 +206,7 @@ def test_sigkill_at_random_points_leaves_nothing_inconsistent():
                 stop.set()
             d2 = _restart(daemons, stop=False)
             listed, problems = check_consistent(d2, ledger)
-            assert not problems, f"iteration {i}:\n- " + "\n- ".join(problems) + f"\n{d2.log_tail(40)}"
+            assert not problems, f"seed {seed}, iteration {i}:\n- " + "\n- ".join(problems) + f"\n{d2.log_tail(40)}"
             # Keep the machine's load bounded: trim to at most 6 sandboxes.
             for sid in sorted(listed)[6:]:
                 if d2.request("DELETE", f"/sandboxes/{sid}").status == 204:

@@ -85,7 +85,7 @@ def test_idle_pause_hibernates_and_connect_wakes_with_memory(hib_daemon):
     assert Sandbox.get_info(sid, **opts).state == SandboxState.PAUSED
     # Every process ended: its memory is back with the host.
     assert wait_until(lambda: d.processes_in_cgroup() == [], 5), d.processes_in_cgroup()
-    counted = numbers(open(f"{d.data_dir}/sandboxes/{sid}/upper/tmp/counter").read())
+    counted = numbers(open(f"{d.data_dir}/sandboxes/{sid}/disk/upper/tmp/counter").read())
 
     again = Sandbox.connect(sid, **opts)
     assert detail(d, sid)["state"] == "running"

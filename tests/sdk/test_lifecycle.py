@@ -31,8 +31,8 @@ def test_pause_then_connect_resumes_files_and_processes(daemon, new_sandbox):
         background=True,
     )
     assert sbx.commands.run("sleep 0.5; cat /home/user/counter").exit_code == 0
-    # the same file seen from the host, in the sandbox's overlay upper dir
-    host_counter = os.path.join(daemon.data_dir, "sandboxes", sid, "upper", "home", "user", "counter")
+    # the same file seen from the host, in the sandbox's overlay upper dir (on its own disk)
+    host_counter = os.path.join(daemon.data_dir, "sandboxes", sid, "disk", "upper", "home", "user", "counter")
 
     def counter(s) -> int:
         return int(s.files.read("/home/user/counter").strip())

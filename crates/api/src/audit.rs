@@ -24,7 +24,7 @@ use warren_core::{AuditEvent, AuditKind, AuditLog, AuditQuery};
 
 /// Middleware on the API routes: one `api` entry per call, with the caller (when its key is
 /// valid), the route, the sandbox it names, the status and the duration.
-pub async fn record_api(State(st): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn record_api(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(log) = st.warren.audit().cloned() else {
         return next.run(req).await;
     };
@@ -44,6 +44,10 @@ pub async fn record_api(State(st): State<AppState>, req: Request, next: Next) ->
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .and_then(|k| st.warren.authenticate(Some(k)).ok());
+    if let Some(p) = &who {
+        // The handler's `Auth` extractor takes it from here instead of checking the key again.
+        req.extensions_mut().insert(p.clone());
+    }
     let resp = next.run(req).await;
     let (team, key) = match &who {
         Some(p) => (p.team.as_str(), p.key_id.as_str()),

@@ -15,6 +15,10 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already authenticated by the audit middleware (clients cannot set extensions).
+        if let Some(p) = parts.extensions.get::<Principal>() {
+            return Ok(Auth(p.clone()));
+        }
         let key = match parts.headers.get("x-api-key") {
             None => None,
             Some(v) => Some(v.to_str().map_err(|_| {

@@ -6,6 +6,7 @@
 //! and go to [`proxy`].
 
 pub mod audit;
+pub mod checkpoints;
 pub mod commits;
 pub mod error;
 pub mod extract;
@@ -61,6 +62,7 @@ pub fn app(warren: Arc<Warren>, opts: ApiOptions) -> Router {
         .merge(pools::routes())
         .merge(templates::routes())
         .merge(commits::routes())
+        .merge(checkpoints::routes())
         .route("/sandboxes", post(h::create).get(h::list_v1))
         .route("/v2/sandboxes", post(h::create).get(h::list_v2))
         .route("/sandboxes/{id}", get(h::get).delete(h::kill))

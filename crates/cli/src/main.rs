@@ -2,6 +2,7 @@
 
 mod audit;
 mod build;
+mod checkpoints;
 mod client;
 mod code_interpreter;
 mod commits;
@@ -73,6 +74,14 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: commits::CommitCommand,
+    },
+    /// Checkpoints of sandboxes (memory and files), and sandboxes restored from them.
+    #[command(visible_alias = "ckpt")]
+    Checkpoint {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: checkpoints::CheckpointCommand,
     },
     /// Registry credentials for pushes.
     Secret {
@@ -188,6 +197,9 @@ fn main() -> ExitCode {
             }
             Command::Commit { client, command } => {
                 commits::run(&client::ApiClient::new(&client)?, client.output, command).await
+            }
+            Command::Checkpoint { client, command } => {
+                checkpoints::run(&client::ApiClient::new(&client)?, client.output, command).await
             }
             Command::Secret { client, command } => {
                 commits::run_secret(&client::ApiClient::new(&client)?, client.output, command).await

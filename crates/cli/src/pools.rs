@@ -18,6 +18,7 @@ fn collection(kind: &str) -> Option<&'static str> {
         "SandboxSet" => Some("sandboxsets"),
         "PoolingAutoScaler" => Some("poolingautoscalers"),
         "Commit" => Some("commits"),
+        "Checkpoint" => Some("checkpoints"),
         _ => None,
     }
 }
@@ -40,7 +41,7 @@ pub fn read_objects(file: &Path) -> anyhow::Result<Vec<(&'static str, String, Va
         let kind = doc["kind"].as_str().unwrap_or_default();
         let coll = collection(kind).ok_or_else(|| {
             anyhow!(
-                "{} document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler or Commit)",
+                "{} document {n}: unknown kind {kind:?} (expected SandboxSet, PoolingAutoScaler, Commit or Checkpoint)",
                 file.display()
             )
         })?;

@@ -53,6 +53,27 @@ pub struct ServeArgs {
     /// back on connect. Seconds, or with a unit (`90s`, `10m`, `1h`); `off` never hibernates.
     #[arg(long, env = "WARREN_HIBERNATE_AFTER", default_value = "10m", value_parser = parse_idle)]
     hibernate_after: HibernateAfter,
+    /// Each sandbox's own disk, in MiB: its files live on a file system of this size (a sparse
+    /// image, loop-mounted), and writing past it fails with "No space left on device" inside the
+    /// sandbox only. 0 puts upper dirs on the host's file system without a cap.
+    #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024, value_parser = parse_disk_mb)]
+    sandbox_disk_mb: u64,
+}
+
+fn parse_disk_mb(s: &str) -> Result<u64, String> {
+    let mb: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of MiB"))?;
+    let min = warren_runtime::linux::disk::MIN_MB;
+    if mb != 0 && mb < min {
+        return Err(format!(
+            "{mb} MiB is too small for a sandbox disk: at least {min} (or 0 for no cap)"
+        ));
+    }
+    if mb > 1 << 24 {
+        return Err(format!("{mb} MiB is more than 16 TiB"));
+    }
+    Ok(mb)
 }
 
 /// `--hibernate-after`: `None` is `off`. (A newtype: clap reads a bare `Option` as "flag absent".)
@@ -185,6 +206,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let audit = warren_core::AuditLog::open(&data_dir).context("opening the audit log")?;
         store = store.with_audit(audit);
     }
+    if args.sandbox_disk_mb > 0 {
+        warren_runtime::linux::disk::check_support().map_err(|why| {
+            anyhow::anyhow!("sandbox disk caps (--sandbox-disk-mb) cannot work here: {why}; --sandbox-disk-mb 0 runs without them")
+        })?;
+    }
     let runtime = Arc::new(runtime);
     let warren = Arc::new(Warren::new(
         runtime.clone(),
@@ -193,6 +219,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keys,
         WarrenConfig {
             hibernate_after: args.hibernate_after.0,
+            default_resources: warren_runtime::Resources {
+                disk_mb: args.sandbox_disk_mb,
+                ..Default::default()
+            },
             ..WarrenConfig::default()
         },
     ));

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod autoscaler;
+pub mod checkpoint;
 pub mod commit;
 pub mod envd_client;
 pub mod error;

@@ -62,9 +62,8 @@ pub struct WarrenConfig {
     pub default_timeout: Duration,
     /// Longest timeout a client may ask for.
     pub max_timeout: Duration,
+    /// Limits of every sandbox; `disk_mb` is also the disk size reported to clients.
     pub default_resources: Resources,
-    /// Disk size reported to clients (the overlay upper dir has no quota of its own).
-    pub disk_size_mb: u64,
     /// The envd version reported to SDKs; it gates SDK features, so it must match what
     /// warren-envd implements.
     pub envd_version: String,
@@ -81,7 +80,6 @@ impl Default for WarrenConfig {
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_resources: Resources::default(),
-            disk_size_mb: 1024,
             envd_version: "0.6.4".into(),
             default_user: "user".into(),
             hibernate_after: Some(Duration::from_secs(600)),
@@ -175,9 +173,6 @@ pub struct Warren {
     /// Creates by `Idempotency-Key`: (team, key) → sandbox id and when it was made. Held across a
     /// keyed create, so two concurrent retries of one create make one sandbox.
     idempotency: tokio::sync::Mutex<HashMap<(String, String), (String, std::time::Instant)>>,
-    /// When each paused sandbox was frozen: the idle clock of auto-hibernation (see
-    /// `hibernation.rs`). In memory only: after a restart the clock starts again.
-    paused_since: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Commits of sandboxes to images (see `commits.rs`).
     commits: commits::CommitState,
 }
@@ -233,7 +228,6 @@ impl Warren {
             metrics: metrics::MetricsBook::default(),
             pools: crate::pool::Pools::default(),
             idempotency: tokio::sync::Mutex::default(),
-            paused_since: Mutex::default(),
             commits: commits::CommitState::default(),
         }
     }
@@ -476,7 +470,23 @@ impl Warren {
         if req.template_id.is_empty() {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
         }
-        let rootfs = self.templates.resolve(&req.template_id)?;
+        let rootfs = match self.templates.resolve(&req.template_id) {
+            Ok(r) => r,
+            // E2B's `Sandbox.create(template=<snapshot id>)`: a checkpoint restores.
+            Err(e) => {
+                if !self.is_checkpoint(who, &req.template_id).await {
+                    return Err(e.into());
+                }
+                let restore = checkpoints::RestoreRequest {
+                    timeout_secs: req.timeout_secs,
+                    metadata: req.metadata,
+                    env_vars: req.env_vars,
+                };
+                return self
+                    .restore_checkpoint(who, &req.template_id, restore)
+                    .await;
+            }
+        };
         let ready_port = self.templates.ready_port(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -510,7 +520,8 @@ impl Warren {
                 access_token: Some(token.clone()),
                 env_vars: req.env_vars.clone(),
                 default_user: self.config.default_user.clone(),
-                admin_token: None,
+                // Lets the daemon re-key envd in sandboxes restored from a checkpoint of this one.
+                admin_token: Some(generate_access_token()),
                 start_command: self.templates.start_command(&req.template_id),
                 default_cwd: None,
             },
@@ -529,7 +540,7 @@ impl Warren {
             envd_access_token: token,
             cpu_count: resources.vcpus,
             memory_mb: resources.memory_mb,
-            disk_mb: self.config.disk_size_mb,
+            disk_mb: resources.disk_mb,
             allow_internet,
             auto_pause: req.auto_pause,
             auto_resume_secs: req.auto_resume.then_some(timeout.num_seconds() as u32),
@@ -709,7 +720,7 @@ impl Warren {
         match self.runtime.freeze(id).await {
             Ok(()) => {
                 self.store.apply(id, Event::PauseDone, |_| {}).await?;
-                self.note_paused(id, Some(self.clock.now()));
+                self.note_paused(id, Some(self.clock.now())).await;
                 tracing::info!(sandbox = %id, "sandbox paused");
                 Ok(())
             }
@@ -774,7 +785,7 @@ impl Warren {
                     .apply(id, Event::ResumeDone, move |r| r.end_at = end_at)
                     .await?;
                 self.set_route(&rec);
-                self.note_paused(id, None);
+                self.note_paused(id, None).await;
                 tracing::info!(sandbox = %id, "sandbox resumed");
                 Ok(rec)
             }
@@ -815,7 +826,7 @@ impl Warren {
                     tracing::warn!(sandbox = %id, "sandbox init died; removing it");
                     self.kill_locked(&id).await
                 }
-                SandboxState::Paused if self.due_for_hibernation(&id, now) => {
+                SandboxState::Paused if self.due_for_hibernation(&id, now).await => {
                     tracing::info!(sandbox = %id, "idle while paused: hibernating");
                     self.hibernate_locked(&id).await.map(|_| ())
                 }
@@ -835,6 +846,7 @@ impl Warren {
             }
         }
         self.expire_commits().await;
+        self.expire_checkpoints().await;
     }
 
     /// Runs [`Warren::tick`] about once a second until the returned task is aborted.
@@ -875,6 +887,7 @@ impl Warren {
                 }
             }
         }
+        self.recover_checkpoints().await?;
         report.swept = self.runtime.sweep(&keep).await?;
         self.load_pools().await?;
         if !report.swept.is_empty() {
@@ -921,12 +934,16 @@ impl Warren {
             self.kill_locked(id).await?;
             return Ok(false);
         }
-        // Finish what a crash interrupted: a pause completes, a resume completes.
+        // Finish what a crash interrupted: a pause completes, a resume completes. The store
+        // decides whether the tree runs: a commit's short freeze the crash cut off must not
+        // leave a running sandbox frozen, nor may anything have thawed a paused one.
         match rec.state {
             SandboxState::Pausing => self.finish_pause(id).await?,
             SandboxState::Resuming => {
                 self.finish_resume(id, self.timeout(None)?).await?;
             }
+            SandboxState::Running | SandboxState::Pooled => self.runtime.thaw(id).await?,
+            SandboxState::Paused => self.runtime.freeze(id).await?,
             _ => {}
         }
         if let Some(rec) = self.store.get(id).await? {
@@ -962,6 +979,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
     Ok((DateTime::from_timestamp_nanos(nanos), id.to_string()))
 }
 
+pub mod checkpoints;
 pub mod commits;
 pub mod hibernation;
 pub mod metrics;

@@ -48,6 +48,11 @@ const MIGRATIONS: &[&str] = &[
     crate::image_templates::MIGRATION_IMAGE_TEMPLATES,
     // 5: commits and registry secrets (see commit.rs).
     crate::commit::MIGRATION_COMMITS,
+    // 6: when a sandbox was frozen, the idle clock of auto-hibernation, so that a restart
+    // neither resets it (a sandbox paused for hours would wait again) nor loses it.
+    "ALTER TABLE sandboxes ADD COLUMN paused_at TEXT;",
+    // 7: checkpoints (see checkpoint.rs).
+    crate::checkpoint::MIGRATION_CHECKPOINTS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +267,49 @@ impl Store {
             write_row(&tx, &rec, false)?;
             tx.commit()?;
             Ok(rec)
+        })
+        .await
+    }
+
+    /// Sets or clears when the sandbox was frozen (the auto-hibernation clock). Not part of
+    /// [`SandboxRecord`]: only the idle clock reads it, and record writes leave it alone.
+    pub async fn set_paused_at(
+        &self,
+        id: &str,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE sandboxes SET paused_at = ?2 WHERE id = ?1",
+                params![id, at.as_ref().map(ts)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// When the sandbox was frozen, if that was recorded.
+    pub async fn paused_at(&self, id: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let raw: Option<Option<String>> = c
+                .query_row(
+                    "SELECT paused_at FROM sandboxes WHERE id = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            raw.flatten()
+                .map(|s| {
+                    DateTime::parse_from_rfc3339(&s)
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(|e| StoreError::Corrupt {
+                            id: id.clone(),
+                            reason: format!("paused_at {s:?}: {e}"),
+                        })
+                })
+                .transpose()
         })
         .await
     }

@@ -21,8 +21,8 @@ pub mod spec;
 pub use egress::{Cidr, EgressRules};
 pub use error::RuntimeError;
 pub use spec::{
-    BindMount, CheckpointStats, EnvdSettings, NetworkPolicy, Placement, Resources, RootfsSpec,
-    SandboxSpec, SandboxStats, ENVD_PORT,
+    BindMount, CheckpointInfo, CheckpointOptions, CheckpointStats, EnvdSettings, NetworkPolicy,
+    Placement, Resources, RootfsSpec, SandboxSpec, SandboxStats, ENVD_PORT,
 };
 
 use async_trait::async_trait;
@@ -85,5 +85,47 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     /// commits. `None` when this runtime has no such dir.
     fn upper_dir(&self, _id: &str) -> Option<std::path::PathBuf> {
         None
+    }
+
+    /// Saves the live sandbox as checkpoint `name`: a copy of its upper dir and, with
+    /// `opts.memory`, a CRIU dump of its process tree, both taken while the sandbox is frozen so
+    /// that they agree. With `opts.keep_running` the sandbox carries on (a paused one stays
+    /// paused); otherwise its processes end. On error no checkpoint is left and a kept sandbox
+    /// runs as before.
+    async fn checkpoint(
+        &self,
+        id: &str,
+        _name: &str,
+        _opts: &CheckpointOptions,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        Err(RuntimeError::CheckpointUnavailable(format!(
+            "this runtime cannot checkpoint sandbox {id}"
+        )))
+    }
+
+    /// The read-only layer holding a checkpoint's files (its upper-dir copy): put on top of the
+    /// source's lower dirs, it gives a sandbox the checkpointed filesystem copy-on-write.
+    fn checkpoint_layer(&self, _name: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// Creates sandbox `spec.id` by restoring checkpoint `name`'s process tree into a new
+    /// cgroup, network namespace (a new address) and overlay root (`spec.rootfs`, which must
+    /// show the checkpoint's files). The restored envd still holds the source's token and
+    /// env vars: the caller re-keys it. On error nothing of the sandbox is left behind.
+    async fn restore_checkpoint(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Placement, RuntimeError> {
+        let _ = spec;
+        Err(RuntimeError::CheckpointUnavailable(format!(
+            "this runtime cannot restore checkpoint {name}"
+        )))
+    }
+
+    /// Removes a checkpoint's files. Idempotent.
+    async fn delete_checkpoint(&self, _name: &str) -> Result<(), RuntimeError> {
+        Ok(())
     }
 }

@@ -46,6 +46,11 @@ pub struct Resources {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub pids_max: u64,
+    /// Size of the sandbox's own file system for its overlay upper dir, in MiB: writing past it
+    /// fails with `ENOSPC`. 0 means no cap (the upper dir sits on the host's file system);
+    /// records from before caps existed read as 0.
+    #[serde(default)]
+    pub disk_mb: u64,
 }
 
 impl Default for Resources {
@@ -54,6 +59,7 @@ impl Default for Resources {
             vcpus: 2,
             memory_mb: 512,
             pids_max: 1024,
+            disk_mb: 1024,
         }
     }
 }
@@ -97,6 +103,9 @@ pub struct SandboxStats {
     pub memory_cache_bytes: u64,
     /// Bytes the sandbox wrote to its root filesystem (its overlay upper dir).
     pub disk_bytes: u64,
+    /// Size of the sandbox's disk (its cap), when it has one; 0 when uncapped.
+    #[serde(default)]
+    pub disk_total_bytes: u64,
 }
 
 /// Settings handed to envd when the sandbox starts.
@@ -151,4 +160,26 @@ pub struct CheckpointStats {
     pub bytes: u64,
     /// Wall time of the dump (including freezing the tree and writing the images).
     pub duration: std::time::Duration,
+}
+
+/// What a checkpoint keeps of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointOptions {
+    /// Dump the process tree with CRIU; without it only the filesystem is kept.
+    pub memory: bool,
+    /// The sandbox's processes carry on after the checkpoint; without it they end.
+    pub keep_running: bool,
+}
+
+/// What a checkpoint took.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// CRIU images on disk (0 for a filesystem-only checkpoint).
+    pub image_bytes: u64,
+    /// The copy of the sandbox's upper dir on disk.
+    pub fs_bytes: u64,
+    /// From the freeze to the end of the dump and copy.
+    pub duration: std::time::Duration,
+    /// How long the sandbox's processes were stopped.
+    pub frozen: std::time::Duration,
 }

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
 use warren_runtime::{
-    EnvdSettings, NetworkPolicy, Placement, Resources, RuntimeError, SandboxRuntime, SandboxSpec,
+    CheckpointOptions, EnvdSettings, NetworkPolicy, Placement, Resources, RuntimeError,
+    SandboxRuntime, SandboxSpec,
 };
 
 fn init_binary() -> PathBuf {
@@ -170,7 +171,7 @@ async fn hibernate_and_wake_keep_memory_processes_and_pipes() {
         TcpStream::connect_timeout(&p.envd_addr(), Duration::from_millis(300)).is_err(),
         "nothing serves while hibernated"
     );
-    let upper = h.data.join("sandboxes/hibstate/upper/tmp/counter");
+    let upper = h.rt.upper_dir("hibstate").unwrap().join("tmp/counter");
     let before = numbers(&std::fs::read_to_string(&upper).unwrap());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -348,6 +349,181 @@ async fn bench_hibernate_and_wake_by_memory_size() {
             );
         }
         h.rt.destroy(&id).await.unwrap();
+    }
+    h.finish().await;
+}
+
+/// A checkpoint taken with the source running on, then three sandboxes restored from it: each
+/// has its own address and hostname, carries on from the checkpointed memory, and writes only
+/// to its own copy-on-write root.
+#[tokio::test]
+async fn checkpoint_forks_continue_independently() {
+    let h = Harness::new("fork").await;
+    let p = h.rt.create(&h.spec("forksrc")).await.expect("create");
+    spawn_in_sandbox("forksrc", &p, COUNTER);
+    spawn_in_sandbox("forksrc", &p, SERVER);
+    let addr = SocketAddr::from((p.ip, 8080));
+    wait_for("counter and server", || {
+        numbers(&read_in_sandbox(&p, "/tmp/counter")).len() >= 5 && ask(addr).is_some()
+    });
+    let served = ask(addr).unwrap();
+    let opts = CheckpointOptions {
+        memory: true,
+        keep_running: true,
+    };
+    let info =
+        h.rt.checkpoint("forksrc", "ck1", &opts)
+            .await
+            .expect("checkpoint");
+    eprintln!("checkpoint {info:?}");
+    assert!(info.image_bytes > 0 && info.fs_bytes > 0, "{info:?}");
+    assert!(h.rt.is_alive("forksrc"), "the source runs on");
+    let at_ckpt =
+        numbers(&std::fs::read_to_string(h.data.join("checkpoints/ck1/fs/tmp/counter")).unwrap());
+    wait_for("source counting on", || {
+        numbers(&read_in_sandbox(&p, "/tmp/counter")).len() >= at_ckpt.len() + 3
+    });
+    let again = h.rt.checkpoint("forksrc", "ck1", &opts).await.unwrap_err();
+    assert!(again.to_string().contains("exists"), "{again}");
+
+    let layer = h.rt.checkpoint_layer("ck1").expect("layer");
+    let t = Instant::now();
+    let mut forks = Vec::new();
+    for i in 0..3 {
+        let mut spec = h.spec(&format!("fork{i}"));
+        spec.rootfs.lower_dirs.insert(0, layer.clone());
+        forks.push(
+            h.rt.restore_checkpoint("ck1", &spec)
+                .await
+                .expect("restore"),
+        );
+    }
+    eprintln!("3 restores in {:?}", t.elapsed());
+    for (i, f) in forks.iter().enumerate() {
+        assert_ne!(f.ip, p.ip, "a fork has its own address");
+        assert_eq!(
+            ask(SocketAddr::from((f.ip, 8080))),
+            Some(served + 1),
+            "the listener carried over, with the count of the checkpoint"
+        );
+        let host = Command::new("nsenter")
+            .args(["-t", &f.init_pid.to_string(), "-u", "hostname"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&host.stdout).trim(),
+            format!("fork{i}")
+        );
+        wait_for("fork counting on", || {
+            numbers(&read_in_sandbox(f, "/tmp/counter")).len() >= at_ckpt.len() + 3
+        });
+        let c = numbers(&read_in_sandbox(f, "/tmp/counter"));
+        assert!(contiguous(&c), "went on from the checkpointed memory");
+        assert_eq!(&c[..at_ckpt.len()], &at_ckpt[..]);
+    }
+    std::fs::write(
+        format!("/proc/{}/root/tmp/mine", forks[0].init_pid),
+        "fork0",
+    )
+    .unwrap();
+    assert!(
+        read_in_sandbox(&forks[1], "/tmp/mine").is_empty(),
+        "invisible in others"
+    );
+    assert!(
+        read_in_sandbox(&p, "/tmp/mine").is_empty(),
+        "and in the source"
+    );
+
+    // Filesystem-only, with the source stopped after.
+    let fs_only = CheckpointOptions {
+        memory: false,
+        keep_running: false,
+    };
+    let info =
+        h.rt.checkpoint("forksrc", "ck2", &fs_only)
+            .await
+            .expect("fs checkpoint");
+    assert_eq!(info.image_bytes, 0);
+    assert!(!h.rt.is_alive("forksrc") || !cgroup_populated("forksrc"));
+    let err =
+        h.rt.restore_checkpoint("ck2", &h.spec("fork9"))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("no process images"), "{err}");
+
+    for i in 0..3 {
+        h.rt.destroy(&format!("fork{i}")).await.unwrap();
+    }
+    h.rt.destroy("forksrc").await.unwrap();
+    h.rt.delete_checkpoint("ck1").await.unwrap();
+    h.rt.delete_checkpoint("ck2").await.unwrap();
+    assert!(!h.data.join("checkpoints/ck1").exists());
+    h.finish().await;
+}
+
+/// Figures (bench/run.sh): a checkpoint of a sandbox holding 10, 100 and 1,000 MiB (time, freeze,
+/// size) and restores from it, ten in parallel (one at 1,000 MiB: ten would hold 10 GiB), until
+/// every restored envd listener accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn bench_checkpoint_and_restore_by_memory_size() {
+    let h = Harness::new("ckbench").await;
+    for mib in [10u64, 100, 1000] {
+        let id = format!("ckb{mib}");
+        let mut spec = h.spec(&id);
+        spec.resources.memory_mb = 2048;
+        let p = h.rt.create(&spec).await.expect("create");
+        let hold = format!(
+            "python3 -c 'import os, time\nchunk = os.urandom(1 << 20)\nheld = [bytearray(chunk) for _ in range({mib})]\nopen(\"/tmp/ready\", \"w\").write(\"1\")\nwhile True:\n    time.sleep(1)'"
+        );
+        spawn_in_sandbox(&id, &p, &hold);
+        wait_for("the memory to be held", || {
+            read_in_sandbox(&p, "/tmp/ready") == "1"
+        });
+        let opts = CheckpointOptions {
+            memory: true,
+            keep_running: true,
+        };
+        let name = format!("ck{mib}");
+        let t = Instant::now();
+        let info =
+            h.rt.checkpoint(&id, &name, &opts)
+                .await
+                .expect("checkpoint");
+        let took = t.elapsed();
+        let layer = h.rt.checkpoint_layer(&name).unwrap();
+        let n = if mib >= 1000 { 1 } else { 10 };
+        let specs: Vec<SandboxSpec> = (0..n)
+            .map(|i| {
+                let mut s = h.spec(&format!("ckb{mib}f{i}"));
+                s.resources.memory_mb = 2048;
+                s.rootfs.lower_dirs.insert(0, layer.clone());
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let restored =
+            futures::future::join_all(specs.iter().map(|s| h.rt.restore_checkpoint(&name, s)))
+                .await;
+        for p in &restored {
+            let p = p.as_ref().expect("restore");
+            assert!(TcpStream::connect_timeout(&p.envd_addr(), Duration::from_secs(2)).is_ok());
+        }
+        let all = t.elapsed();
+        eprintln!(
+            "BENCH checkpoint held={mib}MiB took={:.0}ms frozen={:.0}ms memory={:.1}MiB files={:.2}MiB restores={n} all_listening={:.0}ms",
+            took.as_secs_f64() * 1e3,
+            info.frozen.as_secs_f64() * 1e3,
+            info.image_bytes as f64 / 1048576.0,
+            info.fs_bytes as f64 / 1048576.0,
+            all.as_secs_f64() * 1e3
+        );
+        for s in &specs {
+            h.rt.destroy(&s.id).await.unwrap();
+        }
+        h.rt.destroy(&id).await.unwrap();
+        h.rt.delete_checkpoint(&name).await.unwrap();
     }
     h.finish().await;
 }

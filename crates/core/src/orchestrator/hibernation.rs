@@ -51,30 +51,35 @@ impl Warren {
         self.runtime.hibernate_support()
     }
 
-    /// Records when a sandbox was frozen, for the idle clock of auto-hibernation.
-    pub(super) fn note_paused(&self, id: &str, at: Option<DateTime<Utc>>) {
-        let mut map = self.paused_since.lock().unwrap_or_else(|e| e.into_inner());
-        match at {
-            Some(t) => {
-                map.insert(id.to_string(), t);
-            }
-            None => {
-                map.remove(id);
-            }
+    /// Records when a sandbox was frozen, for the idle clock of auto-hibernation. Kept in the
+    /// store so that a daemon restart neither restarts nor loses the clock.
+    pub(super) async fn note_paused(&self, id: &str, at: Option<DateTime<Utc>>) {
+        if let Err(e) = self.store.set_paused_at(id, at).await {
+            // Only the hibernation clock suffers: it starts again at the next tick.
+            tracing::warn!(sandbox = %id, error = %e, "cannot record the pause time");
         }
     }
 
-    /// Whether a paused sandbox has been idle long enough to hibernate. A sandbox found paused
-    /// after a daemon restart starts its idle clock then.
-    pub(super) fn due_for_hibernation(&self, id: &str, now: DateTime<Utc>) -> bool {
+    /// Whether a paused sandbox has been idle long enough to hibernate. A paused sandbox with
+    /// no recorded pause time (stored by an older daemon) starts its idle clock now.
+    pub(super) async fn due_for_hibernation(&self, id: &str, now: DateTime<Utc>) -> bool {
         let Some(after) = self.config.hibernate_after else {
             return false;
         };
         if self.runtime.hibernate_support().is_err() {
             return false;
         }
-        let mut map = self.paused_since.lock().unwrap_or_else(|e| e.into_inner());
-        let since = *map.entry(id.to_string()).or_insert(now);
+        let since = match self.store.paused_at(id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                self.note_paused(id, Some(now)).await;
+                now
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot read the pause time");
+                return false;
+            }
+        };
         let after = chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
         now - since >= after
     }
@@ -111,7 +116,7 @@ impl Warren {
         match self.runtime.hibernate(id).await {
             Ok(stats) => {
                 let rec = self.store.apply(id, Event::HibernateDone, |_| {}).await?;
-                self.note_paused(id, None);
+                self.note_paused(id, None).await;
                 tracing::info!(
                     sandbox = %id,
                     image_bytes = stats.bytes,
@@ -122,6 +127,9 @@ impl Warren {
             }
             Err(e) => {
                 self.store.apply(id, Event::HibernateFailed, |_| {}).await?;
+                // The clock starts again, so a dump that keeps failing is retried once per
+                // `hibernate_after`, not at every tick.
+                self.note_paused(id, Some(self.clock.now())).await;
                 tracing::warn!(sandbox = %id, error = %e, "hibernation failed; the sandbox stays frozen");
                 Err(unavailable(e))
             }

@@ -74,7 +74,12 @@ impl MetricsBook {
             mem_total: rec.memory_mb * 1024 * 1024,
             mem_cache: stats.memory_cache_bytes,
             disk_used: stats.disk_bytes,
-            disk_total: rec.disk_mb * 1024 * 1024,
+            // The sandbox's file system as it reports itself (what `df /` shows inside, a bit
+            // under the cap: ext4 keeps its journal and tables); the recorded size otherwise.
+            disk_total: match stats.disk_total_bytes {
+                0 => rec.disk_mb * 1024 * 1024,
+                n => n,
+            },
         };
         s.last = Some((now, stats));
         if s.points.len() == KEPT_SAMPLES {

@@ -566,7 +566,7 @@ impl Warren {
             envd_access_token: token,
             cpu_count: resources.vcpus,
             memory_mb: resources.memory_mb,
-            disk_mb: self.config.disk_size_mb,
+            disk_mb: resources.disk_mb,
             allow_internet: set.spec.allow_internet_access,
             auto_pause: false,
             auto_resume_secs: None,

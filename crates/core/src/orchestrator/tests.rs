@@ -687,3 +687,68 @@ async fn traffic_wakes_a_hibernated_auto_resume_sandbox() {
         SandboxState::Running
     );
 }
+
+#[tokio::test]
+async fn the_idle_clock_of_a_paused_sandbox_survives_a_restart() {
+    let f = fixture();
+    let rec = f.warren.create(&t1(), base()).await.unwrap();
+    f.warren.pause(&t1(), &rec.id).await.unwrap();
+    f.clock.advance(Duration::from_secs(400));
+    f.warren.tick().await;
+    drop(f.warren);
+
+    // The restarted daemon counts from the original pause, not from its own start.
+    let w = warren_over(f.store.clone(), f.rt.clone(), f.clock.clone());
+    w.recover().await.unwrap();
+    f.clock.advance(Duration::from_secs(150));
+    w.tick().await;
+    assert_eq!(
+        f.store.get(&rec.id).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
+    f.clock.advance(Duration::from_secs(60));
+    w.tick().await;
+    assert_eq!(
+        f.store.get(&rec.id).await.unwrap().unwrap().state,
+        SandboxState::Hibernated
+    );
+
+    // Resumed and paused again: a fresh clock.
+    w.connect(&t1(), &rec.id, None).await.unwrap();
+    assert_eq!(f.store.paused_at(&rec.id).await.unwrap(), None);
+    w.pause(&t1(), &rec.id).await.unwrap();
+    assert_eq!(
+        f.store.paused_at(&rec.id).await.unwrap(),
+        Some(f.clock.now())
+    );
+    f.clock.advance(Duration::from_secs(599));
+    w.tick().await;
+    assert_eq!(
+        f.store.get(&rec.id).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
+}
+
+#[tokio::test]
+async fn recovery_makes_the_kernel_match_the_stored_state() {
+    let f = fixture();
+    let running = f.warren.create(&t1(), base()).await.unwrap();
+    let paused = f.warren.create(&t1(), base()).await.unwrap();
+    f.warren.pause(&t1(), &paused.id).await.unwrap();
+    // A crash in the middle of a commit's freeze, and something thawing a paused sandbox.
+    f.rt.freeze(&running.id).await.unwrap();
+    f.rt.thaw(&paused.id).await.unwrap();
+    drop(f.warren);
+
+    let w = warren_over(f.store.clone(), f.rt.clone(), f.clock.clone());
+    let report = w.recover().await.unwrap();
+    assert_eq!(report.adopted.len(), 2);
+    assert!(
+        !f.rt.get(&running.id).unwrap().frozen,
+        "a running sandbox runs"
+    );
+    assert!(
+        f.rt.get(&paused.id).unwrap().frozen,
+        "a paused sandbox stays frozen"
+    );
+}

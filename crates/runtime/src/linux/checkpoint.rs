@@ -254,17 +254,57 @@ pub async fn dump(
     freezer: Option<&Path>,
     leave_running: bool,
 ) -> Result<CheckpointStats, RuntimeError> {
-    let t0 = Instant::now();
     let record = RootfsRecord::load(dir)?;
-    let images = images_dir(dir);
-    let partial = dir.join("checkpoint.partial");
+    pin_netns(id, init_pid, dir)?;
+    dump_into(DumpTarget {
+        criu,
+        id,
+        init_pid,
+        record: &record,
+        images: &images_dir(dir),
+        failed_log: &dir.join("dump-failed.log"),
+        freezer,
+        leave_running,
+    })
+    .await
+}
+
+/// What [`dump_into`] dumps, and where.
+pub struct DumpTarget<'a> {
+    pub criu: &'a Path,
+    pub id: &'a str,
+    pub init_pid: u32,
+    /// The sandbox's root, for its external bind mounts.
+    pub record: &'a RootfsRecord,
+    /// Where the images go; written as `<images>.partial` and renamed when complete.
+    pub images: &'a Path,
+    /// Where the log of a failed dump is kept.
+    pub failed_log: &'a Path,
+    pub freezer: Option<&'a Path>,
+    pub leave_running: bool,
+}
+
+/// Dumps a sandbox's tree to `t.images`, its network namespace kept outside the images (the
+/// restore hands it one). Nothing is left at `t.images` on failure.
+pub async fn dump_into(t: DumpTarget<'_>) -> Result<CheckpointStats, RuntimeError> {
+    let DumpTarget {
+        criu,
+        id,
+        init_pid,
+        record,
+        images,
+        failed_log,
+        freezer,
+        leave_running,
+    } = t;
+    let t0 = Instant::now();
+    let partial = images.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(|e| RuntimeError::io("mkdir", &partial, e))?;
     let netns = PathBuf::from(format!("/proc/{init_pid}/ns/net"));
     let netns_ino = std::fs::metadata(&netns)
         .map_err(|e| RuntimeError::io("stat", &netns, e))?
         .ino();
-    pin_netns(id, init_pid, dir)?;
 
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("dump")
@@ -297,9 +337,8 @@ pub async fn dump(
         Ok(true) => {}
         Ok(false) => {
             // The log outlives the partial images, for whoever reads the error.
-            let log = dir.join("dump-failed.log");
-            let _ = std::fs::rename(partial.join("dump.log"), &log);
-            let e = criu_failed(id, "dump", &log, "criu dump failed");
+            let _ = std::fs::rename(partial.join("dump.log"), failed_log);
+            let e = criu_failed(id, "dump", failed_log, "criu dump failed");
             let _ = std::fs::remove_dir_all(&partial);
             return Err(e);
         }
@@ -308,10 +347,10 @@ pub async fn dump(
             return Err(e);
         }
     }
-    let _ = std::fs::remove_dir_all(&images);
-    std::fs::rename(&partial, &images).map_err(|e| RuntimeError::io("rename", &partial, e))?;
+    let _ = std::fs::remove_dir_all(images);
+    std::fs::rename(&partial, images).map_err(|e| RuntimeError::io("rename", &partial, e))?;
     Ok(CheckpointStats {
-        bytes: dir_size(&images),
+        bytes: dir_size(images),
         duration: t0.elapsed(),
     })
 }
@@ -356,8 +395,50 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
         std::fs::File::open(&netns_path).map_err(|e| RuntimeError::io("open", &netns_path, e))?,
     );
     drop_orphan_sockets(id, netns.as_raw_fd()).await?;
-    let pidfile = dir.join("restore.pid");
-    let _ = std::fs::remove_file(&pidfile);
+    restore_into(RestoreInto {
+        criu,
+        id,
+        images: &images,
+        work_dir: None,
+        record: &record,
+        netns: netns.as_raw_fd(),
+        cgroup_procs,
+        pidfile: &dir.join("restore.pid"),
+    })
+    .await
+}
+
+/// What [`restore_into`] restores, and where to.
+pub struct RestoreInto<'a> {
+    pub criu: &'a Path,
+    pub id: &'a str,
+    pub images: &'a Path,
+    /// Where CRIU writes its log; `None`: the images dir. Restores that share one images dir
+    /// (forks of a checkpoint) each need their own.
+    pub work_dir: Option<&'a Path>,
+    /// The root to mount for the restored tree.
+    pub record: &'a RootfsRecord,
+    /// The network namespace the tree gets (stays open for the call).
+    pub netns: i32,
+    pub cgroup_procs: &'a [PathBuf],
+    pub pidfile: &'a Path,
+}
+
+/// Restores the tree of `t.images` into the network namespace `t.netns`, the cgroups of
+/// `t.cgroup_procs` and a fresh mount of the overlay root `t.record`. Returns the new init's
+/// host pid.
+pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
+    let RestoreInto {
+        criu,
+        id,
+        images,
+        work_dir,
+        record,
+        netns,
+        cgroup_procs,
+        pidfile,
+    } = t;
+    let _ = std::fs::remove_file(pidfile);
     std::fs::create_dir_all(&record.rootfs_dir)
         .map_err(|e| RuntimeError::io("mkdir", &record.rootfs_dir, e))?;
     let options =
@@ -375,18 +456,21 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
     let raw_procs: Vec<i32> = procs_fds.iter().map(|f| f.as_raw_fd()).collect();
     let root_c = cstr(&record.rootfs_dir);
     let options_c = CString::new(options).unwrap_or_default();
-    let netns_fd = netns.as_raw_fd();
+    let netns_fd = netns;
 
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("restore")
         .arg("--images-dir")
-        .arg(&images)
-        .args(["--log-file", "restore.log", "-v2"])
-        .arg("--root")
+        .arg(images)
+        .args(["--log-file", "restore.log", "-v2"]);
+    if let Some(w) = work_dir {
+        cmd.arg("--work-dir").arg(w);
+    }
+    cmd.arg("--root")
         .arg(&record.rootfs_dir)
         .arg("--restore-detached")
         .arg("--pidfile")
-        .arg(&pidfile)
+        .arg(pidfile)
         .arg("--tcp-close")
         .arg("--inherit-fd")
         .arg(format!("fd[{NETNS_FD}]:{NETNS_KEY}"))
@@ -437,12 +521,11 @@ pub async fn restore(t: RestoreTarget<'_>) -> Result<u32, RuntimeError> {
     }
     let status = run(&mut cmd, id, "restore").await;
     drop(procs_fds);
-    drop(netns);
-    let log = images.join("restore.log");
+    let log = work_dir.unwrap_or(images).join("restore.log");
     if !status? {
         return Err(criu_failed(id, "restore", &log, "criu restore failed"));
     }
-    let pid = std::fs::read_to_string(&pidfile)
+    let pid = std::fs::read_to_string(pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
         .ok_or_else(|| criu_failed(id, "restore", &log, "criu wrote no pid file"))?;
@@ -563,4 +646,77 @@ pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, Run
     std::fs::copy(binary, &tmp).map_err(|e| RuntimeError::io("copy", binary, e))?;
     std::fs::rename(&tmp, &inside).map_err(|e| RuntimeError::io("rename", &tmp, e))?;
     Ok(layer)
+}
+
+/// Settles a dump that a daemon crash interrupted. CRIU is deliberately not killed with the
+/// daemon: killed mid-dump it could leave its parasite code in the sandbox's processes. So after
+/// a restart a CRIU may still be dumping into `<dir>/checkpoint.partial`: wait for it, then keep
+/// its images if it finished (CRIU writes `stats-dump` only after a successful dump, once the
+/// tree is killed) or drop them otherwise. Returns whether complete images now exist.
+pub async fn settle_interrupted_dump(id: &str, dir: &Path) -> Result<bool, RuntimeError> {
+    let partial = dir.join("checkpoint.partial");
+    if !partial.exists() {
+        return Ok(has_images(dir));
+    }
+    let deadline = Instant::now() + CRIU_TIMEOUT;
+    while criu_writing_to(&partial) {
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Checkpoint {
+                id: id.to_string(),
+                op: "dump",
+                reason: format!(
+                    "an interrupted criu dump into {} is still running after {}s",
+                    partial.display(),
+                    CRIU_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if partial.join("stats-dump").is_file() && partial.join("inventory.img").is_file() {
+        let images = images_dir(dir);
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::rename(&partial, &images).map_err(|e| RuntimeError::io("rename", &partial, e))?;
+        tracing::info!(sandbox = %id, "kept the images of a dump the daemon's restart interrupted");
+    } else {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    Ok(has_images(dir))
+}
+
+/// Waits for a restore from `<dir>/checkpoint` that a daemon crash interrupted (its CRIU
+/// outlives the daemon, like a dump's).
+pub async fn settle_interrupted_restore(id: &str, dir: &Path) -> Result<(), RuntimeError> {
+    let images = images_dir(dir);
+    let deadline = Instant::now() + CRIU_TIMEOUT;
+    while criu_writing_to(&images) {
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Checkpoint {
+                id: id.to_string(),
+                op: "restore",
+                reason: format!(
+                    "an interrupted criu restore from {} is still running after {}s",
+                    images.display(),
+                    CRIU_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Whether some process (a CRIU left over from before a restart) has `images` as its
+/// `--images-dir`.
+fn criu_writing_to(images: &Path) -> bool {
+    let want = images.as_os_str().as_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline")).is_ok_and(|cmdline| {
+            let mut args = cmdline.split(|b| *b == 0);
+            args.any(|a| a == b"--images-dir") && args.next() == Some(want)
+        })
+    })
 }

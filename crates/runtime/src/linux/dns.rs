@@ -262,7 +262,15 @@ impl Shared {
                         .collect();
                     // Opened before the answer leaves: the sandbox connects right after reading it.
                     if !open.is_empty() {
-                        if let Err(e) = self.net.open_resolved(&id, &open) {
+                        // nft is a process to run: not on the async workers.
+                        let net = self.net.clone();
+                        let opened = tokio::task::spawn_blocking({
+                            let id = id.clone();
+                            move || net.open_resolved(&id, &open)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(RuntimeError::Nft(format!("nft task: {e}"))));
+                        if let Err(e) = opened {
                             tracing::warn!(sandbox = %id, error = %e, "dns filter: cannot open resolved addresses");
                             return refusal(query).map(servfail);
                         }

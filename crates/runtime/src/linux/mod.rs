@@ -1,7 +1,8 @@
 //! The real runtime on Linux.
 //!
 //! Creating a sandbox (see [`crate::init`] for the half that runs inside):
-//! 1. an address, a cgroup per hierarchy (with limits) and a veth pair on the host bridge;
+//! 1. an address, a cgroup per hierarchy (with limits), a veth pair on the host bridge and, with a
+//!    disk cap, the sandbox's own file system for its upper dir ([`disk`]);
 //! 2. `warren-envd init` is spawned with its cgroups joined and new mount, uts, ipc, net, cgroup
 //!    and pid namespaces (`pre_exec`, async-signal-safe syscalls only); it forks PID 1 of the new
 //!    pid namespace and reports its host pid;
@@ -10,20 +11,22 @@
 //!
 //! The overlay and every other mount exist only in the sandbox's mount namespace, so they vanish
 //! with its last process: destroying a sandbox is killing its cgroup, then deleting the veth, the
-//! nftables element, the upper dir and the cgroups.
+//! nftables element, the upper dir (and its file system) and the cgroups.
 
 pub mod cgroup;
 pub mod checkpoint;
+pub mod disk;
 pub mod dns;
 pub mod net;
+mod snapshots;
 pub mod template;
 
 pub use template::{prepare_base_template, sandbox_resolv_conf};
 
 use crate::init::InitSpec;
 use crate::{
-    CheckpointStats, NetworkPolicy, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
-    SandboxStats,
+    CheckpointInfo, CheckpointOptions, CheckpointStats, NetworkPolicy, Placement, RuntimeError,
+    SandboxRuntime, SandboxSpec, SandboxStats,
 };
 use async_trait::async_trait;
 use cgroup::CgroupManager;
@@ -258,10 +261,18 @@ impl LinuxRuntime {
         let t0 = std::time::Instant::now();
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-        }
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).map_err(|e| RuntimeError::io("mkdir", &rootfs, e))?;
+        let (upper, work) = if spec.resources.disk_mb > 0 {
+            disk::create(&dir, spec.resources.disk_mb).await?
+        } else {
+            let (upper, work) = (dir.join("upper"), dir.join("work"));
+            for d in [&upper, &work] {
+                std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
+            }
+            (upper, work)
+        };
+        prof("disk", &t0);
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {
             self.net.deny_internet(slot.ip)?;
@@ -419,6 +430,7 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), RuntimeError> {
         return Ok(());
     }
     checkpoint::unpin_netns(dir);
+    disk::release(dir);
     let rootfs = CString::new(dir.join("rootfs").as_os_str().as_bytes()).unwrap_or_default();
     // SAFETY: valid C string; EINVAL (not a mount point) is the normal outcome and ignored.
     unsafe { libc::umount2(rootfs.as_ptr(), libc::MNT_DETACH) };
@@ -631,6 +643,8 @@ impl SandboxRuntime for LinuxRuntime {
     }
 
     async fn adopt(&self, id: &str, placement: &Placement) -> Result<bool, RuntimeError> {
+        // A hibernation the crash interrupted ends first: its CRIU may still kill the tree.
+        checkpoint::settle_interrupted_dump(id, &self.sandbox_dir(id)).await?;
         if start_ticks(placement.init_pid) != Some(placement.init_start_ticks)
             || !self.cgroups.populated(id)
         {
@@ -682,6 +696,17 @@ impl SandboxRuntime for LinuxRuntime {
             || !self.cgroups.v2_dir(id).exists()
         {
             return Ok(false);
+        }
+        // A wake the crash interrupted may have restored the tree after all; it was never
+        // acknowledged, so it goes, and the images (still complete) restore it again on wake.
+        checkpoint::settle_interrupted_restore(id, &dir).await?;
+        if self.cgroups.populated(id) {
+            let cg = self.cgroups.clone();
+            let id_owned = id.to_string();
+            tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+                .await
+                .expect("kill task does not panic")?;
+            tracing::info!(sandbox = %id, "removed the tree of a wake the daemon's restart interrupted");
         }
         self.net.ipam.claim(placement.ip);
         let denied = self
@@ -782,6 +807,7 @@ impl SandboxRuntime for LinuxRuntime {
             t.placement.clone()
         };
         let dir = self.sandbox_dir(id);
+        disk::ensure_mounted(&dir)?;
         let procs: Vec<PathBuf> = self
             .cgroups
             .dirs(id)
@@ -906,26 +932,55 @@ impl SandboxRuntime for LinuxRuntime {
             return Err(RuntimeError::UnknownSandbox(id.to_string()));
         }
         let cg = self.cgroups.clone();
-        let upper = self.sandbox_dir(id).join("upper");
+        let dir = self.sandbox_dir(id);
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             let memory_bytes = cg.memory_usage(&id).unwrap_or(0);
+            // A sandbox with its own disk: what df shows (one statfs); else walk the upper dir.
+            let (disk_bytes, disk_total_bytes) =
+                disk::usage(&dir).unwrap_or_else(|| (disk_usage(&disk::overlay_dirs(&dir).0), 0));
             SandboxStats {
                 cpu_usage_ns: cg.cpu_usage_ns(&id).unwrap_or(0),
                 memory_bytes,
                 memory_cache_bytes: cg.memory_cache(&id).unwrap_or(0).min(memory_bytes),
-                disk_bytes: disk_usage(&upper),
+                disk_bytes,
+                disk_total_bytes,
             }
         })
         .await
         .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
     }
 
+    async fn checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        self.checkpoint_impl(id, name, opts).await
+    }
+
+    fn checkpoint_layer(&self, name: &str) -> Option<PathBuf> {
+        self.checkpoint_layer_impl(name)
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Placement, RuntimeError> {
+        self.restore_checkpoint_impl(name, spec).await
+    }
+
+    async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
+        self.delete_checkpoint_impl(name).await
+    }
+
     fn upper_dir(&self, id: &str) -> Option<PathBuf> {
         if !self.sandboxes.lock().unwrap().contains_key(id) {
             return None;
         }
-        Some(self.sandbox_dir(id).join("upper"))
+        Some(disk::overlay_dirs(&self.sandbox_dir(id)).0)
     }
 
     fn is_alive(&self, id: &str) -> bool {

@@ -160,6 +160,9 @@ pub struct HostNetwork {
     ready: Mutex<Vec<NetSlot>>,
     /// Egress rules with domain names, by sandbox address: what the DNS filter answers for.
     dns_rules: Mutex<HashMap<Ipv4Addr, (String, EgressRules)>>,
+    /// Until when each address the DNS filter opened for a sandbox is open (as nft was told),
+    /// so that repeated answers for the same names do not run nft while it has long to live.
+    dns_opened: Mutex<HashMap<(String, Ipv4Addr), std::time::Instant>>,
 }
 
 /// A network namespace with its veth on the bridge, its address and default route configured,
@@ -242,6 +245,7 @@ impl HostNetwork {
             next_slot: AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
             dns_rules: Mutex::new(HashMap::new()),
+            dns_opened: Mutex::new(HashMap::new()),
             ipam,
         };
         net.install_rules()?;
@@ -555,6 +559,10 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
                 "delete element inet {t} dns_redirect {{ {ip} }}\n"
             )))?;
         }
+        self.dns_opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(owner, _), _| owner != id);
         absent_ok(nft(&format!("delete set inet {t} dns_{id}\n")))
     }
 
@@ -593,16 +601,41 @@ insert rule inet {t} input iifname "{br}" ip daddr {gw} meta l4proto {{ udp, tcp
 
     /// Opens addresses the DNS filter resolved for sandbox `id` (address, seconds). Re-adding
     /// an address restarts its timeout: add (so that it exists), delete, add, in one transaction.
+    /// Addresses still open for more than half the time asked are left alone.
     pub fn open_resolved(&self, id: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), RuntimeError> {
+        let now = std::time::Instant::now();
+        let stale: Vec<(Ipv4Addr, u32)> = {
+            let opened = self.dns_opened.lock().unwrap_or_else(|e| e.into_inner());
+            addrs
+                .iter()
+                .filter(|(ip, secs)| {
+                    let half = std::time::Duration::from_secs(u64::from(*secs) / 2);
+                    opened
+                        .get(&(id.to_string(), *ip))
+                        .is_none_or(|until| until.saturating_duration_since(now) <= half)
+                })
+                .copied()
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok(());
+        }
         let t = &self.table;
         let mut script = String::new();
-        for (ip, secs) in addrs {
+        for (ip, secs) in &stale {
             let set = format!("inet {t} dns_{id}");
             script.push_str(&format!("add element {set} {{ {ip} timeout {secs}s }}\n"));
             script.push_str(&format!("delete element {set} {{ {ip} }}\n"));
             script.push_str(&format!("add element {set} {{ {ip} timeout {secs}s }}\n"));
         }
-        nft(&script)
+        nft(&script)?;
+        let mut opened = self.dns_opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.retain(|_, until| *until > now);
+        for (ip, secs) in stale {
+            let until = now + std::time::Duration::from_secs(secs.into());
+            opened.insert((id.to_string(), ip), until);
+        }
+        Ok(())
     }
 
     /// Entries of the egress map: sandbox address and the id its chain is named after.

@@ -72,6 +72,7 @@ async fn metrics_are_sampled_into_a_ring_with_cpu_share() {
             memory_bytes: 100 << 20,
             memory_cache_bytes: 30 << 20,
             disk_bytes: 4096,
+            disk_total_bytes: 0,
         },
     );
     f.warren.sample_metrics().await;
@@ -86,6 +87,7 @@ async fn metrics_are_sampled_into_a_ring_with_cpu_share() {
             memory_bytes: 100 << 20,
             memory_cache_bytes: 30 << 20,
             disk_bytes: 8192,
+            disk_total_bytes: 1000 << 20,
         },
     );
     f.warren.sample_metrics().await;
@@ -96,6 +98,9 @@ async fn metrics_are_sampled_into_a_ring_with_cpu_share() {
     assert_eq!(points[0].mem_used, 70 << 20);
     assert_eq!(points[0].mem_cache, 30 << 20);
     assert_eq!(points[1].disk_used, 8192);
+    // Without a disk of its own the recorded size; with one, what its file system reports.
+    assert_eq!(points[0].disk_total, 1024 << 20);
+    assert_eq!(points[1].disk_total, 1000 << 20);
     assert_eq!(points[0].mem_total, 512 << 20);
     let t = points[1].timestamp.timestamp();
     let only_last = f

@@ -1,0 +1,399 @@
+//! Checkpoints of live sandboxes and sandboxes restored from them (forks).
+//!
+//! Layout under `<data>/checkpoints/<name>/`:
+//! * `rootfs.json`: the source's overlay layers and binds ([`RootfsRecord`]), so a restore
+//!   mounts the files the dumped processes had open and mapped (the same init layer, too);
+//! * `fs/`: a copy of the source's upper dir, taken while it was frozen. Forks stack it,
+//!   read-only, on top of the source's lower dirs with a fresh empty upper each: copy-on-write,
+//!   nothing is copied per fork;
+//! * `images/`: the CRIU images (absent for a filesystem-only checkpoint).
+//!
+//! The network namespace is not in the images (as for hibernation): each fork gets a new one,
+//! with its own address. Listening sockets bound to the wildcard address carry over; connections
+//! do not (`--tcp-close`).
+
+use super::checkpoint::{self, DumpTarget, RestoreInto, RootfsRecord};
+use super::{start_ticks, valid_id, watch_exit, LinuxRuntime, Tracked};
+use crate::{
+    CheckpointInfo, CheckpointOptions, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
+};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+const FS_DIR: &str = "fs";
+const IMAGES_DIR: &str = "images";
+
+/// Checkpoint names become directory names: the same rule as object names, and never `.` files.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+fn ckpt_err(id: &str, op: &'static str, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::Checkpoint {
+        id: id.to_string(),
+        op,
+        reason: reason.into(),
+    }
+}
+
+/// Copies a directory tree with owners, modes, times, xattrs (overlay's opaque markers),
+/// hard links and device nodes (overlay's whiteouts): `cp -a` does all of that correctly, and
+/// reflinks where the file system can.
+async fn copy_tree(id: &str, from: &Path, to: &Path) -> Result<(), RuntimeError> {
+    let out = tokio::process::Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| RuntimeError::sys("run cp -a", id, e))?;
+    if !out.status.success() {
+        return Err(ckpt_err(
+            id,
+            "checkpoint",
+            format!(
+                "copying {} failed: {}",
+                from.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl LinuxRuntime {
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.config.data_dir.join("checkpoints")
+    }
+
+    fn checkpoint_dir(&self, name: &str) -> PathBuf {
+        self.checkpoints_dir().join(name)
+    }
+
+    pub(super) async fn checkpoint_impl(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        if !valid_name(name) {
+            return Err(ckpt_err(
+                id,
+                "checkpoint",
+                format!("invalid checkpoint name {name:?}"),
+            ));
+        }
+        let criu = if opts.memory {
+            Some(self.criu.binary()?.to_path_buf())
+        } else {
+            None
+        };
+        let pid = {
+            let map = self.sandboxes.lock().unwrap();
+            let t = map
+                .get(id)
+                .ok_or_else(|| RuntimeError::UnknownSandbox(id.to_string()))?;
+            if t.hibernated || !t.alive.load(Ordering::SeqCst) {
+                return Err(ckpt_err(
+                    id,
+                    "checkpoint",
+                    if t.hibernated {
+                        "the sandbox is hibernated"
+                    } else {
+                        "the sandbox has no running process"
+                    },
+                ));
+            }
+            t.placement.init_pid
+        };
+        let dir = self.checkpoint_dir(name);
+        if dir.exists() {
+            return Err(ckpt_err(
+                id,
+                "checkpoint",
+                format!("checkpoint {name} exists already"),
+            ));
+        }
+        let partial = self.checkpoints_dir().join(format!(".{name}.partial"));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(|e| RuntimeError::io("mkdir", &partial, e))?;
+        let sdir = self.sandbox_dir(id);
+        let record = RootfsRecord::load(&sdir)?;
+        let freezer = self.cgroups.v2_dir(id);
+        let was_frozen = std::fs::read_to_string(freezer.join("cgroup.freeze"))
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+
+        let t0 = Instant::now();
+        let result = async {
+            // Frozen before the copy and through the dump: files and memory are of one instant.
+            if !was_frozen {
+                self.freeze(id).await?;
+            }
+            copy_tree(id, &record.upper_dir, &partial.join(FS_DIR)).await?;
+            let image_bytes = match &criu {
+                Some(criu) => {
+                    checkpoint::dump_into(DumpTarget {
+                        criu,
+                        id,
+                        init_pid: pid,
+                        record: &record,
+                        images: &partial.join(IMAGES_DIR),
+                        failed_log: &self
+                            .checkpoints_dir()
+                            .join(format!(".{name}.dump-failed.log")),
+                        freezer: Some(&freezer),
+                        leave_running: opts.keep_running,
+                    })
+                    .await?
+                    .bytes
+                }
+                None => 0,
+            };
+            record.save(&partial)?;
+            Ok::<_, RuntimeError>(image_bytes)
+        }
+        .await;
+        let duration = t0.elapsed();
+        // CRIU leaves the cgroup as it found it (frozen): thaw what we froze.
+        let thawed = if was_frozen || !opts.keep_running {
+            Ok(())
+        } else {
+            self.thaw(id).await
+        };
+        let frozen = t0.elapsed();
+        let image_bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                if !opts.keep_running && !was_frozen {
+                    let _ = self.thaw(id).await;
+                }
+                return Err(e);
+            }
+        };
+        thawed?;
+        if !opts.keep_running {
+            // The dump ended the tree (or, filesystem-only, nothing did yet): end every process.
+            let cg = self.cgroups.clone();
+            let id_owned = id.to_string();
+            tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+                .await
+                .expect("kill task does not panic")?;
+            let _ = self.thaw(id).await;
+        }
+        std::fs::rename(&partial, &dir).map_err(|e| RuntimeError::io("rename", &partial, e))?;
+        Ok(CheckpointInfo {
+            image_bytes,
+            fs_bytes: super::disk_usage(&dir.join(FS_DIR)),
+            duration,
+            frozen,
+        })
+    }
+
+    pub(super) fn checkpoint_layer_impl(&self, name: &str) -> Option<PathBuf> {
+        if !valid_name(name) {
+            return None;
+        }
+        let fs = self.checkpoint_dir(name).join(FS_DIR);
+        fs.is_dir().then_some(fs)
+    }
+
+    pub(super) async fn delete_checkpoint_impl(&self, name: &str) -> Result<(), RuntimeError> {
+        if !valid_name(name) {
+            return Ok(());
+        }
+        let dir = self.checkpoint_dir(name);
+        // What a dump a crash interrupted left.
+        let _ = std::fs::remove_dir_all(self.checkpoints_dir().join(format!(".{name}.partial")));
+        // Renamed first so that a half-removed checkpoint never looks usable.
+        let doomed = self
+            .checkpoints_dir()
+            .join(format!(".{name}.deleted.{}", std::process::id()));
+        match std::fs::rename(&dir, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(RuntimeError::io("rename", &dir, e)),
+        }
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&doomed).map(|_| doomed))
+            .await
+            .expect("remove task does not panic")
+            .map(|_| ())
+            .map_err(|e| RuntimeError::io("remove", &dir, e))
+    }
+
+    pub(super) async fn restore_checkpoint_impl(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Placement, RuntimeError> {
+        let id = &spec.id;
+        if !valid_id(id) {
+            return Err(RuntimeError::Config(format!(
+                "sandbox id {id:?} must be 1-64 characters of [a-z0-9]"
+            )));
+        }
+        let criu = self.criu.binary()?.to_path_buf();
+        let cdir = self.checkpoint_dir(name);
+        let images = cdir.join(IMAGES_DIR);
+        if !valid_name(name) || !images.join("inventory.img").is_file() {
+            return Err(ckpt_err(
+                id,
+                "restore",
+                format!(
+                    "checkpoint {name} has no process images (at {})",
+                    images.display()
+                ),
+            ));
+        }
+        let source = RootfsRecord::load(&cdir)?;
+        if self.sandboxes.lock().unwrap().contains_key(id) {
+            return Err(RuntimeError::StartFailed {
+                id: id.clone(),
+                reason: "a sandbox with this id exists".into(),
+            });
+        }
+        let slot = self.net.take_slot().await?;
+        self.refill_networks();
+        let result = self
+            .restore_inner(&criu, &images, &source, spec, &slot)
+            .await;
+        match result {
+            Ok((placement, alive)) => {
+                self.sandboxes.lock().unwrap().insert(
+                    id.clone(),
+                    Tracked {
+                        placement: placement.clone(),
+                        internet_denied: !spec.network.allow_internet,
+                        egress: !spec.network.egress.is_empty(),
+                        alive,
+                        hibernated: false,
+                    },
+                );
+                Ok(placement)
+            }
+            Err(e) => {
+                // The sandbox dir goes with the cleanup; its CRIU log is kept for whoever reads
+                // the error.
+                let kept = self
+                    .checkpoints_dir()
+                    .join(format!(".{name}.restore-{id}-failed.log"));
+                if std::fs::rename(self.sandbox_dir(id).join("restore.log"), &kept).is_ok() {
+                    tracing::warn!(sandbox = %id, log = %kept.display(), "restore failed");
+                }
+                if let Err(cleanup) = self
+                    .cleanup(
+                        id,
+                        Some(slot.ip),
+                        Some(&slot.veth),
+                        !spec.network.allow_internet,
+                        !spec.network.egress.is_empty(),
+                    )
+                    .await
+                {
+                    tracing::error!(sandbox = %id, error = %cleanup, "cleanup after failed restore");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn restore_inner(
+        &self,
+        criu: &Path,
+        images: &Path,
+        source: &RootfsRecord,
+        spec: &SandboxSpec,
+        slot: &super::net::NetSlot,
+    ) -> Result<(Placement, std::sync::Arc<std::sync::atomic::AtomicBool>), RuntimeError> {
+        let id = &spec.id;
+        let dir = self.sandbox_dir(id);
+        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        for d in [&upper, &work, &rootfs] {
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
+        }
+        let procs = self.cgroups.create(id, &spec.resources)?;
+        if !spec.network.allow_internet {
+            self.net.deny_internet(slot.ip)?;
+        }
+        if !spec.network.egress.is_empty() {
+            self.set_egress(id, slot.ip, &spec.network.egress)?;
+        }
+        // The source's init layer (the restored init maps that very file), then the layers the
+        // caller chose (the checkpoint's files over the source's lower dirs).
+        let lower_dirs: Vec<PathBuf> = source
+            .lower_dirs
+            .first()
+            .cloned()
+            .into_iter()
+            .chain(spec.rootfs.lower_dirs.iter().cloned())
+            .collect();
+        let record = RootfsRecord {
+            lower_dirs,
+            upper_dir: upper,
+            work_dir: work,
+            rootfs_dir: rootfs,
+            ro_binds: source.ro_binds.clone(),
+        };
+        record.save(&dir)?;
+        let pid = checkpoint::restore_into(RestoreInto {
+            criu,
+            id,
+            images,
+            work_dir: Some(&dir),
+            record: &record,
+            netns: slot.netns.as_raw_fd(),
+            cgroup_procs: &procs,
+            pidfile: &dir.join("restore.pid"),
+        })
+        .await?;
+        let ticks = start_ticks(pid).ok_or_else(|| {
+            ckpt_err(id, "restore", format!("restored init {pid} exited at once"))
+        })?;
+        let alive = watch_exit(pid, id.clone())?;
+        set_hostname(id, pid)?;
+        Ok((
+            Placement {
+                init_pid: pid,
+                init_start_ticks: ticks,
+                ip: slot.ip,
+                veth: slot.veth.clone(),
+            },
+            alive,
+        ))
+    }
+}
+
+/// Gives a restored sandbox its own hostname (its id, as at create; the image holds the
+/// source's). A short-lived thread joins the sandbox's UTS namespace: that is per thread, and
+/// the namespace it leaves behind when it ends is the thread's own, so the daemon is unaffected.
+fn set_hostname(id: &str, pid: u32) -> Result<(), RuntimeError> {
+    let path = PathBuf::from(format!("/proc/{pid}/ns/uts"));
+    let ns = std::fs::File::open(&path).map_err(|e| RuntimeError::io("open", &path, e))?;
+    let name = id.to_string();
+    std::thread::spawn(move || -> std::io::Result<()> {
+        // SAFETY: setns on an open namespace descriptor and sethostname with a buffer of the
+        // given length; both affect only this thread, which ends right after.
+        unsafe {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWUTS) != 0
+                || libc::sethostname(name.as_ptr().cast(), name.len()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| RuntimeError::sys("set hostname", id, std::io::Error::other("thread panicked")))?
+    .map_err(|e| RuntimeError::sys("set hostname of restored sandbox", id, e))
+}
