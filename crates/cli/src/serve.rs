@@ -12,6 +12,14 @@ use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeCon
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Cluster mode: serve the E2B API and router with all state in the `warren.dev` custom
+    /// resources of the Kubernetes cluster (in-cluster config or KUBECONFIG) instead of SQLite;
+    /// sandboxes run on the nodes (operator + node agents). Needs --api-key.
+    #[arg(long)]
+    cluster: bool,
+    /// Cluster mode: the namespace of the Sandboxes (default: the client's).
+    #[arg(long, env = "WARREN_NAMESPACE", requires = "cluster")]
+    namespace: Option<String>,
     /// Address of the API and sandbox router.
     #[arg(long, env = "WARREN_LISTEN", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
@@ -144,6 +152,14 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
+    if args.cluster {
+        let key = args
+            .api_key
+            .clone()
+            .context("--cluster needs --api-key (or WARREN_API_KEY): there is no data dir to keep a generated one")?;
+        return warren_operator::cluster_api::serve(args.listen, args.namespace, key, args.domain)
+            .await;
+    }
     let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir.clone());
     create_data_dir(&data_dir)?;
 

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod autoscaler;
 pub mod checkpoint;
 pub mod claim;
+pub mod cluster_api;
 pub mod commit;
 pub mod conditions;
 pub mod controller;
@@ -27,6 +28,8 @@ mod mock;
 mod mock_agent;
 #[cfg(test)]
 mod mock_autoscaler;
+#[cfg(test)]
+mod mock_cluster_api;
 #[cfg(test)]
 mod mock_nodeloss;
 

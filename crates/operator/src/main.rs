@@ -23,6 +23,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the node agent on this node (the DaemonSet's container; needs root: it runs
+    /// sandboxes inside the node's Pods with the single-host runtime).
+    NodeAgent {
+        /// Address to listen on (the DaemonSet's host port).
+        #[arg(long, env = "WARREN_NODE_AGENT_LISTEN", default_value_t = format!("0.0.0.0:{}", warren_operator::agent::DEFAULT_PORT))]
+        listen: String,
+        /// This node's name (from the downward API's `spec.nodeName`).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// The node's Warren data dir (a hostPath): sandboxes' upper dirs, checkpoints.
+        #[arg(long, env = "WARREN_DATA_DIR", default_value = "/var/lib/warren")]
+        data_dir: PathBuf,
+        /// The sandbox init binary (`warren-envd`); default: beside this binary.
+        #[arg(long, env = "WARREN_ENVD_BINARY")]
+        envd_binary: Option<PathBuf>,
+        /// File with the bearer token the operator sends (a mounted Secret); unset: no token
+        /// is required (only for tests: the agent is privileged).
+        #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Serve the E2B API and sandbox router in cluster mode, with state in the Sandbox custom
+    /// resources (the same as `warren serve --cluster`).
+    Api {
+        #[arg(long, env = "WARREN_LISTEN", default_value = "0.0.0.0:3000")]
+        listen: std::net::SocketAddr,
+        /// Namespace of the Sandboxes (default: the client's, i.e. the Pod's own).
+        #[arg(long, env = "WARREN_NAMESPACE")]
+        namespace: Option<String>,
+        /// File holding the one accepted API key (a mounted Secret).
+        #[arg(long, env = "WARREN_API_KEY_FILE")]
+        api_key_file: PathBuf,
+        /// Sandbox domain: also route Host `<port>-<id>.<domain>`.
+        #[arg(long, env = "WARREN_DOMAIN")]
+        domain: Option<String>,
+    },
     /// Print the CRDs as YAML (or write one file per CRD into --dir).
     Crds {
         #[arg(long)]
@@ -75,6 +110,18 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    match path {
+        Some(p) => Ok(Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the node agent token {}", p.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => Ok(None),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -83,6 +130,37 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Api {
+            listen,
+            namespace,
+            api_key_file,
+            domain,
+        } => {
+            let key = std::fs::read_to_string(&api_key_file)
+                .with_context(|| format!("reading the API key {}", api_key_file.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(!key.is_empty(), "{} is empty", api_key_file.display());
+            warren_operator::cluster_api::serve(listen, namespace, key, domain).await?;
+        }
+        Command::NodeAgent {
+            listen,
+            node_name,
+            data_dir,
+            envd_binary,
+            token_file,
+        } => {
+            warren_operator::agent::server::serve_node_agent(
+                warren_operator::agent::server::NodeAgentOptions {
+                    listen,
+                    node_name,
+                    data_dir,
+                    envd_binary,
+                    token: read_token(token_file.as_deref())?,
+                },
+            )
+            .await?;
+        }
         Command::Crds { dir } => {
             let docs = crd_documents().context("serializing the CRDs")?;
             match dir {
@@ -129,15 +207,7 @@ async fn main() -> anyhow::Result<()> {
                 pods.node_selector = node_selector.into_iter().collect::<BTreeMap<_, _>>();
             }
             tracing::info!(namespace = ?namespace, "warren-operator starting");
-            let token = match node_agent_token_file {
-                Some(p) => Some(
-                    std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading the node agent token {}", p.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            };
+            let token = read_token(node_agent_token_file.as_deref())?;
             let agent = HttpNodeAgent::new(
                 AgentAddress::NodeInternalIp {
                     client: client.clone(),

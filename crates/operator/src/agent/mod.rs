@@ -12,6 +12,8 @@
 #[cfg(test)]
 pub mod fake;
 pub mod http;
+#[cfg(target_os = "linux")]
+pub mod local;
 pub mod server;
 
 use async_trait::async_trait;

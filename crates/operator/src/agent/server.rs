@@ -145,6 +145,56 @@ async fn op(
     }
 }
 
+/// How `node-agent` serves.
+pub struct NodeAgentOptions {
+    pub listen: String,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    /// The sandbox init (`warren-envd`); `None`: beside the running binary.
+    pub envd_binary: Option<PathBuf>,
+    /// The bearer token callers must send; `None`: none (tests only: the agent is privileged).
+    pub token: Option<String>,
+}
+
+/// Serves the node agent ([`super::local::LocalAgent`]) until SIGTERM or SIGINT (`warren
+/// node-agent`, `warren-operator node-agent`: the DaemonSet's container).
+#[cfg(target_os = "linux")]
+pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if o.token.is_none() {
+        tracing::warn!("no token: the node agent accepts unauthenticated calls");
+    }
+    let envd = o.envd_binary.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("warren-envd")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr/local/bin/warren-envd"))
+    });
+    std::fs::create_dir_all(&o.data_dir)
+        .with_context(|| format!("creating {}", o.data_dir.display()))?;
+    let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
+        .context("starting the node agent's runtime")?;
+    let listener = tokio::net::TcpListener::bind(&o.listen)
+        .await
+        .with_context(|| format!("listening on {}", o.listen))?;
+    tracing::info!(listen = %o.listen, node = %o.node_name, data_dir = %o.data_dir.display(), "warren node agent serving");
+    let app = router(Arc::new(agent), o.node_name, o.token);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            // kubelet stops the DaemonSet's container with SIGTERM.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await
+        .context("serving the node agent")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
