@@ -256,3 +256,57 @@ fn sandbox_requests_are_recognised_by_header_or_host() {
     h.insert("e2b-sandbox-port", "8080".parse().unwrap());
     assert_eq!(sandbox_target(&h, None), Some(("ixyz".into(), 8080)));
 }
+
+#[tokio::test]
+async fn sandbox_traffic_is_proxied_to_the_sandbox_ip() {
+    // The "sandbox": a server on loopback that echoes the path it got.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let echo =
+        axum::Router::new().fallback(|uri: http::Uri| async move { format!("envd saw {uri}") });
+    tokio::spawn(async move { axum::serve(listener, echo).await });
+
+    let (api, mut server) = api();
+    let app = router(api.clone(), None);
+    let req = Request::builder()
+        .method("GET")
+        .uri("/files?path=/tmp/x")
+        .header("e2b-sandbox-id", "sb1")
+        .header("e2b-sandbox-port", port.to_string())
+        .body(Body::empty())
+        .unwrap();
+    let task = tokio::spawn(async move { app.oneshot(req).await.unwrap() });
+    let mut sb = sandbox("sb1");
+    sb.status = Some(SandboxStatus {
+        phase: SandboxPhase::Running,
+        conditions: vec![ready()],
+        sandbox_ip: Some("127.0.0.1".into()),
+        ..Default::default()
+    });
+    server
+        .expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(serde_json::to_value(&sb).unwrap());
+    let resp = task.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    assert_eq!(&body[..], b"envd saw /files?path=/tmp/x");
+
+    // A paused sandbox is not proxied to: a clear 409, not a hang.
+    sb.spec.paused = true;
+    let app = router(api.clone(), None);
+    let req = Request::builder()
+        .uri("/health")
+        .header("e2b-sandbox-id", "sb1")
+        .header("e2b-sandbox-port", "49983")
+        .body(Body::empty())
+        .unwrap();
+    let task = tokio::spawn(async move { app.oneshot(req).await.unwrap() });
+    server
+        .expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(serde_json::to_value(&sb).unwrap());
+    assert_eq!(task.await.unwrap().status(), StatusCode::CONFLICT);
+}
