@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// Cluster mode: the namespace of the Sandboxes (default: the client's).
     #[arg(long, env = "WARREN_NAMESPACE", requires = "cluster")]
     namespace: Option<String>,
+    /// Cluster mode: file with the key of sandboxes' envd access tokens (shared with the
+    /// operator's `--envd-key-file`).
+    #[arg(long, env = "WARREN_ENVD_KEY_FILE", requires = "cluster")]
+    envd_key_file: Option<PathBuf>,
     /// Address of the API and sandbox router.
     #[arg(long, env = "WARREN_LISTEN", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
@@ -157,8 +161,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .api_key
             .clone()
             .context("--cluster needs --api-key (or WARREN_API_KEY): there is no data dir to keep a generated one")?;
-        return warren_operator::cluster_api::serve(args.listen, args.namespace, key, args.domain)
-            .await;
+        let envd_key = match &args.envd_key_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the envd key {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        return warren_operator::cluster_api::serve(
+            args.listen,
+            args.namespace,
+            key,
+            args.domain,
+            envd_key,
+        )
+        .await;
     }
     let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir.clone());
     create_data_dir(&data_dir)?;

@@ -51,6 +51,8 @@ pub struct ClusterApi {
     /// How long a create or resume waits for the Sandbox to be `Ready`.
     pub ready_timeout: Duration,
     pub poll: Duration,
+    /// Key of the sandboxes' envd tokens, shared with the operator; unset: envd has none.
+    pub envd_key: Option<String>,
     http: HttpClient<HttpConnector, Body>,
 }
 
@@ -62,6 +64,7 @@ impl ClusterApi {
             envd_version: "0.2.0".into(),
             ready_timeout: Duration::from_secs(120),
             poll: Duration::from_millis(250),
+            envd_key: None,
             http: HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new()),
         }
     }
@@ -245,8 +248,13 @@ impl ClusterApi {
             client_id: "warren".into(),
             envd_version: self.envd_version.clone(),
             alias: template,
-            // envd in a cluster sandbox is reached on the Pod network only, through the router.
-            envd_access_token: String::new(),
+            // Derived, as the operator derived it for the node agent: given only to the client
+            // that created or claimed the sandbox.
+            envd_access_token: self
+                .envd_key
+                .as_deref()
+                .map(|k| crate::agent::envd_access_token(k, &s.uid().unwrap_or_default()))
+                .unwrap_or_default(),
         }
     }
 
@@ -647,6 +655,7 @@ pub async fn serve(
     namespace: Option<String>,
     api_key: String,
     domain: Option<String>,
+    envd_key: Option<String>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     #[allow(deprecated)] // see main.rs: ring is kube's provider here
@@ -655,7 +664,12 @@ pub async fn serve(
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
-    let api = Arc::new(ClusterApi::new(client, &ns, api_key));
+    if envd_key.is_none() {
+        tracing::warn!("no envd key: sandboxes' envd accepts calls without an access token");
+    }
+    let mut api = ClusterApi::new(client, &ns, api_key);
+    api.envd_key = envd_key;
+    let api = Arc::new(api);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;

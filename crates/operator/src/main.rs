@@ -57,6 +57,10 @@ enum Command {
         /// Sandbox domain: also route Host `<port>-<id>.<domain>`.
         #[arg(long, env = "WARREN_DOMAIN")]
         domain: Option<String>,
+        /// File with the key of sandboxes' envd access tokens (a Secret shared with the
+        /// operator); unset: sandboxes' envd takes calls without a token.
+        #[arg(long, env = "WARREN_ENVD_KEY_FILE")]
+        envd_key_file: Option<PathBuf>,
     },
     /// Print the CRDs as YAML (or write one file per CRD into --dir).
     Crds {
@@ -84,6 +88,9 @@ enum Command {
         /// File with the bearer token the node agents require (a mounted Secret).
         #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
         node_agent_token_file: Option<PathBuf>,
+        /// File with the key of sandboxes' envd access tokens (a Secret shared with the API).
+        #[arg(long, env = "WARREN_ENVD_KEY_FILE")]
+        envd_key_file: Option<PathBuf>,
         /// Reconcile only while holding the Lease, so several replicas can run (`false` for a
         /// single replica, e.g. outside the cluster).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -108,6 +115,16 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         return Err(format!("{s:?} has an empty key"));
     }
     Ok((k.to_string(), v.to_string()))
+}
+
+fn read_secret(path: Option<&std::path::Path>, what: &str) -> anyhow::Result<Option<String>> {
+    let Some(p) = path else { return Ok(None) };
+    let v = std::fs::read_to_string(p)
+        .with_context(|| format!("reading the {what} {}", p.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!v.is_empty(), "the {what} file {} is empty", p.display());
+    Ok(Some(v))
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
@@ -135,13 +152,15 @@ async fn main() -> anyhow::Result<()> {
             namespace,
             api_key_file,
             domain,
+            envd_key_file,
         } => {
             let key = std::fs::read_to_string(&api_key_file)
                 .with_context(|| format!("reading the API key {}", api_key_file.display()))?
                 .trim()
                 .to_string();
             anyhow::ensure!(!key.is_empty(), "{} is empty", api_key_file.display());
-            warren_operator::cluster_api::serve(listen, namespace, key, domain).await?;
+            let envd_key = read_secret(envd_key_file.as_deref(), "envd key")?;
+            warren_operator::cluster_api::serve(listen, namespace, key, domain, envd_key).await?;
         }
         Command::NodeAgent {
             listen,
@@ -184,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
             node_lost_after,
             node_agent_port,
             node_agent_token_file,
+            envd_key_file,
             leader_election,
             lease_name,
             lease_namespace,
@@ -201,6 +221,7 @@ async fn main() -> anyhow::Result<()> {
             let mut pods = PodConfig {
                 placeholder_image,
                 node_lost_after: std::time::Duration::from_secs(node_lost_after),
+                envd_key: read_secret(envd_key_file.as_deref(), "envd key")?,
                 ..PodConfig::default()
             };
             if !node_selector.is_empty() {

@@ -19,6 +19,7 @@ fn api() -> (Arc<ClusterApi>, ApiServer) {
     let mut a = ClusterApi::new(ctx.client.clone(), NS, KEY.into());
     a.poll = Duration::from_millis(10);
     a.ready_timeout = Duration::from_secs(2);
+    a.envd_key = Some("envd-key".into());
     (Arc::new(a), server)
 }
 
@@ -99,6 +100,11 @@ async fn create_claims_a_warm_member_of_the_templates_pool() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(body["sandboxID"], "m0");
     assert_eq!(body["templateID"], "pool");
+    // The member's token, as the operator derived it for its node agent.
+    assert_eq!(
+        body["envdAccessToken"],
+        crate::agent::envd_access_token("envd-key", "uid-m0")
+    );
 }
 
 #[tokio::test]

@@ -42,6 +42,9 @@ pub struct PodConfig {
     pub node_selector: BTreeMap<String, String>,
     /// A sandbox whose node has been `NotReady` this long is lost (see [`crate::nodeloss`]).
     pub node_lost_after: Duration,
+    /// Key of sandboxes' envd access tokens ([`crate::agent::envd_access_token`]); the API
+    /// replicas hold the same. Unset: envd runs without a token.
+    pub envd_key: Option<String>,
 }
 
 impl Default for PodConfig {
@@ -52,6 +55,7 @@ impl Default for PodConfig {
             // Kubelet's default node-monitor grace period is 40 s: a node is NotReady after it,
             // and lost 20 s later.
             node_lost_after: Duration::from_secs(60),
+            envd_key: None,
         }
     }
 }
@@ -556,7 +560,15 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
         && conditions::find(&st.conditions, "Ready").is_none_or(|c| c.reason != NODE_UNREACHABLE);
     if let (Some(agent), Some(node)) = (&ctx.agent, node) {
         if pod_running && healthy && owned_by(&pod, &sbx) {
-            crate::sandbox_agent::drive(&sbx, &pod, &node, agent.as_ref(), &api).await?;
+            crate::sandbox_agent::drive(
+                &sbx,
+                &pod,
+                &node,
+                agent.as_ref(),
+                &api,
+                ctx.pods.envd_key.as_deref(),
+            )
+            .await?;
         }
     }
     Ok(action)

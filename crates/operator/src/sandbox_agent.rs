@@ -92,7 +92,8 @@ pub fn mebibytes(q: &str) -> Option<u64> {
 }
 
 /// The agent's create request for `sbx` in `pod`.
-pub fn create_request(sbx: &Sandbox, pod: &Pod) -> CreateRequest {
+pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> CreateRequest {
+    let uid = sbx.meta().uid.as_deref().unwrap_or_default();
     let res = &sbx.spec.resources;
     let pick = |k: &str| res.limits.get(k).or_else(|| res.requests.get(k)).cloned();
     CreateRequest {
@@ -110,6 +111,7 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod) -> CreateRequest {
         },
         netns: None,
         cgroup_parent: None,
+        access_token: envd_key.map(|k| crate::agent::envd_access_token(k, uid)),
     }
 }
 
@@ -142,6 +144,7 @@ pub async fn drive(
     node: &str,
     agent: &dyn NodeAgent,
     api: &Api<Sandbox>,
+    envd_key: Option<&str>,
 ) -> Result<bool, Error> {
     let step = next_step(sbx);
     if step == Step::Nothing {
@@ -163,7 +166,10 @@ pub async fn drive(
     let mut started = conditions::find(&old, "Started").cloned();
     let mut paused = conditions::find(&old, "Paused").cloned();
     match step {
-        Step::Create => match agent.create(node, &create_request(sbx, pod)).await {
+        Step::Create => match agent
+            .create(node, &create_request(sbx, pod, envd_key))
+            .await
+        {
             Ok(info) => {
                 started = Some(cond(
                     "Started",
@@ -270,6 +276,24 @@ pub async fn stop(sbx: &Sandbox, node: &str, agent: &dyn NodeAgent) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envd_tokens_are_derived_per_sandbox_and_key() {
+        let mut sbx = Sandbox::new("s", Default::default());
+        sbx.metadata.uid = Some("1111-2222".into());
+        let pod = Pod::default();
+        assert_eq!(create_request(&sbx, &pod, None).access_token, None);
+        let t = create_request(&sbx, &pod, Some("k1")).access_token.unwrap();
+        assert_eq!(t.len(), 64);
+        assert_eq!(t, crate::agent::envd_access_token("k1", "1111-2222"));
+        assert_ne!(t, crate::agent::envd_access_token("k2", "1111-2222"));
+        assert_ne!(t, crate::agent::envd_access_token("k1", "1111-2223"));
+        // Length-prefixed: moving a boundary between key and uid changes the token.
+        assert_ne!(
+            crate::agent::envd_access_token("ab", "c"),
+            crate::agent::envd_access_token("a", "bc")
+        );
+    }
 
     #[test]
     fn quantities() {

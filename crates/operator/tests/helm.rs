@@ -175,6 +175,8 @@ fn chart_renders_to_valid_manifests() {
     assert!(env.contains(&"POD_NAME".into()) && env.contains(&"POD_NAMESPACE".into()));
     // The operator and the agents share one token, from one Secret.
     let op_secret = pod.volumes.clone().unwrap()[0].secret.clone().unwrap();
+    let op_envd_key = pod.volumes.clone().unwrap()[1].secret.clone().unwrap();
+    assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
     assert!(args.contains(&"--node-agent-token-file=/run/secrets/warren/token".to_string()));
 
     // The node agent: privileged, in the host's pid namespace (Pods' processes in /proc), on the
@@ -203,6 +205,12 @@ fn chart_renders_to_valid_manifests() {
         data.host_path.as_ref().map(|h| h.path.as_str()),
         Some("/var/lib/warren")
     );
+    assert_eq!(op_envd_key.secret_name.as_deref(), Some("warren-envd-key"));
+    // The agents get tokens per create; they never hold the key.
+    assert!(volumes.iter().all(|v| v
+        .secret
+        .as_ref()
+        .is_none_or(|s| s.secret_name.as_deref() != Some("warren-envd-key"))));
     let token = volumes.iter().find(|v| v.name == "token").unwrap();
     assert_eq!(
         token.secret.clone().unwrap().secret_name,
@@ -346,6 +354,14 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
     assert_eq!(args[0], "api");
+    // The API derives envd tokens from the operator's key, and holds no node-agent token.
+    let volumes = pod.volumes.clone().unwrap();
+    let secrets: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| v.secret.as_ref().map(|s| s.secret_name.clone().unwrap()))
+        .collect();
+    assert_eq!(secrets, ["warren-api-key", "warren-envd-key"]);
+    assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren-operator"))
         .args(&args)
         .arg("--help")

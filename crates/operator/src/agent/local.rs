@@ -214,6 +214,7 @@ impl NodeAgent for LocalAgent {
             network: NetworkPolicy::default(),
             envd: EnvdSettings {
                 env_vars: req.env_vars.clone(),
+                access_token: req.access_token.clone(),
                 default_user: "user".into(),
                 ..Default::default()
             },

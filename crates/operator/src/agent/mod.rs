@@ -61,6 +61,9 @@ pub struct CreateRequest {
     /// `kubepods/burstable/pod<uid>`); the sandbox gets a child of it. Unset: found from the uid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_parent: Option<String>,
+    /// The token envd requires (`X-Access-Token`), from [`envd_access_token`]; unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
 }
 
 /// What a sandbox on the node looks like.
@@ -183,6 +186,21 @@ pub trait NodeAgent: Send + Sync + 'static {
     ) -> Result<CommitInfo, AgentError>;
     /// Stops the sandbox and removes its node state. Idempotent.
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError>;
+}
+
+/// The envd access token of the Sandbox with `uid`: derived from a key that only the operator
+/// and the API replicas hold (a Secret), so it is stored nowhere, not even in the Sandbox that
+/// anyone allowed to read Sandboxes could see, and the API can hand it to the one client that
+/// creates or claims the sandbox. 64 hex characters.
+pub fn envd_access_token(key: &str, uid: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    // Length-prefixed parts: no two (key, uid) pairs hash the same input.
+    for part in ["warren-envd-token-v1", key, uid] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The sandbox's id on its node, from the Sandbox's uid: valid for the runtime (`[a-z0-9]`),
