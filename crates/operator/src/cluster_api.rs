@@ -53,6 +53,10 @@ pub struct ClusterApi {
     pub poll: Duration,
     /// Key of the sandboxes' envd tokens, shared with the operator; unset: envd has none.
     pub envd_key: Option<String>,
+    /// envd's port in every sandbox (tests move it).
+    pub envd_port: u16,
+    /// Hands a claimed member its client's env vars (envd's `POST /init`).
+    pub envd: Arc<dyn warren_core::envd_client::EnvdClient>,
     http: HttpClient<HttpConnector, Body>,
 }
 
@@ -65,6 +69,8 @@ impl ClusterApi {
             ready_timeout: Duration::from_secs(120),
             poll: Duration::from_millis(250),
             envd_key: None,
+            envd_port: warren_runtime::ENVD_PORT,
+            envd: Arc::new(warren_core::envd_client::HttpEnvdClient::default()),
             http: HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new()),
         }
     }
@@ -356,12 +362,19 @@ impl ClusterApi {
             metadata: metadata.clone(),
             shutdown_time: Some(shutdown.clone()),
         };
-        // A warm member of the pool named by the template, if there is one.
-        if let Some(s) = claim(&self.sandboxes, &template, &claim_req)
+        // A warm member of the pool named by the template, if there is one whose envd takes
+        // the client's env vars.
+        while let Some(s) = claim(&self.sandboxes, &template, &claim_req)
             .await
             .map_err(|e| ApiError::new(502, format!("claiming from pool {template}: {e}")))?
         {
             let id = s.name_any();
+            if let Err(why) = self.init_claimed(&s, &env_vars).await {
+                // Ours now, and unusable: discard it, as single-host mode does, and go on.
+                tracing::warn!(sandbox = %id, pool = %template, error = %why, "claimed member refused /init; discarding it");
+                let _ = self.sandboxes.delete(&id, &DeleteParams::default()).await;
+                continue;
+            }
             let started = json!({"metadata": {"annotations": {
                 ANNOTATION_TEMPLATE: template, ANNOTATION_STARTED: rfc3339(now)}}});
             let s = self
@@ -401,6 +414,40 @@ impl ClusterApi {
                 Err(e)
             }
         }
+    }
+
+    /// envd's `POST /init` in a claimed member: the client's env vars, the sandbox's own
+    /// (derived, never handed out before) access token. Nothing to do without an envd key:
+    /// such envds take no token, and the members keep the env vars they started with.
+    async fn init_claimed(
+        &self,
+        s: &Sandbox,
+        env_vars: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let Some(key) = self.envd_key.as_deref() else {
+            return Ok(());
+        };
+        let uid = s.uid().unwrap_or_default();
+        let ip: std::net::IpAddr = s
+            .status
+            .as_ref()
+            .and_then(|st| st.sandbox_ip.as_deref())
+            .and_then(|ip| ip.parse().ok())
+            .ok_or("the member has no address")?;
+        let mut vars = s.spec.env_vars.clone();
+        vars.extend(env_vars.clone());
+        let req = warren_core::envd_client::InitRequest {
+            env_vars: vars,
+            access_token: crate::agent::envd_access_token(key, &uid),
+            default_user: "user".into(),
+        };
+        self.envd
+            .init(
+                std::net::SocketAddr::new(ip, self.envd_port),
+                &crate::agent::envd_admin_token(key, &uid),
+                &req,
+            )
+            .await
     }
 
     pub async fn list(&self) -> Result<Vec<SandboxDetailJson>, ApiError> {

@@ -11,16 +11,55 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
+use warren_core::envd_client::{EnvdClient, InitRequest};
 
 const KEY: &str = "warren_testkey";
 
-fn api() -> (Arc<ClusterApi>, ApiServer) {
+/// envd's `/init` as the API calls it: recorded, refused for the addresses in `refuse`.
+#[derive(Default)]
+struct FakeEnvd {
+    calls: std::sync::Mutex<Vec<(std::net::SocketAddr, String, InitRequest)>>,
+    refuse: Vec<std::net::SocketAddr>,
+}
+
+#[async_trait::async_trait]
+impl EnvdClient for FakeEnvd {
+    async fn init(
+        &self,
+        addr: std::net::SocketAddr,
+        admin_token: &str,
+        req: &InitRequest,
+    ) -> Result<(), String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((addr, admin_token.to_string(), req.clone()));
+        if self.refuse.contains(&addr) {
+            return Err("connection refused".into());
+        }
+        Ok(())
+    }
+}
+
+fn api_with(envd: Arc<FakeEnvd>) -> (Arc<ClusterApi>, ApiServer) {
     let (ctx, server) = mock();
     let mut a = ClusterApi::new(ctx.client.clone(), NS, KEY.into());
     a.poll = Duration::from_millis(10);
     a.ready_timeout = Duration::from_secs(2);
     a.envd_key = Some("envd-key".into());
+    a.envd = envd;
     (Arc::new(a), server)
+}
+
+fn api() -> (Arc<ClusterApi>, ApiServer) {
+    api_with(Arc::new(FakeEnvd::default()))
+}
+
+/// A ready pool member with an address.
+fn addressed_member(name: &str, ip: &str) -> Value {
+    let mut m = member(&set(2, 1), name, "r", "2026-01-01T00:00:00Z");
+    m["status"]["sandboxIP"] = json!(ip);
+    m
 }
 
 async fn call(
@@ -65,8 +104,8 @@ fn no_members_query(q: &str, pool: &str) -> bool {
 
 #[tokio::test]
 async fn create_claims_a_warm_member_of_the_templates_pool() {
-    let (api, mut server) = api();
-    let s = set(2, 1);
+    let envd = Arc::new(FakeEnvd::default());
+    let (api, mut server) = api_with(envd.clone());
     let task = call(
         &api,
         "POST",
@@ -77,7 +116,7 @@ async fn create_claims_a_warm_member_of_the_templates_pool() {
     .await;
     let c = server.expect("GET", SANDBOXES).await;
     assert!(no_members_query(&c.query, "pool"), "{}", c.query);
-    c.ok(list(vec![member(&s, "m0", "r", "2026-01-01T00:00:00Z")]));
+    c.ok(list(vec![addressed_member("m0", "10.9.0.5")]));
     let c = server.expect("PUT", &format!("{SANDBOXES}/m0")).await;
     let b = c.body.clone();
     assert_eq!(b["metadata"]["resourceVersion"], "rv-m0", "a guarded claim");
@@ -105,6 +144,50 @@ async fn create_claims_a_warm_member_of_the_templates_pool() {
         body["envdAccessToken"],
         crate::agent::envd_access_token("envd-key", "uid-m0")
     );
+    // Its envd got the client's env vars through /init, with the admin token.
+    let calls = envd.calls.lock().unwrap();
+    assert_eq!(calls.len(), 1);
+    let (addr, admin, init) = &calls[0];
+    assert_eq!(addr.to_string(), "10.9.0.5:49983");
+    assert_eq!(admin, &crate::agent::envd_admin_token("envd-key", "uid-m0"));
+    assert_eq!(init.env_vars.get("FOO").map(String::as_str), Some("bar"));
+    assert_eq!(init.access_token, body["envdAccessToken"]);
+}
+
+#[tokio::test]
+async fn a_claimed_member_whose_envd_refuses_is_discarded_and_the_next_one_taken() {
+    let envd = Arc::new(FakeEnvd {
+        refuse: vec!["10.9.0.5:49983".parse().unwrap()],
+        ..Default::default()
+    });
+    let (api, mut server) = api_with(envd.clone());
+    let task = call(&api, "POST", "/sandboxes", json!({"templateID": "pool"})).await;
+    server.expect("GET", SANDBOXES).await.ok(list(vec![
+        addressed_member("m0", "10.9.0.5"),
+        addressed_member("m1", "10.9.0.6"),
+    ]));
+    let c = server.expect("PUT", &format!("{SANDBOXES}/m0")).await;
+    let b = c.body.clone();
+    c.ok(b.clone());
+    server
+        .expect("DELETE", &format!("{SANDBOXES}/m0"))
+        .await
+        .ok(b);
+    server
+        .expect("GET", SANDBOXES)
+        .await
+        .ok(list(vec![addressed_member("m1", "10.9.0.6")]));
+    let c = server.expect("PUT", &format!("{SANDBOXES}/m1")).await;
+    let b = c.body.clone();
+    c.ok(b.clone());
+    server
+        .expect("PATCH", &format!("{SANDBOXES}/m1"))
+        .await
+        .ok(b);
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["sandboxID"], "m1");
+    assert_eq!(envd.calls.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -112,6 +112,7 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         netns: None,
         cgroup_parent: None,
         access_token: envd_key.map(|k| crate::agent::envd_access_token(k, uid)),
+        admin_token: envd_key.map(|k| crate::agent::envd_admin_token(k, uid)),
     }
 }
 
@@ -288,6 +289,8 @@ mod tests {
         assert_eq!(t, crate::agent::envd_access_token("k1", "1111-2222"));
         assert_ne!(t, crate::agent::envd_access_token("k2", "1111-2222"));
         assert_ne!(t, crate::agent::envd_access_token("k1", "1111-2223"));
+        let admin = create_request(&sbx, &pod, Some("k1")).admin_token.unwrap();
+        assert_ne!(admin, t, "the client's token never opens /init");
         // Length-prefixed: moving a boundary between key and uid changes the token.
         assert_ne!(
             crate::agent::envd_access_token("ab", "c"),

@@ -215,6 +215,7 @@ impl NodeAgent for LocalAgent {
             envd: EnvdSettings {
                 env_vars: req.env_vars.clone(),
                 access_token: req.access_token.clone(),
+                admin_token: req.admin_token.clone(),
                 default_user: "user".into(),
                 ..Default::default()
             },

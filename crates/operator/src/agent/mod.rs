@@ -64,6 +64,10 @@ pub struct CreateRequest {
     /// The token envd requires (`X-Access-Token`), from [`envd_access_token`]; unset: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// The token of envd's `POST /init` (`X-Admin-Token`), from [`envd_admin_token`]: the API
+    /// gives a claimed pool member its client's env vars with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
 }
 
 /// What a sandbox on the node looks like.
@@ -193,10 +197,20 @@ pub trait NodeAgent: Send + Sync + 'static {
 /// anyone allowed to read Sandboxes could see, and the API can hand it to the one client that
 /// creates or claims the sandbox. 64 hex characters.
 pub fn envd_access_token(key: &str, uid: &str) -> String {
+    derive("warren-envd-token-v1", key, uid)
+}
+
+/// The envd admin token (for `POST /init`) of the Sandbox with `uid`, derived like
+/// [`envd_access_token`] but never the same.
+pub fn envd_admin_token(key: &str, uid: &str) -> String {
+    derive("warren-envd-admin-v1", key, uid)
+}
+
+fn derive(purpose: &str, key: &str, uid: &str) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     // Length-prefixed parts: no two (key, uid) pairs hash the same input.
-    for part in ["warren-envd-token-v1", key, uid] {
+    for part in [purpose, key, uid] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
