@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use warren_operator::agent::local::LocalAgent;
-use warren_operator::agent::{CheckpointRequest, CreateRequest, NodeAgent, PodRef, SandboxState};
+use warren_operator::agent::{
+    AgentError, CheckpointRequest, CommitRequest, CreateRequest, NodeAgent, PodRef, SandboxState,
+};
 use warren_operator::crd::CheckpointContent;
 
 const NODE: &str = "test-node";
@@ -274,6 +276,57 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
             numbers(&read_in_sandbox(pid, "/tmp/count")).len() > frozen + 2
         });
         assert!(envd_answers(pod.ip));
+
+        // Commit: the sandbox's files become an OCI image in the node's store; a repeat of the
+        // same commit id returns the first result; bad input is refused clearly.
+        let commit = CommitRequest {
+            commit_id: "c-1".into(),
+            image: "localhost:5999/agent-test:v1".into(),
+            push: false,
+            ..Default::default()
+        };
+        let done = agent.commit(NODE, &id, &commit).await.expect("commit");
+        assert!(done.digest.starts_with("sha256:"), "{done:?}");
+        assert!(done.size_bytes > 0);
+        assert_eq!(
+            agent.commit(NODE, &id, &commit).await.unwrap().digest,
+            done.digest
+        );
+        let index = std::fs::read_to_string(data.join("images/oci/index.json")).unwrap();
+        assert!(index.contains(&done.digest), "{index}");
+        let e = agent
+            .commit(
+                NODE,
+                &id,
+                &CommitRequest {
+                    commit_id: "c-2".into(),
+                    image: "Bad Name".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::Failed { code: 400, .. }), "{e}");
+        let e = agent
+            .commit(
+                NODE,
+                &id,
+                &CommitRequest {
+                    commit_id: "c-3".into(),
+                    image: "localhost:5999/x:1".into(),
+                    push: true,
+                    registry_secrets: vec!["regcred".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::Failed { code: 501, .. }), "{e}");
+        assert!(
+            numbers(&read_in_sandbox(pid, "/tmp/count")).len() > 3,
+            "running after the commit"
+        );
+        assert!(envd_answers(pod.ip), "thawed after the commit");
 
         // An agent restart (a DaemonSet rollout): the new agent adopts the running sandbox.
         agent = Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent restarts"));

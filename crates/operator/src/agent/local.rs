@@ -4,8 +4,9 @@
 //! `pod<uid>`), or handed in explicitly.
 //!
 //! Hibernate, wake and checkpoint use CRIU as single-host mode does (a node without a working
-//! CRIU answers 501 with the reason). Commit is not wired to pod sandboxes yet: the agent answers
-//! 501 saying so, and the operator shows it in the Commit's status.
+//! CRIU answers 501 with the reason). Commits use the single-host commit code into the node's
+//! image store (`<data>/images`) and push without credentials: the agent reads no Secrets, so a
+//! push with `registryAuth.secrets` answers 501 saying so.
 
 use super::*;
 use std::net::Ipv4Addr;
@@ -19,6 +20,10 @@ use warren_runtime::{
 
 pub struct LocalAgent {
     rt: PodRuntime,
+    /// The node's OCI image store (`<data>/images`), where commits go.
+    committer: std::sync::Arc<warren_image::commit::Committer>,
+    /// `<data>/commits/<commit id>.json`: finished commits, so a repeat returns the first.
+    commits_dir: PathBuf,
     /// Templates this node can start: `base` (the host's `/usr` under a minimal root).
     templates: BTreeMap<String, RootfsSpec>,
 }
@@ -92,8 +97,15 @@ impl LocalAgent {
             );
         }
         let base = prepare_base_template(&data_dir)?;
+        let committer = warren_image::commit::Committer::open(&data_dir.join("images"))
+            .map_err(|e| RuntimeError::Config(format!("the node's image store: {e}")))?;
+        let commits_dir = data_dir.join("commits");
+        std::fs::create_dir_all(&commits_dir)
+            .map_err(|e| RuntimeError::io("mkdir", &commits_dir, e))?;
         Ok(LocalAgent {
             rt,
+            committer: std::sync::Arc::new(committer),
+            commits_dir,
             templates: BTreeMap::from([("base".to_string(), base)]),
         })
     }
@@ -133,14 +145,6 @@ impl LocalAgent {
             cgroup_parent,
             ip,
         })
-    }
-
-    fn not_yet(node: &str, what: &str) -> AgentError {
-        failed(
-            node,
-            501,
-            format!("{what} of sandboxes in pods is not implemented by this node agent yet (the image layer store is not wired to pod sandboxes)"),
-        )
     }
 }
 
@@ -299,10 +303,104 @@ impl NodeAgent for LocalAgent {
     async fn commit(
         &self,
         node: &str,
-        _id: &str,
-        _req: &CommitRequest,
+        id: &str,
+        req: &CommitRequest,
     ) -> Result<CommitInfo, AgentError> {
-        Err(Self::not_yet(node, "committing"))
+        let bad = |m: String| failed(node, 400, m);
+        if req.commit_id.is_empty()
+            || !req
+                .commit_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(bad(format!("invalid commit id {:?}", req.commit_id)));
+        }
+        warren_image::commit::validate_image_name(&req.image).map_err(|e| bad(e.to_string()))?;
+        if req.push && !req.registry_secrets.is_empty() {
+            // The agent holds no Kubernetes credentials, so it cannot read the Secrets.
+            return Err(failed(
+                node,
+                501,
+                "pushing with registryAuth.secrets from a node is not supported yet (the node \
+                 agent reads no Secrets); push to a registry that needs no credentials, or \
+                 commit without push"
+                    .into(),
+            ));
+        }
+        let record = self.commits_dir.join(format!("{}.json", req.commit_id));
+        if let Some(done) = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CommitInfo>(&b).ok())
+        {
+            return Ok(done);
+        }
+        let (upper, lowers, binds) = self
+            .rt
+            .commit_source(id)
+            .map_err(|e| runtime_error(node, e))?;
+        let image_err = |e: warren_image::commit::CommitError| failed(node, 500, e.to_string());
+        let join_err = |e: tokio::task::JoinError| failed(node, 500, format!("commit task: {e}"));
+        let t0 = std::time::Instant::now();
+        // As single-host commits: copy while running, then freeze only for the rescan.
+        let (c, up) = (self.committer.clone(), upper.clone());
+        let mut pre = tokio::task::spawn_blocking(move || c.pre_copy(&up))
+            .await
+            .map_err(join_err)?
+            .map_err(image_err)?;
+        self.rt
+            .freeze(id)
+            .await
+            .map_err(|e| runtime_error(node, e))?;
+        let (c, up) = (self.committer.clone(), upper.clone());
+        let res = tokio::task::spawn_blocking(move || {
+            let copied = c.frozen_pass(&up, &mut pre);
+            (copied, pre)
+        })
+        .await;
+        // A sandbox left frozen would hang every call: thaw before looking at the result.
+        self.rt.thaw(id).await.map_err(|e| runtime_error(node, e))?;
+        let (copied, pre) = res.map_err(join_err)?;
+        copied.map_err(image_err)?;
+        let base = warren_image::commit::Base::Dirs {
+            lower_dirs: lowers.into_iter().rev().collect(),
+            host_binds: binds.into_iter().map(|b| (b.source, b.target)).collect(),
+            user: Some("user".into()),
+            start_command: None,
+        };
+        let (c, image) = (self.committer.clone(), req.image.clone());
+        let created_by = format!("warren commit {} of sandbox {id}", req.commit_id);
+        let done = tokio::task::spawn_blocking(move || {
+            let staged = c.finish_staging(pre)?;
+            c.finish_commit(staged, &base, &image, &created_by)
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(image_err)?;
+        if req.push {
+            warren_image::push::push_image(self.committer.store(), &req.image, None)
+                .await
+                .map_err(|e| {
+                    failed(
+                        node,
+                        502,
+                        format!(
+                            "image {} is in the node's store, but the push failed: {e}",
+                            req.image
+                        ),
+                    )
+                })?;
+        }
+        let info = CommitInfo {
+            digest: done.digest,
+            size_bytes: done.image_size,
+            duration_ms: t0.elapsed().as_millis() as u64,
+        };
+        let tmp = self.commits_dir.join(format!(".{}.tmp", req.commit_id));
+        let json = serde_json::to_vec(&info).expect("commit info serializes");
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &record))
+            .map_err(|e| failed(node, 500, format!("recording commit: {e}")))?;
+        Ok(info)
     }
 
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError> {

@@ -602,6 +602,22 @@ impl PodRuntime {
         })
     }
 
+    /// What a commit of the sandbox needs: its upper dir, the template's lower dirs (topmost
+    /// first, without Warren's init layer) and its read-only binds.
+    pub fn commit_source(
+        &self,
+        id: &str,
+    ) -> Result<(PathBuf, Vec<PathBuf>, Vec<crate::BindMount>), RuntimeError> {
+        self.cgroups_of(id)?;
+        let record = RootfsRecord::load(&self.sandbox_dir(id))?;
+        let lowers = record
+            .lower_dirs
+            .into_iter()
+            .filter(|d| *d != self.init_layer)
+            .collect();
+        Ok((record.upper_dir, lowers, record.ro_binds))
+    }
+
     /// Removes a checkpoint's files. Idempotent.
     pub async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
         if !snapshots::valid_name(name) {
