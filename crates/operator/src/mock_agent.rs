@@ -26,7 +26,14 @@ fn mock_with_agent() -> (Arc<Context>, ApiServer, Arc<FakeAgent>) {
     let fake = Arc::new(FakeAgent::default());
     let agent: Arc<dyn NodeAgent> = fake.clone();
     (
-        Context::with_agent(client, PodConfig::default(), Some(agent)),
+        Context::with_agent(
+            client,
+            PodConfig {
+                envd_key: Some("envd-key".into()),
+                ..PodConfig::default()
+            },
+            Some(agent),
+        ),
         ApiServer(handle),
         fake,
     )
@@ -116,6 +123,15 @@ async fn a_running_pod_gets_its_sandbox_from_the_node_agent() {
     assert_eq!(
         (req.pod.uid.as_str(), req.pod.ip.as_deref()),
         ("pod-uid", Some("10.0.0.5"))
+    );
+    // envd's tokens, derived from the shared key and the Sandbox's uid (what the API hands out).
+    assert_eq!(
+        req.access_token,
+        Some(crate::agent::envd_access_token("envd-key", "uid-sb1"))
+    );
+    assert_eq!(
+        req.admin_token,
+        Some(crate::agent::envd_admin_token("envd-key", "uid-sb1"))
     );
 }
 
