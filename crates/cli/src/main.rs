@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run the daemon: E2B API and sandbox router on one listener.
     Serve(serve::ServeArgs),
+    /// Serve the Kubernetes node agent on this node (the Helm chart's DaemonSet; root): runs
+    /// sandboxes inside Pods' cgroups and network namespaces with the single-host runtime.
+    NodeAgent(NodeAgentArgs),
     /// Manage sandboxes through a running daemon.
     #[command(visible_alias = "sb")]
     Sandbox {
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await.map(|()| 0),
+            Command::NodeAgent(a) => node_agent(a).await.map(|()| 0),
             Command::Sandbox { client, command } => run_client(client, command).await,
             Command::Apply { client, file } => {
                 pools::apply(&client::ApiClient::new(&client)?, &file).await
@@ -236,4 +240,51 @@ async fn run_client(args: ClientArgs, command: SandboxCommand) -> anyhow::Result
         SandboxCommand::Timeout { id, seconds } => client::set_timeout(&api, &id, seconds).await?,
     }
     Ok(0)
+}
+
+#[derive(clap::Args)]
+struct NodeAgentArgs {
+    /// Address to listen on (the DaemonSet's host port).
+    #[arg(long, env = "WARREN_NODE_AGENT_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// This node's name (the downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The node's Warren data dir (a hostPath).
+    #[arg(long, env = "WARREN_DATA_DIR", default_value = "/var/lib/warren")]
+    data_dir: std::path::PathBuf,
+    /// The sandbox init binary (`warren-envd`); default: beside this binary.
+    #[arg(long, env = "WARREN_ENVD_BINARY")]
+    envd_binary: Option<std::path::PathBuf>,
+    /// File with the bearer token the operator sends (a mounted Secret).
+    #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+}
+
+async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let token = match &a.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the node agent token {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    warren_operator::agent::server::serve_node_agent(
+        warren_operator::agent::server::NodeAgentOptions {
+            listen: a.listen,
+            node_name: a.node_name,
+            data_dir: a.data_dir,
+            envd_binary: a.envd_binary,
+            token,
+        },
+    )
+    .await
 }

@@ -12,6 +12,18 @@ use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeCon
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Cluster mode: serve the E2B API and router with all state in the `warren.dev` custom
+    /// resources of the Kubernetes cluster (in-cluster config or KUBECONFIG) instead of SQLite;
+    /// sandboxes run on the nodes (operator + node agents). Needs --api-key.
+    #[arg(long)]
+    cluster: bool,
+    /// Cluster mode: the namespace of the Sandboxes (default: the client's).
+    #[arg(long, env = "WARREN_NAMESPACE", requires = "cluster")]
+    namespace: Option<String>,
+    /// Cluster mode: file with the key of sandboxes' envd access tokens (shared with the
+    /// operator's `--envd-key-file`).
+    #[arg(long, env = "WARREN_ENVD_KEY_FILE", requires = "cluster")]
+    envd_key_file: Option<PathBuf>,
     /// Address of the API and sandbox router.
     #[arg(long, env = "WARREN_LISTEN", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
@@ -156,6 +168,29 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
+    if args.cluster {
+        let key = args
+            .api_key
+            .clone()
+            .context("--cluster needs --api-key (or WARREN_API_KEY): there is no data dir to keep a generated one")?;
+        let envd_key = match &args.envd_key_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the envd key {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        return warren_operator::cluster_api::serve(
+            args.listen,
+            args.namespace,
+            key,
+            args.domain,
+            envd_key,
+        )
+        .await;
+    }
     let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir.clone());
     create_data_dir(&data_dir)?;
 

@@ -2,7 +2,7 @@
 //! the Sandbox reconciler, and the error policy (exponential backoff per object).
 
 use crate::conditions;
-use crate::crd::{Condition, PoolingAutoScaler, Sandbox, SandboxSet};
+use crate::crd::{Checkpoint, Commit, Condition, PoolingAutoScaler, Sandbox, SandboxSet};
 use crate::sandbox::{self, PodConfig, CLEANUP_POLL, FINALIZER};
 use crate::{autoscaler, sandboxset, Error, LABEL_SANDBOX};
 use futures::StreamExt;
@@ -21,6 +21,9 @@ use std::time::Duration;
 pub struct Context {
     pub client: Client,
     pub pods: PodConfig,
+    /// The node agents (`None`: Sandboxes get their Pods but nothing runs in them, and
+    /// Checkpoints and Commits wait).
+    pub agent: Option<Arc<dyn crate::agent::NodeAgent>>,
     recorder: Recorder,
     /// Consecutive failures per object (`kind/namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -30,6 +33,14 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, pods: PodConfig) -> Arc<Context> {
+        Self::with_agent(client, pods, None)
+    }
+
+    pub fn with_agent(
+        client: Client,
+        pods: PodConfig,
+        agent: Option<Arc<dyn crate::agent::NodeAgent>>,
+    ) -> Arc<Context> {
         let reporter = Reporter {
             controller: crate::FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -38,6 +49,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             pods,
+            agent,
             failures: Mutex::default(),
             scalers: Mutex::default(),
         })
@@ -138,6 +150,11 @@ pub const FAILURE_REASONS: &[&str] = &[
     "ReconcileFailed",
     "NodeLost",
     "PodLost",
+    "SandboxNotFound",
+    "SandboxFailed",
+    "CheckpointFailed",
+    "CommitFailed",
+    "PauseFailed",
     "TargetNotFound",
     "ScaleFailed",
 ];
@@ -223,6 +240,34 @@ pub fn autoscaler_error_policy(
     Action::requeue(delay)
 }
 
+pub async fn reconcile_checkpoint(cp: Arc<Checkpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = Context::key("Checkpoint", &*cp);
+    let res = crate::checkpoint::reconcile(cp, ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded(&key);
+    }
+    res
+}
+
+pub async fn reconcile_commit(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = Context::key("Commit", &*c);
+    let res = crate::commit::reconcile(c, ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded(&key);
+    }
+    res
+}
+
+pub fn job_error_policy<K>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    let kind = K::kind(&());
+    let delay = ctx.backoff(Context::key(&kind, &*obj));
+    tracing::warn!(kind = %kind, name = %obj.name_any(), error = %err, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
 /// Runs the SandboxSet and Sandbox controllers until SIGTERM/SIGINT. `namespace`: watch one
 /// namespace, or all of them.
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
@@ -278,7 +323,33 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             tracing::debug!(error = %e, "autoscaler controller");
         }
     });
-    futures::join!(sets, sandboxes, scalers);
+    let checkpoints = Controller::new(
+        api::<Checkpoint>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(
+        reconcile_checkpoint,
+        job_error_policy::<Checkpoint>,
+        ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "checkpoint controller");
+        }
+    });
+    let commits = Controller::new(
+        api::<Commit>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(reconcile_commit, job_error_policy::<Commit>, ctx.clone())
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "commit controller");
+        }
+    });
+    futures::join!(sets, sandboxes, scalers, checkpoints, commits);
 }
 
 #[cfg(test)]

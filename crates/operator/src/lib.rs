@@ -5,21 +5,31 @@
 //! (unit-tested without HTTP), and a thin part that talks to the API server (tested against a mock
 //! API server in `tests`).
 
+pub mod agent;
 pub mod autoscaler;
+pub mod checkpoint;
 pub mod claim;
+pub mod cluster_api;
+pub mod commit;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod jobs;
 pub mod leader;
 pub mod nodeloss;
 pub mod sandbox;
+pub mod sandbox_agent;
 pub mod sandboxset;
 
 #[cfg(test)]
 mod mock;
 #[cfg(test)]
+mod mock_agent;
+#[cfg(test)]
 mod mock_autoscaler;
+#[cfg(test)]
+mod mock_cluster_api;
 #[cfg(test)]
 mod mock_nodeloss;
 

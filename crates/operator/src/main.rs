@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use warren_operator::agent::http::{AgentAddress, HttpNodeAgent};
 use warren_operator::controller::{self, Context};
 use warren_operator::crd::crd_documents;
 use warren_operator::leader::{run_as_leader, LeaseConfig};
@@ -22,6 +23,45 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the node agent on this node (the DaemonSet's container; needs root: it runs
+    /// sandboxes inside the node's Pods with the single-host runtime).
+    NodeAgent {
+        /// Address to listen on (the DaemonSet's host port).
+        #[arg(long, env = "WARREN_NODE_AGENT_LISTEN", default_value_t = format!("0.0.0.0:{}", warren_operator::agent::DEFAULT_PORT))]
+        listen: String,
+        /// This node's name (from the downward API's `spec.nodeName`).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// The node's Warren data dir (a hostPath): sandboxes' upper dirs, checkpoints.
+        #[arg(long, env = "WARREN_DATA_DIR", default_value = "/var/lib/warren")]
+        data_dir: PathBuf,
+        /// The sandbox init binary (`warren-envd`); default: beside this binary.
+        #[arg(long, env = "WARREN_ENVD_BINARY")]
+        envd_binary: Option<PathBuf>,
+        /// File with the bearer token the operator sends (a mounted Secret); unset: no token
+        /// is required (only for tests: the agent is privileged).
+        #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Serve the E2B API and sandbox router in cluster mode, with state in the Sandbox custom
+    /// resources (the same as `warren serve --cluster`).
+    Api {
+        #[arg(long, env = "WARREN_LISTEN", default_value = "0.0.0.0:3000")]
+        listen: std::net::SocketAddr,
+        /// Namespace of the Sandboxes (default: the client's, i.e. the Pod's own).
+        #[arg(long, env = "WARREN_NAMESPACE")]
+        namespace: Option<String>,
+        /// File holding the one accepted API key (a mounted Secret).
+        #[arg(long, env = "WARREN_API_KEY_FILE")]
+        api_key_file: PathBuf,
+        /// Sandbox domain: also route Host `<port>-<id>.<domain>`.
+        #[arg(long, env = "WARREN_DOMAIN")]
+        domain: Option<String>,
+        /// File with the key of sandboxes' envd access tokens (a Secret shared with the
+        /// operator); unset: sandboxes' envd takes calls without a token.
+        #[arg(long, env = "WARREN_ENVD_KEY_FILE")]
+        envd_key_file: Option<PathBuf>,
+    },
     /// Print the CRDs as YAML (or write one file per CRD into --dir).
     Crds {
         #[arg(long)]
@@ -42,6 +82,15 @@ enum Command {
         /// Seconds a node may be NotReady before its sandboxes are declared lost (`NodeLost`).
         #[arg(long, default_value_t = 60)]
         node_lost_after: u64,
+        /// Port of the Warren node agent on every node (the DaemonSet's host port).
+        #[arg(long, default_value_t = warren_operator::agent::DEFAULT_PORT)]
+        node_agent_port: u16,
+        /// File with the bearer token the node agents require (a mounted Secret).
+        #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
+        node_agent_token_file: Option<PathBuf>,
+        /// File with the key of sandboxes' envd access tokens (a Secret shared with the API).
+        #[arg(long, env = "WARREN_ENVD_KEY_FILE")]
+        envd_key_file: Option<PathBuf>,
         /// Reconcile only while holding the Lease, so several replicas can run (`false` for a
         /// single replica, e.g. outside the cluster).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -68,6 +117,28 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+fn read_secret(path: Option<&std::path::Path>, what: &str) -> anyhow::Result<Option<String>> {
+    let Some(p) = path else { return Ok(None) };
+    let v = std::fs::read_to_string(p)
+        .with_context(|| format!("reading the {what} {}", p.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!v.is_empty(), "the {what} file {} is empty", p.display());
+    Ok(Some(v))
+}
+
+fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    match path {
+        Some(p) => Ok(Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the node agent token {}", p.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => Ok(None),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -76,6 +147,39 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Api {
+            listen,
+            namespace,
+            api_key_file,
+            domain,
+            envd_key_file,
+        } => {
+            let key = std::fs::read_to_string(&api_key_file)
+                .with_context(|| format!("reading the API key {}", api_key_file.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(!key.is_empty(), "{} is empty", api_key_file.display());
+            let envd_key = read_secret(envd_key_file.as_deref(), "envd key")?;
+            warren_operator::cluster_api::serve(listen, namespace, key, domain, envd_key).await?;
+        }
+        Command::NodeAgent {
+            listen,
+            node_name,
+            data_dir,
+            envd_binary,
+            token_file,
+        } => {
+            warren_operator::agent::server::serve_node_agent(
+                warren_operator::agent::server::NodeAgentOptions {
+                    listen,
+                    node_name,
+                    data_dir,
+                    envd_binary,
+                    token: read_token(token_file.as_deref())?,
+                },
+            )
+            .await?;
+        }
         Command::Crds { dir } => {
             let docs = crd_documents().context("serializing the CRDs")?;
             match dir {
@@ -97,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
             placeholder_image,
             node_selector,
             node_lost_after,
+            node_agent_port,
+            node_agent_token_file,
+            envd_key_file,
             leader_election,
             lease_name,
             lease_namespace,
@@ -114,13 +221,22 @@ async fn main() -> anyhow::Result<()> {
             let mut pods = PodConfig {
                 placeholder_image,
                 node_lost_after: std::time::Duration::from_secs(node_lost_after),
+                envd_key: read_secret(envd_key_file.as_deref(), "envd key")?,
                 ..PodConfig::default()
             };
             if !node_selector.is_empty() {
                 pods.node_selector = node_selector.into_iter().collect::<BTreeMap<_, _>>();
             }
             tracing::info!(namespace = ?namespace, "warren-operator starting");
-            let ctx = Context::new(client, pods);
+            let token = read_token(node_agent_token_file.as_deref())?;
+            let agent = HttpNodeAgent::new(
+                AgentAddress::NodeInternalIp {
+                    client: client.clone(),
+                    port: node_agent_port,
+                },
+                token,
+            );
+            let ctx = Context::with_agent(client, pods, Some(std::sync::Arc::new(agent)));
             if leader_election {
                 let identity = match identity {
                     Some(id) => id,

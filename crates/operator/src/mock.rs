@@ -25,7 +25,7 @@ use tower_test::mock::{Handle, SendResponse};
 
 pub(crate) const NS: &str = "testns";
 
-pub(crate) struct ApiServer(Handle<Request<Body>, Response<Body>>);
+pub(crate) struct ApiServer(pub Handle<Request<Body>, Response<Body>>);
 
 /// One request the reconciler sent, and the means to answer it.
 pub(crate) struct Call {

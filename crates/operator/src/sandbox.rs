@@ -42,6 +42,9 @@ pub struct PodConfig {
     pub node_selector: BTreeMap<String, String>,
     /// A sandbox whose node has been `NotReady` this long is lost (see [`crate::nodeloss`]).
     pub node_lost_after: Duration,
+    /// Key of sandboxes' envd access tokens ([`crate::agent::envd_access_token`]); the API
+    /// replicas hold the same. Unset: envd runs without a token.
+    pub envd_key: Option<String>,
 }
 
 impl Default for PodConfig {
@@ -52,6 +55,7 @@ impl Default for PodConfig {
             // Kubelet's default node-monitor grace period is 40 s: a node is NotReady after it,
             // and lost 20 s later.
             node_lost_after: Duration::from_secs(60),
+            envd_key: None,
         }
     }
 }
@@ -549,11 +553,29 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
         ctx.publish_failure(&*sbx, &old.conditions, &st.conditions)
             .await;
     }
+    // The node agent runs the sandbox once the Pod runs on a healthy node.
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let pod_running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let healthy = st.phase != SandboxPhase::Failed
+        && conditions::find(&st.conditions, "Ready").is_none_or(|c| c.reason != NODE_UNREACHABLE);
+    if let (Some(agent), Some(node)) = (&ctx.agent, node) {
+        if pod_running && healthy && owned_by(&pod, &sbx) {
+            crate::sandbox_agent::drive(
+                &sbx,
+                &pod,
+                &node,
+                agent.as_ref(),
+                &api,
+                ctx.pods.envd_key.as_deref(),
+            )
+            .await?;
+        }
+    }
     Ok(action)
 }
 
 /// The health of node `name` now, from its Node object.
-async fn node_health(ctx: &Context, name: &str) -> Result<NodeHealth, Error> {
+pub(crate) async fn node_health(ctx: &Context, name: &str) -> Result<NodeHealth, Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node = nodes
         .get_opt(name)
@@ -583,6 +605,21 @@ pub async fn cleanup(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> 
         return Ok(Action::await_change());
     };
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let started = sbx
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, "Started"));
+    if let (Some(agent), Some(node), true, None) =
+        (&ctx.agent, &node, started, &pod.meta().deletion_timestamp)
+    {
+        // Stop the sandbox before its Pod (and so its cgroup and netns) goes; a dead node has
+        // nothing left to stop.
+        if let Err(e) = crate::sandbox_agent::stop(&sbx, node, agent.as_ref()).await {
+            if !matches!(node_health(ctx, node).await?, NodeHealth::Lost(_)) {
+                return Err(e);
+            }
+        }
+    }
     if let (Some(_), Some(node)) = (&pod.meta().deletion_timestamp, node) {
         // A Pod on a dead node stays Terminating forever (no kubelet confirms it): nothing is
         // left to clean there, so delete it for good.

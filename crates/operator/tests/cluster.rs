@@ -3,9 +3,10 @@
 //! cannot be reached fails the test.
 //!
 //! With a cluster it installs the CRDs, runs the controllers in-process on a fresh namespace, and
-//! plays the node agent (it reports `Started` once a sandbox's Pod runs, since the agent is not
-//! written yet): a SandboxSet fills, a claim takes a member and the set refills, a deleted Sandbox
-//! goes away with its Pod, and a scale to 0 empties the pool. A failed run may leave its
+//! plays the node agent (it reports `Started` once a sandbox's Pod runs: a test cluster has no
+//! node agents): a SandboxSet fills, a claim takes a member and the set refills, the cluster-mode
+//! E2B API claims, lists and kills, a deleted Sandbox goes away with its Pod, and a scale to 0
+//! empties the pool. A failed run may leave its
 //! namespace `warren-e2e-*` behind.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -19,6 +20,7 @@ use std::future::Future;
 use std::io::Write;
 use std::time::Duration;
 use warren_operator::claim::{claim, ClaimRequest};
+use warren_operator::cluster_api::{ClusterApi, NewSandbox};
 use warren_operator::controller::{self, Context};
 use warren_operator::crd::{
     Checkpoint, Commit, IntOrPercent, PoolingAutoScaler, Resources, Sandbox, SandboxSet,
@@ -213,6 +215,42 @@ async fn cluster_end_to_end() {
         play_node_agent(&sandboxes, &pods).await;
         let members = unclaimed(&sandboxes).await;
         members.len() == 2 && members.iter().all(|m| m.name_any() != got.name_any())
+    })
+    .await;
+
+    // Cluster mode of the E2B API over the same resources: a create for template "pool" claims
+    // a warm member, list shows it (and no unclaimed member), kill deletes the Sandbox.
+    let e2b = ClusterApi::new(client.clone(), &ns, "e2e-key".into());
+    let created = e2b
+        .create(NewSandbox {
+            template_id: Some("pool".into()),
+            timeout: Some(120),
+            ..Default::default()
+        })
+        .await
+        .expect("the cluster API creates by claiming");
+    let listed: Vec<String> = e2b
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.sandbox_id)
+        .collect();
+    assert!(listed.contains(&created.sandbox_id), "{listed:?}");
+    for m in unclaimed(&sandboxes).await {
+        assert!(
+            !listed.contains(&m.name_any()),
+            "unclaimed {} listed",
+            m.name_any()
+        );
+    }
+    e2b.kill(&created.sandbox_id).await.expect("kill");
+    eventually("the killed sandbox is gone", || async {
+        sandboxes
+            .get_opt(&created.sandbox_id)
+            .await
+            .unwrap()
+            .is_none()
     })
     .await;
 

@@ -4,7 +4,7 @@
 //! type; the operator's flags are checked against the real binary, the RBAC against the calls the
 //! operator makes, and the chart's CRDs against `deploy/crds`.
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde_json::Value;
@@ -93,6 +93,20 @@ fn one<T: serde::de::DeserializeOwned>(docs: &[(String, Value)], kind: &str) -> 
         .collect()
 }
 
+fn named<
+    T: serde::de::DeserializeOwned
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+>(
+    docs: &[(String, Value)],
+    kind: &str,
+    name: &str,
+) -> T {
+    one::<T>(docs, kind)
+        .into_iter()
+        .find(|o| o.metadata().name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
 fn allows(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
     rules.iter().any(|r| {
         r.api_groups
@@ -120,6 +134,12 @@ fn chart_renders_to_valid_manifests() {
         kinds,
         [
             "Deployment",
+            "Service",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "DaemonSet",
+            "Deployment",
             "ClusterRole",
             "ClusterRoleBinding",
             "Role",
@@ -127,12 +147,11 @@ fn chart_renders_to_valid_manifests() {
             "ServiceAccount"
         ]
     );
-    let sa: Vec<ServiceAccount> = one(&docs, "ServiceAccount");
-    let sa_name = sa[0].metadata.name.clone().unwrap();
-    assert_eq!(sa_name, "warren-operator");
+    let sa: ServiceAccount = named(&docs, "ServiceAccount", "warren-operator");
+    let sa_name = sa.metadata.name.clone().unwrap();
 
-    let deploy: Vec<Deployment> = one(&docs, "Deployment");
-    let spec = deploy[0].spec.clone().unwrap();
+    let deploy: Deployment = named(&docs, "Deployment", "warren-operator");
+    let spec = deploy.spec.clone().unwrap();
     assert_eq!(spec.replicas, Some(2));
     let pod = spec.template.spec.unwrap();
     assert_eq!(pod.service_account_name.as_deref(), Some(sa_name.as_str()));
@@ -154,12 +173,70 @@ fn chart_renders_to_valid_manifests() {
     );
     let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
     assert!(env.contains(&"POD_NAME".into()) && env.contains(&"POD_NAMESPACE".into()));
+    // The operator and the agents share one token, from one Secret.
+    let op_secret = pod.volumes.clone().unwrap()[0].secret.clone().unwrap();
+    let op_envd_key = pod.volumes.clone().unwrap()[1].secret.clone().unwrap();
+    assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
+    assert!(args.contains(&"--node-agent-token-file=/run/secrets/warren/token".to_string()));
+
+    // The node agent: privileged, in the host's pid namespace (Pods' processes in /proc), on the
+    // host network at the port the operator calls, its data dir on the node, no API token.
+    let ds: Vec<DaemonSet> = one(&docs, "DaemonSet");
+    let pod = ds[0].spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_pid, Some(true));
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(
+        pod.node_selector
+            .clone()
+            .unwrap()
+            .get("warren.dev/node-agent"),
+        Some(&"true".to_string()),
+        "agents run where the operator places sandbox Pods"
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.security_context.clone().unwrap().privileged, Some(true));
+    let port = c.ports.clone().unwrap()[0].clone();
+    assert_eq!(port.host_port, Some(7070));
+    assert!(args.contains(&format!("--node-agent-port={}", port.container_port)));
+    let volumes = pod.volumes.clone().unwrap();
+    let data = volumes.iter().find(|v| v.name == "data").unwrap();
+    assert_eq!(
+        data.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/var/lib/warren")
+    );
+    assert_eq!(op_envd_key.secret_name.as_deref(), Some("warren-envd-key"));
+    // The agents get tokens per create; they never hold the key.
+    assert!(volumes.iter().all(|v| v
+        .secret
+        .as_ref()
+        .is_none_or(|s| s.secret_name.as_deref() != Some("warren-envd-key"))));
+    let token = volumes.iter().find(|v| v.name == "token").unwrap();
+    assert_eq!(
+        token.secret.clone().unwrap().secret_name,
+        op_secret.secret_name
+    );
+    let agent_args = c.args.clone().unwrap();
+    assert_eq!(agent_args[0], "node-agent");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren-operator"))
+        .args(&agent_args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the chart's node-agent args are not the binary's flags: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+    assert!(env.contains(&"NODE_NAME".into()));
 }
 
 #[test]
 fn rbac_grants_what_the_operator_calls_and_no_more() {
     let docs = rendered();
     let cr: Vec<ClusterRole> = one(&docs, "ClusterRole");
+    assert_eq!(cr.len(), 1, "only the operator is cluster-wide");
     let rules = cr[0].rules.clone().unwrap();
     // Every API call in sandbox.rs, sandboxset.rs and controller.rs (watches need list+watch;
     // events are created, then patched when they repeat).
@@ -186,6 +263,13 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "create"),
         ("", "pods", "delete"),
         ("", "nodes", "get"),
+        ("warren.dev", "checkpoints", "watch"),
+        ("warren.dev", "checkpoints", "patch"),
+        ("warren.dev", "checkpoints", "delete"),
+        ("warren.dev", "checkpoints/status", "patch"),
+        ("warren.dev", "commits", "watch"),
+        ("warren.dev", "commits", "delete"),
+        ("warren.dev", "commits/status", "patch"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
     ] {
@@ -214,16 +298,16 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         assert!(!allows(&rules, "", "nodes", verb), "{verb} nodes");
     }
 
-    let role: Vec<Role> = one(&docs, "Role");
-    assert_eq!(role[0].metadata.namespace.as_deref(), Some(NAMESPACE));
-    let lease_rules = role[0].rules.clone().unwrap();
+    let role: Role = named(&docs, "Role", "warren-operator-lease");
+    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let lease_rules = role.rules.clone().unwrap();
     for verb in ["get", "create", "patch"] {
         assert!(allows(&lease_rules, "coordination.k8s.io", "leases", verb));
     }
     let crb: Vec<ClusterRoleBinding> = one(&docs, "ClusterRoleBinding");
-    let rb: Vec<RoleBinding> = one(&docs, "RoleBinding");
+    let rb: RoleBinding = named(&docs, "RoleBinding", "warren-operator-lease");
     assert_eq!(crb[0].role_ref.name, cr[0].metadata.name.clone().unwrap());
-    assert_eq!(rb[0].role_ref.name, role[0].metadata.name.clone().unwrap());
+    assert_eq!(rb.role_ref.name, role.metadata.name.clone().unwrap());
     let subject = &crb[0].subjects.as_ref().unwrap()[0];
     assert_eq!(subject.namespace.as_deref(), Some(NAMESPACE));
 }
@@ -259,4 +343,73 @@ fn the_renderer_refuses_what_it_cannot_render() {
     assert!(r.is_err());
     let r = std::panic::catch_unwind(|| render("{{ .Values.a.c }}", &values, "t"));
     assert!(r.is_err());
+}
+
+#[test]
+fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
+    let docs = rendered();
+    let deploy: Deployment = named(&docs, "Deployment", "warren-api");
+    let pod = deploy.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("warren-api"));
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "api");
+    // The API derives envd tokens from the operator's key, and holds no node-agent token.
+    let volumes = pod.volumes.clone().unwrap();
+    let secrets: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| v.secret.as_ref().map(|s| s.secret_name.clone().unwrap()))
+        .collect();
+    assert_eq!(secrets, ["warren-api-key", "warren-envd-key"]);
+    assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren-operator"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the chart's api args are not the binary's flags: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svc: k8s_openapi::api::core::v1::Service = named(&docs, "Service", "warren-api");
+    let spec = svc.spec.unwrap();
+    assert_eq!(
+        spec.selector.unwrap().get("app.kubernetes.io/name"),
+        Some(&"warren-api".to_string())
+    );
+    let port = spec.ports.unwrap()[0].clone();
+    assert_eq!(
+        port.target_port,
+        Some(
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                c.ports.clone().unwrap()[0].container_port
+            )
+        )
+    );
+
+    // Namespaced, Sandboxes only, exactly what cluster_api.rs calls.
+    let role: Role = named(&docs, "Role", "warren-api");
+    assert_eq!(role.metadata.namespace.as_deref(), Some("default"));
+    let rules = role.rules.unwrap();
+    for verb in ["get", "list", "create", "update", "patch", "delete"] {
+        assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
+    }
+    for (group, resource) in [
+        ("warren.dev", "sandboxsets"),
+        ("", "pods"),
+        ("", "secrets"),
+        ("warren.dev", "sandboxes/status"),
+    ] {
+        assert!(
+            !allows(&rules, group, resource, "get"),
+            "{group}/{resource}"
+        );
+    }
+    let rb: RoleBinding = named(&docs, "RoleBinding", "warren-api");
+    assert_eq!(rb.role_ref.name, "warren-api");
+    assert_eq!(
+        rb.subjects.unwrap()[0].namespace.as_deref(),
+        Some(NAMESPACE)
+    );
 }

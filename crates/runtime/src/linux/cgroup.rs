@@ -93,10 +93,22 @@ impl CgroupManager {
         std::fs::create_dir_all(&v2).map_err(|e| RuntimeError::io("mkdir cgroup", &v2, e))?;
         match self.layout {
             Layout::Unified => {
-                // Controllers must be enabled from the root down to our parent.
+                // Controllers must be enabled from the root down to our parent, at every level
+                // (a Pod's parent is several levels deep, e.g. `kubepods/burstable/pod<uid>`).
                 let enable = "+cpu +memory +pids";
                 let _ = std::fs::write(self.v2_root.join("cgroup.subtree_control"), enable);
-                write(&v2.join("cgroup.subtree_control"), enable)?;
+                let mut dir = self.v2_root.clone();
+                let comps: Vec<&str> = self.parent.split('/').filter(|c| !c.is_empty()).collect();
+                for (i, c) in comps.iter().enumerate() {
+                    dir.push(c);
+                    let control = dir.join("cgroup.subtree_control");
+                    if i + 1 == comps.len() {
+                        write(&control, enable)?;
+                    } else {
+                        // Already enabled above a Pod's cgroup by kubelet; best effort for ours.
+                        let _ = std::fs::write(&control, enable);
+                    }
+                }
             }
             Layout::Hybrid => {
                 for c in &self.v1 {

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod disk;
 pub mod dns;
 pub mod net;
+pub mod pod;
 mod snapshots;
 pub mod template;
 pub mod userns;

@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-const FS_DIR: &str = "fs";
-const IMAGES_DIR: &str = "images";
+pub(super) const FS_DIR: &str = "fs";
+pub(super) const IMAGES_DIR: &str = "images";
 
 /// Checkpoint names become directory names: the same rule as object names, and never `.` files.
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with(['.', '-'])
@@ -46,7 +46,7 @@ fn ckpt_err(id: &str, op: &'static str, reason: impl Into<String>) -> RuntimeErr
 /// Copies a directory tree with owners, modes, times, xattrs (overlay's opaque markers),
 /// hard links and device nodes (overlay's whiteouts): `cp -a` does all of that correctly, and
 /// reflinks where the file system can.
-async fn copy_tree(id: &str, from: &Path, to: &Path) -> Result<(), RuntimeError> {
+pub(super) async fn copy_tree(id: &str, from: &Path, to: &Path) -> Result<(), RuntimeError> {
     let out = tokio::process::Command::new("cp")
         .arg("-a")
         .arg("--reflink=auto")

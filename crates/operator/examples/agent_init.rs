@@ -1,0 +1,29 @@
+//! The sandbox init of the node agent's real-kernel test (`tests/local_agent.rs`): it builds the
+//! sandbox exactly as `warren-envd init` does (the runtime's own init code), then answers every
+//! HTTP request with 204 and reaps orphans as a PID 1 must. The same stand-in as the runtime's
+//! `minimal_init`, built here because cargo builds only a tested package's own examples.
+
+use std::io::{Read, Write};
+
+fn main() {
+    if std::env::args().nth(1).as_deref() != Some("init") {
+        eprintln!("usage: agent_init init");
+        std::process::exit(2);
+    }
+    warren_runtime::init::run_sandbox_init(|_settings, listener| {
+        std::thread::spawn(|| loop {
+            // SAFETY: waitpid with a null status pointer; reaps any exited child.
+            let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+            if pid < 0 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        }
+        Ok(())
+    })
+}

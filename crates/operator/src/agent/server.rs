@@ -1,0 +1,347 @@
+//! The node agent's HTTP edge: translates requests into calls of the node's [`NodeAgent`]
+//! implementation ([`super::local::LocalAgent`]) and errors into `{"code":N,"message":"..."}`.
+//! Only the operator talks to it, with the shared bearer token.
+
+use super::*;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+#[derive(Clone)]
+struct AppState {
+    agent: Arc<dyn NodeAgent>,
+    node: String,
+    token: Option<String>,
+}
+
+fn error(code: u16, message: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        Json(ErrorBody {
+            code,
+            message: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+fn agent_error(e: AgentError) -> Response {
+    match e {
+        AgentError::NotFound { message, .. } => error(404, message),
+        AgentError::Failed { code, message, .. } => error(code, message),
+        AgentError::Unreachable { message, .. } => error(502, message),
+    }
+}
+
+/// `Some(rejection)` unless the request carries the token.
+fn check(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(want) = &state.token else {
+        return None;
+    };
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant time: the token guards a privileged service.
+    let same = got.is_some_and(|g| {
+        g.len() == want.len()
+            && g.bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    (!same).then(|| error(401, "missing or wrong bearer token"))
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+}
+
+fn ok<T: Serialize>(v: Result<T, AgentError>) -> Response {
+    match v {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => agent_error(e),
+    }
+}
+
+fn done(v: Result<(), AgentError>) -> Response {
+    ok(v.map(|()| serde_json::json!({})))
+}
+
+/// The agent's routes, serving `agent` as node `node`.
+pub fn router(agent: Arc<dyn NodeAgent>, node: String, token: Option<String>) -> Router {
+    let state = AppState { agent, node, token };
+    Router::new()
+        .route("/v1/sandboxes", post(create))
+        .route("/v1/sandboxes/{id}", delete(remove))
+        .route("/v1/sandboxes/{id}/{op}", post(op))
+        .route("/v1/checkpoints/{id}", delete(remove_checkpoint))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .with_state(state)
+}
+
+async fn create(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = check(&s, &headers) {
+        return r;
+    }
+    let req: CreateRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(m) => return error(400, m),
+    };
+    ok(s.agent.create(&s.node, &req).await)
+}
+
+async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Some(r) = check(&s, &headers) {
+        return r;
+    }
+    done(s.agent.delete(&s.node, &id).await)
+}
+
+async fn remove_checkpoint(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = check(&s, &headers) {
+        return r;
+    }
+    done(s.agent.delete_checkpoint(&s.node, &id).await)
+}
+
+async fn op(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((id, op)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = check(&s, &headers) {
+        return r;
+    }
+    let (a, n) = (&s.agent, s.node.as_str());
+    match op.as_str() {
+        "pause" => done(a.pause(n, &id).await),
+        "resume" => done(a.resume(n, &id).await),
+        "hibernate" => ok(a.hibernate(n, &id).await),
+        "wake" => done(a.wake(n, &id).await),
+        "checkpoints" => match parse::<CheckpointRequest>(&body) {
+            Ok(req) => ok(a.checkpoint(n, &id, &req).await),
+            Err(m) => error(400, m),
+        },
+        "commits" => match parse::<CommitRequest>(&body) {
+            Ok(req) => ok(a.commit(n, &id, &req).await),
+            Err(m) => error(400, m),
+        },
+        other => error(
+            404,
+            format!("no operation {other:?}; one of pause, resume, hibernate, wake, checkpoints, commits"),
+        ),
+    }
+}
+
+/// How `node-agent` serves.
+pub struct NodeAgentOptions {
+    pub listen: String,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    /// The sandbox init (`warren-envd`); `None`: beside the running binary.
+    pub envd_binary: Option<PathBuf>,
+    /// The bearer token callers must send; `None`: none (tests only: the agent is privileged).
+    pub token: Option<String>,
+}
+
+/// Serves the node agent ([`super::local::LocalAgent`]) until SIGTERM or SIGINT (`warren
+/// node-agent`, `warren-operator node-agent`: the DaemonSet's container).
+#[cfg(target_os = "linux")]
+pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if o.token.is_none() {
+        tracing::warn!("no token: the node agent accepts unauthenticated calls");
+    }
+    let envd = o.envd_binary.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("warren-envd")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr/local/bin/warren-envd"))
+    });
+    std::fs::create_dir_all(&o.data_dir)
+        .with_context(|| format!("creating {}", o.data_dir.display()))?;
+    let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
+        .context("starting the node agent's runtime")?;
+    let listener = tokio::net::TcpListener::bind(&o.listen)
+        .await
+        .with_context(|| format!("listening on {}", o.listen))?;
+    tracing::info!(listen = %o.listen, node = %o.node_name, data_dir = %o.data_dir.display(), "warren node agent serving");
+    let app = router(Arc::new(agent), o.node_name, o.token);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            // kubelet stops the DaemonSet's container with SIGTERM.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await
+        .context("serving the node agent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::fake::FakeAgent;
+    use crate::agent::http::{AgentAddress, HttpNodeAgent};
+
+    /// The client and the server agree on every call, errors keep their kind across the wire,
+    /// and the token is enforced (real HTTP on loopback).
+    #[tokio::test]
+    async fn client_and_server_speak_the_same_protocol() {
+        let fake = Arc::new(FakeAgent::default());
+        let app = router(fake.clone(), "node-a".into(), Some("s3cret".into()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = format!("http://{addr}");
+        let client = HttpNodeAgent::new(AgentAddress::Fixed(url.clone()), Some("s3cret".into()));
+
+        let req = CreateRequest {
+            id: "abc123".into(),
+            template: Some("base".into()),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: "sb1".into(),
+                uid: "u".into(),
+                ip: Some("10.0.0.5".into()),
+            },
+            ..Default::default()
+        };
+        let info = client.create("ignored", &req).await.unwrap();
+        assert_eq!(info.state, SandboxState::Running);
+        assert_eq!(fake.creates.lock().unwrap()[0], req);
+        client.pause("x", "abc123").await.unwrap();
+        client.resume("x", "abc123").await.unwrap();
+        assert_eq!(
+            client.hibernate("x", "abc123").await.unwrap().duration_ms,
+            200
+        );
+        client.wake("x", "abc123").await.unwrap();
+        let cp = CheckpointRequest {
+            checkpoint_id: "cp1".into(),
+            keep_running: true,
+            contents: vec![],
+        };
+        assert_eq!(
+            client
+                .checkpoint("x", "abc123", &cp)
+                .await
+                .unwrap()
+                .checkpoint_id,
+            "cp1"
+        );
+        client.delete_checkpoint("x", "cp1").await.unwrap();
+        let c = CommitRequest {
+            commit_id: "c1".into(),
+            image: "reg/repo:tag".into(),
+            ..Default::default()
+        };
+        assert!(client
+            .commit("x", "abc123", &c)
+            .await
+            .unwrap()
+            .digest
+            .starts_with("sha256:"));
+        client.delete("x", "abc123").await.unwrap();
+        assert_eq!(
+            fake.calls(),
+            [
+                "create node-a abc123",
+                "pause node-a abc123",
+                "resume node-a abc123",
+                "hibernate node-a abc123",
+                "wake node-a abc123",
+                "checkpoint node-a abc123",
+                "delete_checkpoint node-a cp1",
+                "commit node-a abc123",
+                "delete node-a abc123"
+            ]
+        );
+
+        fake.fail(
+            "pause",
+            AgentError::NotFound {
+                node: "node-a".into(),
+                message: "no sandbox abc123".into(),
+            },
+        );
+        let e = client.pause("n1", "abc123").await.unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(e.to_string().contains("no sandbox abc123"), "{e}");
+        fake.fail(
+            "resume",
+            AgentError::Failed {
+                node: "node-a".into(),
+                code: 409,
+                message: "not paused".into(),
+            },
+        );
+        assert!(matches!(client.resume("n1", "abc123").await.unwrap_err(),
+            AgentError::Failed { code: 409, ref message, .. } if message == "not paused"));
+
+        let wrong = HttpNodeAgent::new(AgentAddress::Fixed(url.clone()), Some("nope".into()));
+        assert!(matches!(
+            wrong.delete("n1", "x").await.unwrap_err(),
+            AgentError::Failed { code: 401, .. }
+        ));
+        let none = HttpNodeAgent::new(AgentAddress::Fixed(url), None);
+        assert!(matches!(
+            none.delete("n1", "x").await.unwrap_err(),
+            AgentError::Failed { code: 401, .. }
+        ));
+
+        // Bad input gets a clear JSON error, not a panic.
+        let raw = reqwest_like_post(addr, "/v1/sandboxes", "{\"id\": 5}").await;
+        assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+        let gone = HttpNodeAgent::new(AgentAddress::Fixed("http://127.0.0.1:1".into()), None);
+        assert!(
+            matches!(gone.delete("n9", "x").await.unwrap_err(), AgentError::Unreachable { ref node, .. } if node == "n9")
+        );
+    }
+
+    async fn reqwest_like_post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn malformed_bodies_get_a_json_400() {
+        let app = router(Arc::new(FakeAgent::default()), "n".into(), None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let raw = reqwest_like_post(addr, "/v1/sandboxes", "{\"id\": 5}").await;
+        assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+        assert!(
+            raw.contains("\"code\":400") && raw.contains("invalid request body"),
+            "{raw}"
+        );
+        let raw = reqwest_like_post(addr, "/v1/sandboxes/x/explode", "").await;
+        assert!(
+            raw.starts_with("HTTP/1.1 404") && raw.contains("no operation"),
+            "{raw}"
+        );
+    }
+}
