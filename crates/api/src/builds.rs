@@ -6,10 +6,10 @@
 //! file in the daemon's image store, or JSON `{"dockerfile": "FROM ..."}` for builds without COPY.
 
 use crate::error::ApiError;
-use crate::extract::Auth;
+use crate::extract::{Auth, QueryParams};
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -57,7 +57,7 @@ async fn start(
     State(st): State<AppState>,
     Auth(who): Auth,
     Path(name): Path<String>,
-    Query(q): Query<StartQuery>,
+    QueryParams(q): QueryParams<StartQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
@@ -136,7 +136,7 @@ async fn status(
     State(st): State<AppState>,
     Auth(_who): Auth,
     Path(name): Path<String>,
-    Query(q): Query<StatusQuery>,
+    QueryParams(q): QueryParams<StatusQuery>,
 ) -> ApiResult<Response> {
     Ok(Json(st.warren.build_job(&name, q.log_from.unwrap_or(0))?).into_response())
 }
