@@ -93,7 +93,16 @@ impl Context {
         if conditions::find(old, "Ready").is_some_and(|o| o.reason == c.reason) {
             return;
         }
-        let mut note = c.message.clone();
+        self.warn(obj, &c.reason, c.message.clone()).await;
+    }
+
+    /// Publishes a Warning event with `reason` and `note` on `obj`. Best effort, like
+    /// [`Context::publish_failure`].
+    pub(crate) async fn warn<K>(&self, obj: &K, reason: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let mut note = note;
         // events.k8s.io/v1 refuses notes over 1 kB.
         if note.len() > 1024 {
             let mut cut = 1024;
@@ -104,13 +113,13 @@ impl Context {
         }
         let ev = KubeEvent {
             type_: EventType::Warning,
-            reason: c.reason.clone(),
+            reason: reason.into(),
             note: Some(note),
             action: "Reconcile".into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason = %c.reason, "cannot publish event");
+            tracing::warn!(error = %e, reason = %reason, "cannot publish event");
         }
     }
 
@@ -150,6 +159,8 @@ pub const FAILURE_REASONS: &[&str] = &[
     "ReconcileFailed",
     "NodeLost",
     "PodLost",
+    "PodDeleted",
+    "Evicted",
     "SandboxNotFound",
     "SandboxFailed",
     "CheckpointFailed",

@@ -18,6 +18,7 @@ pub mod error;
 pub mod jobs;
 pub mod leader;
 pub mod nodeloss;
+pub mod podfinalizer;
 pub mod sandbox;
 pub mod sandbox_agent;
 pub mod sandboxset;
@@ -32,6 +33,8 @@ mod mock_autoscaler;
 mod mock_cluster_api;
 #[cfg(test)]
 mod mock_nodeloss;
+#[cfg(test)]
+mod mock_podfinalizer;
 
 pub use error::Error;
 

@@ -262,6 +262,8 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "watch"),
         ("", "pods", "create"),
         ("", "pods", "delete"),
+        // Removes the node agent's finalizer from deleted sandbox Pods.
+        ("", "pods", "patch"),
         ("", "nodes", "get"),
         ("warren.dev", "checkpoints", "watch"),
         ("warren.dev", "checkpoints", "patch"),
@@ -293,7 +295,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
     // The autoscaler changes replicas through /scale, never the whole set.
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "update"));
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "patch"));
-    assert!(!allows(&rules, "", "pods", "patch"));
+    assert!(!allows(&rules, "", "pods", "update"));
     for verb in ["list", "watch", "patch", "update", "delete"] {
         assert!(!allows(&rules, "", "nodes", verb), "{verb} nodes");
     }
