@@ -32,6 +32,8 @@ mod mock_autoscaler;
 #[cfg(test)]
 mod mock_cluster_api;
 #[cfg(test)]
+mod mock_cluster_jobs;
+#[cfg(test)]
 mod mock_nodeloss;
 #[cfg(test)]
 mod mock_podfinalizer;

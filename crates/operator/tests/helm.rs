@@ -397,6 +397,20 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
+    for resource in ["checkpoints", "commits"] {
+        for verb in ["get", "list", "create", "delete"] {
+            assert!(
+                allows(&rules, "warren.dev", resource, verb),
+                "{verb} {resource}"
+            );
+        }
+        for verb in ["update", "patch"] {
+            assert!(
+                !allows(&rules, "warren.dev", resource, verb),
+                "{verb} {resource}"
+            );
+        }
+    }
     for (group, resource) in [
         ("warren.dev", "sandboxsets"),
         ("", "pods"),

@@ -409,6 +409,14 @@ impl NodeAgent for LocalAgent {
             .await
             .map_err(|e| runtime_error(node, e))
     }
+
+    async fn metrics(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<warren_runtime::SandboxStats, AgentError> {
+        self.rt.stats(id).await.map_err(|e| runtime_error(node, e))
+    }
 }
 
 #[cfg(test)]

@@ -190,6 +190,13 @@ pub trait NodeAgent: Send + Sync + 'static {
     ) -> Result<CommitInfo, AgentError>;
     /// Stops the sandbox and removes its node state. Idempotent.
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError>;
+    /// The sandbox's cumulative usage (CPU time, memory, disk), read from its cgroup and
+    /// directory with the single-host runtime's code (E2B's `GET /sandboxes/{id}/metrics`).
+    async fn metrics(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<warren_runtime::SandboxStats, AgentError>;
 }
 
 /// The envd access token of the Sandbox with `uid`: derived from a key that only the operator

@@ -81,6 +81,7 @@ pub fn router(agent: Arc<dyn NodeAgent>, node: String, token: Option<String>) ->
         .route("/v1/sandboxes", post(create))
         .route("/v1/sandboxes/{id}", delete(remove))
         .route("/v1/sandboxes/{id}/{op}", post(op))
+        .route("/v1/sandboxes/{id}/metrics", axum::routing::get(metrics))
         .route("/v1/checkpoints/{id}", delete(remove_checkpoint))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .with_state(state)
@@ -102,6 +103,17 @@ async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
         return r;
     }
     done(s.agent.delete(&s.node, &id).await)
+}
+
+async fn metrics(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = check(&s, &headers) {
+        return r;
+    }
+    ok(s.agent.metrics(&s.node, &id).await)
 }
 
 async fn remove_checkpoint(
@@ -260,6 +272,8 @@ mod tests {
             .digest
             .starts_with("sha256:"));
         client.delete("x", "abc123").await.unwrap();
+        let stats = client.metrics("x", "abc123").await.unwrap();
+        assert_eq!(stats.memory_bytes, 96 << 20);
         assert_eq!(
             fake.calls(),
             [
@@ -271,7 +285,8 @@ mod tests {
                 "checkpoint node-a abc123",
                 "delete_checkpoint node-a cp1",
                 "commit node-a abc123",
-                "delete node-a abc123"
+                "delete node-a abc123",
+                "metrics node-a abc123"
             ]
         );
 
