@@ -16,6 +16,7 @@ pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod jobs;
+pub mod jobstatus;
 pub mod leader;
 pub mod nodeloss;
 pub mod podfinalizer;
