@@ -360,7 +360,23 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             tracing::debug!(error = %e, "commit controller");
         }
     });
-    futures::join!(sets, sandboxes, scalers, checkpoints, commits);
+    // Sandbox Pods whose Sandbox is gone, so that the node-agent finalizer never sticks.
+    let orphans = Controller::new(
+        api::<Pod>(&client, namespace),
+        watcher::Config::default().labels(LABEL_SANDBOX),
+    )
+    .shutdown_on_signal()
+    .run(
+        crate::podfinalizer::reconcile_pod,
+        job_error_policy::<Pod>,
+        ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "sandbox pod controller");
+        }
+    });
+    futures::join!(sets, sandboxes, scalers, checkpoints, commits, orphans);
 }
 
 #[cfg(test)]

@@ -305,3 +305,75 @@ async fn deleting_a_sandbox_releases_its_terminating_pod_after_the_agent_cleaned
         [format!("delete node-a {}", node_id("uid-sb1"))]
     );
 }
+
+#[tokio::test]
+async fn a_pod_deleted_before_placement_is_released_and_replaced() {
+    let (ctx, mut api, fake) = mock_with_agent();
+    let s = with_finalizer(sandbox("sb1"));
+    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx.clone())).await;
+    let mut pod = deleting_pod(&s, json!([]));
+    pod["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("nodeName")
+        .unwrap();
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .ok(pod.clone());
+    // Nothing ran: no node lookup, no agent call, no Failed status.
+    expect_finalizer_removed(&mut api, &pod).await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(1))
+    );
+    assert!(fake.calls().is_empty());
+
+    // Gone now: the next reconcile makes a new Pod.
+    let task = run(reconcile_sandbox(Arc::new(s), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .status_error(404, "NotFound", "not found");
+    let call = api.expect("POST", PODS).await;
+    let b = call.body.clone();
+    call.reply(201, b);
+    api.expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
+        .await
+        .ok(serde_json::to_value(sandbox("sb1")).unwrap());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_pod_whose_sandbox_is_gone_is_released_by_the_pod_controller() {
+    let (ctx, mut api, fake) = mock_with_agent();
+    let s = running();
+    let pod: k8s_openapi::api::core::v1::Pod =
+        serde_json::from_value(deleting_pod(&s, json!([]))).unwrap();
+    let pod_json = serde_json::to_value(&pod).unwrap();
+
+    // Its Sandbox exists: the Sandbox reconciler's business, nothing done here.
+    let task = run(crate::podfinalizer::reconcile_pod(
+        Arc::new(pod.clone()),
+        ctx.clone(),
+    ))
+    .await;
+    api.expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(serde_json::to_value(&s).unwrap());
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    assert!(fake.calls().is_empty());
+
+    // Its Sandbox is gone: cleaned on the node, then released.
+    let task = run(crate::podfinalizer::reconcile_pod(Arc::new(pod), ctx)).await;
+    api.expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .status_error(404, "NotFound", "not found");
+    api.expect("GET", &format!("{NODES}/node-a"))
+        .await
+        .ok(node_ready());
+    expect_finalizer_removed(&mut api, &pod_json).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(
+        fake.calls(),
+        [format!("delete node-a {}", node_id("uid-sb1"))]
+    );
+}

@@ -23,10 +23,12 @@ use crate::nodeloss::{self, NodeHealth, NODE_LOST};
 use crate::sandbox::{node_health, patch_status, status_changed};
 use crate::Error;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The finalizer every sandbox Pod is created with.
@@ -99,16 +101,11 @@ pub fn deletion_cause(pod: &Pod) -> (&'static str, String) {
     }
 }
 
-/// The id the node agent knows the sandbox by: from the Pod's controller (the Sandbox's uid).
-fn agent_id(pod: &Pod, sbx: &Sandbox) -> String {
-    let uid = pod
-        .owner_references()
+/// The Pod's controller: the Sandbox it was made for.
+fn owner(pod: &Pod) -> Option<&OwnerReference> {
+    pod.owner_references()
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == "Sandbox")
-        .map(|o| o.uid.clone())
-        .or_else(|| sbx.meta().uid.clone())
-        .unwrap_or_default();
-    node_id(&uid)
 }
 
 /// Releases a deleted Pod of `sbx`: asks the node agent to stop the sandbox and remove its node
@@ -122,14 +119,30 @@ pub async fn release(
     ctx: &Context,
     node_lost: bool,
 ) -> Result<bool, Error> {
+    let uid = owner(pod)
+        .map(|o| o.uid.clone())
+        .or_else(|| sbx.meta().uid.clone());
+    release_as(pod, uid.as_deref(), sbx, ctx, node_lost).await
+}
+
+/// [`release`] for the sandbox of Sandbox uid `sandbox_uid` (`None`: unknown, so no call),
+/// telling failures on `about`.
+async fn release_as<K: Resource<DynamicType = ()>>(
+    pod: &Pod,
+    sandbox_uid: Option<&str>,
+    about: &K,
+    ctx: &Context,
+    node_lost: bool,
+) -> Result<bool, Error> {
     let Some(index) = finalizer_index(pod).filter(|_| pod.meta().deletion_timestamp.is_some())
     else {
         return Ok(false);
     };
     let name = pod.name_any();
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    if let (Some(agent), Some(node), false) = (&ctx.agent, &node, node_lost) {
-        match agent.delete(node, &agent_id(pod, sbx)).await {
+    if let (Some(agent), Some(node), Some(uid), false) = (&ctx.agent, &node, sandbox_uid, node_lost)
+    {
+        match agent.delete(node, &node_id(uid)).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => {
@@ -137,10 +150,10 @@ pub async fn release(
                     "pod {name} is being deleted, but its node state could not be cleaned: {e}; \
                      the pod keeps finalizer {POD_FINALIZER} and the operator retries"
                 );
-                ctx.warn(sbx, NODE_CLEANUP_FAILED, msg.clone()).await;
+                ctx.warn(about, NODE_CLEANUP_FAILED, msg.clone()).await;
                 return Err(Error::Reconcile {
-                    kind: "Sandbox",
-                    name: sbx.name_any(),
+                    kind: "Pod",
+                    name,
                     message: msg,
                 });
             }
@@ -231,6 +244,44 @@ pub async fn release_if_deleting(sbx: &Sandbox, ctx: &Context) -> Result<(), Err
     };
     release(&pod, sbx, ctx, lost).await?;
     Ok(())
+}
+
+/// The Pod controller's reconcile, for Pods whose Sandbox is gone (its finalizer removed by
+/// hand, or the Sandbox deleted with `--cascade=orphan` and the Pod later): nobody else would
+/// release them. A Pod whose Sandbox exists is left to the Sandbox reconciler.
+pub async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !awaits_release(&pod) {
+        return Ok(Action::await_change());
+    }
+    let ns = pod.namespace().unwrap_or_default();
+    let owner = owner(&pod).cloned();
+    if let Some(o) = &owner {
+        let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+        let sbx = api.get_opt(&o.name).await.map_err(Error::kube(
+            "get owner of",
+            "Pod",
+            pod.name_any(),
+        ))?;
+        if sbx.is_some_and(|s| s.meta().uid.as_deref() == Some(o.uid.as_str())) {
+            return Ok(Action::await_change());
+        }
+    }
+    let lost = match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        Some(node) => matches!(node_health(&ctx, &node).await?, NodeHealth::Lost(_)),
+        None => false,
+    };
+    if owner.is_none() {
+        tracing::warn!(pod = %pod.name_any(), "a sandbox pod without its Sandbox owner: releasing it without a node cleanup (its sandbox id is unknown)");
+    }
+    release_as(
+        &pod,
+        owner.as_ref().map(|o| o.uid.as_str()),
+        &*pod,
+        &ctx,
+        lost,
+    )
+    .await?;
+    Ok(Action::await_change())
 }
 
 #[cfg(test)]
