@@ -709,7 +709,9 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         )
         .route(
             "/warren/v1/checkpoints/{name}",
-            get(jobs::h_get_checkpoint).delete(jobs::h_delete_checkpoint),
+            get(jobs::h_get_checkpoint)
+                .put(jobs::h_apply_checkpoint)
+                .delete(jobs::h_delete_checkpoint),
         )
         .route(
             "/warren/v1/commits",
@@ -717,7 +719,9 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         )
         .route(
             "/warren/v1/commits/{name}",
-            get(jobs::h_get_commit).delete(jobs::h_delete_commit),
+            get(jobs::h_get_commit)
+                .put(jobs::h_apply_commit)
+                .delete(jobs::h_delete_commit),
         )
         // Before the layer, so that unknown paths of a sandbox's request are routed too.
         .fallback(|| async { ApiError::new(404, "no such API path") })

@@ -181,6 +181,64 @@ fn random_suffix() -> String {
     format!("{:08x}", u32::from_be_bytes(b))
 }
 
+/// The resource for a single-host checkpoint object.
+fn checkpoint_resource(ck: &Checkpoint) -> crd::Checkpoint {
+    let contents = ck
+        .spec
+        .persistent_contents
+        .iter()
+        .filter_map(|c| match c.as_str() {
+            "memory" => Some(CheckpointContent::Memory),
+            "filesystem" => Some(CheckpointContent::Filesystem),
+            // `ip` is accepted and means nothing more here, as in single-host mode.
+            _ => None,
+        })
+        .collect();
+    let mut cr = crd::Checkpoint::new(
+        &ck.metadata.name,
+        crd::CheckpointSpec {
+            sandbox_name: ck.spec.sandbox.clone(),
+            pod_name: None,
+            keep_running: ck.spec.keep_running,
+            persistent_contents: contents,
+            ttl_after_finished: ck.spec.ttl_after_finished.clone(),
+        },
+    );
+    cr.metadata.labels = Some(ck.metadata.labels.clone()).filter(|l| !l.is_empty());
+    cr.metadata.annotations = Some(ck.metadata.annotations.clone()).filter(|a| !a.is_empty());
+    cr
+}
+
+/// The resource for a single-host commit object.
+fn commit_resource(commit: &Commit) -> crd::Commit {
+    let secrets: Vec<String> = commit.secrets().into_iter().map(String::from).collect();
+    let mut cr = crd::Commit::new(
+        &commit.metadata.name,
+        crd::CommitSpec {
+            pod_name: commit.spec.sandbox.clone(),
+            container_name: commit.spec.container_name.clone(),
+            image: commit.spec.image.clone(),
+            timeout_seconds: None,
+            ttl: commit.spec.ttl.clone(),
+            registry_auth: (!secrets.is_empty()).then_some(crd::RegistryAuth { secrets }),
+            push: commit.spec.push,
+        },
+    );
+    cr.metadata.labels = Some(commit.metadata.labels.clone()).filter(|l| !l.is_empty());
+    cr.metadata.annotations = Some(commit.metadata.annotations.clone()).filter(|a| !a.is_empty());
+    cr
+}
+
+fn name_matches(url: &str, body: &str) -> Result<(), ApiError> {
+    if url != body {
+        return Err(ApiError::new(
+            400,
+            format!("metadata.name {body:?} does not match the URL's {url:?}"),
+        ));
+    }
+    Ok(())
+}
+
 fn phase_word(p: SandboxPhase) -> String {
     format!("{p:?}").to_lowercase()
 }
@@ -271,29 +329,7 @@ impl ClusterApi {
             ));
         }
         let name = ck.metadata.name.clone();
-        let contents = ck
-            .spec
-            .persistent_contents
-            .iter()
-            .filter_map(|c| match c.as_str() {
-                "memory" => Some(CheckpointContent::Memory),
-                "filesystem" => Some(CheckpointContent::Filesystem),
-                // `ip` is accepted and means nothing more here, as in single-host mode.
-                _ => None,
-            })
-            .collect();
-        let mut cr = crd::Checkpoint::new(
-            &name,
-            crd::CheckpointSpec {
-                sandbox_name: id.clone(),
-                pod_name: None,
-                keep_running: ck.spec.keep_running,
-                persistent_contents: contents,
-                ttl_after_finished: ck.spec.ttl_after_finished.clone(),
-            },
-        );
-        cr.metadata.labels = Some(ck.metadata.labels.clone()).filter(|l| !l.is_empty());
-        cr.metadata.annotations = Some(ck.metadata.annotations.clone()).filter(|a| !a.is_empty());
+        let cr = checkpoint_resource(&ck);
         let api = self.checkpoints();
         api.create(&PostParams::default(), &cr)
             .await
@@ -337,6 +373,59 @@ impl ClusterApi {
                 ));
             }
             tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    /// Apply by name (`warren apply -f`): the same spec returns the existing checkpoint (200),
+    /// another spec under the name is a conflict (a checkpoint is a one-off snapshot), a new
+    /// name is taken (201).
+    pub async fn apply_checkpoint(
+        &self,
+        name: &str,
+        ck: Checkpoint,
+    ) -> Result<(StatusCode, Checkpoint), ApiError> {
+        name_matches(name, &ck.metadata.name)?;
+        match self.checkpoints().get_opt(name).await {
+            Ok(Some(existing)) => {
+                // Compared as stored: what the resource can hold of the submitted spec.
+                let want = checkpoint_json(&checkpoint_resource(&ck)).spec;
+                if existing.meta().deletion_timestamp.is_none()
+                    && checkpoint_json(&existing).spec == want
+                {
+                    return Ok((StatusCode::OK, checkpoint_json(&existing)));
+                }
+                Err(ApiError::new(
+                    409,
+                    format!("checkpoint {name} exists with another spec; delete it first"),
+                ))
+            }
+            Ok(None) => Ok((StatusCode::CREATED, self.create_checkpoint(ck).await?)),
+            Err(e) => Err(self.job_error("checkpoint", name, e)),
+        }
+    }
+
+    /// Apply by name: as [`ClusterApi::apply_checkpoint`], a new commit is started (202).
+    pub async fn apply_commit(
+        &self,
+        name: &str,
+        commit: Commit,
+    ) -> Result<(StatusCode, Commit), ApiError> {
+        name_matches(name, &commit.metadata.name)?;
+        match self.commits().get_opt(name).await {
+            Ok(Some(existing)) => {
+                let want = commit_json(&commit_resource(&commit)).spec;
+                if existing.meta().deletion_timestamp.is_none()
+                    && commit_json(&existing).spec == want
+                {
+                    return Ok((StatusCode::OK, commit_json(&existing)));
+                }
+                Err(ApiError::new(
+                    409,
+                    format!("commit {name} exists with another spec; delete it first"),
+                ))
+            }
+            Ok(None) => Ok((StatusCode::ACCEPTED, self.create_commit(commit).await?)),
+            Err(e) => Err(self.job_error("commit", name, e)),
         }
     }
 
@@ -396,22 +485,7 @@ impl ClusterApi {
             ));
         }
         let name = commit.metadata.name.clone();
-        let secrets: Vec<String> = commit.secrets().into_iter().map(String::from).collect();
-        let mut cr = crd::Commit::new(
-            &name,
-            crd::CommitSpec {
-                pod_name: id,
-                container_name: commit.spec.container_name.clone(),
-                image: commit.spec.image.clone(),
-                timeout_seconds: None,
-                ttl: commit.spec.ttl.clone(),
-                registry_auth: (!secrets.is_empty()).then_some(crd::RegistryAuth { secrets }),
-                push: commit.spec.push,
-            },
-        );
-        cr.metadata.labels = Some(commit.metadata.labels.clone()).filter(|l| !l.is_empty());
-        cr.metadata.annotations =
-            Some(commit.metadata.annotations.clone()).filter(|a| !a.is_empty());
+        let cr = commit_resource(&commit);
         let created = self
             .commits()
             .create(&PostParams::default(), &cr)
@@ -456,6 +530,30 @@ pub(super) async fn h_delete_checkpoint(
     check_key(&api, &headers)?;
     api.delete_checkpoint(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(super) async fn h_apply_checkpoint(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_key(&api, &headers)?;
+    let c: Checkpoint = parse(&body, "Checkpoint")?;
+    let (code, c) = api.apply_checkpoint(&name, c).await?;
+    Ok((code, Json(c)).into_response())
+}
+
+pub(super) async fn h_apply_commit(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_key(&api, &headers)?;
+    let c: Commit = parse(&body, "Commit")?;
+    let (code, c) = api.apply_commit(&name, c).await?;
+    Ok((code, Json(c)).into_response())
 }
 
 pub(super) async fn h_list_commits(

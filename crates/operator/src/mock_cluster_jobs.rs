@@ -552,3 +552,81 @@ async fn metrics_without_node_agents_say_why() {
     let (status, body) = task.await.unwrap();
     assert_error(status, &body, 501, "WARREN_NODE_AGENT_TOKEN_FILE");
 }
+
+#[tokio::test]
+async fn apply_by_name_is_idempotent_and_refuses_another_spec() {
+    let (api, mut server, _fake) = api();
+    let same = json!({"metadata": {"name": "cp1"},
+                      "spec": {"sandbox": "sb1", "ttlAfterFinished": "1h"}});
+    let task = call(&api, "PUT", "/warren/v1/checkpoints/cp1", same.clone()).await;
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
+        .await
+        .ok(cp_resource("Succeeded", None, "Succeeded"));
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"]["phase"], "Succeeded");
+
+    let mut other = same.clone();
+    other["spec"]["keepRunning"] = json!(false);
+    let task = call(&api, "PUT", "/warren/v1/checkpoints/cp1", other).await;
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
+        .await
+        .ok(cp_resource("Succeeded", None, "Succeeded"));
+    let (status, body) = task.await.unwrap();
+    assert_error(
+        status,
+        &body,
+        409,
+        "checkpoint cp1 exists with another spec; delete it first",
+    );
+
+    let (status, body) = call(&api, "PUT", "/warren/v1/checkpoints/cp2", same)
+        .await
+        .await
+        .unwrap();
+    assert_error(
+        status,
+        &body,
+        400,
+        "metadata.name \"cp1\" does not match the URL's \"cp2\"",
+    );
+
+    // A new commit by apply starts like a POST (202).
+    let task = call(
+        &api,
+        "PUT",
+        "/warren/v1/commits/c1",
+        json!({"kind": "Commit", "metadata": {"name": "c1"},
+               "spec": {"sandbox": "sb1", "image": "img:v1"}}),
+    )
+    .await;
+    server
+        .expect("GET", &format!("{COMMITS}/c1"))
+        .await
+        .status_error(404, "NotFound", "not found");
+    server
+        .expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(running("sb1", 10));
+    let c = server.expect("POST", COMMITS).await;
+    let b = c.body.clone();
+    c.reply(201, b.clone());
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"]["phase"], "Pending");
+
+    // Applied again with the same spec: the existing commit, not a second one.
+    let task = call(
+        &api,
+        "PUT",
+        "/warren/v1/commits/c1",
+        json!({"kind": "Commit", "metadata": {"name": "c1"},
+               "spec": {"sandbox": "sb1", "image": "img:v1"}}),
+    )
+    .await;
+    server.expect("GET", &format!("{COMMITS}/c1")).await.ok(b);
+    let (status, _) = task.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
