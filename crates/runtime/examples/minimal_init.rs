@@ -1,6 +1,7 @@
 //! A stand-in for `warren-envd init` used by the runtime's own real-kernel tests: it builds the
 //! sandbox exactly as envd does, then answers every HTTP request with 204, and reaps orphans as a
-//! PID 1 must. This keeps the runtime's tests independent of envd's API.
+//! PID 1 must. This keeps the runtime's tests (and the node agent's, which build it as
+//! `agent_init`) independent of envd's API.
 
 use std::io::{Read, Write};
 
