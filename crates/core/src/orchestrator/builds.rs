@@ -145,11 +145,11 @@ impl BuildJob {
 #[derive(Default)]
 pub struct BuildState {
     jobs: Mutex<HashMap<String, Arc<Mutex<BuildJob>>>>,
-    runner: OnceLock<Arc<dyn StepRunner>>,
+    pub(crate) runner: OnceLock<Arc<dyn StepRunner>>,
 }
 
 /// Removes the uploaded context when the build ends, however it ends.
-struct ContextFile(Option<PathBuf>);
+pub(crate) struct ContextFile(pub(crate) Option<PathBuf>);
 
 impl Drop for ContextFile {
     fn drop(&mut self) {
@@ -267,6 +267,22 @@ impl Warren {
         .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
         .map_err(bad)?;
         let steps = dockerfile::parse(&text).map_err(bad)?;
+        self.start_steps(who, name, steps, context, names, runner)
+            .await
+    }
+
+    /// Starts building template `name` from parsed `steps` (the first one a `FROM`), with COPY
+    /// sources from `context`, whose entries are `names`. Checks the FROM template, the COPY
+    /// sources and the name before answering.
+    pub(crate) async fn start_steps(
+        self: &Arc<Self>,
+        who: &Principal,
+        name: &str,
+        steps: Vec<Step>,
+        context: ContextFile,
+        names: Vec<String>,
+        runner: Arc<dyn StepRunner>,
+    ) -> Result<BuildJob, CoreError> {
         let Some(Instr::From(from)) = steps.first().map(|s| s.instr.clone()) else {
             return Err(CoreError::InvalidArgument(
                 "the first instruction must be FROM".into(),
