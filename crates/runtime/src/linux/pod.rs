@@ -257,6 +257,24 @@ impl PodRuntime {
                 .is_file()
     }
 
+    /// The root of a fork of checkpoint `name` that boots fresh (a filesystem-only checkpoint):
+    /// its files over the source's lower dirs (without Warren's init layer, which create puts on
+    /// top), with the source's binds. `None` when the node does not hold it.
+    pub fn checkpoint_root(&self, name: &str) -> Option<crate::RootfsSpec> {
+        if !snapshots::valid_name(name) {
+            return None;
+        }
+        let dir = self.checkpoints_dir().join(name);
+        let fs = dir.join(snapshots::FS_DIR);
+        let source = RootfsRecord::load(&dir).ok().filter(|_| fs.is_dir())?;
+        Some(crate::RootfsSpec {
+            lower_dirs: std::iter::once(fs)
+                .chain(source.lower_dirs.into_iter().skip(1))
+                .collect(),
+            ro_binds: source.ro_binds,
+        })
+    }
+
     /// Creates sandbox `spec.id` in `target` by restoring checkpoint `name` (a fork), with the
     /// single-host fork code: CRIU restores the tree into a child of the Pod's cgroup and into the
     /// Pod's network namespace, so the fork has the Pod's address; established TCP connections
