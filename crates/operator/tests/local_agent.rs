@@ -623,6 +623,14 @@ async fn fork_of_a_checkpoint_into_another_pod() {
         wait_for("the fork counting after the source is gone", || {
             numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > n + 2
         });
+        // The fork's root stacks the checkpoint's files: they cannot go while it runs.
+        let e = agent.delete_checkpoint(NODE, "cp-fork").await.unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Failed { code: 409, message, .. }
+                if message.contains(&format!("sandbox {fork}"))),
+            "{e}"
+        );
+        assert!(data.join("checkpoints/cp-fork/fs/tmp/marker").is_file());
         // A repeated create returns the running fork.
         let again = agent.create(NODE, &req).await.expect("repeated create");
         assert_eq!(again.init_pid, Some(fpid));
@@ -656,8 +664,11 @@ async fn fork_of_a_checkpoint_into_another_pod() {
         assert_eq!(read_in_sandbox(gpid, "/tmp/only"), "fork\n");
         assert!(read_in_sandbox(gpid, "/tmp/envd-requests").contains("admin-of-the-source"));
         agent.delete(NODE, &fork).await.expect("delete");
-        agent.delete_checkpoint(NODE, "cp-fork").await.unwrap();
+        // The fork's checkpoint stacks the first one's files too: it goes first.
+        let e = agent.delete_checkpoint(NODE, "cp-fork").await.unwrap_err();
+        assert!(e.to_string().contains("checkpoint cp-fork2"), "{e}");
         agent.delete_checkpoint(NODE, "cp-fork2").await.unwrap();
+        agent.delete_checkpoint(NODE, "cp-fork").await.unwrap();
         assert!(!data.join("checkpoints/cp-fork").exists());
         let e = agent.create(NODE, &req).await.unwrap_err();
         assert!(e.is_not_found(), "a deleted checkpoint: {e}");

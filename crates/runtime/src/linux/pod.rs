@@ -657,12 +657,53 @@ impl PodRuntime {
         Ok((record.upper_dir, lowers, record.ro_binds))
     }
 
-    /// Removes a checkpoint's files. Idempotent.
+    /// Removes a checkpoint's files. Idempotent. Refused while a sandbox (a fork, running or
+    /// hibernated) or another checkpoint (of a fork) on this node stacks its files in its root:
+    /// removing them would pull the files from under a mounted overlay, as single-host mode
+    /// refuses too.
     pub async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
         if !snapshots::valid_name(name) {
             return Ok(());
         }
+        let users = self.checkpoint_users(name);
+        if !users.is_empty() {
+            return Err(RuntimeError::Checkpoint {
+                op: "delete",
+                id: name.to_string(),
+                reason: format!(
+                    "checkpoint {name} holds the files of {}: delete them first",
+                    users.join(", ")
+                ),
+            });
+        }
         snapshots::delete_checkpoint_files(&self.checkpoints_dir(), name).await
+    }
+
+    /// The sandboxes and other checkpoints on this node whose root stacks checkpoint `name`'s
+    /// files.
+    fn checkpoint_users(&self, name: &str) -> Vec<String> {
+        let fs = self.checkpoints_dir().join(name).join(snapshots::FS_DIR);
+        let uses = |dir: &Path| {
+            RootfsRecord::load(dir)
+                .map(|r| r.lower_dirs.contains(&fs))
+                .unwrap_or(false)
+        };
+        let ids: Vec<String> = self.sandboxes.lock().unwrap().keys().cloned().collect();
+        let mut users: Vec<String> = ids
+            .into_iter()
+            .filter(|id| uses(&self.sandbox_dir(id)))
+            .map(|id| format!("sandbox {id}"))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.checkpoints_dir()) {
+            for e in rd.flatten() {
+                let other = e.file_name().to_string_lossy().into_owned();
+                if other != name && !other.starts_with('.') && uses(&e.path()) {
+                    users.push(format!("checkpoint {other}"));
+                }
+            }
+        }
+        users.sort();
+        users
     }
 
     /// Kills the sandbox and removes its cgroups and dir; the Pod's cgroup and namespace stay.
