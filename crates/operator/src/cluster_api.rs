@@ -33,6 +33,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+// E2B snapshots, and forks of them (`templateID` naming a Checkpoint).
+#[path = "cluster_snapshots.rs"]
+pub mod snapshots;
+
 /// Annotation prefix of the E2B metadata of a sandbox (as [`crate::claim`] writes it).
 const METADATA_PREFIX: &str = "metadata.warren.dev/";
 /// Annotation: the E2B template id the sandbox was asked for.
@@ -384,12 +388,14 @@ impl ClusterApi {
                 .map_err(|e| kube_error("annotate", &id, e))?;
             return Ok(self.json(&s));
         }
-        // A cold start.
+        // A cold start, or a fork when the template names a Checkpoint.
+        let restore_from = self.checkpoint_named(&template).await?;
         let id = new_id()?;
         let mut s = Sandbox::new(
             &id,
             SandboxSpec {
-                template: Some(template.clone()),
+                template: restore_from.is_none().then(|| template.clone()),
+                restore_from,
                 shutdown_time: Some(shutdown),
                 env_vars,
                 ..Default::default()
@@ -690,6 +696,20 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route("/sandboxes/{id}/connect", post(h_resume))
         .route("/v2/sandboxes/{id}/connect", post(h_resume))
         .route("/sandboxes/{id}/timeout", post(h_timeout))
+        .route(
+            "/sandboxes/{id}/snapshots",
+            post(snapshots::h_create_snapshot),
+        )
+        .route("/snapshots", get(snapshots::h_list_snapshots))
+        .route(
+            "/snapshots/{id}",
+            axum::routing::delete(snapshots::h_delete_snapshot),
+        )
+        // The SDK's `delete_snapshot`; the cluster API serves no templates of its own.
+        .route(
+            "/templates/{id}",
+            axum::routing::delete(snapshots::h_delete_snapshot),
+        )
         // Before the layer, so that unknown paths of a sandbox's request are routed too.
         .fallback(|| async { ApiError::new(404, "no such API path") })
         .with_state(api)

@@ -15,6 +15,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod fork;
 pub mod jobs;
 pub mod leader;
 pub mod nodeloss;
@@ -30,6 +31,10 @@ mod mock_agent;
 mod mock_autoscaler;
 #[cfg(test)]
 mod mock_cluster_api;
+#[cfg(test)]
+mod mock_cluster_snapshots;
+#[cfg(test)]
+mod mock_fork;
 #[cfg(test)]
 mod mock_nodeloss;
 

@@ -395,6 +395,11 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
+    // Snapshots and forks (cluster_snapshots.rs).
+    for verb in ["get", "list", "create", "delete"] {
+        assert!(allows(&rules, "warren.dev", "checkpoints", verb), "{verb}");
+    }
+    assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));
     for (group, resource) in [
         ("warren.dev", "sandboxsets"),
         ("", "pods"),
