@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 /// How long an upload URL works.
 const UPLOAD_TTL: Duration = Duration::from_secs(3600);
+/// Uploaded files not used by a build for this long are removed (at the team's next request).
+const UPLOAD_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most log entries one status answer carries (the SDK keeps asking until it gets none).
 const ENTRIES_PER_ANSWER: usize = 100;
 
@@ -127,6 +129,25 @@ impl E2bBuild {
         self.log("error", message.clone(), step.clone());
         self.phase = Phase::Failed;
         self.failure = Some(E2bFailure { message, step });
+    }
+}
+
+/// Removes the uploads in `dir` that no build used for `keep` (a build touches the uploads it
+/// uses), and upload temp files as old.
+fn remove_unused_uploads(dir: &Path, keep: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > keep);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -246,6 +267,9 @@ impl Warren {
                 "invalid template name {name:?}: use letters, digits, '-', '_' and '.'"
             )));
         }
+        if let Ok(dir) = self.e2b_files_dir(&who.team) {
+            std::thread::spawn(move || remove_unused_uploads(&dir, UPLOAD_KEEP));
+        }
         let mut builds = lock(&self.e2b_builds.builds);
         if let Some(b) = builds.get(name) {
             let b = lock(b);
@@ -362,6 +386,11 @@ impl Warren {
                 )));
             }
             if !uploads.iter().any(|(x, _)| x == h) {
+                // Used now: kept for another UPLOAD_KEEP.
+                let _ = std::fs::File::options()
+                    .append(true)
+                    .open(&p)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 uploads.push((h.clone(), p));
             }
         }
@@ -627,6 +656,23 @@ mod tests {
         let hash = "b".repeat(64);
         let names = assemble_context(&out, &[(hash.clone(), up)]).unwrap();
         assert_eq!(names, vec![format!("{hash}/conf/a.txt")]);
+    }
+
+    #[test]
+    fn unused_uploads_go_and_recent_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::write(&new, b"x").unwrap();
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .append(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        remove_unused_uploads(dir.path(), Duration::from_secs(60));
+        assert!(!old.exists() && new.exists());
     }
 
     #[test]
