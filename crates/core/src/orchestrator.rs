@@ -177,6 +177,8 @@ pub struct Warren {
     commits: commits::CommitState,
     /// Template builds from Dockerfiles (see `builds.rs`).
     builds: builds::BuildState,
+    /// E2B's template build protocol over those builds (see `e2b_builds.rs`).
+    e2b_builds: e2b_builds::E2bBuildState,
 }
 
 /// What the router needs of a running sandbox, kept in memory.
@@ -232,6 +234,7 @@ impl Warren {
             idempotency: tokio::sync::Mutex::default(),
             commits: commits::CommitState::default(),
             builds: builds::BuildState::default(),
+            e2b_builds: e2b_builds::E2bBuildState::default(),
         }
     }
 
@@ -992,6 +995,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
 pub mod builds;
 pub mod checkpoints;
 pub mod commits;
+pub mod e2b_builds;
 pub mod hibernation;
 pub mod metrics;
 pub mod network;

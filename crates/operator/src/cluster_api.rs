@@ -41,6 +41,9 @@ mod jobs;
 mod metrics;
 pub use jobs::{checkpoint_json, commit_json};
 pub use metrics::MetricJson;
+// E2B snapshots, and forks of them (`templateID` naming a Checkpoint).
+#[path = "cluster_snapshots.rs"]
+pub mod snapshots;
 
 /// Annotation prefix of the E2B metadata of a sandbox (as [`crate::claim`] writes it).
 const METADATA_PREFIX: &str = "metadata.warren.dev/";
@@ -396,12 +399,14 @@ impl ClusterApi {
                 .map_err(|e| kube_error("annotate", &id, e))?;
             return Ok(self.json(&s));
         }
-        // A cold start.
+        // A cold start, or a fork when the template names a Checkpoint.
+        let restore_from = self.checkpoint_named(&template).await?;
         let id = new_id()?;
         let mut s = Sandbox::new(
             &id,
             SandboxSpec {
-                template: Some(template.clone()),
+                template: restore_from.is_none().then(|| template.clone()),
+                restore_from,
                 shutdown_time: Some(shutdown),
                 env_vars,
                 ..Default::default()
@@ -722,6 +727,20 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
             get(jobs::h_get_commit)
                 .put(jobs::h_apply_commit)
                 .delete(jobs::h_delete_commit),
+        )
+        .route(
+            "/sandboxes/{id}/snapshots",
+            post(snapshots::h_create_snapshot),
+        )
+        .route("/snapshots", get(snapshots::h_list_snapshots))
+        .route(
+            "/snapshots/{id}",
+            axum::routing::delete(snapshots::h_delete_snapshot),
+        )
+        // The SDK's `delete_snapshot`; the cluster API serves no templates of its own.
+        .route(
+            "/templates/{id}",
+            axum::routing::delete(snapshots::h_delete_snapshot),
         )
         // Before the layer, so that unknown paths of a sandbox's request are routed too.
         .fallback(|| async { ApiError::new(404, "no such API path") })

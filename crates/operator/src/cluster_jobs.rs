@@ -244,12 +244,12 @@ fn phase_word(p: SandboxPhase) -> String {
 }
 
 impl ClusterApi {
-    fn checkpoints(&self) -> Api<crd::Checkpoint> {
+    fn checkpoint_api(&self) -> Api<crd::Checkpoint> {
         let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
         Api::namespaced(self.sandboxes.clone().into_client(), &ns)
     }
 
-    fn commits(&self) -> Api<crd::Commit> {
+    fn commit_api(&self) -> Api<crd::Commit> {
         let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
         Api::namespaced(self.sandboxes.clone().into_client(), &ns)
     }
@@ -266,7 +266,7 @@ impl ClusterApi {
 
     pub async fn list_checkpoints(&self) -> Result<Vec<Checkpoint>, ApiError> {
         let all = self
-            .checkpoints()
+            .checkpoint_api()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing checkpoints: {e}")))?;
@@ -280,7 +280,7 @@ impl ClusterApi {
 
     pub async fn get_checkpoint(&self, name: &str) -> Result<Checkpoint, ApiError> {
         let c = self
-            .checkpoints()
+            .checkpoint_api()
             .get(name)
             .await
             .map_err(|e| self.job_error("checkpoint", name, e))?;
@@ -292,7 +292,7 @@ impl ClusterApi {
 
     pub async fn delete_checkpoint(&self, name: &str) -> Result<(), ApiError> {
         self.get_checkpoint(name).await?;
-        self.checkpoints()
+        self.checkpoint_api()
             .delete(name, &DeleteParams::default())
             .await
             .map_err(|e| self.job_error("checkpoint", name, e))?;
@@ -330,7 +330,7 @@ impl ClusterApi {
         }
         let name = ck.metadata.name.clone();
         let cr = checkpoint_resource(&ck);
-        let api = self.checkpoints();
+        let api = self.checkpoint_api();
         api.create(&PostParams::default(), &cr)
             .await
             .map_err(|e| self.job_error("checkpoint", &name, e))?;
@@ -385,7 +385,7 @@ impl ClusterApi {
         ck: Checkpoint,
     ) -> Result<(StatusCode, Checkpoint), ApiError> {
         name_matches(name, &ck.metadata.name)?;
-        match self.checkpoints().get_opt(name).await {
+        match self.checkpoint_api().get_opt(name).await {
             Ok(Some(existing)) => {
                 // Compared as stored: what the resource can hold of the submitted spec.
                 let want = checkpoint_json(&checkpoint_resource(&ck)).spec;
@@ -411,7 +411,7 @@ impl ClusterApi {
         commit: Commit,
     ) -> Result<(StatusCode, Commit), ApiError> {
         name_matches(name, &commit.metadata.name)?;
-        match self.commits().get_opt(name).await {
+        match self.commit_api().get_opt(name).await {
             Ok(Some(existing)) => {
                 let want = commit_json(&commit_resource(&commit)).spec;
                 if existing.meta().deletion_timestamp.is_none()
@@ -431,7 +431,7 @@ impl ClusterApi {
 
     pub async fn list_commits(&self) -> Result<Vec<Commit>, ApiError> {
         let all = self
-            .commits()
+            .commit_api()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing commits: {e}")))?;
@@ -445,7 +445,7 @@ impl ClusterApi {
 
     pub async fn get_commit(&self, name: &str) -> Result<Commit, ApiError> {
         let c = self
-            .commits()
+            .commit_api()
             .get(name)
             .await
             .map_err(|e| self.job_error("commit", name, e))?;
@@ -457,7 +457,7 @@ impl ClusterApi {
 
     pub async fn delete_commit(&self, name: &str) -> Result<(), ApiError> {
         self.get_commit(name).await?;
-        self.commits()
+        self.commit_api()
             .delete(name, &DeleteParams::default())
             .await
             .map_err(|e| self.job_error("commit", name, e))?;
@@ -487,7 +487,7 @@ impl ClusterApi {
         let name = commit.metadata.name.clone();
         let cr = commit_resource(&commit);
         let created = self
-            .commits()
+            .commit_api()
             .create(&PostParams::default(), &cr)
             .await
             .map_err(|e| self.job_error("commit", &name, e))?;

@@ -168,6 +168,8 @@ pub const FAILURE_REASONS: &[&str] = &[
     "PauseFailed",
     "TargetNotFound",
     "ScaleFailed",
+    crate::fork::CHECKPOINT_LOST,
+    crate::fork::CHECKPOINT_NOT_READY,
 ];
 
 /// Delay after the `n`th consecutive failure (n ≥ 1).

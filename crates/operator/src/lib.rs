@@ -15,6 +15,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod fork;
 pub mod jobs;
 pub mod jobstatus;
 pub mod leader;
@@ -34,6 +35,10 @@ mod mock_autoscaler;
 mod mock_cluster_api;
 #[cfg(test)]
 mod mock_cluster_jobs;
+#[cfg(test)]
+mod mock_cluster_snapshots;
+#[cfg(test)]
+mod mock_fork;
 #[cfg(test)]
 mod mock_nodeloss;
 #[cfg(test)]

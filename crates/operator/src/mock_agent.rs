@@ -20,7 +20,7 @@ use std::sync::Arc;
 const CHECKPOINTS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/checkpoints";
 const COMMITS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/commits";
 
-fn mock_with_agent() -> (Arc<Context>, ApiServer, Arc<FakeAgent>) {
+pub(crate) fn mock_with_agent() -> (Arc<Context>, ApiServer, Arc<FakeAgent>) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, NS);
     let fake = Arc::new(FakeAgent::default());
@@ -60,7 +60,7 @@ fn started(agent_conds: Vec<Condition>) -> crate::crd::Sandbox {
     s
 }
 
-fn running_pod(s: &crate::crd::Sandbox) -> Value {
+pub(crate) fn running_pod(s: &crate::crd::Sandbox) -> Value {
     let mut pod = serde_json::to_value(build_pod(s, &PodConfig::default()).unwrap()).unwrap();
     pod["metadata"]["uid"] = "pod-uid".into();
     pod["spec"]["nodeName"] = "node-a".into();
@@ -70,7 +70,7 @@ fn running_pod(s: &crate::crd::Sandbox) -> Value {
 }
 
 /// The agent's conditions patch: server-side apply under the agent's field manager.
-async fn expect_agent_conditions(api: &mut ApiServer) -> Vec<Value> {
+pub(crate) async fn expect_agent_conditions(api: &mut ApiServer) -> Vec<Value> {
     let call = api
         .expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
         .await;

@@ -14,6 +14,7 @@ use tower::ServiceExt;
 use warren_core::envd_client::{EnvdClient, InitRequest};
 
 const KEY: &str = "warren_testkey";
+pub(crate) const CHECKPOINTS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/checkpoints";
 
 /// envd's `/init` as the API calls it: recorded, refused for the addresses in `refuse`.
 #[derive(Default)]
@@ -51,7 +52,7 @@ fn api_with(envd: Arc<FakeEnvd>) -> (Arc<ClusterApi>, ApiServer) {
     (Arc::new(a), server)
 }
 
-fn api() -> (Arc<ClusterApi>, ApiServer) {
+pub(crate) fn api() -> (Arc<ClusterApi>, ApiServer) {
     api_with(Arc::new(FakeEnvd::default()))
 }
 
@@ -62,7 +63,7 @@ fn addressed_member(name: &str, ip: &str) -> Value {
     m
 }
 
-async fn call(
+pub(crate) async fn call(
     api: &Arc<ClusterApi>,
     method: &str,
     path: &str,
@@ -195,6 +196,11 @@ async fn create_without_a_member_makes_a_sandbox_and_waits_until_ready() {
     let (api, mut server) = api();
     let task = call(&api, "POST", "/v2/sandboxes", json!({"templateID": "base"})).await;
     server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    // No Checkpoint of that name: not a fork.
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/base"))
+        .await
+        .status_error(404, "NotFound", "not found");
     let c = server.expect("POST", SANDBOXES).await;
     let created = c.body.clone();
     let name = created["metadata"]["name"].as_str().unwrap().to_string();
@@ -230,6 +236,10 @@ async fn a_failed_cold_start_is_explained_and_removed() {
     let (api, mut server) = api();
     let task = call(&api, "POST", "/sandboxes", json!({"templateID": "base"})).await;
     server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/base"))
+        .await
+        .status_error(404, "NotFound", "not found");
     let c = server.expect("POST", SANDBOXES).await;
     let mut created = c.body.clone();
     let name = created["metadata"]["name"].as_str().unwrap().to_string();

@@ -77,15 +77,15 @@ fn parse_time(field: &str, s: &str) -> Result<Timestamp, String> {
 pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
     match (&spec.template, &spec.image) {
         (Some(_), Some(_)) => return Err("spec.template and spec.image are exclusive".into()),
+        // A fork's root and memory come from its checkpoint.
+        (None, None) if spec.restore_from.is_some() => {}
         (None, None) => return Err("one of spec.template and spec.image is required".into()),
         (Some(t), None) if t.is_empty() => return Err("spec.template is empty".into()),
         (None, Some(i)) if i.is_empty() => return Err("spec.image is empty".into()),
         _ => {}
     }
-    if spec.restore_from.is_some() {
-        return Err(
-            "spec.restoreFrom: forks are not supported by this operator version yet".into(),
-        );
+    if spec.restore_from.as_deref().is_some_and(str::is_empty) {
+        return Err("spec.restoreFrom is empty: name a Checkpoint".into());
     }
     let quantities = spec.resources.requests.iter().chain(&spec.resources.limits);
     for (k, v) in quantities {
@@ -492,7 +492,11 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
                 return Ok(requeue);
             }
             None => {
-                let pod = build_pod(&sbx, &ctx.pods)?;
+                let mut pod = build_pod(&sbx, &ctx.pods)?;
+                // A fork: only on its checkpoint's node, once the checkpoint is there.
+                if let Some(next) = crate::fork::place(&sbx, ctx, &mut pod).await? {
+                    return Ok(next);
+                }
                 match pods.create(&PostParams::default(), &pod).await {
                     Ok(p) => p,
                     // Created meanwhile (our previous attempt, or someone else's pod): look again.

@@ -113,6 +113,8 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         cgroup_parent: None,
         access_token: envd_key.map(|k| crate::agent::envd_access_token(k, uid)),
         admin_token: envd_key.map(|k| crate::agent::envd_admin_token(k, uid)),
+        // A fork: its Pod carries the checkpoint id the reconciler resolved (see `fork`).
+        restore_from: crate::fork::restore_from(pod),
     }
 }
 

@@ -397,6 +397,7 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
+    // Snapshots and forks (cluster_snapshots.rs), checkpoints and commits (cluster_jobs.rs).
     for resource in ["checkpoints", "commits"] {
         for verb in ["get", "list", "create", "delete"] {
             assert!(
@@ -411,6 +412,7 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
             );
         }
     }
+    assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));
     for (group, resource) in [
         ("warren.dev", "sandboxsets"),
         ("", "pods"),

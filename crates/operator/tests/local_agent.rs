@@ -56,15 +56,26 @@ struct FakePod {
 
 impl FakePod {
     fn new() -> FakePod {
+        FakePod::numbered(0)
+    }
+
+    /// Pod `k` of this test process (`k` < 3): its own names, uid, cgroup tree and /30.
+    fn numbered(k: u32) -> FakePod {
         let n = std::process::id();
-        // 10.252.<n>/30 pairs: distinct per test process, never a real network.
+        // 10.252.<n>/30 pairs (10.253, 10.254 for pods 1, 2): distinct per test process and
+        // pod, never a real network.
         let (a, b) = ((n >> 6) & 0xff, (n & 0x3f) << 2);
-        let host_ip = Ipv4Addr::new(10, 252, a as u8, b as u8 + 1);
-        let ip = Ipv4Addr::new(10, 252, a as u8, b as u8 + 2);
-        let netns = format!("wopt{n}");
-        let host_veth = format!("wopt{n}h");
-        let uid = format!("0aa1b2c3-d4e5-4f60-8a7b-{n:012}");
-        let cgroup = format!("warren-optest-{n}/kubepods/pod{uid}");
+        let host_ip = Ipv4Addr::new(10, 252 + k as u8, a as u8, b as u8 + 1);
+        let ip = Ipv4Addr::new(10, 252 + k as u8, a as u8, b as u8 + 2);
+        let tag = if k == 0 {
+            n.to_string()
+        } else {
+            format!("{n}x{k}")
+        };
+        let netns = format!("wopt{tag}");
+        let host_veth = format!("wopt{tag}h");
+        let uid = format!("0aa1b2c3-d4e5-4f60-8a7{k:x}-{n:012}");
+        let cgroup = format!("warren-optest-{tag}/kubepods/pod{uid}");
         sh(&format!(
             "ip netns add {netns} && ip link add {host_veth} type veth peer name eth0 netns {netns} \
              && ip addr add {host_ip}/30 dev {host_veth} && ip link set {host_veth} up \
@@ -450,6 +461,245 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
     let _ = agent.delete(NODE, &id).await;
     drop(agent);
     pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// A fork on a node: a checkpoint of a sandbox with state (a file in /tmp, a counter process
+/// whose count is in its memory), restored by the agent as a new sandbox into a second Pod. The
+/// fork has the state, runs in the new Pod's cgroup and network namespace (its address), its envd
+/// is re-keyed with `POST /init`, and source and fork go on independently. A checkpoint the node
+/// does not hold is NotFound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_of_a_checkpoint_into_another_pod() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    let data = PathBuf::from(format!("/tmp/warren-agent-fork-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let (pod1, pod2) = (FakePod::numbered(1), FakePod::numbered(2));
+    let agent: Box<dyn NodeAgent> =
+        Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
+    let pod_ref = |pod: &FakePod, name: &str| PodRef {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: pod.uid.clone(),
+        ip: Some(pod.ip.to_string()),
+    };
+    let src = warren_operator::agent::node_id(&pod1.uid);
+    let fork = warren_operator::agent::node_id(&pod2.uid);
+    let result = std::panic::AssertUnwindSafe(async {
+        let made = agent
+            .create(
+                NODE,
+                &CreateRequest {
+                    id: src.clone(),
+                    template: Some("base".into()),
+                    pod: pod_ref(&pod1, "src"),
+                    access_token: Some("token-of-the-source".into()),
+                    admin_token: Some("admin-of-the-source".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create the source");
+        let spid = made.init_pid.unwrap();
+        exec_in_sandbox(&src, spid, "echo kept > /tmp/marker");
+        exec_in_sandbox(
+            &src,
+            spid,
+            "i=0; while true; do i=$((i+1)); echo $i >> /tmp/count; sleep 0.05; done",
+        );
+        wait_for("the source to count", || {
+            numbers(&read_in_sandbox(spid, "/tmp/count")).len() > 3
+                && read_in_sandbox(spid, "/tmp/marker") == "kept\n"
+        });
+        agent
+            .checkpoint(
+                NODE,
+                &src,
+                &CheckpointRequest {
+                    checkpoint_id: "cp-fork".into(),
+                    keep_running: true,
+                    contents: vec![],
+                },
+            )
+            .await
+            .expect("checkpoint");
+        let at_checkpoint = numbers(
+            &std::fs::read_to_string(data.join("checkpoints/cp-fork/fs/tmp/count")).unwrap(),
+        );
+
+        // A checkpoint this node does not hold: NotFound, saying so; nothing is left behind.
+        let e = agent
+            .create(
+                NODE,
+                &CreateRequest {
+                    id: "nosuchfork".into(),
+                    pod: pod_ref(&pod2, "fork"),
+                    restore_from: Some("cp-elsewhere".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(e.to_string().contains("cp-elsewhere"), "{e}");
+        assert!(!data.join("sandboxes/nosuchfork").exists());
+
+        // The fork, into the second Pod, found from its uid as any create.
+        let req = CreateRequest {
+            id: fork.clone(),
+            pod: pod_ref(&pod2, "fork"),
+            restore_from: Some("cp-fork".into()),
+            access_token: Some("token-of-the-fork".into()),
+            admin_token: Some("admin-of-the-fork".into()),
+            env_vars: [("FORKED".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let info = agent.create(NODE, &req).await.expect("fork");
+        eprintln!("fork restored and re-keyed in {:?}", t0.elapsed());
+        assert_eq!(info.state, SandboxState::Running);
+        let fpid = info.init_pid.unwrap();
+        assert_ne!(fpid, spid);
+        // In the second Pod's cgroup (a child of it) and network namespace.
+        let cg = v2_cgroup_of(fpid);
+        assert!(
+            cg.trim_start_matches('/')
+                .starts_with(&format!("{}/{fork}", pod2.cgroup)),
+            "fork in cgroup {cg}, not under the second Pod's {}",
+            pod2.cgroup
+        );
+        let netns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        assert_eq!(
+            netns_of(fpid),
+            netns_of(pod2.pause.id()),
+            "the new Pod's netns"
+        );
+        assert_ne!(netns_of(fpid), netns_of(spid));
+        assert!(
+            envd_answers(pod2.ip),
+            "the fork's envd answers on the new Pod's IP"
+        );
+        assert!(envd_answers(pod1.ip), "the source's too, on its own");
+        // Its own hostname.
+        let host = Command::new("nsenter")
+            .args(["-t", &fpid.to_string(), "-u", "hostname"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&host.stdout).trim(), fork);
+        // Re-keyed: the agent's `POST /init` reached the restored envd, authenticated with the
+        // source's admin token, carrying the fork's access token and env vars.
+        let asked = read_in_sandbox(fpid, "/tmp/envd-requests");
+        let init = asked
+            .split("POST /init")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no POST /init reached the fork's envd: {asked:?}"));
+        assert!(
+            init.to_lowercase()
+                .contains("x-admin-token: admin-of-the-source"),
+            "{init}"
+        );
+        assert!(
+            init.contains("token-of-the-fork") && init.contains("FORKED"),
+            "{init}"
+        );
+        assert!(!read_in_sandbox(spid, "/tmp/envd-requests").contains("POST /init"));
+
+        // The state is there: the file, and the counter goes on from its memory.
+        assert_eq!(read_in_sandbox(fpid, "/tmp/marker"), "kept\n");
+        wait_for("the fork to count on", || {
+            numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > at_checkpoint.len() + 3
+        });
+        let counted = numbers(&read_in_sandbox(fpid, "/tmp/count"));
+        assert_eq!(counted[..at_checkpoint.len()], at_checkpoint[..]);
+        assert!(
+            counted.windows(2).all(|w| w[1] == w[0] + 1),
+            "the fork's counter went on from the checkpoint's count: {counted:?}"
+        );
+
+        // Independent: each writes only its own root, and each runs while the other is paused.
+        exec_in_sandbox(&src, spid, "echo source > /tmp/only");
+        exec_in_sandbox(&fork, fpid, "echo fork > /tmp/only");
+        wait_for("both files", || {
+            read_in_sandbox(spid, "/tmp/only") == "source\n"
+                && read_in_sandbox(fpid, "/tmp/only") == "fork\n"
+        });
+        agent.pause(NODE, &src).await.expect("pause the source");
+        let n = numbers(&read_in_sandbox(fpid, "/tmp/count")).len();
+        wait_for("the fork counting while the source is paused", || {
+            numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > n + 2
+        });
+        agent.resume(NODE, &src).await.expect("resume the source");
+        agent.delete(NODE, &src).await.expect("delete the source");
+        let n = numbers(&read_in_sandbox(fpid, "/tmp/count")).len();
+        wait_for("the fork counting after the source is gone", || {
+            numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > n + 2
+        });
+        // The fork's root stacks the checkpoint's files: they cannot go while it runs.
+        let e = agent.delete_checkpoint(NODE, "cp-fork").await.unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Failed { code: 409, message, .. }
+                if message.contains(&format!("sandbox {fork}"))),
+            "{e}"
+        );
+        assert!(data.join("checkpoints/cp-fork/fs/tmp/marker").is_file());
+        // A repeated create returns the running fork.
+        let again = agent.create(NODE, &req).await.expect("repeated create");
+        assert_eq!(again.init_pid, Some(fpid));
+        assert!(envd_answers(pod2.ip));
+
+        // A fork of the fork (its checkpoint keeps the admin token its envd holds).
+        agent
+            .checkpoint(
+                NODE,
+                &fork,
+                &CheckpointRequest {
+                    checkpoint_id: "cp-fork2".into(),
+                    keep_running: false,
+                    contents: vec![],
+                },
+            )
+            .await
+            .expect("checkpoint of the fork");
+        agent.delete(NODE, &fork).await.expect("delete the fork");
+        let again = agent
+            .create(
+                NODE,
+                &CreateRequest {
+                    restore_from: Some("cp-fork2".into()),
+                    ..req.clone()
+                },
+            )
+            .await
+            .expect("fork of the fork, into the same Pod again");
+        let gpid = again.init_pid.unwrap();
+        assert_eq!(read_in_sandbox(gpid, "/tmp/only"), "fork\n");
+        assert!(read_in_sandbox(gpid, "/tmp/envd-requests").contains("admin-of-the-source"));
+        agent.delete(NODE, &fork).await.expect("delete");
+        // The fork's checkpoint stacks the first one's files too: it goes first.
+        let e = agent.delete_checkpoint(NODE, "cp-fork").await.unwrap_err();
+        assert!(e.to_string().contains("checkpoint cp-fork2"), "{e}");
+        agent.delete_checkpoint(NODE, "cp-fork2").await.unwrap();
+        agent.delete_checkpoint(NODE, "cp-fork").await.unwrap();
+        assert!(!data.join("checkpoints/cp-fork").exists());
+        let e = agent.create(NODE, &req).await.unwrap_err();
+        assert!(e.is_not_found(), "a deleted checkpoint: {e}");
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &src).await;
+    let _ = agent.delete(NODE, &fork).await;
+    drop(agent);
+    pod1.remove();
+    pod2.remove();
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

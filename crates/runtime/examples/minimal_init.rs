@@ -1,6 +1,7 @@
 //! A stand-in for `warren-envd init` used by the runtime's own real-kernel tests: it builds the
 //! sandbox exactly as envd does, then answers every HTTP request with 204, and reaps orphans as a
-//! PID 1 must. This keeps the runtime's tests independent of envd's API.
+//! PID 1 must. This keeps the runtime's tests (and the node agent's, which build it as
+//! `agent_init`) independent of envd's API.
 
 use std::io::{Read, Write};
 
@@ -20,7 +21,17 @@ fn main() {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
+            let n = conn.read(&mut buf).unwrap_or(0);
+            // What it was asked, for a test to read in the sandbox's /tmp (the node agent's fork
+            // test checks its `POST /init` this way).
+            if let Ok(mut log) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open("/tmp/envd-requests")
+            {
+                let _ = log.write_all(&buf[..n]);
+                let _ = log.write_all(b"\n");
+            }
             let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
         }
         Ok(())

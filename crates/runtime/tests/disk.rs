@@ -7,53 +7,16 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
-use warren_runtime::{EnvdSettings, NetworkPolicy, Resources, SandboxRuntime, SandboxSpec};
+use warren_runtime::{SandboxRuntime, SandboxSpec};
 
-fn init_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/minimal_init");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo test builds examples",
-        bin.display()
-    );
-    bin
-}
+mod common;
+
+use common::{in_sandbox, init_binary, require_root, sandbox_spec};
 
 fn spec(rootfs: &warren_runtime::RootfsSpec, id: &str, disk_mb: u64) -> SandboxSpec {
-    SandboxSpec {
-        id: id.to_string(),
-        rootfs: rootfs.clone(),
-        resources: Resources {
-            disk_mb,
-            ..Resources::default()
-        },
-        network: NetworkPolicy::default(),
-        envd: EnvdSettings {
-            default_user: "user".into(),
-            ..Default::default()
-        },
-    }
-}
-
-/// Runs a shell command in the sandbox's namespaces and root, as root with the test's
-/// capabilities: more privileged than any sandbox process, and still capped.
-fn in_sandbox(pid: u32, cmd: &str) -> (bool, String) {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-a", "/bin/sh", "-c", cmd])
-        .output()
-        .expect("nsenter runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut spec = sandbox_spec(rootfs, id);
+    spec.resources.disk_mb = disk_mb;
+    spec
 }
 
 /// Bytes the host spends on a file (allocated blocks, not its apparent size).
@@ -67,8 +30,7 @@ fn allocated(path: &Path) -> u64 {
 /// A runtime over `data`, after sweeping what a failed earlier run may have left there (its
 /// sandboxes' processes hold their disks).
 async fn runtime(data: &Path) -> (LinuxRuntime, LinuxRuntimeConfig) {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the disk tests need root");
+    require_root("the disk tests");
     std::fs::create_dir_all(data).unwrap();
     let config = LinuxRuntimeConfig::derived(data.to_path_buf(), init_binary());
     let rt = LinuxRuntime::new(config.clone())

@@ -8,69 +8,24 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
-use warren_runtime::{
-    CheckpointOptions, EnvdSettings, NetworkPolicy, Placement, Resources, RuntimeError,
-    SandboxRuntime, SandboxSpec,
-};
+use warren_runtime::{CheckpointOptions, Placement, RuntimeError, SandboxRuntime, SandboxSpec};
 
-fn init_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap();
-    let bin = target.join("examples").join("minimal_init");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo test builds examples",
-        bin.display()
-    );
-    bin
-}
+mod common;
 
-struct Harness {
-    rt: LinuxRuntime,
-    data: PathBuf,
-    rootfs: warren_runtime::RootfsSpec,
-}
+use common::{require_root, Harness};
 
 impl Harness {
     async fn new(name: &str) -> Harness {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "hibernation tests need root");
-        let data = PathBuf::from(format!("/tmp/warren-criu-test-{name}"));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(&data).unwrap();
-        let rt = Self::runtime(&data).await;
-        // Whatever an aborted earlier run left (processes, frozen cgroups) goes first.
-        rt.sweep(&HashSet::new()).await.expect("sweep leftovers");
-        if let Err(why) = rt.hibernate_support() {
+        require_root("hibernation tests");
+        let h = Harness::start(
+            PathBuf::from(format!("/tmp/warren-criu-test-{name}")),
+            |_| {},
+        )
+        .await;
+        if let Err(why) = h.rt.hibernate_support() {
             panic!("CRIU must work on this host for these tests (scripts/install-criu.sh): {why}");
         }
-        let rootfs = prepare_base_template(&data).expect("base template");
-        Harness { rt, data, rootfs }
-    }
-
-    async fn runtime(data: &std::path::Path) -> LinuxRuntime {
-        let config = LinuxRuntimeConfig::derived(data.to_path_buf(), init_binary());
-        LinuxRuntime::new(config).await.expect("runtime starts")
-    }
-
-    fn spec(&self, id: &str) -> SandboxSpec {
-        SandboxSpec {
-            id: id.to_string(),
-            rootfs: self.rootfs.clone(),
-            resources: Resources::default(),
-            network: NetworkPolicy::default(),
-            envd: EnvdSettings {
-                default_user: "user".into(),
-                ..Default::default()
-            },
-        }
-    }
-
-    async fn finish(self) {
-        self.rt.sweep(&HashSet::new()).await.unwrap();
-        self.rt.teardown_host().await.unwrap();
-        let _ = std::fs::remove_dir_all(&self.data);
+        h
     }
 }
 
@@ -242,7 +197,7 @@ async fn listener_survives_hibernation_and_a_daemon_restart() {
     h.rt.hibernate("hiblisten").await.expect("hibernate");
     let dump = t.elapsed();
     // A second runtime over the same data dir stands in for the restarted daemon.
-    let rt2 = Harness::runtime(&h.data).await;
+    let rt2 = Harness::restarted(&h.data).await;
     assert!(rt2.adopt_hibernated("hiblisten", &p).await.unwrap());
     rt2.sweep(&HashSet::from(["hiblisten".to_string()]))
         .await

@@ -6,75 +6,21 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
-use warren_runtime::{EnvdSettings, NetworkPolicy, Resources, SandboxRuntime, SandboxSpec};
+use warren_runtime::SandboxRuntime;
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the runtime's kernel tests need root (namespaces, cgroups, netlink)"
-    );
-}
+mod common;
 
-fn init_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap();
-    let bin = target.join("examples").join("minimal_init");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo test builds examples",
-        bin.display()
-    );
-    bin
-}
-
-struct Harness {
-    rt: LinuxRuntime,
-    data: PathBuf,
-    rootfs: warren_runtime::RootfsSpec,
-}
+use common::{require_root, run_in_sandbox as in_sandbox, Harness};
 
 impl Harness {
     async fn new(name: &str) -> Harness {
-        require_root();
-        let data = PathBuf::from(format!("/tmp/warren-kernel-test-{name}"));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(&data).unwrap();
-        let config = LinuxRuntimeConfig::derived(data.clone(), init_binary());
-        let rt = LinuxRuntime::new(config).await.expect("runtime starts");
-        let rootfs = prepare_base_template(&data).expect("base template");
-        Harness { rt, data, rootfs }
+        require_root("the runtime's kernel tests (namespaces, cgroups, netlink)");
+        Harness::start(
+            PathBuf::from(format!("/tmp/warren-kernel-test-{name}")),
+            |_| {},
+        )
+        .await
     }
-
-    fn spec(&self, id: &str) -> SandboxSpec {
-        SandboxSpec {
-            id: id.to_string(),
-            rootfs: self.rootfs.clone(),
-            resources: Resources::default(),
-            network: NetworkPolicy::default(),
-            envd: EnvdSettings {
-                default_user: "user".into(),
-                ..Default::default()
-            },
-        }
-    }
-
-    async fn finish(self) {
-        let gone = self.rt.sweep(&HashSet::new()).await.unwrap();
-        let _ = gone;
-        self.rt.teardown_host().await.unwrap();
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
-}
-
-/// Runs a command inside a sandbox's namespaces and root, as the test's root user.
-fn in_sandbox(pid: u32, cmd: &str) -> std::process::Output {
-    Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-a", "/bin/sh", "-c", cmd])
-        .output()
-        .expect("nsenter runs")
 }
 
 fn health(addr: SocketAddr) -> bool {
@@ -345,8 +291,7 @@ async fn adopt_after_restart_and_sweep_leftovers() {
     let keep = h.rt.create(&h.spec("keepme")).await.expect("create keep");
     let _lost = h.rt.create(&h.spec("loseme")).await.expect("create lose");
     // A second runtime over the same data dir stands in for the restarted daemon.
-    let config = LinuxRuntimeConfig::derived(h.data.clone(), init_binary());
-    let rt2 = LinuxRuntime::new(config).await.expect("second runtime");
+    let rt2 = Harness::restarted(&h.data).await;
     assert!(rt2.adopt("keepme", &keep).await.unwrap());
     let mut stale = keep.clone();
     stale.init_start_ticks += 1;

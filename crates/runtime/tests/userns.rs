@@ -1,30 +1,14 @@
 //! Real-kernel tests of the sandboxes' user namespaces: root inside is an unprivileged host uid
 //! range, while files keep plain ids on disk. They need root and fail loudly without it.
 
-use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::process::Command;
-use warren_runtime::linux::{prepare_base_template, LinuxRuntime, LinuxRuntimeConfig};
-use warren_runtime::{EnvdSettings, NetworkPolicy, Resources, SandboxRuntime, SandboxSpec};
+use warren_runtime::SandboxRuntime;
 
-fn init_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap();
-    let bin = target.join("examples").join("minimal_init");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo test builds examples",
-        bin.display()
-    );
-    bin
-}
+mod common;
 
-struct Harness {
-    rt: LinuxRuntime,
-    data: PathBuf,
-    rootfs: warren_runtime::RootfsSpec,
-}
+use common::{in_sandbox, require_root, Harness};
 
 impl Harness {
     async fn new(name: &str) -> Harness {
@@ -32,55 +16,15 @@ impl Harness {
     }
 
     async fn with(name: &str, user_namespaces: bool) -> Harness {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "user namespace tests need root"
-        );
+        require_root("user namespace tests");
         let data = PathBuf::from(format!("/tmp/warren-userns-test-{name}"));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(&data).unwrap();
-        let mut config = LinuxRuntimeConfig::derived(data.clone(), init_binary());
-        config.user_namespaces = user_namespaces;
-        // Namespaces made on demand, so the test sees which range a create gets.
-        config.prepared_networks = 0;
-        let rt = LinuxRuntime::new(config).await.expect("runtime starts");
-        let rootfs = prepare_base_template(&data).expect("base template");
-        Harness { rt, data, rootfs }
+        Harness::start(data, |config| {
+            config.user_namespaces = user_namespaces;
+            // Namespaces made on demand, so the test sees which range a create gets.
+            config.prepared_networks = 0;
+        })
+        .await
     }
-
-    fn spec(&self, id: &str) -> SandboxSpec {
-        SandboxSpec {
-            id: id.to_string(),
-            rootfs: self.rootfs.clone(),
-            resources: Resources::default(),
-            network: NetworkPolicy::default(),
-            envd: EnvdSettings {
-                default_user: "user".into(),
-                ..Default::default()
-            },
-        }
-    }
-
-    async fn finish(self) {
-        self.rt.sweep(&HashSet::new()).await.unwrap();
-        self.rt.teardown_host().await.unwrap();
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
-}
-
-/// Runs a shell command in every namespace of the sandbox (its user namespace included, so as
-/// the sandbox's root), in its root directory.
-fn in_sandbox(pid: u32, cmd: &str) -> (bool, String) {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-a", "/bin/sh", "-c", cmd])
-        .output()
-        .expect("nsenter runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 /// Runs a shell command as the sandbox's root (its user namespace only), but in the host's mount

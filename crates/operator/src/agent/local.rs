@@ -19,7 +19,9 @@ use warren_runtime::{
 };
 
 pub struct LocalAgent {
-    rt: PodRuntime,
+    pub(super) rt: PodRuntime,
+    /// `<data>/envd-admin`: the envd admin tokens forks are re-keyed with (see `local_fork`).
+    pub(super) tokens_dir: PathBuf,
     /// The node's OCI image store (`<data>/images`), where commits go.
     committer: std::sync::Arc<warren_image::commit::Committer>,
     /// `<data>/commits/<commit id>.json`: finished commits, so a repeat returns the first.
@@ -36,7 +38,7 @@ fn failed(node: &str, code: u16, message: String) -> AgentError {
     }
 }
 
-fn runtime_error(node: &str, e: RuntimeError) -> AgentError {
+pub(super) fn runtime_error(node: &str, e: RuntimeError) -> AgentError {
     match e {
         RuntimeError::UnknownSandbox(id) => AgentError::NotFound {
             node: node.into(),
@@ -104,13 +106,14 @@ impl LocalAgent {
             .map_err(|e| RuntimeError::io("mkdir", &commits_dir, e))?;
         Ok(LocalAgent {
             rt,
+            tokens_dir: data_dir.join(super::local_fork::TOKENS_DIR),
             committer: std::sync::Arc::new(committer),
             commits_dir,
             templates: BTreeMap::from([("base".to_string(), base)]),
         })
     }
 
-    fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
+    pub(super) fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
         let ip: Ipv4Addr = match &req.pod.ip {
             Some(ip) => ip
                 .parse()
@@ -172,6 +175,9 @@ impl NodeAgent for LocalAgent {
                 .await
                 .map_err(|e| runtime_error(node, e))?;
         }
+        if let Some(checkpoint) = &req.restore_from {
+            return self.create_fork(node, req, checkpoint).await;
+        }
         if req.image.is_some() {
             return Err(failed(
                 node,
@@ -229,6 +235,12 @@ impl NodeAgent for LocalAgent {
             .create(&spec, &target)
             .await
             .map_err(|e| runtime_error(node, e))?;
+        super::local_fork::write_token(
+            &self.tokens_dir,
+            "sandbox",
+            &req.id,
+            req.admin_token.as_deref(),
+        );
         tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, "sandbox started in pod");
         Ok(SandboxInfo {
             id: req.id.clone(),
@@ -286,6 +298,14 @@ impl NodeAgent for LocalAgent {
             )
             .await
             .map_err(|e| runtime_error(node, e))?;
+        // Its forks' envd is re-keyed with the source's admin token.
+        let admin = super::local_fork::read_token(&self.tokens_dir, "sandbox", id);
+        super::local_fork::write_token(
+            &self.tokens_dir,
+            "checkpoint",
+            &req.checkpoint_id,
+            admin.as_deref(),
+        );
         Ok(CheckpointInfo {
             checkpoint_id: req.checkpoint_id.clone(),
             size_bytes: info.image_bytes + info.fs_bytes,
@@ -294,6 +314,7 @@ impl NodeAgent for LocalAgent {
     }
 
     async fn delete_checkpoint(&self, node: &str, checkpoint_id: &str) -> Result<(), AgentError> {
+        super::local_fork::write_token(&self.tokens_dir, "checkpoint", checkpoint_id, None);
         self.rt
             .delete_checkpoint(checkpoint_id)
             .await
@@ -404,6 +425,7 @@ impl NodeAgent for LocalAgent {
     }
 
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError> {
+        super::local_fork::write_token(&self.tokens_dir, "sandbox", id, None);
         self.rt
             .destroy(id)
             .await

@@ -14,6 +14,8 @@ pub mod fake;
 pub mod http;
 #[cfg(target_os = "linux")]
 pub mod local;
+#[cfg(target_os = "linux")]
+mod local_fork;
 pub mod server;
 
 use async_trait::async_trait;
@@ -68,6 +70,11 @@ pub struct CreateRequest {
     /// gives a claimed pool member its client's env vars with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// A fork: the id on this node of the checkpoint (its images and files) to restore the
+    /// sandbox from, instead of booting the template. A checkpoint the node does not hold
+    /// answers NotFound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
 }
 
 /// What a sandbox on the node looks like.

@@ -234,6 +234,8 @@ mod tests {
                 uid: "u".into(),
                 ip: Some("10.0.0.5".into()),
             },
+            // A fork: the checkpoint id travels too.
+            restore_from: Some("cp0".into()),
             ..Default::default()
         };
         let info = client.create("ignored", &req).await.unwrap();
