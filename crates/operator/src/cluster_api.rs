@@ -719,6 +719,10 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
                 .delete(jobs::h_delete_checkpoint),
         )
         .route(
+            "/warren/v1/checkpoints/{name}/restore",
+            post(jobs::h_restore_checkpoint),
+        )
+        .route(
             "/warren/v1/commits",
             get(jobs::h_list_commits).post(jobs::h_create_commit),
         )

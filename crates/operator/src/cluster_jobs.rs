@@ -14,7 +14,7 @@
 //!
 //! Objects being deleted are gone for the API (404, not listed).
 
-use super::{check_key, ApiError, ClusterApi, Shared};
+use super::{check_key, timeout_secs, ApiError, ClusterApi, NewSandbox, SandboxJson, Shared};
 use crate::conditions;
 use crate::crd::{self, CheckpointContent, CheckpointPhase, JobPhase, SandboxPhase};
 use axum::body::Bytes;
@@ -30,6 +30,33 @@ use warren_core::checkpoint::{
 };
 use warren_core::commit::{Commit, CommitPhase, CommitSpec, CommitStatus, RegistryAuth, SecretRef};
 use warren_core::objects::ObjectMeta;
+
+/// Most sandboxes one restore makes (single-host mode's `MAX_FORKS`).
+pub const MAX_RESTORES: u32 = 100;
+/// Restores waited for at once.
+pub const RESTORE_PARALLELISM: usize = 4;
+
+/// Body of `POST /warren/v1/checkpoints/{name}/restore` (single-host mode's).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreBody {
+    pub count: Option<u32>,
+    pub timeout: Option<i64>,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub env_vars: std::collections::BTreeMap<String, String>,
+}
+
+/// One restored sandbox, or why it could not be (E2B's `SandboxForkResult`).
+#[derive(Debug, serde::Serialize)]
+pub struct ForkResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxJson>,
+    /// `{"code": <HTTP status>, "message": "..."}`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<serde_json::Value>,
+}
 
 fn time(s: &str) -> Option<DateTime<Utc>> {
     s.parse().ok()
@@ -429,6 +456,52 @@ impl ClusterApi {
         }
     }
 
+    /// `count` sandboxes restored from checkpoint `name`, each continuing from its state: forks
+    /// through the ordinary create (a `templateID` naming a Checkpoint), at most
+    /// [`RESTORE_PARALLELISM`] at once. One result per sandbox; a missing checkpoint or a bad
+    /// count fails the request as a whole, as in single-host mode.
+    pub async fn restore_checkpoint(
+        &self,
+        name: &str,
+        req: RestoreBody,
+    ) -> Result<Vec<ForkResult>, ApiError> {
+        use futures::StreamExt;
+        let count = req.count.unwrap_or(1);
+        if count == 0 || count > MAX_RESTORES {
+            return Err(ApiError::new(
+                400,
+                format!("count must be between 1 and {MAX_RESTORES} (got {count})"),
+            ));
+        }
+        timeout_secs(req.timeout)?;
+        self.get_checkpoint(name).await?;
+        let results = futures::stream::iter(0..count)
+            .map(|_| {
+                self.create(NewSandbox {
+                    template_id: Some(name.to_string()),
+                    timeout: req.timeout,
+                    metadata: Some(req.metadata.clone()),
+                    env_vars: Some(req.env_vars.clone()),
+                })
+            })
+            .buffered(RESTORE_PARALLELISM)
+            .collect::<Vec<_>>()
+            .await;
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Ok(sandbox) => ForkResult {
+                    sandbox: Some(sandbox),
+                    error: None,
+                },
+                Err(e) => ForkResult {
+                    sandbox: None,
+                    error: Some(serde_json::json!({"code": e.code, "message": e.message})),
+                },
+            })
+            .collect())
+    }
+
     pub async fn list_commits(&self) -> Result<Vec<Commit>, ApiError> {
         let all = self
             .commit_api()
@@ -554,6 +627,23 @@ pub(super) async fn h_apply_commit(
     let c: Commit = parse(&body, "Commit")?;
     let (code, c) = api.apply_commit(&name, c).await?;
     Ok((code, Json(c)).into_response())
+}
+
+pub(super) async fn h_restore_checkpoint(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_key(&api, &headers)?;
+    let req: RestoreBody = if body.is_empty() {
+        RestoreBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?
+    };
+    let results = api.restore_checkpoint(&name, req).await?;
+    Ok((StatusCode::CREATED, Json(results)).into_response())
 }
 
 pub(super) async fn h_list_commits(

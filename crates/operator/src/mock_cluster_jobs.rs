@@ -630,3 +630,111 @@ async fn apply_by_name_is_idempotent_and_refuses_another_spec() {
     let (status, _) = task.await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+/// One fork of `cp1` through the ordinary create: no pool member, the Checkpoint named, a
+/// Sandbox restoring from it; `ready` is what the wait reads back. Returns the new id.
+async fn expect_fork(server: &mut ApiServer, ready: impl FnOnce(&str) -> Value) -> String {
+    let c = server.expect("GET", SANDBOXES).await;
+    assert!(c.query.contains("labelSelector"), "{}", c.query);
+    c.ok(list(vec![]));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
+        .await
+        .ok(cp_resource("Succeeded", None, "Succeeded"));
+    let c = server.expect("POST", SANDBOXES).await;
+    assert_eq!(c.body["spec"]["restoreFrom"], "cp1");
+    assert_eq!(
+        c.body["metadata"]["annotations"]["metadata.warren.dev/who"],
+        "ann"
+    );
+    assert_eq!(c.body["spec"]["envVars"]["A"], "1");
+    let id = c.body["metadata"]["name"].as_str().unwrap().to_string();
+    let b = c.body.clone();
+    c.reply(201, b);
+    server
+        .expect("GET", &format!("{SANDBOXES}/{id}"))
+        .await
+        .ok(ready(&id));
+    id
+}
+
+#[tokio::test]
+async fn restore_forks_a_checkpoint_with_one_result_per_sandbox() {
+    let (api, mut server, _fake) = api();
+    let body =
+        json!({"count": 1, "timeout": 60, "metadata": {"who": "ann"}, "envVars": {"A": "1"}});
+    let task = call(
+        &api,
+        "POST",
+        "/warren/v1/checkpoints/cp1/restore",
+        body.clone(),
+    )
+    .await;
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
+        .await
+        .ok(cp_resource("Succeeded", None, "Succeeded"));
+    let id = expect_fork(&mut server, |id| {
+        let mut s = running(id, 1);
+        s["metadata"]["name"] = json!(id);
+        s
+    })
+    .await;
+    let (status, v) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v[0]["sandbox"]["sandboxID"], id);
+    assert!(v[0].get("error").is_none(), "{v}");
+
+    // A fork that fails is an item with an error (and is not left behind).
+    let task = call(&api, "POST", "/warren/v1/checkpoints/cp1/restore", body).await;
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
+        .await
+        .ok(cp_resource("Succeeded", None, "Succeeded"));
+    let id = expect_fork(&mut server, |id| {
+        let mut s = running(id, 1);
+        s["metadata"]["name"] = json!(id);
+        s["status"]["phase"] = json!("Failed");
+        s["status"]["conditions"][0] = json!({"type": "Ready", "status": "False",
+            "reason": "CheckpointLost", "message": "node node-a no longer exists",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"});
+        s
+    })
+    .await;
+    server
+        .expect("DELETE", &format!("{SANDBOXES}/{id}"))
+        .await
+        .ok(running(&id, 1));
+    let (status, v) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v[0]["error"]["code"], 500, "{v}");
+    assert!(v[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("CheckpointLost"));
+
+    // Whole-request errors: a bad count, a missing checkpoint.
+    let (status, v) = call(
+        &api,
+        "POST",
+        "/warren/v1/checkpoints/cp1/restore",
+        json!({"count": 0}),
+    )
+    .await
+    .await
+    .unwrap();
+    assert_error(status, &v, 400, "count must be between 1 and 100 (got 0)");
+    let task = call(
+        &api,
+        "POST",
+        "/warren/v1/checkpoints/cp9/restore",
+        Value::Null,
+    )
+    .await;
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/cp9"))
+        .await
+        .status_error(404, "NotFound", "not found");
+    let (status, v) = task.await.unwrap();
+    assert_error(status, &v, 404, "checkpoint cp9 not found");
+}
