@@ -708,6 +708,7 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(h_resume))
         .route("/sandboxes/{id}/timeout", post(h_timeout))
         .route("/sandboxes/{id}/metrics", get(metrics::h_metrics))
+        .route("/sandboxes/{id}/fork", post(jobs::h_fork))
         .route(
             "/warren/v1/checkpoints",
             get(jobs::h_list_checkpoints).post(jobs::h_create_checkpoint),

@@ -502,6 +502,65 @@ impl ClusterApi {
             .collect())
     }
 
+    /// E2B's `sbx.fork(count)`: a checkpoint of the sandbox (which runs on), restored `count`
+    /// times, each fork with the source's metadata. The checkpoint (labelled
+    /// `warren.dev/fork-of`) is deleted once the forks are made: forks need it only to start,
+    /// and its node keeps the files while forks stack them (the Checkpoint stays `Terminating`
+    /// until they are gone), as single-host mode collects spent fork checkpoints.
+    pub async fn fork(
+        &self,
+        id: &str,
+        count: Option<i64>,
+        timeout: Option<i64>,
+    ) -> Result<Vec<ForkResult>, ApiError> {
+        let count = count.unwrap_or(1);
+        let count = u32::try_from(count)
+            .ok()
+            .filter(|c| (1..=MAX_RESTORES).contains(c))
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    format!("count must be between 1 and {MAX_RESTORES} (got {count})"),
+                )
+            })?;
+        timeout_secs(timeout)?;
+        let source = self.get_visible(id).await?;
+        let mut ck = Checkpoint {
+            api_version: warren_core::objects::API_VERSION.into(),
+            kind: "Checkpoint".into(),
+            metadata: ObjectMeta::default(),
+            spec: CheckpointSpec {
+                sandbox: id.to_string(),
+                container_name: None,
+                keep_running: true,
+                ttl_after_finished: None,
+                persistent_contents: vec!["memory".into(), "filesystem".into()],
+            },
+            status: Default::default(),
+        };
+        ck.metadata.name = format!("fork-{id}-{}", random_suffix());
+        ck.metadata.labels.insert(
+            warren_core::checkpoint::FORK_LABEL.to_string(),
+            id.to_string(),
+        );
+        let ck = self.create_checkpoint(ck).await?;
+        let req = RestoreBody {
+            count: Some(count),
+            timeout,
+            metadata: super::metadata_of(&source),
+            env_vars: Default::default(),
+        };
+        let results = self.restore_checkpoint(&ck.metadata.name, req).await;
+        if let Err(e) = self
+            .checkpoint_api()
+            .delete(&ck.metadata.name, &DeleteParams::default())
+            .await
+        {
+            tracing::warn!(checkpoint = %ck.metadata.name, error = %e, "cannot delete a spent fork checkpoint");
+        }
+        results
+    }
+
     pub async fn list_commits(&self) -> Result<Vec<Commit>, ApiError> {
         let all = self
             .commit_api()
@@ -643,6 +702,30 @@ pub(super) async fn h_restore_checkpoint(
             .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?
     };
     let results = api.restore_checkpoint(&name, req).await?;
+    Ok((StatusCode::CREATED, Json(results)).into_response())
+}
+
+/// Body of E2B's `POST /sandboxes/{id}/fork`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ForkBody {
+    pub count: Option<i64>,
+    pub timeout: Option<i64>,
+}
+
+pub(super) async fn h_fork(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_key(&api, &headers)?;
+    let req: ForkBody = if body.is_empty() {
+        ForkBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?
+    };
+    let results = api.fork(&id, req.count, req.timeout).await?;
     Ok((StatusCode::CREATED, Json(results)).into_response())
 }
 

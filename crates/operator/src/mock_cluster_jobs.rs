@@ -738,3 +738,76 @@ async fn restore_forks_a_checkpoint_with_one_result_per_sandbox() {
     let (status, v) = task.await.unwrap();
     assert_error(status, &v, 404, "checkpoint cp9 not found");
 }
+
+#[tokio::test]
+async fn fork_checkpoints_the_sandbox_and_restores_it() {
+    let (api, mut server, _fake) = api();
+    let mut source = running("sb1", 10);
+    source["metadata"]["annotations"] = json!({"metadata.warren.dev/who": "ann"});
+    let task = call(
+        &api,
+        "POST",
+        "/sandboxes/sb1/fork",
+        json!({"count": 1, "timeout": 60}),
+    )
+    .await;
+    server
+        .expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(source.clone());
+    server
+        .expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(source.clone());
+    let c = server.expect("POST", CHECKPOINTS).await;
+    let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("fork-sb1-"), "{name}");
+    assert_eq!(c.body["metadata"]["labels"]["warren.dev/fork-of"], "sb1");
+    assert!(c.body["spec"].get("ttlAfterFinished").is_none());
+    let b = c.body.clone();
+    c.reply(201, b);
+    let mut done = cp_resource("Succeeded", None, "Succeeded");
+    done["metadata"]["name"] = json!(name);
+    for _ in 0..2 {
+        // Taken, then looked up by the restore.
+        server
+            .expect("GET", &format!("{CHECKPOINTS}/{name}"))
+            .await
+            .ok(done.clone());
+    }
+    let c = server.expect("GET", SANDBOXES).await;
+    c.ok(list(vec![]));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/{name}"))
+        .await
+        .ok(done.clone());
+    let c = server.expect("POST", SANDBOXES).await;
+    assert_eq!(c.body["spec"]["restoreFrom"], json!(name));
+    assert_eq!(
+        c.body["metadata"]["annotations"]["metadata.warren.dev/who"], "ann",
+        "the source's metadata"
+    );
+    let id = c.body["metadata"]["name"].as_str().unwrap().to_string();
+    let b = c.body.clone();
+    c.reply(201, b);
+    let mut ready_fork = running(&id, 1);
+    ready_fork["metadata"]["name"] = json!(id);
+    server
+        .expect("GET", &format!("{SANDBOXES}/{id}"))
+        .await
+        .ok(ready_fork);
+    // Spent: deleted (its node keeps the files the fork stacks).
+    server
+        .expect("DELETE", &format!("{CHECKPOINTS}/{name}"))
+        .await
+        .ok(done.clone());
+    let (status, v) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v[0]["sandbox"]["sandboxID"], json!(id));
+
+    let (status, v) = call(&api, "POST", "/sandboxes/sb1/fork", json!({"count": -1}))
+        .await
+        .await
+        .unwrap();
+    assert_error(status, &v, 400, "count must be between 1 and 100 (got -1)");
+}
