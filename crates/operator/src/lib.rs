@@ -14,6 +14,7 @@ pub mod commit;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod disk;
 pub mod error;
 pub mod jobs;
 pub mod leader;

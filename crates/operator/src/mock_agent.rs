@@ -119,6 +119,8 @@ async fn a_running_pod_gets_its_sandbox_from_the_node_agent() {
     assert_eq!(fake.calls(), [format!("create node-a {id}")]);
     let req = fake.creates.lock().unwrap()[0].clone();
     assert_eq!((req.vcpus, req.memory_mb), (1, 512));
+    // The disk cap the Pod was scheduled with.
+    assert_eq!(req.disk_mb, 1024);
     assert_eq!(req.template.as_deref(), Some("base"));
     assert_eq!(
         (req.pod.uid.as_str(), req.pod.ip.as_deref()),

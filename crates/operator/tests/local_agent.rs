@@ -56,15 +56,25 @@ struct FakePod {
 
 impl FakePod {
     fn new() -> FakePod {
+        FakePod::numbered(0)
+    }
+
+    /// Pod `k` of this test process: tests of one binary run at once, each with its own Pod.
+    fn numbered(k: u8) -> FakePod {
         let n = std::process::id();
-        // 10.252.<n>/30 pairs: distinct per test process, never a real network.
+        // 10.<252+k>.<n>/30 pairs: distinct per test process, never a real network.
         let (a, b) = ((n >> 6) & 0xff, (n & 0x3f) << 2);
-        let host_ip = Ipv4Addr::new(10, 252, a as u8, b as u8 + 1);
-        let ip = Ipv4Addr::new(10, 252, a as u8, b as u8 + 2);
-        let netns = format!("wopt{n}");
-        let host_veth = format!("wopt{n}h");
-        let uid = format!("0aa1b2c3-d4e5-4f60-8a7b-{n:012}");
-        let cgroup = format!("warren-optest-{n}/kubepods/pod{uid}");
+        let host_ip = Ipv4Addr::new(10, 252 + k, a as u8, b as u8 + 1);
+        let ip = Ipv4Addr::new(10, 252 + k, a as u8, b as u8 + 2);
+        let tag = if k == 0 {
+            n.to_string()
+        } else {
+            format!("{n}x{k}")
+        };
+        let netns = format!("wopt{tag}");
+        let host_veth = format!("wopt{tag}h");
+        let uid = format!("0aa1b2c3-d4e5-4f60-8a{k:02x}-{n:012}");
+        let cgroup = format!("warren-optest-{tag}/kubepods/pod{uid}");
         sh(&format!(
             "ip netns add {netns} && ip link add {host_veth} type veth peer name eth0 netns {netns} \
              && ip addr add {host_ip}/30 dev {host_veth} && ip link set {host_veth} up \
@@ -107,6 +117,14 @@ impl FakePod {
             .args(["netns", "del", &self.netns])
             .status();
         let top = self.cgroup.split('/').next().unwrap().to_string();
+        // `ip netns exec` may leave its `sleep` behind (a fork, not an exec): end everything
+        // still in the Pod's cgroups, or they hold the test's output pipe and the cgroup.
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let kill = Path::new(root).join(&top).join("cgroup.kill");
+            if kill.exists() {
+                let _ = std::fs::write(kill, "1");
+            }
+        }
         // Deepest first: rmdir only removes empty cgroups.
         for root in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
             let mut dirs: Vec<PathBuf> = walk(&root.path().join(&top));
@@ -424,6 +442,156 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
         assert!(!envd_answers(pod.ip));
         assert!(Path::new(&format!("/var/run/netns/{}", pod.netns)).exists());
         agent.delete(NODE, &id).await.expect("repeated delete");
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// The loop device (`loopN`) whose backing file is `image`, if one is.
+fn loop_of(image: &Path) -> Option<String> {
+    std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .find_map(|d| {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(d.path().join("loop/backing_file")).ok()?;
+            (Path::new(backing.trim()) == image).then_some(name)
+        })
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string and a zeroed out-struct that statvfs fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both pointers outlive the call.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
+/// Disk caps in Pods: the sandbox's files are on a file system of the cap's size (the
+/// single-host disk), so filling it gets ENOSPC at the cap, the node spends at most the cap, and
+/// delete frees the image, the mount and the loop device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sandboxes_get_the_single_host_disk_cap() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    warren_runtime::linux::disk::check_support().expect("this node must support disk caps");
+    let data = PathBuf::from(format!("/tmp/warren-agent-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let pod = FakePod::numbered(1);
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.clone(), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(1024),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    const CAP_MB: u64 = 64;
+    let req = CreateRequest {
+        id: id.clone(),
+        template: Some("base".into()),
+        // What the operator sends for `ephemeral-storage: 64Mi`.
+        disk_mb: CAP_MB,
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-disk".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        let free_before = free_bytes(&data);
+        let info = agent.create(NODE, &req).await.expect("create with a cap");
+        let pid = info.init_pid.unwrap();
+        let dir = data.join("sandboxes").join(&id);
+        let image = dir.join("disk.img");
+        assert!(image.is_file(), "the sandbox has a disk image");
+        let dev = loop_of(&image).expect("the image is on a loop device");
+        assert!(
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&format!(" {} ", dir.join("disk").display())),
+            "the disk is mounted at the sandbox dir"
+        );
+
+        exec_in_sandbox(
+            &id,
+            pid,
+            "df -k / > /run/df.txt; dd if=/dev/zero of=/fill bs=1M 2>/run/dd.err; \
+             echo $? > /run/dd.rc",
+        );
+        let start = Instant::now();
+        while read_in_sandbox(pid, "/run/dd.rc").is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(60), "dd never ended");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let err = read_in_sandbox(pid, "/run/dd.err");
+        assert_ne!(read_in_sandbox(pid, "/run/dd.rc").trim(), "0", "{err}");
+        assert!(err.contains("No space left on device"), "dd: {err}");
+        let filled = std::fs::metadata(format!("/proc/{pid}/root/fill"))
+            .unwrap()
+            .len();
+        let df = read_in_sandbox(pid, "/run/df.txt");
+        let total_kb: u64 = df
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("df inside: {df}"));
+        eprintln!(
+            "cap {CAP_MB} MiB: df / inside shows {total_kb} KiB, dd wrote {} MiB before ENOSPC",
+            filled >> 20
+        );
+        assert!(
+            (CAP_MB * 1024 * 8 / 10..=CAP_MB * 1024).contains(&total_kb),
+            "df / inside shows the cap: {df}"
+        );
+        assert!(
+            ((CAP_MB << 20) * 7 / 10..=CAP_MB << 20).contains(&filled),
+            "ENOSPC at the cap, not before or after: wrote {filled} bytes"
+        );
+        // What the node spends: the sparse image's blocks, at most the cap.
+        use std::os::unix::fs::MetadataExt;
+        let spent = std::fs::metadata(&image).unwrap().blocks() * 512;
+        let dropped = free_before.saturating_sub(free_bytes(&data));
+        eprintln!(
+            "node spent {} MiB on the image; free space of the data dir's fs dropped {} MiB \
+             (other writers on this host included)",
+            spent >> 20,
+            dropped >> 20
+        );
+        assert!(spent <= CAP_MB << 20, "image spends {spent} bytes");
+
+        // Delete: image, mount and loop device go.
+        agent.delete(NODE, &id).await.expect("delete");
+        assert!(
+            !image.exists() && !dir.exists(),
+            "sandbox dir and image gone"
+        );
+        assert!(
+            !std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&dir.display().to_string()),
+            "no mount left under the sandbox dir"
+        );
+        wait_for("the loop device to be freed", || {
+            std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+                .map(|b| !b.contains(&id))
+                .unwrap_or(true)
+        });
     })
     .catch_unwind()
     .await;

@@ -9,6 +9,7 @@
 //! push with `registryAuth.secrets` answers 501 saying so.
 
 use super::*;
+use crate::disk::DEFAULT_SANDBOX_DISK_MB;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use warren_runtime::linux::pod::{PodRuntime, PodTarget};
@@ -26,6 +27,8 @@ pub struct LocalAgent {
     commits_dir: PathBuf,
     /// Templates this node can start: `base` (the host's `/usr` under a minimal root).
     templates: BTreeMap<String, RootfsSpec>,
+    /// Disk cap of a sandbox whose request names none (`--sandbox-disk-mb`); 0: no cap.
+    default_disk_mb: u64,
 }
 
 fn failed(node: &str, code: u16, message: String) -> AgentError {
@@ -107,7 +110,15 @@ impl LocalAgent {
             committer: std::sync::Arc::new(committer),
             commits_dir,
             templates: BTreeMap::from([("base".to_string(), base)]),
+            default_disk_mb: DEFAULT_SANDBOX_DISK_MB,
         })
+    }
+
+    /// The disk cap of sandboxes whose create names none, in MiB (`--sandbox-disk-mb`; 0: no
+    /// cap, upper dirs directly in the data dir).
+    pub fn with_sandbox_disk_mb(mut self, mb: u64) -> Self {
+        self.default_disk_mb = mb;
+        self
     }
 
     fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
@@ -210,9 +221,13 @@ impl NodeAgent for LocalAgent {
                 } else {
                     req.memory_mb
                 },
-                // Pod sandboxes have no disk of their own (yet): the upper dir is on the node's
-                // data dir, and the Pod's ephemeral-storage accounting does not see it.
-                disk_mb: 0,
+                // The single-host cap (a loop-mounted ext4 under the sandbox dir); the operator
+                // puts the same figure on the Pod as its ephemeral-storage, for the scheduler.
+                disk_mb: if req.disk_mb == 0 {
+                    self.default_disk_mb
+                } else {
+                    req.disk_mb
+                },
                 pids_max: defaults.pids_max,
             },
             network: NetworkPolicy::default(),

@@ -50,6 +50,10 @@ pub struct CreateRequest {
     pub vcpus: u32,
     #[serde(default)]
     pub memory_mb: u64,
+    /// The sandbox's disk cap in MiB (its Pod's ephemeral-storage); 0: the agent's
+    /// `--sandbox-disk-mb`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_mb: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env_vars: BTreeMap<String, String>,
     pub pod: PodRef,
@@ -68,6 +72,10 @@ pub struct CreateRequest {
     /// gives a claimed pool member its client's env vars with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a sandbox on the node looks like.
