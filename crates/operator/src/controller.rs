@@ -145,6 +145,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "Unschedulable",
     "PodFailed",
     "SandboxStartFailed",
+    "ImagePullFailed",
     "PodConflict",
     "NodeUnreachable",
     "ReconcileFailed",

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod error;
 pub mod jobs;
 pub mod leader;
+pub mod node_images;
 pub mod nodeloss;
 pub mod sandbox;
 pub mod sandbox_agent;

@@ -170,6 +170,57 @@ async fn a_failed_start_is_reported_by_the_started_condition() {
 }
 
 #[tokio::test]
+async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
+    let (ctx, mut api, fake) = mock_with_agent();
+    fake.fail(
+        "create",
+        AgentError::Failed {
+            node: "node-a".into(),
+            code: crate::agent::IMAGE_PULL_FAILED,
+            message: "pulling image 127.0.0.1:1/none:v1: registry 127.0.0.1:1: connection refused"
+                .into(),
+        },
+    );
+    let mut s = with_finalizer(sandbox("sb1"));
+    s.spec.template = None;
+    s.spec.image = Some("127.0.0.1:1/none:v1".into());
+    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .ok(running_pod(&s));
+    api.expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
+        .await
+        .ok(serde_json::to_value(&s).unwrap());
+    let conds = expect_agent_conditions(&mut api).await;
+    let st = find(&conds, "Started");
+    assert_eq!(
+        (st["status"].as_str(), st["reason"].as_str()),
+        (Some("False"), Some("ImagePullFailed"))
+    );
+    assert!(st["message"]
+        .as_str()
+        .unwrap()
+        .contains("connection refused"));
+    task.await.unwrap().unwrap();
+
+    // What the next reconcile shows: Ready=False with the same reason, phase Failed.
+    let mut failed = s.clone();
+    failed.status = Some(SandboxStatus {
+        conditions: serde_json::from_value(Value::Array(conds)).unwrap(),
+        ..Default::default()
+    });
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(running_pod(&s)).unwrap();
+    let st = crate::sandbox::observe(&failed, Some(&pod), "t");
+    assert_eq!(st.phase, SandboxPhase::Failed);
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ImagePullFailed")
+    );
+    assert!(ready.message.contains("connection refused"), "{ready:?}");
+}
+
+#[tokio::test]
 async fn paused_with_memory_hibernates_and_unpausing_wakes() {
     let (ctx, mut api, fake) = mock_with_agent();
     let id = node_id("uid-sb1");

@@ -86,6 +86,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
         (None, Some(i)) if i.is_empty() => return Err("spec.image is empty".into()),
         _ => {}
     }
+    crate::node_images::validate(spec)?;
     if spec.restore_from.is_some() {
         return Err(
             "spec.restoreFrom: forks are not supported by this operator version yet".into(),
@@ -312,6 +313,10 @@ fn pod_state(
                         (SandboxPhase::Running, ready(true, "SandboxRunning", String::new()))
                     }
                 }
+                Some(c) if c.status == "False" && c.reason == "ImagePullFailed" => (
+                    SandboxPhase::Failed,
+                    ready(false, "ImagePullFailed", c.message.clone()),
+                ),
                 Some(c) if c.status == "False" => (
                     SandboxPhase::Failed,
                     ready(

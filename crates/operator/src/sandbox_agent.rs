@@ -194,6 +194,9 @@ pub async fn drive(
                     message: e.to_string(),
                 })
             }
+            Err(e) if e.is_image_pull_failure() => {
+                started = Some(cond("Started", false, "ImagePullFailed", e.to_string()))
+            }
             Err(e) => started = Some(cond("Started", false, "StartFailed", e.to_string())),
         },
         Step::Pause { hibernate } => {

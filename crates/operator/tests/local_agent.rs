@@ -603,3 +603,255 @@ async fn pod_sandboxes_get_the_single_host_disk_cap() {
         std::panic::resume_unwind(p);
     }
 }
+
+fn need(bin: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{bin} is missing: install the Debian package {package} (scripts/install-deps.sh)"
+    );
+}
+
+/// Debian's `docker-registry` on a free loopback port, storing under `dir`; with `auth`, it
+/// requires HTTP basic auth as `tester:s3cret` (htpasswd).
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &Path, auth: bool) -> Registry {
+    need("docker-registry", "docker-registry");
+    std::fs::create_dir_all(dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut config = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+        dir.join("storage").display()
+    );
+    if auth {
+        need("htpasswd", "apache2-utils");
+        // The registry only accepts bcrypt entries.
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", "tester", "s3cret"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, &out.stdout).unwrap();
+        config.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: warren-test\n    path: {}\n",
+            htpasswd.display()
+        ));
+    }
+    let file = dir.join("config.yml");
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    while TcpStream::connect(&addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "registry did not start on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry { child, addr }
+}
+
+/// `tests/images/make-busybox-image.sh`'s image (busybox, `/data/hello.txt`, a whiteout, a
+/// config with env, workdir and user 1000), pushed to `dest` by skopeo.
+fn push_busybox_image(dir: &Path, dest: &[String]) {
+    need("skopeo", "skopeo");
+    let layout = dir.join("layout");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/make-busybox-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&layout)
+        .arg("v1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-busybox-image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for d in dest {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{d}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy to {d}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Images on a node: a sandbox of `image: <ref>` runs on the image pulled into the node's store
+/// (once, also for concurrent creates), and a pull that fails says why with the status the
+/// operator turns into `ImagePullFailed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sandboxes_run_images_pulled_once() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    let data = PathBuf::from(format!("/tmp/warren-agent-img-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let mut reg = Some(start_registry(&data.join("registry"), false));
+    let addr = reg.as_ref().unwrap().addr.clone();
+    let (v1, v2) = (
+        format!("{addr}/warren/tools:v1"),
+        format!("{addr}/warren/tools:v2"),
+    );
+    push_busybox_image(&data, &[v1.clone(), v2.clone()]);
+    let pod = FakePod::numbered(2);
+    let local = std::sync::Arc::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let agent: std::sync::Arc<dyn NodeAgent> = local.clone();
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let req = CreateRequest {
+        id: id.clone(),
+        image: Some(v1.clone()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-img".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        // Create: pulled once, run on the image's files.
+        let info = agent
+            .create(NODE, &req)
+            .await
+            .expect("create from an image");
+        assert_eq!(local.images().pulls(), 1);
+        let pid = info.init_pid.unwrap();
+        assert!(envd_answers(pod.ip), "envd answers in the image sandbox");
+        // The image's busybox shell runs and sees the image's files (the second layer's file,
+        // not the one it whited out).
+        exec_in_sandbox(
+            &id,
+            pid,
+            "cat /data/hello.txt > /run/out; ls /data > /run/ls; /bin/busybox | head -1 > /run/bb",
+        );
+        wait_for("the command in the image", || {
+            !read_in_sandbox(pid, "/run/bb").is_empty()
+        });
+        assert_eq!(read_in_sandbox(pid, "/run/out"), "hello from the image\n");
+        assert_eq!(read_in_sandbox(pid, "/run/ls").trim(), "hello.txt");
+        assert!(read_in_sandbox(pid, "/run/bb").contains("BusyBox"));
+        // Warren's /etc layer is on top, as for single-host image templates.
+        assert!(read_in_sandbox(pid, "/etc/hosts").contains("localhost"));
+        assert!(read_in_sandbox(pid, "/etc/passwd").contains("user:x:1000"));
+
+        // A second create (after a delete) needs no registry: the registry is gone.
+        agent.delete(NODE, &id).await.expect("delete");
+        drop(reg.take());
+        let again = agent
+            .create(NODE, &req)
+            .await
+            .expect("create from the store");
+        assert_eq!(local.images().pulls(), 1, "the second create did not pull");
+        assert!(again.init_pid.is_some());
+        agent.delete(NODE, &id).await.expect("delete");
+
+        // Concurrent creates of one image pull once: with the registry back, three gets of
+        // v2 at once (v2 has v1's layers: stored and unpacked once, by digest).
+        let reg2 = start_registry(&data.join("registry"), false);
+        let v2 = v2.replace(&addr, &reg2.addr);
+        push_busybox_image(&data, std::slice::from_ref(&v2));
+        let imgs = local.images();
+        let (a, b, c) = tokio::join!(imgs.get(&v2), imgs.get(&v2), imgs.get(&v2));
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(
+            local.images().pulls(),
+            2,
+            "one pull for three concurrent gets"
+        );
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert_eq!(
+            a.user, "user",
+            "uid 1000 named from the image's /etc/passwd"
+        );
+        assert_eq!(a.workdir.as_deref(), Some("/data"));
+        assert_eq!(a.env["IMAGE_GREETING"], "hi from config");
+
+        // Pull failures: unreachable registry, unknown tag, bad reference. Each is the
+        // image-pull status, with the reference and the cause in the message.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for (image, says) in [
+            (format!("127.0.0.1:{closed}/warren/tools:v1"), "127.0.0.1"),
+            (format!("{}/warren/tools:nope", reg2.addr), "no such image"),
+            ("Not A Reference".to_string(), "invalid image reference"),
+        ] {
+            let e = agent
+                .create(
+                    NODE,
+                    &CreateRequest {
+                        image: Some(image.clone()),
+                        ..req.clone()
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert!(e.is_image_pull_failure(), "{image}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("pulling image") && msg.contains(says),
+                "{image}: {msg}"
+            );
+            eprintln!("{image}: {msg}");
+        }
+        assert!(
+            !data.join("node/sandboxes").join(&id).exists(),
+            "a failed pull leaves no sandbox behind"
+        );
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    drop(local);
+    pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

@@ -3,6 +3,9 @@
 //! and network namespace. Found from the Pod's uid (its processes' cgroup paths carry
 //! `pod<uid>`), or handed in explicitly.
 //!
+//! `image:` sandboxes run on the image's layers, pulled into the node's store once
+//! ([`super::images`]); a pull that fails answers [`IMAGE_PULL_FAILED`].
+//!
 //! Hibernate, wake and checkpoint use CRIU as single-host mode does (a node without a working
 //! CRIU answers 501 with the reason). Commits use the single-host commit code into the node's
 //! image store (`<data>/images`) and push without credentials: the agent reads no Secrets, so a
@@ -29,6 +32,8 @@ pub struct LocalAgent {
     templates: BTreeMap<String, RootfsSpec>,
     /// Disk cap of a sandbox whose request names none (`--sandbox-disk-mb`); 0: no cap.
     default_disk_mb: u64,
+    /// Images pulled for `image:` sandboxes, in the same store as commits.
+    images: super::images::NodeImages,
 }
 
 fn failed(node: &str, code: u16, message: String) -> AgentError {
@@ -88,6 +93,11 @@ pub fn find_pod(proc_root: &Path, uid: &str) -> Option<(String, u32)> {
 }
 
 impl LocalAgent {
+    /// The node's images (for tests and metrics: how many pulls it made).
+    pub fn images(&self) -> &super::images::NodeImages {
+        &self.images
+    }
+
     /// Needs a tokio runtime (it adopts the sandboxes a previous agent left running).
     pub fn new(data_dir: PathBuf, envd_binary: PathBuf) -> Result<Self, RuntimeError> {
         let rt = PodRuntime::new(data_dir.clone(), envd_binary)?;
@@ -102,6 +112,8 @@ impl LocalAgent {
         let base = prepare_base_template(&data_dir)?;
         let committer = warren_image::commit::Committer::open(&data_dir.join("images"))
             .map_err(|e| RuntimeError::Config(format!("the node's image store: {e}")))?;
+        let images = super::images::NodeImages::new(committer.store().clone(), &data_dir)
+            .map_err(|e| RuntimeError::io("prepare the /etc layer of images in", &data_dir, e))?;
         let commits_dir = data_dir.join("commits");
         std::fs::create_dir_all(&commits_dir)
             .map_err(|e| RuntimeError::io("mkdir", &commits_dir, e))?;
@@ -111,6 +123,7 @@ impl LocalAgent {
             commits_dir,
             templates: BTreeMap::from([("base".to_string(), base)]),
             default_disk_mb: DEFAULT_SANDBOX_DISK_MB,
+            images,
         })
     }
 
@@ -183,15 +196,21 @@ impl NodeAgent for LocalAgent {
                 .await
                 .map_err(|e| runtime_error(node, e))?;
         }
-        if req.image.is_some() {
-            return Err(failed(
-                node,
-                501,
-                "image sandboxes are not supported by this node agent yet; use a template".into(),
-            ));
-        }
+        let image = match &req.image {
+            Some(reference) => Some(
+                self.images
+                    .get(reference)
+                    .await
+                    .map_err(|e| failed(node, IMAGE_PULL_FAILED, e.to_string()))?,
+            ),
+            None => None,
+        };
         let template = req.template.as_deref().unwrap_or("base");
-        let rootfs = self.templates.get(template).cloned().ok_or_else(|| {
+        let rootfs = match &image {
+            Some(i) => Some(i.rootfs.clone()),
+            None => self.templates.get(template).cloned(),
+        };
+        let rootfs = rootfs.ok_or_else(|| {
             failed(
                 node,
                 404,
@@ -231,12 +250,29 @@ impl NodeAgent for LocalAgent {
                 pids_max: defaults.pids_max,
             },
             network: NetworkPolicy::default(),
-            envd: EnvdSettings {
-                env_vars: req.env_vars.clone(),
-                access_token: req.access_token.clone(),
-                admin_token: req.admin_token.clone(),
-                default_user: "user".into(),
-                ..Default::default()
+            envd: match &image {
+                // As single-host image templates: the image's config, the request's env vars
+                // winning over the image's.
+                Some(i) => EnvdSettings {
+                    env_vars: i
+                        .env
+                        .clone()
+                        .into_iter()
+                        .chain(req.env_vars.clone())
+                        .collect(),
+                    access_token: req.access_token.clone(),
+                    admin_token: req.admin_token.clone(),
+                    default_user: i.user.clone(),
+                    start_command: i.start_command.clone(),
+                    default_cwd: i.workdir.clone(),
+                },
+                None => EnvdSettings {
+                    env_vars: req.env_vars.clone(),
+                    access_token: req.access_token.clone(),
+                    admin_token: req.admin_token.clone(),
+                    default_user: "user".into(),
+                    ..Default::default()
+                },
             },
         };
         let p = self
@@ -244,7 +280,7 @@ impl NodeAgent for LocalAgent {
             .create(&spec, &target)
             .await
             .map_err(|e| runtime_error(node, e))?;
-        tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, "sandbox started in pod");
+        tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, image = ?image.as_ref().map(|i| &i.digest), "sandbox started in pod");
         Ok(SandboxInfo {
             id: req.id.clone(),
             state: SandboxState::Running,

@@ -13,6 +13,8 @@
 pub mod fake;
 pub mod http;
 #[cfg(target_os = "linux")]
+pub mod images;
+#[cfg(target_os = "linux")]
 pub mod local;
 pub mod server;
 
@@ -164,9 +166,25 @@ pub enum AgentError {
     },
 }
 
+/// The agent's status code for a create whose image could not be pulled (bad reference,
+/// unreachable registry, no such image, refused credentials): 424 Failed Dependency. The operator
+/// reports it as `ImagePullFailed`.
+pub const IMAGE_PULL_FAILED: u16 = 424;
+
 impl AgentError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, AgentError::NotFound { .. })
+    }
+
+    /// The sandbox's image could not be pulled (see [`IMAGE_PULL_FAILED`]).
+    pub fn is_image_pull_failure(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Failed {
+                code: IMAGE_PULL_FAILED,
+                ..
+            }
+        )
     }
 }
 
