@@ -155,6 +155,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "SandboxFailed",
     "CheckpointFailed",
     "CommitFailed",
+    "RegistryAuthFailed",
     "PauseFailed",
     "TargetNotFound",
     "ScaleFailed",

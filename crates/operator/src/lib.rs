@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod leader;
 pub mod node_images;
 pub mod nodeloss;
+pub mod registry_auth;
 pub mod sandbox;
 pub mod sandbox_agent;
 pub mod sandboxset;

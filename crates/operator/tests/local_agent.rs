@@ -19,6 +19,7 @@ use warren_operator::agent::{
     AgentError, CheckpointRequest, CommitRequest, CreateRequest, NodeAgent, PodRef, SandboxState,
 };
 use warren_operator::crd::CheckpointContent;
+use warren_operator::registry_auth::RegistryCredentials;
 
 const NODE: &str = "test-node";
 
@@ -339,7 +340,10 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
             )
             .await
             .unwrap_err();
-        assert!(matches!(e, AgentError::Failed { code: 501, .. }), "{e}");
+        // The agent reads no Secrets: names without the credentials the operator reads are
+        // refused.
+        assert!(matches!(e, AgentError::Failed { code: 400, .. }), "{e}");
+        assert!(e.to_string().contains("reads none"), "{e}");
         assert!(
             numbers(&read_in_sandbox(pid, "/tmp/count")).len() > 3,
             "running after the commit"
@@ -850,6 +854,123 @@ async fn pod_sandboxes_run_images_pulled_once() {
     drop(agent);
     drop(local);
     pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// A Commit's push with the credentials the operator read from its Secrets: to a loopback
+/// registry that requires htpasswd basic auth, refused without them, done with them, and the
+/// pushed manifest is what skopeo fetches with the same credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_push_with_the_credentials_the_operator_passes() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    need("skopeo", "skopeo");
+    let data = PathBuf::from(format!("/tmp/warren-agent-push-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let reg = start_registry(&data.join("registry"), true);
+    let pod = FakePod::numbered(3);
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let req = CreateRequest {
+        id: id.clone(),
+        template: Some("base".into()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-push".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let image = format!("{}/warren/pushed:v1", reg.addr);
+    let result = std::panic::AssertUnwindSafe(async {
+        let info = agent.create(NODE, &req).await.expect("create");
+        let pid = info.init_pid.unwrap();
+        exec_in_sandbox(&id, pid, "echo committed > /home/user/marker");
+        wait_for("the marker", || {
+            !read_in_sandbox(pid, "/home/user/marker").is_empty()
+        });
+        let commit = |n: &str, creds: Option<(&str, &str)>| CommitRequest {
+            commit_id: format!("push-{n}"),
+            image: image.clone(),
+            push: true,
+            registry_secrets: vec!["regcred".into()],
+            registry_credentials: creds.map(|(u, p)| RegistryCredentials {
+                username: u.into(),
+                password: p.into(),
+            }),
+            ..Default::default()
+        };
+        // No credentials, and wrong ones: the registry refuses the push.
+        let e = agent
+            .commit(
+                NODE,
+                &id,
+                &CommitRequest {
+                    registry_secrets: vec![],
+                    ..commit("anon", None)
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("push failed"), "{e}");
+        let e = agent
+            .commit(NODE, &id, &commit("wrong", Some(("tester", "wrong"))))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("push failed"), "{e}");
+        assert!(
+            !e.to_string().contains("wrong\""),
+            "no password in errors: {e}"
+        );
+        // With the credentials: pushed.
+        let done = agent
+            .commit(NODE, &id, &commit("ok", Some(("tester", "s3cret"))))
+            .await
+            .expect("push with credentials");
+        let inspect = |creds: Option<&str>| {
+            let mut c = Command::new("skopeo");
+            c.args(["inspect", "--raw", "--tls-verify=false"]);
+            if let Some(creds) = creds {
+                c.args(["--creds", creds]);
+            }
+            c.arg(format!("docker://{image}")).output().unwrap()
+        };
+        let out = inspect(Some("tester:s3cret"));
+        assert!(
+            out.status.success(),
+            "skopeo inspect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use sha2::Digest;
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&out.stdout));
+        assert_eq!(
+            digest, done.digest,
+            "the registry serves the committed manifest"
+        );
+        assert!(
+            !inspect(None).status.success(),
+            "the registry requires credentials"
+        );
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
+    drop(reg);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

@@ -8,8 +8,8 @@
 //!
 //! Hibernate, wake and checkpoint use CRIU as single-host mode does (a node without a working
 //! CRIU answers 501 with the reason). Commits use the single-host commit code into the node's
-//! image store (`<data>/images`) and push without credentials: the agent reads no Secrets, so a
-//! push with `registryAuth.secrets` answers 501 saying so.
+//! image store (`<data>/images`) and push with the credentials the operator read from the
+//! Commit's `registryAuth.secrets` and passed in the request (the agent reads no Secrets).
 
 use super::*;
 use crate::disk::DEFAULT_SANDBOX_DISK_MB;
@@ -367,15 +367,17 @@ impl NodeAgent for LocalAgent {
             return Err(bad(format!("invalid commit id {:?}", req.commit_id)));
         }
         warren_image::commit::validate_image_name(&req.image).map_err(|e| bad(e.to_string()))?;
-        if req.push && !req.registry_secrets.is_empty() {
-            // The agent holds no Kubernetes credentials, so it cannot read the Secrets.
+        if req.push && !req.registry_secrets.is_empty() && req.registry_credentials.is_none() {
+            // The agent holds no Kubernetes credentials: the operator reads the Secrets.
             return Err(failed(
                 node,
-                501,
-                "pushing with registryAuth.secrets from a node is not supported yet (the node \
-                 agent reads no Secrets); push to a registry that needs no credentials, or \
-                 commit without push"
-                    .into(),
+                400,
+                format!(
+                    "registryAuth.secrets {} came without their credentials (the operator \
+                     reads the Secrets and passes the registry's entry; the node agent reads \
+                     none)",
+                    req.registry_secrets.join(", ")
+                ),
             ));
         }
         let record = self.commits_dir.join(format!("{}.json", req.commit_id));
@@ -428,7 +430,11 @@ impl NodeAgent for LocalAgent {
         .map_err(join_err)?
         .map_err(image_err)?;
         if req.push {
-            warren_image::push::push_image(self.committer.store(), &req.image, None)
+            let creds = req
+                .registry_credentials
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone()));
+            warren_image::push::push_image(self.committer.store(), &req.image, creds)
                 .await
                 .map_err(|e| {
                     failed(

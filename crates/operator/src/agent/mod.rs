@@ -129,6 +129,10 @@ pub struct CommitRequest {
     /// `kubernetes.io/dockerconfigjson` Secrets in the sandbox's namespace, for the push.
     #[serde(default)]
     pub registry_secrets: Vec<String>,
+    /// The push's credentials, which the operator read from those Secrets (the agent reads
+    /// none). Never logged: their `Debug` is redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_credentials: Option<crate::registry_auth::RegistryCredentials>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<i64>,
 }
