@@ -51,6 +51,33 @@ pub fn cold_start_spec(set: Option<&SandboxSet>, template: &str) -> SandboxSpec 
     }
 }
 
+/// [`cold_start_spec`] for E2B `templateID` `template`, reading its SandboxSet (`base` needs
+/// none). A template that names no SandboxSet is a 404 for the client, not a Sandbox the
+/// operator would refuse.
+pub async fn cold_start_spec_for(
+    sets: &kube::Api<SandboxSet>,
+    template: &str,
+) -> Result<SandboxSpec, (u16, String)> {
+    if template == BASE_TEMPLATE {
+        return Ok(cold_start_spec(None, template));
+    }
+    match sets.get_opt(template).await {
+        Ok(Some(set)) => Ok(cold_start_spec(Some(&set), template)),
+        Ok(None) => Err((
+            404,
+            format!(
+                "template {template} not found: on a cluster a templateID names a SandboxSet \
+                 in the sandbox namespace (its spec gives the template or image), or \
+                 {BASE_TEMPLATE}"
+            ),
+        )),
+        Err(e) => Err((
+            502,
+            format!("reading SandboxSet {template}: Kubernetes API error: {e}"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

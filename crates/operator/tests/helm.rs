@@ -392,15 +392,19 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
         )
     );
 
-    // Namespaced, Sandboxes only, exactly what cluster_api.rs calls.
+    // Namespaced, Sandboxes (and reading SandboxSets), exactly what cluster_api.rs calls.
     let role: Role = named(&docs, "Role", "warren-api");
     assert_eq!(role.metadata.namespace.as_deref(), Some("default"));
     let rules = role.rules.unwrap();
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
+    // Cold starts read the SandboxSet a templateID names, and nothing more of it.
+    assert!(allows(&rules, "warren.dev", "sandboxsets", "get"));
+    for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+        assert!(!allows(&rules, "warren.dev", "sandboxsets", verb), "{verb}");
+    }
     for (group, resource) in [
-        ("warren.dev", "sandboxsets"),
         ("", "pods"),
         ("", "secrets"),
         ("warren.dev", "sandboxes/status"),
