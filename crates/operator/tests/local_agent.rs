@@ -63,10 +63,10 @@ impl FakePod {
     /// Pod `k` of this test process: tests of one binary run at once, each with its own Pod.
     fn numbered(k: u8) -> FakePod {
         let n = std::process::id();
-        // 10.<252+k>.<n>/30 pairs: distinct per test process, never a real network.
+        // 10.<252-k>.<n>/30 pairs: distinct per test process, never a real network.
         let (a, b) = ((n >> 6) & 0xff, (n & 0x3f) << 2);
-        let host_ip = Ipv4Addr::new(10, 252 + k, a as u8, b as u8 + 1);
-        let ip = Ipv4Addr::new(10, 252 + k, a as u8, b as u8 + 2);
+        let host_ip = Ipv4Addr::new(10, 252 - k, a as u8, b as u8 + 1);
+        let ip = Ipv4Addr::new(10, 252 - k, a as u8, b as u8 + 2);
         let tag = if k == 0 {
             n.to_string()
         } else {
@@ -847,6 +847,37 @@ async fn pod_sandboxes_run_images_pulled_once() {
             !data.join("node/sandboxes").join(&id).exists(),
             "a failed pull leaves no sandbox behind"
         );
+
+        // Two creates of a new image at once, in two Pods: one pull, both run it.
+        let v3 = format!("{}/warren/tools:v3", reg2.addr);
+        push_busybox_image(&data, std::slice::from_ref(&v3));
+        let (p4, p5) = (FakePod::numbered(4), FakePod::numbered(5));
+        let in_pod = |p: &FakePod, name: &str| CreateRequest {
+            id: warren_operator::agent::node_id(&p.uid),
+            image: Some(v3.clone()),
+            pod: PodRef {
+                namespace: "default".into(),
+                name: name.into(),
+                uid: p.uid.clone(),
+                ip: Some(p.ip.to_string()),
+            },
+            ..Default::default()
+        };
+        let (r4, r5) = (in_pod(&p4, "sbx-4"), in_pod(&p5, "sbx-5"));
+        // Attempts count, the failed ones above too.
+        let before = local.images().pulls();
+        let (a, b) = tokio::join!(agent.create(NODE, &r4), agent.create(NODE, &r5));
+        let both = (a.is_ok(), b.is_ok());
+        let pulls = local.images().pulls();
+        let answered = (envd_answers(p4.ip), envd_answers(p5.ip));
+        for r in [&r4, &r5] {
+            let _ = agent.delete(NODE, &r.id).await;
+        }
+        p4.remove();
+        p5.remove();
+        assert_eq!(both, (true, true), "{a:?} {b:?}");
+        assert_eq!(pulls, before + 1, "one pull for two concurrent creates");
+        assert_eq!(answered, (true, true), "both sandboxes serve");
     })
     .catch_unwind()
     .await;

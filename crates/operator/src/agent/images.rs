@@ -73,7 +73,8 @@ impl NodeImages {
         })
     }
 
-    /// How many pulls from a registry this agent made (each one a reference not in the store).
+    /// How many pulls from a registry this agent started, failed ones included (each one a
+    /// reference that was not in the store).
     pub fn pulls(&self) -> u64 {
         self.pulls.load(Ordering::SeqCst)
     }
