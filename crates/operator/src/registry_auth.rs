@@ -221,4 +221,27 @@ mod tests {
         };
         assert!(!format!("{req:?}").contains("hunter2"), "{req:?}");
     }
+
+    #[test]
+    fn credentials_travel_only_when_given() {
+        let mut req = crate::agent::CommitRequest {
+            commit_id: "c".into(),
+            image: "127.0.0.1:5000/a:b".into(),
+            push: true,
+            ..Default::default()
+        };
+        let wire = serde_json::to_value(&req).unwrap();
+        assert!(wire.get("registryCredentials").is_none(), "{wire}");
+        req.registry_credentials = Some(RegistryCredentials {
+            username: "u".into(),
+            password: "p".into(),
+        });
+        let wire = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            wire["registryCredentials"],
+            serde_json::json!({"username": "u", "password": "p"})
+        );
+        let back: crate::agent::CommitRequest = serde_json::from_value(wire).unwrap();
+        assert_eq!(back, req);
+    }
 }
