@@ -321,7 +321,8 @@ impl PodRuntime {
                 std::iter::once(self.checkpoints_dir().join(name).join(snapshots::FS_DIR))
                     .chain(source.lower_dirs.iter().skip(1).cloned())
                     .collect();
-            let record = snapshots::fork_record(&dir, &source, &lowers)?;
+            let record =
+                snapshots::fork_record(&dir, &source, &lowers, spec.resources.disk_mb).await?;
             let procs = cgroups.create(id, &spec.resources)?;
             let (pid, ticks, alive) = snapshots::restore_fork(snapshots::ForkRestore {
                 criu: &criu,
@@ -361,20 +362,10 @@ impl PodRuntime {
     ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let rootfs = dir.join("rootfs");
-        std::fs::create_dir_all(&rootfs).map_err(|e| RuntimeError::io("mkdir", &rootfs, e))?;
         // The single-host disk cap: the upper and work dirs on a loop-mounted ext4 of
         // `disk_mb`, so a sandbox that fills it gets ENOSPC and the node spends at most that
         // (the Pod's ephemeral-storage request says so to the scheduler). 0: no cap.
-        let (upper, work) = if spec.resources.disk_mb > 0 {
-            disk::create(&dir, spec.resources.disk_mb).await?
-        } else {
-            let (upper, work) = disk::overlay_dirs(&dir);
-            for d in [&upper, &work] {
-                std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-            }
-            (upper, work)
-        };
+        let (rootfs, upper, work) = disk::sandbox_dirs(&dir, spec.resources.disk_mb).await?;
         let procs = cgroups.create(id, &spec.resources)?;
         let lower_dirs: Vec<PathBuf> = std::iter::once(self.init_layer.clone())
             .chain(spec.rootfs.lower_dirs.iter().cloned())
