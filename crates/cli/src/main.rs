@@ -259,6 +259,10 @@ struct NodeAgentArgs {
     /// File with the bearer token the operator sends (a mounted Secret).
     #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// Disk cap, in MiB, of a sandbox whose Sandbox names no `ephemeral-storage` (as `warren
+    /// serve --sandbox-disk-mb`); 0: no caps.
+    #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
+    sandbox_disk_mb: u64,
 }
 
 async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
@@ -284,6 +288,7 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
             data_dir: a.data_dir,
             envd_binary: a.envd_binary,
             token,
+            sandbox_disk_mb: a.sandbox_disk_mb,
         },
     )
     .await

@@ -16,8 +16,9 @@
 //!   and `mode` become a `chown`/`chmod` RUN of what was copied.
 //! - `ENV [k, v, ...]`, `WORKDIR [dir]`, `USER [user]`: the same instructions.
 //! - `startCmd`: the template's start command (`CMD ["/bin/sh", "-c", startCmd]`).
-//! - `readyCmd`: the SDKs' `wait_for_port` form makes a create wait for that port, as Warren's templates with a ready port do; `sleep N` (`wait_for_timeout`) needs
-//!   nothing; other forms are refused with a clear error rather than ignored.
+//! - `readyCmd`: the SDKs' `wait_for_port` form makes a create wait for that port, as Warren's
+//!   templates with a ready port do; any other (`wait_for_url`, `wait_for_process`,
+//!   `wait_for_file`, `wait_for_timeout`) is run by each create until it exits 0.
 
 use crate::dockerfile::{normalize_source, Instr, Step};
 use serde::Deserialize;
@@ -83,8 +84,10 @@ pub struct Translated {
     pub step_names: Vec<String>,
     /// The `filesHash` of every COPY, in order (each must have been uploaded).
     pub file_hashes: Vec<String>,
-    /// The port the start command listens on, from `readyCmd`.
+    /// The port the start command listens on, from `readyCmd`'s `wait_for_port` form.
     pub ready_port: Option<u16>,
+    /// Any other `readyCmd`: a create runs it until it exits 0.
+    pub ready_cmd: Option<String>,
     pub force: bool,
 }
 
@@ -177,11 +180,6 @@ pub fn ready_port_of(cmd: &str) -> Option<u16> {
         ["ss", "-tuln", "|", "grep", port] => port.strip_prefix(':')?.parse().ok(),
         _ => None,
     }
-}
-
-fn is_sleep(cmd: &str) -> bool {
-    let words: Vec<&str> = cmd.split_whitespace().collect();
-    matches!(words.as_slice(), ["sleep", n] if n.parse::<f64>().is_ok())
 }
 
 fn has_glob(s: &str) -> bool {
@@ -370,16 +368,14 @@ pub fn translate(
             }
         }
     }
-    let mut ready_port = None;
+    let (mut ready_port, mut ready_cmd) = (None, None);
     if let Some(ready) = spec.ready_cmd.as_deref().filter(|c| !c.trim().is_empty()) {
         if spec.start_cmd.is_none() {
             return Err(bad("readyCmd needs a startCmd"));
         }
-        ready_port = ready_port_of(ready);
-        if ready_port.is_none() && !is_sleep(ready) {
-            return Err(bad(format!(
-                "readyCmd {ready:?}: Warren waits for a port (wait_for_port) or a fixed time (wait_for_timeout); other ready checks are not supported"
-            )));
+        match ready_port_of(ready) {
+            Some(port) => ready_port = Some(port),
+            None => ready_cmd = Some(ready.to_string()),
         }
     }
     if let Some(start) = spec.start_cmd.as_deref().filter(|c| !c.trim().is_empty()) {
@@ -403,6 +399,7 @@ pub fn translate(
         steps: out.steps,
         file_hashes: out.file_hashes,
         ready_port,
+        ready_cmd,
         force: spec.force || spec.steps.iter().any(|s| s.force),
     })
 }
@@ -522,8 +519,10 @@ mod tests {
             serde_json::json!({"fromTemplate": "t", "steps": [{"type": "ADD", "args": []}]})
         )
         .contains("unknown instruction"));
-        assert!(err(serde_json::json!({"fromTemplate": "t", "steps": [], "startCmd": "x", "readyCmd": "curl -s localhost:3000"}))
-            .contains("not supported"));
+        assert!(
+            err(serde_json::json!({"fromTemplate": "t", "steps": [], "readyCmd": "true"}))
+                .contains("needs a startCmd")
+        );
         assert!(err(
             serde_json::json!({"fromImage": "x", "fromImageRegistry": {"type": "aws"}, "steps": []})
         )
@@ -540,7 +539,6 @@ mod tests {
             Some(8080)
         );
         assert_eq!(ready_port_of("ss -tuln | grep 3000"), None);
-        assert!(is_sleep("sleep 2.5"));
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
     }
 }

@@ -57,6 +57,8 @@ const MAX_TIMEOUT: i64 = 24 * 3600;
 
 pub struct ClusterApi {
     pub sandboxes: Api<Sandbox>,
+    /// Read on a cold start: a `templateID` names a SandboxSet, whose member spec it takes.
+    pub sets: Api<crate::crd::SandboxSet>,
     /// The one accepted `X-API-Key`.
     pub api_key: String,
     pub envd_version: String,
@@ -77,6 +79,7 @@ pub struct ClusterApi {
 impl ClusterApi {
     pub fn new(client: kube::Client, namespace: &str, api_key: String) -> Self {
         ClusterApi {
+            sets: Api::namespaced(client.clone(), namespace),
             sandboxes: Api::namespaced(client, namespace),
             api_key,
             envd_version: "0.2.0".into(),
@@ -399,17 +402,24 @@ impl ClusterApi {
                 .map_err(|e| kube_error("annotate", &id, e))?;
             return Ok(self.json(&s));
         }
-        // A cold start, or a fork when the template names a Checkpoint.
-        let restore_from = self.checkpoint_named(&template).await?;
+        // A fork when the template names a Checkpoint; else a cold start, with the member spec
+        // of the SandboxSet the template names.
+        let spec = match self.checkpoint_named(&template).await? {
+            Some(checkpoint) => SandboxSpec {
+                restore_from: Some(checkpoint),
+                ..Default::default()
+            },
+            None => crate::node_images::cold_start_spec_for(&self.sets, &template)
+                .await
+                .map_err(|(code, msg)| ApiError::new(code, msg))?,
+        };
         let id = new_id()?;
         let mut s = Sandbox::new(
             &id,
             SandboxSpec {
-                template: restore_from.is_none().then(|| template.clone()),
-                restore_from,
                 shutdown_time: Some(shutdown),
                 env_vars,
-                ..Default::default()
+                ..spec
             },
         );
         let ann = s.annotations_mut();

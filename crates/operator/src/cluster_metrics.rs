@@ -138,7 +138,8 @@ impl ClusterApi {
         let size = SandboxSize {
             cpu_count: pick("cpu").and_then(|q| vcpus(q)).unwrap_or(1),
             memory_mb: pick("memory").and_then(|q| mebibytes(q)).unwrap_or(0),
-            // Pod sandboxes have no disk cap of their own (see the design note).
+            // A capped sandbox reports its disk's size itself (`disk_total_bytes`, from the
+            // cap's statfs, as in single-host mode); this is only the fallback.
             disk_mb: 0,
         };
         let p = metric_point(now, (started, 0), size, &stats);

@@ -409,3 +409,69 @@ async fn sandbox_traffic_is_proxied_to_the_sandbox_ip() {
         .ok(serde_json::to_value(&sb).unwrap());
     assert_eq!(task.await.unwrap().status(), StatusCode::CONFLICT);
 }
+
+#[tokio::test]
+async fn a_cold_start_takes_the_member_spec_of_the_templates_sandboxset() {
+    const SETS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxsets";
+    let (api, mut server) = api();
+    let task = call(&api, "POST", "/sandboxes", json!({"templateID": "py"})).await;
+    server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    // Not a Checkpoint (which would make a fork).
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/py"))
+        .await
+        .status_error(404, "NotFound", "checkpoints \"py\" not found");
+    let mut py = set(0, 1);
+    py.metadata.name = Some("py".into());
+    py.spec.template = None;
+    py.spec.image = Some("127.0.0.1:5000/team/py:3.12".into());
+    py.spec.resources.limits = [("memory".to_string(), "1Gi".to_string())].into();
+    server
+        .expect("GET", &format!("{SETS}/py"))
+        .await
+        .ok(serde_json::to_value(&py).unwrap());
+    let c = server.expect("POST", SANDBOXES).await;
+    let created = c.body.clone();
+    assert_eq!(created["spec"]["image"], "127.0.0.1:5000/team/py:3.12");
+    assert!(created["spec"].get("template").is_none(), "{created}");
+    assert_eq!(created["spec"]["resources"]["limits"]["memory"], "1Gi");
+    assert!(created["spec"]["shutdownTime"].is_string());
+    let name = created["metadata"]["name"].as_str().unwrap().to_string();
+    c.reply(201, created.clone());
+    let mut ready_sbx = created.clone();
+    ready_sbx["status"] = serde_json::to_value(SandboxStatus {
+        phase: SandboxPhase::Running,
+        conditions: vec![ready()],
+        sandbox_ip: Some("10.1.2.3".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    server
+        .expect("GET", &format!("{SANDBOXES}/{name}"))
+        .await
+        .ok(ready_sbx);
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // A templateID that names no SandboxSet: a clear 404, and no Sandbox made.
+    let task = call(&api, "POST", "/sandboxes", json!({"templateID": "nope"})).await;
+    server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/nope"))
+        .await
+        .status_error(404, "NotFound", "checkpoints \"nope\" not found");
+    server
+        .expect("GET", &format!("{SETS}/nope"))
+        .await
+        .status_error(404, "NotFound", "sandboxsets \"nope\" not found");
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["code"], 404);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("names a SandboxSet"),
+        "{body}"
+    );
+}

@@ -45,6 +45,9 @@ pub struct PodConfig {
     /// Key of sandboxes' envd access tokens ([`crate::agent::envd_access_token`]); the API
     /// replicas hold the same. Unset: envd runs without a token.
     pub envd_key: Option<String>,
+    /// Disk cap (MiB) of a Sandbox whose resources name no `ephemeral-storage`: the Pod gets it
+    /// as its ephemeral-storage request and limit (see [`crate::disk`]). 0: none.
+    pub sandbox_disk_mb: u64,
 }
 
 impl Default for PodConfig {
@@ -56,6 +59,7 @@ impl Default for PodConfig {
             // and lost 20 s later.
             node_lost_after: Duration::from_secs(60),
             envd_key: None,
+            sandbox_disk_mb: crate::disk::DEFAULT_SANDBOX_DISK_MB,
         }
     }
 }
@@ -84,6 +88,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
         (None, Some(i)) if i.is_empty() => return Err("spec.image is empty".into()),
         _ => {}
     }
+    crate::node_images::validate(spec)?;
     if spec.restore_from.as_deref().is_some_and(str::is_empty) {
         return Err("spec.restoreFrom is empty: name a Checkpoint".into());
     }
@@ -93,6 +98,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
             return Err(format!("spec.resources: {k} has an empty quantity"));
         }
     }
+    crate::disk::validate(&spec.resources)?;
     Ok(Times {
         shutdown: spec
             .shutdown_time
@@ -172,10 +178,13 @@ pub fn build_pod(sbx: &Sandbox, config: &PodConfig) -> Result<Pod, Error> {
             containers: vec![Container {
                 name: "sandbox".into(),
                 image: Some(config.placeholder_image.clone()),
-                resources: Some(ResourceRequirements {
-                    requests: quantities(&sbx.spec.resources.requests),
-                    limits: quantities(&sbx.spec.resources.limits),
-                    ..Default::default()
+                resources: Some({
+                    let res = crate::disk::with_disk(&sbx.spec.resources, config.sandbox_disk_mb);
+                    ResourceRequirements {
+                        requests: quantities(&res.requests),
+                        limits: quantities(&res.limits),
+                        ..Default::default()
+                    }
                 }),
                 ..Default::default()
             }],
@@ -307,6 +316,10 @@ fn pod_state(
                         (SandboxPhase::Running, ready(true, "SandboxRunning", String::new()))
                     }
                 }
+                Some(c) if c.status == "False" && c.reason == "ImagePullFailed" => (
+                    SandboxPhase::Failed,
+                    ready(false, "ImagePullFailed", c.message.clone()),
+                ),
                 Some(c) if c.status == "False" => (
                     SandboxPhase::Failed,
                     ready(

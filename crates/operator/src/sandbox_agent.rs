@@ -102,6 +102,9 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         image: sbx.spec.image.clone(),
         vcpus: pick("cpu").and_then(|q| vcpus(&q)).unwrap_or(0),
         memory_mb: pick("memory").and_then(|q| mebibytes(&q)).unwrap_or(0),
+        disk_mb: crate::disk::pod_disk_mb(pod)
+            .or_else(|| crate::disk::disk_mb(res))
+            .unwrap_or(0),
         env_vars: sbx.spec.env_vars.clone(),
         pod: PodRef {
             namespace: pod.namespace().unwrap_or_default(),
@@ -192,6 +195,9 @@ pub async fn drive(
                     name,
                     message: e.to_string(),
                 })
+            }
+            Err(e) if e.is_image_pull_failure() => {
+                started = Some(cond("Started", false, "ImagePullFailed", e.to_string()))
             }
             Err(e) => started = Some(cond("Started", false, "StartFailed", e.to_string())),
         },

@@ -265,6 +265,8 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         // Removes the node agent's finalizer from deleted sandbox Pods.
         ("", "pods", "patch"),
         ("", "nodes", "get"),
+        // The dockerconfigjson Secrets a Commit names, read for its push (registry_auth.rs).
+        ("", "secrets", "get"),
         ("warren.dev", "checkpoints", "watch"),
         ("warren.dev", "checkpoints", "patch"),
         ("warren.dev", "checkpoints", "delete"),
@@ -280,7 +282,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
             "missing {verb} {group}/{resource}"
         );
     }
-    // Least privilege: no wildcards, no secrets, nothing on nodes.
+    // Least privilege: no wildcards, Secrets only by name, nothing on nodes.
     for r in &rules {
         let all: Vec<&String> = r
             .verbs
@@ -289,7 +291,9 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
             .chain(r.api_groups.iter().flatten())
             .collect();
         assert!(!all.iter().any(|s| s.as_str() == "*"), "wildcard in {r:?}");
-        assert!(!allows(&rules, "", "secrets", "get"));
+        for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+            assert!(!allows(&rules, "", "secrets", verb), "{verb} secrets");
+        }
     }
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "delete"));
     // The autoscaler changes replicas through /scale, never the whole set.
@@ -390,7 +394,7 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
         )
     );
 
-    // Namespaced, Sandboxes only, exactly what cluster_api.rs calls.
+    // Namespaced, Sandboxes (and reading SandboxSets), exactly what cluster_api.rs calls.
     let role: Role = named(&docs, "Role", "warren-api");
     assert_eq!(role.metadata.namespace.as_deref(), Some("default"));
     let rules = role.rules.unwrap();
@@ -413,8 +417,12 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
         }
     }
     assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));
+    // Cold starts read the SandboxSet a templateID names, and nothing more of it.
+    assert!(allows(&rules, "warren.dev", "sandboxsets", "get"));
+    for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+        assert!(!allows(&rules, "warren.dev", "sandboxsets", verb), "{verb}");
+    }
     for (group, resource) in [
-        ("warren.dev", "sandboxsets"),
         ("", "pods"),
         ("", "secrets"),
         ("warren.dev", "sandboxes/status"),

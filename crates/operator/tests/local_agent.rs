@@ -19,6 +19,7 @@ use warren_operator::agent::{
     AgentError, CheckpointRequest, CommitRequest, CreateRequest, NodeAgent, PodRef, SandboxState,
 };
 use warren_operator::crd::CheckpointContent;
+use warren_operator::registry_auth::RegistryCredentials;
 
 const NODE: &str = "test-node";
 
@@ -59,14 +60,13 @@ impl FakePod {
         FakePod::numbered(0)
     }
 
-    /// Pod `k` of this test process (`k` < 3): its own names, uid, cgroup tree and /30.
-    fn numbered(k: u32) -> FakePod {
+    /// Pod `k` of this test process: tests of one binary run at once, each with its own Pod.
+    fn numbered(k: u8) -> FakePod {
         let n = std::process::id();
-        // 10.252.<n>/30 pairs (10.253, 10.254 for pods 1, 2): distinct per test process and
-        // pod, never a real network.
+        // 10.<252-k>.<n>/30 pairs: distinct per test process, never a real network.
         let (a, b) = ((n >> 6) & 0xff, (n & 0x3f) << 2);
-        let host_ip = Ipv4Addr::new(10, 252 + k as u8, a as u8, b as u8 + 1);
-        let ip = Ipv4Addr::new(10, 252 + k as u8, a as u8, b as u8 + 2);
+        let host_ip = Ipv4Addr::new(10, 252 - k, a as u8, b as u8 + 1);
+        let ip = Ipv4Addr::new(10, 252 - k, a as u8, b as u8 + 2);
         let tag = if k == 0 {
             n.to_string()
         } else {
@@ -74,7 +74,7 @@ impl FakePod {
         };
         let netns = format!("wopt{tag}");
         let host_veth = format!("wopt{tag}h");
-        let uid = format!("0aa1b2c3-d4e5-4f60-8a7{k:x}-{n:012}");
+        let uid = format!("0aa1b2c3-d4e5-4f60-8a{k:02x}-{n:012}");
         let cgroup = format!("warren-optest-{tag}/kubepods/pod{uid}");
         sh(&format!(
             "ip netns add {netns} && ip link add {host_veth} type veth peer name eth0 netns {netns} \
@@ -118,6 +118,14 @@ impl FakePod {
             .args(["netns", "del", &self.netns])
             .status();
         let top = self.cgroup.split('/').next().unwrap().to_string();
+        // `ip netns exec` may leave its `sleep` behind (a fork, not an exec): end everything
+        // still in the Pod's cgroups, or they hold the test's output pipe and the cgroup.
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let kill = Path::new(root).join(&top).join("cgroup.kill");
+            if kill.exists() {
+                let _ = std::fs::write(kill, "1");
+            }
+        }
         // Deepest first: rmdir only removes empty cgroups.
         for root in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
             let mut dirs: Vec<PathBuf> = walk(&root.path().join(&top));
@@ -352,7 +360,10 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
             )
             .await
             .unwrap_err();
-        assert!(matches!(e, AgentError::Failed { code: 501, .. }), "{e}");
+        // The agent reads no Secrets: names without the credentials the operator reads are
+        // refused.
+        assert!(matches!(e, AgentError::Failed { code: 400, .. }), "{e}");
+        assert!(e.to_string().contains("reads none"), "{e}");
         assert!(
             numbers(&read_in_sandbox(pid, "/tmp/count")).len() > 3,
             "running after the commit"
@@ -483,7 +494,7 @@ async fn fork_of_a_checkpoint_into_another_pod() {
     let data = PathBuf::from(format!("/tmp/warren-agent-fork-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data).unwrap();
-    let (pod1, pod2) = (FakePod::numbered(1), FakePod::numbered(2));
+    let (pod1, pod2) = (FakePod::numbered(6), FakePod::numbered(7));
     let agent: Box<dyn NodeAgent> =
         Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
     let pod_ref = |pod: &FakePod, name: &str| PodRef {
@@ -700,6 +711,556 @@ async fn fork_of_a_checkpoint_into_another_pod() {
     drop(agent);
     pod1.remove();
     pod2.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// The loop device (`loopN`) whose backing file is `image`, if one is.
+fn loop_of(image: &Path) -> Option<String> {
+    std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .find_map(|d| {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(d.path().join("loop/backing_file")).ok()?;
+            (Path::new(backing.trim()) == image).then_some(name)
+        })
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string and a zeroed out-struct that statvfs fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both pointers outlive the call.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
+/// Disk caps in Pods: the sandbox's files are on a file system of the cap's size (the
+/// single-host disk), so filling it gets ENOSPC at the cap, the node spends at most the cap, and
+/// delete frees the image, the mount and the loop device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sandboxes_get_the_single_host_disk_cap() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    warren_runtime::linux::disk::check_support().expect("this node must support disk caps");
+    let data = PathBuf::from(format!("/tmp/warren-agent-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let pod = FakePod::numbered(1);
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.clone(), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(1024),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    const CAP_MB: u64 = 64;
+    let req = CreateRequest {
+        id: id.clone(),
+        template: Some("base".into()),
+        // What the operator sends for `ephemeral-storage: 64Mi`.
+        disk_mb: CAP_MB,
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-disk".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        let free_before = free_bytes(&data);
+        let info = agent.create(NODE, &req).await.expect("create with a cap");
+        let pid = info.init_pid.unwrap();
+        let dir = data.join("sandboxes").join(&id);
+        let image = dir.join("disk.img");
+        assert!(image.is_file(), "the sandbox has a disk image");
+        let dev = loop_of(&image).expect("the image is on a loop device");
+        assert!(
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&format!(" {} ", dir.join("disk").display())),
+            "the disk is mounted at the sandbox dir"
+        );
+
+        exec_in_sandbox(
+            &id,
+            pid,
+            "df -k / > /run/df.txt; dd if=/dev/zero of=/fill bs=1M 2>/run/dd.err; \
+             echo $? > /run/dd.rc",
+        );
+        let start = Instant::now();
+        while read_in_sandbox(pid, "/run/dd.rc").is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(60), "dd never ended");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let err = read_in_sandbox(pid, "/run/dd.err");
+        assert_ne!(read_in_sandbox(pid, "/run/dd.rc").trim(), "0", "{err}");
+        assert!(err.contains("No space left on device"), "dd: {err}");
+        let filled = std::fs::metadata(format!("/proc/{pid}/root/fill"))
+            .unwrap()
+            .len();
+        let df = read_in_sandbox(pid, "/run/df.txt");
+        let total_kb: u64 = df
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("df inside: {df}"));
+        eprintln!(
+            "cap {CAP_MB} MiB: df / inside shows {total_kb} KiB, dd wrote {} MiB before ENOSPC",
+            filled >> 20
+        );
+        assert!(
+            (CAP_MB * 1024 * 8 / 10..=CAP_MB * 1024).contains(&total_kb),
+            "df / inside shows the cap: {df}"
+        );
+        assert!(
+            ((CAP_MB << 20) * 7 / 10..=CAP_MB << 20).contains(&filled),
+            "ENOSPC at the cap, not before or after: wrote {filled} bytes"
+        );
+        // What the node spends: the sparse image's blocks, at most the cap.
+        use std::os::unix::fs::MetadataExt;
+        let spent = std::fs::metadata(&image).unwrap().blocks() * 512;
+        let dropped = free_before.saturating_sub(free_bytes(&data));
+        eprintln!(
+            "node spent {} MiB on the image; free space of the data dir's fs dropped {} MiB \
+             (other writers on this host included)",
+            spent >> 20,
+            dropped >> 20
+        );
+        assert!(spent <= CAP_MB << 20, "image spends {spent} bytes");
+
+        // Delete: image, mount and loop device go.
+        agent.delete(NODE, &id).await.expect("delete");
+        assert!(
+            !image.exists() && !dir.exists(),
+            "sandbox dir and image gone"
+        );
+        assert!(
+            !std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&dir.display().to_string()),
+            "no mount left under the sandbox dir"
+        );
+        wait_for("the loop device to be freed", || {
+            std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+                .map(|b| !b.contains(&id))
+                .unwrap_or(true)
+        });
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn need(bin: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{bin} is missing: install the Debian package {package} (scripts/install-deps.sh)"
+    );
+}
+
+/// Debian's `docker-registry` on a free loopback port, storing under `dir`; with `auth`, it
+/// requires HTTP basic auth as `tester:s3cret` (htpasswd).
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &Path, auth: bool) -> Registry {
+    need("docker-registry", "docker-registry");
+    std::fs::create_dir_all(dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut config = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+        dir.join("storage").display()
+    );
+    if auth {
+        need("htpasswd", "apache2-utils");
+        // The registry only accepts bcrypt entries.
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", "tester", "s3cret"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, &out.stdout).unwrap();
+        config.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: warren-test\n    path: {}\n",
+            htpasswd.display()
+        ));
+    }
+    let file = dir.join("config.yml");
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    while TcpStream::connect(&addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "registry did not start on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry { child, addr }
+}
+
+/// `tests/images/make-busybox-image.sh`'s image (busybox, `/data/hello.txt`, a whiteout, a
+/// config with env, workdir and user 1000), pushed to `dest` by skopeo.
+fn push_busybox_image(dir: &Path, dest: &[String]) {
+    need("skopeo", "skopeo");
+    let layout = dir.join("layout");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/make-busybox-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&layout)
+        .arg("v1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-busybox-image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for d in dest {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{d}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy to {d}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Images on a node: a sandbox of `image: <ref>` runs on the image pulled into the node's store
+/// (once, also for concurrent creates), and a pull that fails says why with the status the
+/// operator turns into `ImagePullFailed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sandboxes_run_images_pulled_once() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    let data = PathBuf::from(format!("/tmp/warren-agent-img-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let mut reg = Some(start_registry(&data.join("registry"), false));
+    let addr = reg.as_ref().unwrap().addr.clone();
+    let (v1, v2) = (
+        format!("{addr}/warren/tools:v1"),
+        format!("{addr}/warren/tools:v2"),
+    );
+    push_busybox_image(&data, &[v1.clone(), v2.clone()]);
+    let pod = FakePod::numbered(2);
+    let local = std::sync::Arc::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let agent: std::sync::Arc<dyn NodeAgent> = local.clone();
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let req = CreateRequest {
+        id: id.clone(),
+        image: Some(v1.clone()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-img".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        // Create: pulled once, run on the image's files.
+        let info = agent
+            .create(NODE, &req)
+            .await
+            .expect("create from an image");
+        assert_eq!(local.images().pulls(), 1);
+        let pid = info.init_pid.unwrap();
+        assert!(envd_answers(pod.ip), "envd answers in the image sandbox");
+        // The image's busybox shell runs and sees the image's files (the second layer's file,
+        // not the one it whited out).
+        exec_in_sandbox(
+            &id,
+            pid,
+            "cat /data/hello.txt > /run/out; ls /data > /run/ls; /bin/busybox | head -1 > /run/bb",
+        );
+        wait_for("the command in the image", || {
+            !read_in_sandbox(pid, "/run/bb").is_empty()
+        });
+        assert_eq!(read_in_sandbox(pid, "/run/out"), "hello from the image\n");
+        assert_eq!(read_in_sandbox(pid, "/run/ls").trim(), "hello.txt");
+        assert!(read_in_sandbox(pid, "/run/bb").contains("BusyBox"));
+        // Warren's /etc layer is on top, as for single-host image templates.
+        assert!(read_in_sandbox(pid, "/etc/hosts").contains("localhost"));
+        assert!(read_in_sandbox(pid, "/etc/passwd").contains("user:x:1000"));
+
+        // A second create (after a delete) needs no registry: the registry is gone.
+        agent.delete(NODE, &id).await.expect("delete");
+        drop(reg.take());
+        let again = agent
+            .create(NODE, &req)
+            .await
+            .expect("create from the store");
+        assert_eq!(local.images().pulls(), 1, "the second create did not pull");
+        assert!(again.init_pid.is_some());
+        agent.delete(NODE, &id).await.expect("delete");
+
+        // Concurrent creates of one image pull once: with the registry back, three gets of
+        // v2 at once (v2 has v1's layers: stored and unpacked once, by digest).
+        let reg2 = start_registry(&data.join("registry"), false);
+        let v2 = v2.replace(&addr, &reg2.addr);
+        push_busybox_image(&data, std::slice::from_ref(&v2));
+        let imgs = local.images();
+        let (a, b, c) = tokio::join!(imgs.get(&v2), imgs.get(&v2), imgs.get(&v2));
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(
+            local.images().pulls(),
+            2,
+            "one pull for three concurrent gets"
+        );
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert_eq!(
+            a.user, "user",
+            "uid 1000 named from the image's /etc/passwd"
+        );
+        assert_eq!(a.workdir.as_deref(), Some("/data"));
+        assert_eq!(a.env["IMAGE_GREETING"], "hi from config");
+
+        // Pull failures: unreachable registry, unknown tag, bad reference. Each is the
+        // image-pull status, with the reference and the cause in the message.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for (image, says) in [
+            (format!("127.0.0.1:{closed}/warren/tools:v1"), "127.0.0.1"),
+            (format!("{}/warren/tools:nope", reg2.addr), "no such image"),
+            ("Not A Reference".to_string(), "invalid image reference"),
+        ] {
+            let e = agent
+                .create(
+                    NODE,
+                    &CreateRequest {
+                        image: Some(image.clone()),
+                        ..req.clone()
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert!(e.is_image_pull_failure(), "{image}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("pulling image") && msg.contains(says),
+                "{image}: {msg}"
+            );
+            eprintln!("{image}: {msg}");
+        }
+        assert!(
+            !data.join("node/sandboxes").join(&id).exists(),
+            "a failed pull leaves no sandbox behind"
+        );
+
+        // Two creates of a new image at once, in two Pods: one pull, both run it.
+        let v3 = format!("{}/warren/tools:v3", reg2.addr);
+        push_busybox_image(&data, std::slice::from_ref(&v3));
+        let (p4, p5) = (FakePod::numbered(4), FakePod::numbered(5));
+        let in_pod = |p: &FakePod, name: &str| CreateRequest {
+            id: warren_operator::agent::node_id(&p.uid),
+            image: Some(v3.clone()),
+            pod: PodRef {
+                namespace: "default".into(),
+                name: name.into(),
+                uid: p.uid.clone(),
+                ip: Some(p.ip.to_string()),
+            },
+            ..Default::default()
+        };
+        let (r4, r5) = (in_pod(&p4, "sbx-4"), in_pod(&p5, "sbx-5"));
+        // Attempts count, the failed ones above too.
+        let before = local.images().pulls();
+        let (a, b) = tokio::join!(agent.create(NODE, &r4), agent.create(NODE, &r5));
+        let both = (a.is_ok(), b.is_ok());
+        let pulls = local.images().pulls();
+        let answered = (envd_answers(p4.ip), envd_answers(p5.ip));
+        for r in [&r4, &r5] {
+            let _ = agent.delete(NODE, &r.id).await;
+        }
+        p4.remove();
+        p5.remove();
+        assert_eq!(both, (true, true), "{a:?} {b:?}");
+        assert_eq!(pulls, before + 1, "one pull for two concurrent creates");
+        assert_eq!(answered, (true, true), "both sandboxes serve");
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    drop(local);
+    pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// A Commit's push with the credentials the operator read from its Secrets: to a loopback
+/// registry that requires htpasswd basic auth, refused without them, done with them, and the
+/// pushed manifest is what skopeo fetches with the same credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_push_with_the_credentials_the_operator_passes() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    need("skopeo", "skopeo");
+    let data = PathBuf::from(format!("/tmp/warren-agent-push-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let reg = start_registry(&data.join("registry"), true);
+    let pod = FakePod::numbered(3);
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let req = CreateRequest {
+        id: id.clone(),
+        template: Some("base".into()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-push".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let image = format!("{}/warren/pushed:v1", reg.addr);
+    let result = std::panic::AssertUnwindSafe(async {
+        let info = agent.create(NODE, &req).await.expect("create");
+        let pid = info.init_pid.unwrap();
+        exec_in_sandbox(&id, pid, "echo committed > /home/user/marker");
+        wait_for("the marker", || {
+            !read_in_sandbox(pid, "/home/user/marker").is_empty()
+        });
+        let commit = |n: &str, creds: Option<(&str, &str)>| CommitRequest {
+            commit_id: format!("push-{n}"),
+            image: image.clone(),
+            push: true,
+            registry_secrets: vec!["regcred".into()],
+            registry_credentials: creds.map(|(u, p)| RegistryCredentials {
+                username: u.into(),
+                password: p.into(),
+            }),
+            ..Default::default()
+        };
+        // No credentials, and wrong ones: the registry refuses the push.
+        let e = agent
+            .commit(
+                NODE,
+                &id,
+                &CommitRequest {
+                    registry_secrets: vec![],
+                    ..commit("anon", None)
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("push failed"), "{e}");
+        let e = agent
+            .commit(NODE, &id, &commit("wrong", Some(("tester", "wrong"))))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("push failed"), "{e}");
+        assert!(
+            !e.to_string().contains("wrong\""),
+            "no password in errors: {e}"
+        );
+        // With the credentials: pushed.
+        let done = agent
+            .commit(NODE, &id, &commit("ok", Some(("tester", "s3cret"))))
+            .await
+            .expect("push with credentials");
+        let inspect = |creds: Option<&str>| {
+            let mut c = Command::new("skopeo");
+            c.args(["inspect", "--raw", "--tls-verify=false"]);
+            if let Some(creds) = creds {
+                c.args(["--creds", creds]);
+            }
+            c.arg(format!("docker://{image}")).output().unwrap()
+        };
+        let out = inspect(Some("tester:s3cret"));
+        assert!(
+            out.status.success(),
+            "skopeo inspect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use sha2::Digest;
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&out.stdout));
+        assert_eq!(
+            digest, done.digest,
+            "the registry serves the committed manifest"
+        );
+        assert!(
+            !inspect(None).status.success(),
+            "the registry requires credentials"
+        );
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
+    drop(reg);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

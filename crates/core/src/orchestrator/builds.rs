@@ -171,6 +171,15 @@ fn stale_cache_images(
         .collect()
 }
 
+/// How a create knows a template's start command is ready.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Readiness {
+    /// A port it listens on.
+    pub port: Option<u16>,
+    /// A command that exits 0.
+    pub cmd: Option<String>,
+}
+
 /// Removes the uploaded context when the build ends, however it ends.
 pub(crate) struct ContextFile(pub(crate) Option<PathBuf>);
 
@@ -290,13 +299,15 @@ impl Warren {
         .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
         .map_err(bad)?;
         let steps = dockerfile::parse(&text).map_err(bad)?;
-        self.start_steps(who, name, steps, context, names, runner)
+        self.start_steps(who, name, steps, context, names, runner, None)
             .await
     }
 
     /// Starts building template `name` from parsed `steps` (the first one a `FROM`), with COPY
     /// sources from `context`, whose entries are `names`. Checks the FROM template, the COPY
-    /// sources and the name before answering.
+    /// sources and the name before answering. The result's readiness is `readiness`, or else
+    /// its FROM template's.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start_steps(
         self: &Arc<Self>,
         who: &Principal,
@@ -305,6 +316,7 @@ impl Warren {
         context: ContextFile,
         names: Vec<String>,
         runner: Arc<dyn StepRunner>,
+        readiness: Option<Readiness>,
     ) -> Result<BuildJob, CoreError> {
         let Some(Instr::From(from)) = steps.first().map(|s| s.instr.clone()) else {
             return Err(CoreError::InvalidArgument(
@@ -375,7 +387,7 @@ impl Warren {
         tokio::spawn(async move {
             let began = Instant::now();
             let res = me
-                .run_build(&who, &name, &from, &steps, context, &job, runner)
+                .run_build(&who, &name, &from, &steps, context, &job, runner, readiness)
                 .await;
             {
                 let mut j = lock(&job);
@@ -465,6 +477,7 @@ impl Warren {
         context: ContextFile,
         job: &Arc<Mutex<BuildJob>>,
         runner: Arc<dyn StepRunner>,
+        readiness: Option<Readiness>,
     ) -> Result<String, CoreError> {
         let committer = self.images()?;
         let from_image = self.templates.images.get(from);
@@ -482,7 +495,13 @@ impl Warren {
             cmd: None,
             entrypoint: None,
         };
-        let ready_port = self.templates.ready_port(from);
+        let Readiness {
+            port: ready_port,
+            cmd: ready_cmd,
+        } = readiness.unwrap_or_else(|| Readiness {
+            port: self.templates.ready_port(from),
+            cmd: self.templates.ready_command(from),
+        });
         let fallback_start = self.templates.start_command(from);
         for (i, step) in steps.iter().enumerate() {
             let t0 = Instant::now();
@@ -642,8 +661,10 @@ impl Warren {
             fallback_start.clone(),
         )
         .await?;
-        if let Some(port) = ready_port {
-            self.templates.set_ready_port(name.to_string(), port);
+        // Given, or inherited from FROM; kept with the template so that it survives restarts.
+        if ready_port.is_some() || ready_cmd.is_some() {
+            self.set_template_readiness(name, ready_port, ready_cmd)
+                .await?;
         }
         Ok(digest)
     }
@@ -769,8 +790,12 @@ impl Warren {
                 self.templates.start_command(&cur.template),
             )
             .await?;
-            if let Some(port) = self.templates.ready_port(&cur.template) {
-                self.templates.set_ready_port(image.clone(), port);
+            let (port, cmd) = (
+                self.templates.ready_port(&cur.template),
+                self.templates.ready_command(&cur.template),
+            );
+            if port.is_some() || cmd.is_some() {
+                self.set_template_readiness(&image, port, cmd).await?;
             }
             Ok(done.digest)
         }

@@ -464,24 +464,20 @@ impl Warren {
             text: format!("FROM {base}"),
             instr: Instr::From(base),
         }];
+        // A new start command brings its own readiness; without one, the base's stays.
+        let readiness = translated
+            .steps
+            .iter()
+            .any(|s| matches!(s.instr, Instr::Cmd(_)))
+            .then(|| super::builds::Readiness {
+                port: translated.ready_port,
+                cmd: translated.ready_cmd.clone(),
+            });
         steps.extend(translated.steps);
-        self.start_steps(who, name, steps, context, names, runner)
+        self.start_steps(who, name, steps, context, names, runner, readiness)
             .await?;
         lock(build).phase = Phase::Building;
-        // Follow the job so the ready port is set once the template exists.
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            match self.build_job(name, u64::MAX) {
-                Ok(j) if j.status == "building" => continue,
-                Ok(j) if j.status == "ready" => {
-                    if let Some(port) = translated.ready_port {
-                        self.templates.set_ready_port(name.to_string(), port);
-                    }
-                    return Ok(());
-                }
-                _ => return Ok(()),
-            }
-        }
+        Ok(())
     }
 
     /// The image template a build from `reference` runs on: one per image digest, so every

@@ -3,12 +3,16 @@
 //! and network namespace. Found from the Pod's uid (its processes' cgroup paths carry
 //! `pod<uid>`), or handed in explicitly.
 //!
+//! `image:` sandboxes run on the image's layers, pulled into the node's store once
+//! ([`super::images`]); a pull that fails answers [`IMAGE_PULL_FAILED`].
+//!
 //! Hibernate, wake and checkpoint use CRIU as single-host mode does (a node without a working
 //! CRIU answers 501 with the reason). Commits use the single-host commit code into the node's
-//! image store (`<data>/images`) and push without credentials: the agent reads no Secrets, so a
-//! push with `registryAuth.secrets` answers 501 saying so.
+//! image store (`<data>/images`) and push with the credentials the operator read from the
+//! Commit's `registryAuth.secrets` and passed in the request (the agent reads no Secrets).
 
 use super::*;
+use crate::disk::DEFAULT_SANDBOX_DISK_MB;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use warren_runtime::linux::pod::{PodRuntime, PodTarget};
@@ -28,6 +32,10 @@ pub struct LocalAgent {
     commits_dir: PathBuf,
     /// Templates this node can start: `base` (the host's `/usr` under a minimal root).
     templates: BTreeMap<String, RootfsSpec>,
+    /// Disk cap of a sandbox whose request names none (`--sandbox-disk-mb`); 0: no cap.
+    default_disk_mb: u64,
+    /// Images pulled for `image:` sandboxes, in the same store as commits.
+    images: super::images::NodeImages,
 }
 
 fn failed(node: &str, code: u16, message: String) -> AgentError {
@@ -87,6 +95,11 @@ pub fn find_pod(proc_root: &Path, uid: &str) -> Option<(String, u32)> {
 }
 
 impl LocalAgent {
+    /// The node's images (for tests and metrics: how many pulls it made).
+    pub fn images(&self) -> &super::images::NodeImages {
+        &self.images
+    }
+
     /// Needs a tokio runtime (it adopts the sandboxes a previous agent left running).
     pub fn new(data_dir: PathBuf, envd_binary: PathBuf) -> Result<Self, RuntimeError> {
         let rt = PodRuntime::new(data_dir.clone(), envd_binary)?;
@@ -101,6 +114,8 @@ impl LocalAgent {
         let base = prepare_base_template(&data_dir)?;
         let committer = warren_image::commit::Committer::open(&data_dir.join("images"))
             .map_err(|e| RuntimeError::Config(format!("the node's image store: {e}")))?;
+        let images = super::images::NodeImages::new(committer.store().clone(), &data_dir)
+            .map_err(|e| RuntimeError::io("prepare the /etc layer of images in", &data_dir, e))?;
         let commits_dir = data_dir.join("commits");
         std::fs::create_dir_all(&commits_dir)
             .map_err(|e| RuntimeError::io("mkdir", &commits_dir, e))?;
@@ -110,7 +125,34 @@ impl LocalAgent {
             committer: std::sync::Arc::new(committer),
             commits_dir,
             templates: BTreeMap::from([("base".to_string(), base)]),
+            default_disk_mb: DEFAULT_SANDBOX_DISK_MB,
+            images,
         })
+    }
+
+    /// The disk cap of sandboxes whose create names none, in MiB (`--sandbox-disk-mb`; 0: no
+    /// cap, upper dirs directly in the data dir).
+    pub fn with_sandbox_disk_mb(mut self, mb: u64) -> Self {
+        self.default_disk_mb = mb;
+        self
+    }
+
+    /// The sandbox's resources from a request (0: the defaults). Its disk is the single-host
+    /// cap (a loop-mounted ext4 under the sandbox dir); the operator puts the same figure on the
+    /// Pod as its ephemeral-storage, for the scheduler.
+    pub(super) fn resources(&self, req: &CreateRequest) -> Resources {
+        let defaults = Resources::default();
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        Resources {
+            vcpus: if req.vcpus == 0 {
+                defaults.vcpus
+            } else {
+                req.vcpus
+            },
+            memory_mb: or(req.memory_mb, defaults.memory_mb),
+            disk_mb: or(req.disk_mb, self.default_disk_mb),
+            pids_max: defaults.pids_max,
+        }
     }
 
     pub(super) fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
@@ -178,15 +220,21 @@ impl NodeAgent for LocalAgent {
         if let Some(checkpoint) = &req.restore_from {
             return self.create_fork(node, req, checkpoint).await;
         }
-        if req.image.is_some() {
-            return Err(failed(
-                node,
-                501,
-                "image sandboxes are not supported by this node agent yet; use a template".into(),
-            ));
-        }
+        let image = match &req.image {
+            Some(reference) => Some(
+                self.images
+                    .get(reference)
+                    .await
+                    .map_err(|e| failed(node, IMAGE_PULL_FAILED, e.to_string()))?,
+            ),
+            None => None,
+        };
         let template = req.template.as_deref().unwrap_or("base");
-        let rootfs = self.templates.get(template).cloned().ok_or_else(|| {
+        let rootfs = match &image {
+            Some(i) => Some(i.rootfs.clone()),
+            None => self.templates.get(template).cloned(),
+        };
+        let rootfs = rootfs.ok_or_else(|| {
             failed(
                 node,
                 404,
@@ -201,33 +249,34 @@ impl NodeAgent for LocalAgent {
             )
         })?;
         let target = self.target(node, req)?;
-        let defaults = Resources::default();
         let spec = SandboxSpec {
             id: req.id.clone(),
             rootfs,
-            resources: Resources {
-                vcpus: if req.vcpus == 0 {
-                    defaults.vcpus
-                } else {
-                    req.vcpus
-                },
-                memory_mb: if req.memory_mb == 0 {
-                    defaults.memory_mb
-                } else {
-                    req.memory_mb
-                },
-                // Pod sandboxes have no disk of their own (yet): the upper dir is on the node's
-                // data dir, and the Pod's ephemeral-storage accounting does not see it.
-                disk_mb: 0,
-                pids_max: defaults.pids_max,
-            },
+            resources: self.resources(req),
             network: NetworkPolicy::default(),
-            envd: EnvdSettings {
-                env_vars: req.env_vars.clone(),
-                access_token: req.access_token.clone(),
-                admin_token: req.admin_token.clone(),
-                default_user: "user".into(),
-                ..Default::default()
+            envd: match &image {
+                // As single-host image templates: the image's config, the request's env vars
+                // winning over the image's.
+                Some(i) => EnvdSettings {
+                    env_vars: i
+                        .env
+                        .clone()
+                        .into_iter()
+                        .chain(req.env_vars.clone())
+                        .collect(),
+                    access_token: req.access_token.clone(),
+                    admin_token: req.admin_token.clone(),
+                    default_user: i.user.clone(),
+                    start_command: i.start_command.clone(),
+                    default_cwd: i.workdir.clone(),
+                },
+                None => EnvdSettings {
+                    env_vars: req.env_vars.clone(),
+                    access_token: req.access_token.clone(),
+                    admin_token: req.admin_token.clone(),
+                    default_user: "user".into(),
+                    ..Default::default()
+                },
             },
         };
         let p = self
@@ -241,7 +290,7 @@ impl NodeAgent for LocalAgent {
             &req.id,
             req.admin_token.as_deref(),
         );
-        tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, "sandbox started in pod");
+        tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, image = ?image.as_ref().map(|i| &i.digest), "sandbox started in pod");
         Ok(SandboxInfo {
             id: req.id.clone(),
             state: SandboxState::Running,
@@ -337,15 +386,17 @@ impl NodeAgent for LocalAgent {
             return Err(bad(format!("invalid commit id {:?}", req.commit_id)));
         }
         warren_image::commit::validate_image_name(&req.image).map_err(|e| bad(e.to_string()))?;
-        if req.push && !req.registry_secrets.is_empty() {
-            // The agent holds no Kubernetes credentials, so it cannot read the Secrets.
+        if req.push && !req.registry_secrets.is_empty() && req.registry_credentials.is_none() {
+            // The agent holds no Kubernetes credentials: the operator reads the Secrets.
             return Err(failed(
                 node,
-                501,
-                "pushing with registryAuth.secrets from a node is not supported yet (the node \
-                 agent reads no Secrets); push to a registry that needs no credentials, or \
-                 commit without push"
-                    .into(),
+                400,
+                format!(
+                    "registryAuth.secrets {} came without their credentials (the operator \
+                     reads the Secrets and passes the registry's entry; the node agent reads \
+                     none)",
+                    req.registry_secrets.join(", ")
+                ),
             ));
         }
         let record = self.commits_dir.join(format!("{}.json", req.commit_id));
@@ -398,7 +449,11 @@ impl NodeAgent for LocalAgent {
         .map_err(join_err)?
         .map_err(image_err)?;
         if req.push {
-            warren_image::push::push_image(self.committer.store(), &req.image, None)
+            let creds = req
+                .registry_credentials
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone()));
+            warren_image::push::push_image(self.committer.store(), &req.image, creds)
                 .await
                 .map_err(|e| {
                     failed(

@@ -18,7 +18,7 @@ use super::*;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use warren_core::envd_client::{EnvdClient, HttpEnvdClient, InitRequest};
-use warren_runtime::{EnvdSettings, NetworkPolicy, Resources, SandboxSpec};
+use warren_runtime::{EnvdSettings, NetworkPolicy, SandboxSpec};
 
 /// Where the admin tokens are kept, under the agent's data dir.
 pub(super) const TOKENS_DIR: &str = "envd-admin";
@@ -28,22 +28,6 @@ fn failed(node: &str, code: u16, message: String) -> AgentError {
         node: node.into(),
         code,
         message,
-    }
-}
-
-/// The sandbox's resources from a request (0: the runtime's default), as create sets them.
-fn resources(req: &CreateRequest) -> Resources {
-    let d = Resources::default();
-    Resources {
-        vcpus: if req.vcpus == 0 { d.vcpus } else { req.vcpus },
-        memory_mb: if req.memory_mb == 0 {
-            d.memory_mb
-        } else {
-            req.memory_mb
-        },
-        // As create: no disk of its own in a Pod.
-        disk_mb: 0,
-        pids_max: d.pids_max,
     }
 }
 
@@ -118,7 +102,7 @@ impl LocalAgent {
                 lower_dirs: vec![],
                 ro_binds: vec![],
             }),
-            resources: resources(req),
+            resources: self.resources(req),
             network: NetworkPolicy::default(),
             envd: EnvdSettings {
                 env_vars: req.env_vars.clone(),

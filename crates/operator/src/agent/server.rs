@@ -166,6 +166,8 @@ pub struct NodeAgentOptions {
     pub envd_binary: Option<PathBuf>,
     /// The bearer token callers must send; `None`: none (tests only: the agent is privileged).
     pub token: Option<String>,
+    /// Disk cap of sandboxes whose Sandbox names no ephemeral-storage, in MiB; 0: none.
+    pub sandbox_disk_mb: u64,
 }
 
 /// Serves the node agent ([`super::local::LocalAgent`]) until SIGTERM or SIGINT (`warren
@@ -185,8 +187,20 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("creating {}", o.data_dir.display()))?;
+    if o.sandbox_disk_mb > 0 {
+        anyhow::ensure!(
+            o.sandbox_disk_mb >= warren_runtime::linux::disk::MIN_MB,
+            "--sandbox-disk-mb {} is below the least disk, {} MiB (0 runs without caps)",
+            o.sandbox_disk_mb,
+            warren_runtime::linux::disk::MIN_MB
+        );
+        warren_runtime::linux::disk::check_support().map_err(|why| {
+            anyhow::anyhow!("sandbox disk caps (--sandbox-disk-mb) cannot work on this node: {why}; --sandbox-disk-mb 0 runs without them")
+        })?;
+    }
     let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
-        .context("starting the node agent's runtime")?;
+        .context("starting the node agent's runtime")?
+        .with_sandbox_disk_mb(o.sandbox_disk_mb);
     let listener = tokio::net::TcpListener::bind(&o.listen)
         .await
         .with_context(|| format!("listening on {}", o.listen))?;

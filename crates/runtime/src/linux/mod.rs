@@ -322,17 +322,7 @@ impl LinuxRuntime {
         let t0 = std::time::Instant::now();
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let rootfs = dir.join("rootfs");
-        std::fs::create_dir_all(&rootfs).map_err(|e| RuntimeError::io("mkdir", &rootfs, e))?;
-        let (upper, work) = if spec.resources.disk_mb > 0 {
-            disk::create(&dir, spec.resources.disk_mb).await?
-        } else {
-            let (upper, work) = disk::overlay_dirs(&dir);
-            for d in [&upper, &work] {
-                std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-            }
-            (upper, work)
-        };
+        let (rootfs, upper, work) = disk::sandbox_dirs(&dir, spec.resources.disk_mb).await?;
         prof("disk", &t0);
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {

@@ -12,6 +12,7 @@
 
 use super::cgroup::CgroupManager;
 use super::checkpoint::{self, prepare_init_layer, CriuSupport, RootfsRecord};
+use super::disk;
 use super::snapshots;
 use super::{init_handshake, remove_sandbox_dir, spawn_init, start_ticks, valid_id, watch_exit};
 use crate::init::InitSpec;
@@ -320,7 +321,8 @@ impl PodRuntime {
                 std::iter::once(self.checkpoints_dir().join(name).join(snapshots::FS_DIR))
                     .chain(source.lower_dirs.iter().skip(1).cloned())
                     .collect();
-            let record = snapshots::fork_record(&dir, &source, &lowers)?;
+            let record =
+                snapshots::fork_record(&dir, &source, &lowers, spec.resources.disk_mb).await?;
             let procs = cgroups.create(id, &spec.resources)?;
             let (pid, ticks, alive) = snapshots::restore_fork(snapshots::ForkRestore {
                 criu: &criu,
@@ -360,10 +362,10 @@ impl PodRuntime {
     ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-        }
+        // The single-host disk cap: the upper and work dirs on a loop-mounted ext4 of
+        // `disk_mb`, so a sandbox that fills it gets ENOSPC and the node spends at most that
+        // (the Pod's ephemeral-storage request says so to the scheduler). 0: no cap.
+        let (rootfs, upper, work) = disk::sandbox_dirs(&dir, spec.resources.disk_mb).await?;
         let procs = cgroups.create(id, &spec.resources)?;
         let lower_dirs: Vec<PathBuf> = std::iter::once(self.init_layer.clone())
             .chain(spec.rootfs.lower_dirs.iter().cloned())
@@ -560,6 +562,9 @@ impl PodRuntime {
         }
         let cg = self.cgroups_of(id)?;
         let dir = self.sandbox_dir(id);
+        // The disk's mount is the agent's: a restarted agent (a new mount namespace in its
+        // DaemonSet's container) mounts it again before the tree comes back onto it.
+        disk::ensure_mounted(&dir)?;
         let procs: Vec<PathBuf> = cg
             .dirs(id)
             .into_iter()

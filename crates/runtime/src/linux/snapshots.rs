@@ -241,15 +241,14 @@ pub(super) fn checkpoint_source(
 /// Makes a fork's dirs under `dir` and records its root: the source's init layer (the restored
 /// init maps that very file), then `lower_dirs` (the checkpoint's files over the source's lower
 /// dirs, as the caller chose), a fresh upper, the source's binds.
-pub(super) fn fork_record(
+pub(super) async fn fork_record(
     dir: &Path,
     source: &RootfsRecord,
     lower_dirs: &[PathBuf],
+    disk_mb: u64,
 ) -> Result<RootfsRecord, RuntimeError> {
-    let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-    for d in [&upper, &work, &rootfs] {
-        std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-    }
+    // A fork gets a capped disk of its own like any new sandbox.
+    let (rootfs, upper, work) = super::disk::sandbox_dirs(dir, disk_mb).await?;
     let record = RootfsRecord {
         lower_dirs: source
             .lower_dirs
@@ -459,7 +458,13 @@ impl LinuxRuntime {
     ) -> Result<(Placement, std::sync::Arc<std::sync::atomic::AtomicBool>), RuntimeError> {
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let record = fork_record(&dir, source, &spec.rootfs.lower_dirs)?;
+        let record = fork_record(
+            &dir,
+            source,
+            &spec.rootfs.lower_dirs,
+            spec.resources.disk_mb,
+        )
+        .await?;
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {
             self.net.deny_internet(slot.ip)?;
