@@ -225,6 +225,13 @@ impl ClusterApi {
             .items
             .into_iter()
             .filter(|c| c.metadata.deletion_timestamp.is_none())
+            // A fork's own Checkpoint is no snapshot, as in single-host mode.
+            .filter(|c| {
+                !c.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(super::forks::LABEL_FORK_OF))
+            })
             .filter(|c| sandbox.as_ref().is_none_or(|s| &c.spec.sandbox_name == s))
             .filter(|c| {
                 name.as_ref().is_none_or(|n| {
@@ -259,12 +266,17 @@ impl ClusterApi {
             .checkpoint_named(id)
             .await?
             .ok_or_else(|| ApiError::new(404, format!("snapshot {id} not found")))?;
+        // Forks still using it: single-host mode's 409 (see `super::forks`).
+        self.refuse_if_in_use(&name).await?;
         match self
             .checkpoints()
             .delete(&name, &DeleteParams::default())
             .await
         {
-            Ok(_) => Ok(()),
+            // Kept by its finalizer: the operator may have found its images in use on the node.
+            Ok(kept) => kept
+                .left()
+                .map_or(Ok(()), |c| super::forks::in_use_after_delete(&c)),
             Err(e) => Err(ck_error("delete", &name, e)),
         }
     }
