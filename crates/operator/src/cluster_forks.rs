@@ -46,6 +46,9 @@ use std::collections::BTreeMap;
 
 /// Label on a fork's Checkpoint: the sandbox it was taken of.
 pub const LABEL_FORK_OF: &str = "warren.dev/fork-of";
+/// Annotation on a Checkpoint of a fork (a Sandbox with `restoreFrom`): the Checkpoint whose
+/// files its own stack on, which the node keeps while this one exists.
+pub const ANNOTATION_STACKS: &str = "warren.dev/stacks-on";
 /// Most forks (or restores) of one request, as single-host mode allows.
 pub const MAX_FORKS: i64 = 100;
 
@@ -168,6 +171,7 @@ impl ClusterApi {
         );
         c.metadata.namespace = self.sandboxes.namespace().map(str::to_string);
         c.labels_mut().insert(LABEL_FORK_OF.into(), id.to_string());
+        note_stacking(&mut c, &src);
         let api = self.checkpoint_api();
         api.create(&PostParams::default(), &c)
             .await
@@ -416,8 +420,9 @@ impl ClusterApi {
     }
 
     /// Refuses (409, single-host mode's message) to delete Checkpoint `name` while Sandboxes
-    /// restored from it exist: deleting it would leave a Checkpoint stuck in `Terminating` (the
-    /// node agent refuses to delete files a sandbox stacks) and no snapshot to fork from.
+    /// restored from it, or Checkpoints of such forks, exist: deleting it would leave a
+    /// Checkpoint stuck in `Terminating` (the node agent refuses to delete files that a sandbox
+    /// or a checkpoint on the node stacks) and no snapshot to fork from.
     pub async fn refuse_if_in_use(&self, name: &str) -> Result<(), ApiError> {
         let users: Vec<String> = self
             .sandboxes
@@ -430,16 +435,45 @@ impl ClusterApi {
             .filter(|s| s.spec.restore_from.as_deref() == Some(name))
             .map(|s| s.name_any())
             .collect();
-        if users.is_empty() {
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                409,
+                format!(
+                    "checkpoint {name} holds the files of sandboxes {}: kill them first",
+                    users.join(", ")
+                ),
+            ));
+        }
+        // Checkpoints of its forks (the forks may be gone): their files stack on its own.
+        let stacked: Vec<String> = self
+            .checkpoint_api()
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| ApiError::new(502, format!("listing checkpoints: {e}")))?
+            .items
+            .into_iter()
+            .filter(|c| c.metadata.deletion_timestamp.is_none())
+            .filter(|c| c.annotations().get(ANNOTATION_STACKS).map(String::as_str) == Some(name))
+            .map(|c| c.name_any())
+            .collect();
+        if stacked.is_empty() {
             return Ok(());
         }
         Err(ApiError::new(
             409,
             format!(
-                "checkpoint {name} holds the files of sandboxes {}: kill them first",
-                users.join(", ")
+                "checkpoint {name} holds the files of checkpoints {}: delete them first",
+                stacked.join(", ")
             ),
         ))
+    }
+}
+
+/// Marks checkpoint `c` of sandbox `src` as stacking on the Checkpoint `src` was restored from.
+pub fn note_stacking(c: &mut Checkpoint, src: &Sandbox) {
+    if let Some(parent) = &src.spec.restore_from {
+        c.annotations_mut()
+            .insert(ANNOTATION_STACKS.into(), parent.clone());
     }
 }
 

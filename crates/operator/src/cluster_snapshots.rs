@@ -132,7 +132,7 @@ impl ClusterApi {
             }
             None => format!("snap-{}", new_id()?),
         };
-        self.get_visible(id).await?;
+        let src = self.get_visible(id).await?;
         let mut contents = vec![CheckpointContent::Filesystem];
         if body.memory.unwrap_or(true) {
             contents.insert(0, CheckpointContent::Memory);
@@ -148,6 +148,7 @@ impl ClusterApi {
             },
         );
         c.metadata.namespace = self.sandboxes.namespace().map(str::to_string);
+        super::forks::note_stacking(&mut c, &src);
         let api = self.checkpoints();
         api.create(&PostParams::default(), &c)
             .await

@@ -97,6 +97,11 @@ async fn expect_fork_checkpoint(server: &mut ApiServer) -> String {
     let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
     assert!(name.starts_with("fork-sb1-"), "{name}");
     assert_eq!(c.body["metadata"]["labels"]["warren.dev/fork-of"], "sb1");
+    assert!(
+        c.body["metadata"].get("annotations").is_none(),
+        "{}",
+        c.body
+    );
     assert_eq!(
         c.body["spec"],
         json!({"sandboxName": "sb1", "keepRunning": true,
@@ -245,13 +250,20 @@ async fn a_fork_with_bad_input_or_a_failed_checkpoint_is_one_clear_error() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(b["message"], "sandbox nope not found");
 
-    // The checkpoint fails: the request fails, and the Checkpoint goes.
+    // The checkpoint (of a fork itself: it says what it stacks on) fails: the request fails,
+    // and the Checkpoint goes.
     let task = call(&api, "POST", "/sandboxes/sb1/fork", Value::Null).await;
+    let mut src = source();
+    src["spec"]["restoreFrom"] = json!("snap0");
     server
         .expect("GET", &format!("{SANDBOXES}/sb1"))
         .await
-        .ok(source());
+        .ok(src);
     let c = server.expect("POST", CHECKPOINTS).await;
+    assert_eq!(
+        c.body["metadata"]["annotations"]["warren.dev/stacks-on"],
+        "snap0"
+    );
     let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
     c.reply(201, checkpoint(&name, CheckpointPhase::Pending));
     server
@@ -407,7 +419,14 @@ async fn deleting_a_snapshot_that_forks_use_is_refused_as_on_one_host() {
     server
         .expect("GET", SANDBOXES)
         .await
-        .ok(list(vec![going, other]));
+        .ok(list(vec![going.clone(), other.clone()]));
+    server
+        .expect("GET", CHECKPOINTS)
+        .await
+        .ok(checkpoint_list(vec![checkpoint(
+            "snap1",
+            CheckpointPhase::Terminating,
+        )]));
     let mut kept = checkpoint("snap1", CheckpointPhase::Terminating);
     kept["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     let words = "checkpoint 0123 holds the files of checkpoint 4567: delete them first";
@@ -421,6 +440,36 @@ async fn deleting_a_snapshot_that_forks_use_is_refused_as_on_one_host() {
     let (status, body) = task.await.unwrap();
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body, json!({"code": 409, "message": words}));
+
+    // A snapshot of a fork that is gone stacks on it: known from its annotation, refused first.
+    let task = call(&api, "DELETE", "/snapshots/snap1", Value::Null).await;
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/snap1"))
+        .await
+        .ok(checkpoint("snap1", CheckpointPhase::Succeeded));
+    server
+        .expect("GET", SANDBOXES)
+        .await
+        .ok(list(vec![going, other]));
+    let mut child = checkpoint("snap2", CheckpointPhase::Succeeded);
+    child["metadata"]["annotations"] = json!({"warren.dev/stacks-on": "snap1"});
+    let mut unrelated = checkpoint("snap3", CheckpointPhase::Succeeded);
+    unrelated["metadata"]["annotations"] = json!({"warren.dev/stacks-on": "snap0"});
+    server
+        .expect("GET", CHECKPOINTS)
+        .await
+        .ok(checkpoint_list(vec![child, unrelated]));
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        body["message"],
+        "checkpoint snap1 holds the files of checkpoints snap2: delete them first"
+    );
+}
+
+fn checkpoint_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "warren.dev/v1alpha1", "kind": "CheckpointList",
+           "metadata": {"resourceVersion": "7"}, "items": items})
 }
 
 #[tokio::test]
@@ -474,11 +523,43 @@ async fn a_forks_own_checkpoint_is_not_listed_as_a_snapshot() {
     let task = call(&api, "GET", "/snapshots", Value::Null).await;
     let mut own = checkpoint("fork-sb1-abc", CheckpointPhase::Succeeded);
     own["metadata"]["labels"] = json!({"warren.dev/fork-of": "sb1"});
-    server.expect("GET", CHECKPOINTS).await.ok(json!({
-        "apiVersion": "warren.dev/v1alpha1", "kind": "CheckpointList",
-        "metadata": {"resourceVersion": "7"},
-        "items": [own, checkpoint("snap1", CheckpointPhase::Succeeded)]}));
+    server
+        .expect("GET", CHECKPOINTS)
+        .await
+        .ok(checkpoint_list(vec![
+            own,
+            checkpoint("snap1", CheckpointPhase::Succeeded),
+        ]));
     let (status, body) = task.await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!([{"snapshotID": "snap1", "names": ["snap1"]}]));
+}
+
+#[tokio::test]
+async fn a_snapshot_of_a_fork_says_what_it_stacks_on() {
+    let (api, mut server) = api();
+    let task = call(
+        &api,
+        "POST",
+        "/sandboxes/f1/snapshots",
+        json!({"name": "snap2"}),
+    )
+    .await;
+    let mut f1 = serde_json::to_value(sandbox("f1")).unwrap();
+    f1["spec"]["restoreFrom"] = json!("snap1");
+    server
+        .expect("GET", &format!("{SANDBOXES}/f1"))
+        .await
+        .ok(f1);
+    let c = server.expect("POST", CHECKPOINTS).await;
+    assert_eq!(
+        c.body["metadata"]["annotations"],
+        json!({"warren.dev/stacks-on": "snap1"})
+    );
+    c.reply(201, checkpoint("snap2", CheckpointPhase::Pending));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/snap2"))
+        .await
+        .ok(checkpoint("snap2", CheckpointPhase::Succeeded));
+    assert_eq!(task.await.unwrap().0, StatusCode::CREATED);
 }

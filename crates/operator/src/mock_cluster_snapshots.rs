@@ -217,6 +217,10 @@ async fn snapshots_are_listed_filtered_and_deleted() {
         // No fork of it (see mock_cluster_forks.rs for those).
         server.expect("GET", SANDBOXES).await.ok(list(vec![]));
         server
+            .expect("GET", CHECKPOINTS)
+            .await
+            .ok(checkpoint_list(vec![]));
+        server
             .expect("DELETE", &format!("{CHECKPOINTS}/a"))
             .await
             .ok(checkpoint("a", "sb1", CheckpointPhase::Terminating));
