@@ -170,7 +170,10 @@ impl ClusterApi {
             },
         );
         c.metadata.namespace = self.sandboxes.namespace().map(str::to_string);
-        c.labels_mut().insert(LABEL_FORK_OF.into(), id.to_string());
+        // A label value holds at most 63 characters; the label's presence is what counts.
+        let of: String = id.chars().take(63).collect();
+        let of = of.trim_end_matches(['-', '.']).to_string();
+        c.labels_mut().insert(LABEL_FORK_OF.into(), of);
         note_stacking(&mut c, &src);
         let api = self.checkpoint_api();
         api.create(&PostParams::default(), &c)
