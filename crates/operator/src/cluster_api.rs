@@ -44,6 +44,9 @@ pub use metrics::MetricJson;
 // E2B snapshots, and forks of them (`templateID` naming a Checkpoint).
 #[path = "cluster_snapshots.rs"]
 pub mod snapshots;
+// E2B forks (`POST /sandboxes/{id}/fork`) and restores of a Checkpoint.
+#[path = "cluster_forks.rs"]
+pub mod forks;
 
 /// Annotation prefix of the E2B metadata of a sandbox (as [`crate::claim`] writes it).
 const METADATA_PREFIX: &str = "metadata.warren.dev/";
@@ -718,7 +721,6 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(h_resume))
         .route("/sandboxes/{id}/timeout", post(h_timeout))
         .route("/sandboxes/{id}/metrics", get(metrics::h_metrics))
-        .route("/sandboxes/{id}/fork", post(jobs::h_fork))
         .route(
             "/warren/v1/checkpoints",
             get(jobs::h_list_checkpoints).post(jobs::h_create_checkpoint),
@@ -728,10 +730,6 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
             get(jobs::h_get_checkpoint)
                 .put(jobs::h_apply_checkpoint)
                 .delete(jobs::h_delete_checkpoint),
-        )
-        .route(
-            "/warren/v1/checkpoints/{name}/restore",
-            post(jobs::h_restore_checkpoint),
         )
         .route(
             "/warren/v1/commits",
@@ -746,6 +744,11 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route(
             "/sandboxes/{id}/snapshots",
             post(snapshots::h_create_snapshot),
+        )
+        .route("/sandboxes/{id}/fork", post(forks::h_fork))
+        .route(
+            "/warren/v1/checkpoints/{name}/restore",
+            post(forks::h_restore),
         )
         .route("/snapshots", get(snapshots::h_list_snapshots))
         .route(

@@ -14,7 +14,7 @@
 //!
 //! Objects being deleted are gone for the API (404, not listed).
 
-use super::{check_key, timeout_secs, ApiError, ClusterApi, NewSandbox, SandboxJson, Shared};
+use super::{check_key, ApiError, ClusterApi, Shared};
 use crate::conditions;
 use crate::crd::{self, CheckpointContent, CheckpointPhase, JobPhase, SandboxPhase};
 use axum::body::Bytes;
@@ -30,33 +30,6 @@ use warren_core::checkpoint::{
 };
 use warren_core::commit::{Commit, CommitPhase, CommitSpec, CommitStatus, RegistryAuth, SecretRef};
 use warren_core::objects::ObjectMeta;
-
-/// Most sandboxes one restore makes (single-host mode's `MAX_FORKS`).
-pub const MAX_RESTORES: u32 = 100;
-/// Restores waited for at once.
-pub const RESTORE_PARALLELISM: usize = 4;
-
-/// Body of `POST /warren/v1/checkpoints/{name}/restore` (single-host mode's).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RestoreBody {
-    pub count: Option<u32>,
-    pub timeout: Option<i64>,
-    #[serde(default)]
-    pub metadata: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    pub env_vars: std::collections::BTreeMap<String, String>,
-}
-
-/// One restored sandbox, or why it could not be (E2B's `SandboxForkResult`).
-#[derive(Debug, serde::Serialize)]
-pub struct ForkResult {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sandbox: Option<SandboxJson>,
-    /// `{"code": <HTTP status>, "message": "..."}`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<serde_json::Value>,
-}
 
 fn time(s: &str) -> Option<DateTime<Utc>> {
     s.parse().ok()
@@ -271,12 +244,12 @@ fn phase_word(p: SandboxPhase) -> String {
 }
 
 impl ClusterApi {
-    fn checkpoint_api(&self) -> Api<crd::Checkpoint> {
+    fn checkpoint_resources(&self) -> Api<crd::Checkpoint> {
         let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
         Api::namespaced(self.sandboxes.clone().into_client(), &ns)
     }
 
-    fn commit_api(&self) -> Api<crd::Commit> {
+    fn commit_resources(&self) -> Api<crd::Commit> {
         let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
         Api::namespaced(self.sandboxes.clone().into_client(), &ns)
     }
@@ -293,7 +266,7 @@ impl ClusterApi {
 
     pub async fn list_checkpoints(&self) -> Result<Vec<Checkpoint>, ApiError> {
         let all = self
-            .checkpoint_api()
+            .checkpoint_resources()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing checkpoints: {e}")))?;
@@ -307,7 +280,7 @@ impl ClusterApi {
 
     pub async fn get_checkpoint(&self, name: &str) -> Result<Checkpoint, ApiError> {
         let c = self
-            .checkpoint_api()
+            .checkpoint_resources()
             .get(name)
             .await
             .map_err(|e| self.job_error("checkpoint", name, e))?;
@@ -317,13 +290,22 @@ impl ClusterApi {
         Ok(checkpoint_json(&c))
     }
 
+    /// Deletes a checkpoint; as for a snapshot, 409 while forks (or their checkpoints) stack on
+    /// its files, as single-host mode refuses.
     pub async fn delete_checkpoint(&self, name: &str) -> Result<(), ApiError> {
         self.get_checkpoint(name).await?;
-        self.checkpoint_api()
+        self.refuse_if_in_use(name).await?;
+        match self
+            .checkpoint_resources()
             .delete(name, &DeleteParams::default())
             .await
-            .map_err(|e| self.job_error("checkpoint", name, e))?;
-        Ok(())
+        {
+            // Kept by its finalizer: the operator may have found its images in use on the node.
+            Ok(kept) => kept
+                .left()
+                .map_or(Ok(()), |c| super::forks::in_use_after_delete(&c)),
+            Err(e) => Err(self.job_error("checkpoint", name, e)),
+        }
     }
 
     /// Takes a checkpoint; answers once the operator reports it taken (single-host semantics).
@@ -356,8 +338,10 @@ impl ClusterApi {
             ));
         }
         let name = ck.metadata.name.clone();
-        let cr = checkpoint_resource(&ck);
-        let api = self.checkpoint_api();
+        let mut cr = checkpoint_resource(&ck);
+        // A checkpoint of a fork stacks on its parent's files (the parent may not go first).
+        super::forks::note_stacking(&mut cr, &s);
+        let api = self.checkpoint_resources();
         api.create(&PostParams::default(), &cr)
             .await
             .map_err(|e| self.job_error("checkpoint", &name, e))?;
@@ -412,7 +396,7 @@ impl ClusterApi {
         ck: Checkpoint,
     ) -> Result<(StatusCode, Checkpoint), ApiError> {
         name_matches(name, &ck.metadata.name)?;
-        match self.checkpoint_api().get_opt(name).await {
+        match self.checkpoint_resources().get_opt(name).await {
             Ok(Some(existing)) => {
                 // Compared as stored: what the resource can hold of the submitted spec.
                 let want = checkpoint_json(&checkpoint_resource(&ck)).spec;
@@ -438,7 +422,7 @@ impl ClusterApi {
         commit: Commit,
     ) -> Result<(StatusCode, Commit), ApiError> {
         name_matches(name, &commit.metadata.name)?;
-        match self.commit_api().get_opt(name).await {
+        match self.commit_resources().get_opt(name).await {
             Ok(Some(existing)) => {
                 let want = commit_json(&commit_resource(&commit)).spec;
                 if existing.meta().deletion_timestamp.is_none()
@@ -456,114 +440,9 @@ impl ClusterApi {
         }
     }
 
-    /// `count` sandboxes restored from checkpoint `name`, each continuing from its state: forks
-    /// through the ordinary create (a `templateID` naming a Checkpoint), at most
-    /// [`RESTORE_PARALLELISM`] at once. One result per sandbox; a missing checkpoint or a bad
-    /// count fails the request as a whole, as in single-host mode.
-    pub async fn restore_checkpoint(
-        &self,
-        name: &str,
-        req: RestoreBody,
-    ) -> Result<Vec<ForkResult>, ApiError> {
-        use futures::StreamExt;
-        let count = req.count.unwrap_or(1);
-        if count == 0 || count > MAX_RESTORES {
-            return Err(ApiError::new(
-                400,
-                format!("count must be between 1 and {MAX_RESTORES} (got {count})"),
-            ));
-        }
-        timeout_secs(req.timeout)?;
-        self.get_checkpoint(name).await?;
-        let results = futures::stream::iter(0..count)
-            .map(|_| {
-                self.create(NewSandbox {
-                    template_id: Some(name.to_string()),
-                    timeout: req.timeout,
-                    metadata: Some(req.metadata.clone()),
-                    env_vars: Some(req.env_vars.clone()),
-                })
-            })
-            .buffered(RESTORE_PARALLELISM)
-            .collect::<Vec<_>>()
-            .await;
-        Ok(results
-            .into_iter()
-            .map(|r| match r {
-                Ok(sandbox) => ForkResult {
-                    sandbox: Some(sandbox),
-                    error: None,
-                },
-                Err(e) => ForkResult {
-                    sandbox: None,
-                    error: Some(serde_json::json!({"code": e.code, "message": e.message})),
-                },
-            })
-            .collect())
-    }
-
-    /// E2B's `sbx.fork(count)`: a checkpoint of the sandbox (which runs on), restored `count`
-    /// times, each fork with the source's metadata. The checkpoint (labelled
-    /// `warren.dev/fork-of`) is deleted once the forks are made: forks need it only to start,
-    /// and its node keeps the files while forks stack them (the Checkpoint stays `Terminating`
-    /// until they are gone), as single-host mode collects spent fork checkpoints.
-    pub async fn fork(
-        &self,
-        id: &str,
-        count: Option<i64>,
-        timeout: Option<i64>,
-    ) -> Result<Vec<ForkResult>, ApiError> {
-        let count = count.unwrap_or(1);
-        let count = u32::try_from(count)
-            .ok()
-            .filter(|c| (1..=MAX_RESTORES).contains(c))
-            .ok_or_else(|| {
-                ApiError::new(
-                    400,
-                    format!("count must be between 1 and {MAX_RESTORES} (got {count})"),
-                )
-            })?;
-        timeout_secs(timeout)?;
-        let source = self.get_visible(id).await?;
-        let mut ck = Checkpoint {
-            api_version: warren_core::objects::API_VERSION.into(),
-            kind: "Checkpoint".into(),
-            metadata: ObjectMeta::default(),
-            spec: CheckpointSpec {
-                sandbox: id.to_string(),
-                container_name: None,
-                keep_running: true,
-                ttl_after_finished: None,
-                persistent_contents: vec!["memory".into(), "filesystem".into()],
-            },
-            status: Default::default(),
-        };
-        ck.metadata.name = format!("fork-{id}-{}", random_suffix());
-        ck.metadata.labels.insert(
-            warren_core::checkpoint::FORK_LABEL.to_string(),
-            id.to_string(),
-        );
-        let ck = self.create_checkpoint(ck).await?;
-        let req = RestoreBody {
-            count: Some(count),
-            timeout,
-            metadata: super::metadata_of(&source),
-            env_vars: Default::default(),
-        };
-        let results = self.restore_checkpoint(&ck.metadata.name, req).await;
-        if let Err(e) = self
-            .checkpoint_api()
-            .delete(&ck.metadata.name, &DeleteParams::default())
-            .await
-        {
-            tracing::warn!(checkpoint = %ck.metadata.name, error = %e, "cannot delete a spent fork checkpoint");
-        }
-        results
-    }
-
     pub async fn list_commits(&self) -> Result<Vec<Commit>, ApiError> {
         let all = self
-            .commit_api()
+            .commit_resources()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing commits: {e}")))?;
@@ -577,7 +456,7 @@ impl ClusterApi {
 
     pub async fn get_commit(&self, name: &str) -> Result<Commit, ApiError> {
         let c = self
-            .commit_api()
+            .commit_resources()
             .get(name)
             .await
             .map_err(|e| self.job_error("commit", name, e))?;
@@ -589,7 +468,7 @@ impl ClusterApi {
 
     pub async fn delete_commit(&self, name: &str) -> Result<(), ApiError> {
         self.get_commit(name).await?;
-        self.commit_api()
+        self.commit_resources()
             .delete(name, &DeleteParams::default())
             .await
             .map_err(|e| self.job_error("commit", name, e))?;
@@ -619,7 +498,7 @@ impl ClusterApi {
         let name = commit.metadata.name.clone();
         let cr = commit_resource(&commit);
         let created = self
-            .commit_api()
+            .commit_resources()
             .create(&PostParams::default(), &cr)
             .await
             .map_err(|e| self.job_error("commit", &name, e))?;
@@ -686,47 +565,6 @@ pub(super) async fn h_apply_commit(
     let c: Commit = parse(&body, "Commit")?;
     let (code, c) = api.apply_commit(&name, c).await?;
     Ok((code, Json(c)).into_response())
-}
-
-pub(super) async fn h_restore_checkpoint(
-    State(api): State<Shared>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    check_key(&api, &headers)?;
-    let req: RestoreBody = if body.is_empty() {
-        RestoreBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?
-    };
-    let results = api.restore_checkpoint(&name, req).await?;
-    Ok((StatusCode::CREATED, Json(results)).into_response())
-}
-
-/// Body of E2B's `POST /sandboxes/{id}/fork`.
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct ForkBody {
-    pub count: Option<i64>,
-    pub timeout: Option<i64>,
-}
-
-pub(super) async fn h_fork(
-    State(api): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    check_key(&api, &headers)?;
-    let req: ForkBody = if body.is_empty() {
-        ForkBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?
-    };
-    let results = api.fork(&id, req.count, req.timeout).await?;
-    Ok((StatusCode::CREATED, Json(results)).into_response())
 }
 
 pub(super) async fn h_list_commits(

@@ -307,6 +307,9 @@ async fn a_checkpoint_is_created_and_answered_once_taken() {
         .expect("GET", &format!("{CHECKPOINTS}/cp1"))
         .await
         .ok(cp_resource("Succeeded", None, "Succeeded"));
+    // Nothing restores from it, no checkpoint stacks on it (cluster_forks.rs's check).
+    server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    server.expect("GET", CHECKPOINTS).await.ok(list(vec![]));
     server
         .expect("DELETE", &format!("{CHECKPOINTS}/cp1"))
         .await
@@ -631,183 +634,22 @@ async fn apply_by_name_is_idempotent_and_refuses_another_spec() {
     assert_eq!(status, StatusCode::OK);
 }
 
-/// One fork of `cp1` through the ordinary create: no pool member, the Checkpoint named, a
-/// Sandbox restoring from it; `ready` is what the wait reads back. Returns the new id.
-async fn expect_fork(server: &mut ApiServer, ready: impl FnOnce(&str) -> Value) -> String {
-    let c = server.expect("GET", SANDBOXES).await;
-    assert!(c.query.contains("labelSelector"), "{}", c.query);
-    c.ok(list(vec![]));
-    server
-        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
-        .await
-        .ok(cp_resource("Succeeded", None, "Succeeded"));
-    let c = server.expect("POST", SANDBOXES).await;
-    assert_eq!(c.body["spec"]["restoreFrom"], "cp1");
-    assert_eq!(
-        c.body["metadata"]["annotations"]["metadata.warren.dev/who"],
-        "ann"
-    );
-    assert_eq!(c.body["spec"]["envVars"]["A"], "1");
-    let id = c.body["metadata"]["name"].as_str().unwrap().to_string();
-    let b = c.body.clone();
-    c.reply(201, b);
-    server
-        .expect("GET", &format!("{SANDBOXES}/{id}"))
-        .await
-        .ok(ready(&id));
-    id
-}
-
 #[tokio::test]
-async fn restore_forks_a_checkpoint_with_one_result_per_sandbox() {
+async fn a_checkpoint_forks_still_use_is_not_deleted() {
     let (api, mut server, _fake) = api();
-    let body =
-        json!({"count": 1, "timeout": 60, "metadata": {"who": "ann"}, "envVars": {"A": "1"}});
-    let task = call(
-        &api,
-        "POST",
-        "/warren/v1/checkpoints/cp1/restore",
-        body.clone(),
-    )
-    .await;
+    let task = call(&api, "DELETE", "/warren/v1/checkpoints/cp1", Value::Null).await;
     server
         .expect("GET", &format!("{CHECKPOINTS}/cp1"))
         .await
         .ok(cp_resource("Succeeded", None, "Succeeded"));
-    let id = expect_fork(&mut server, |id| {
-        let mut s = running(id, 1);
-        s["metadata"]["name"] = json!(id);
-        s
-    })
-    .await;
-    let (status, v) = task.await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{v}");
-    assert_eq!(v[0]["sandbox"]["sandboxID"], id);
-    assert!(v[0].get("error").is_none(), "{v}");
-
-    // A fork that fails is an item with an error (and is not left behind).
-    let task = call(&api, "POST", "/warren/v1/checkpoints/cp1/restore", body).await;
-    server
-        .expect("GET", &format!("{CHECKPOINTS}/cp1"))
-        .await
-        .ok(cp_resource("Succeeded", None, "Succeeded"));
-    let id = expect_fork(&mut server, |id| {
-        let mut s = running(id, 1);
-        s["metadata"]["name"] = json!(id);
-        s["status"]["phase"] = json!("Failed");
-        s["status"]["conditions"][0] = json!({"type": "Ready", "status": "False",
-            "reason": "CheckpointLost", "message": "node node-a no longer exists",
-            "lastTransitionTime": "2026-01-01T00:00:00Z"});
-        s
-    })
-    .await;
-    server
-        .expect("DELETE", &format!("{SANDBOXES}/{id}"))
-        .await
-        .ok(running(&id, 1));
-    let (status, v) = task.await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{v}");
-    assert_eq!(v[0]["error"]["code"], 500, "{v}");
-    assert!(v[0]["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("CheckpointLost"));
-
-    // Whole-request errors: a bad count, a missing checkpoint.
-    let (status, v) = call(
-        &api,
-        "POST",
-        "/warren/v1/checkpoints/cp1/restore",
-        json!({"count": 0}),
-    )
-    .await
-    .await
-    .unwrap();
-    assert_error(status, &v, 400, "count must be between 1 and 100 (got 0)");
-    let task = call(
-        &api,
-        "POST",
-        "/warren/v1/checkpoints/cp9/restore",
-        Value::Null,
-    )
-    .await;
-    server
-        .expect("GET", &format!("{CHECKPOINTS}/cp9"))
-        .await
-        .status_error(404, "NotFound", "not found");
-    let (status, v) = task.await.unwrap();
-    assert_error(status, &v, 404, "checkpoint cp9 not found");
-}
-
-#[tokio::test]
-async fn fork_checkpoints_the_sandbox_and_restores_it() {
-    let (api, mut server, _fake) = api();
-    let mut source = running("sb1", 10);
-    source["metadata"]["annotations"] = json!({"metadata.warren.dev/who": "ann"});
-    let task = call(
-        &api,
-        "POST",
-        "/sandboxes/sb1/fork",
-        json!({"count": 1, "timeout": 60}),
-    )
-    .await;
-    server
-        .expect("GET", &format!("{SANDBOXES}/sb1"))
-        .await
-        .ok(source.clone());
-    server
-        .expect("GET", &format!("{SANDBOXES}/sb1"))
-        .await
-        .ok(source.clone());
-    let c = server.expect("POST", CHECKPOINTS).await;
-    let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
-    assert!(name.starts_with("fork-sb1-"), "{name}");
-    assert_eq!(c.body["metadata"]["labels"]["warren.dev/fork-of"], "sb1");
-    assert!(c.body["spec"].get("ttlAfterFinished").is_none());
-    let b = c.body.clone();
-    c.reply(201, b);
-    let mut done = cp_resource("Succeeded", None, "Succeeded");
-    done["metadata"]["name"] = json!(name);
-    for _ in 0..2 {
-        // Taken, then looked up by the restore.
-        server
-            .expect("GET", &format!("{CHECKPOINTS}/{name}"))
-            .await
-            .ok(done.clone());
-    }
-    let c = server.expect("GET", SANDBOXES).await;
-    c.ok(list(vec![]));
-    server
-        .expect("GET", &format!("{CHECKPOINTS}/{name}"))
-        .await
-        .ok(done.clone());
-    let c = server.expect("POST", SANDBOXES).await;
-    assert_eq!(c.body["spec"]["restoreFrom"], json!(name));
-    assert_eq!(
-        c.body["metadata"]["annotations"]["metadata.warren.dev/who"], "ann",
-        "the source's metadata"
+    let mut fork = running("f1", 1);
+    fork["spec"]["restoreFrom"] = json!("cp1");
+    server.expect("GET", SANDBOXES).await.ok(list(vec![fork]));
+    let (status, body) = task.await.unwrap();
+    assert_error(
+        status,
+        &body,
+        409,
+        "checkpoint cp1 holds the files of sandboxes f1",
     );
-    let id = c.body["metadata"]["name"].as_str().unwrap().to_string();
-    let b = c.body.clone();
-    c.reply(201, b);
-    let mut ready_fork = running(&id, 1);
-    ready_fork["metadata"]["name"] = json!(id);
-    server
-        .expect("GET", &format!("{SANDBOXES}/{id}"))
-        .await
-        .ok(ready_fork);
-    // Spent: deleted (its node keeps the files the fork stacks).
-    server
-        .expect("DELETE", &format!("{CHECKPOINTS}/{name}"))
-        .await
-        .ok(done.clone());
-    let (status, v) = task.await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{v}");
-    assert_eq!(v[0]["sandbox"]["sandboxID"], json!(id));
-
-    let (status, v) = call(&api, "POST", "/sandboxes/sb1/fork", json!({"count": -1}))
-        .await
-        .await
-        .unwrap();
-    assert_error(status, &v, 400, "count must be between 1 and 100 (got -1)");
 }

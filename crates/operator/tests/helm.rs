@@ -401,20 +401,24 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
-    // Snapshots and forks (cluster_snapshots.rs), checkpoints and commits (cluster_jobs.rs).
-    for resource in ["checkpoints", "commits"] {
-        for verb in ["get", "list", "create", "delete"] {
-            assert!(
-                allows(&rules, "warren.dev", resource, verb),
-                "{verb} {resource}"
-            );
-        }
-        for verb in ["update", "patch"] {
-            assert!(
-                !allows(&rules, "warren.dev", resource, verb),
-                "{verb} {resource}"
-            );
-        }
+    // Snapshots and forks (cluster_snapshots.rs, cluster_forks.rs) and /warren/v1/checkpoints
+    // (cluster_jobs.rs).
+    for verb in ["get", "list", "create", "patch", "delete"] {
+        assert!(allows(&rules, "warren.dev", "checkpoints", verb), "{verb}");
+    }
+    assert!(!allows(&rules, "warren.dev", "checkpoints", "update"));
+    // /warren/v1/commits (cluster_jobs.rs).
+    for verb in ["get", "list", "create", "delete"] {
+        assert!(
+            allows(&rules, "warren.dev", "commits", verb),
+            "{verb} commits"
+        );
+    }
+    for verb in ["update", "patch"] {
+        assert!(
+            !allows(&rules, "warren.dev", "commits", verb),
+            "{verb} commits"
+        );
     }
     assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));
     // Cold starts read the SandboxSet a templateID names, and nothing more of it.
