@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod checkpoint;
 pub mod claim;
 pub mod cluster_api;
+pub mod cluster_network;
 pub mod commit;
 pub mod conditions;
 pub mod controller;
@@ -20,6 +21,7 @@ pub mod leader;
 pub mod nodeloss;
 pub mod sandbox;
 pub mod sandbox_agent;
+pub mod sandbox_network;
 pub mod sandboxset;
 
 #[cfg(test)]
@@ -30,6 +32,8 @@ mod mock_agent;
 mod mock_autoscaler;
 #[cfg(test)]
 mod mock_cluster_api;
+#[cfg(test)]
+mod mock_network;
 #[cfg(test)]
 mod mock_nodeloss;
 

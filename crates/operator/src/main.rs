@@ -42,6 +42,14 @@ enum Command {
         /// is required (only for tests: the agent is privileged).
         #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// The cluster's Pod network(s), CIDR, comma-separated or repeated: sandboxes may not
+        /// reach them unless their allowOut names them (the node's own addresses are always
+        /// closed).
+        #[arg(long, env = "WARREN_CLUSTER_CIDR", value_delimiter = ',')]
+        cluster_cidr: Vec<String>,
+        /// The cluster's Service network(s), closed like `--cluster-cidr`.
+        #[arg(long, env = "WARREN_SERVICE_CIDR", value_delimiter = ',')]
+        service_cidr: Vec<String>,
     },
     /// Serve the E2B API and sandbox router in cluster mode, with state in the Sandbox custom
     /// resources (the same as `warren serve --cluster`).
@@ -168,6 +176,8 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             envd_binary,
             token_file,
+            cluster_cidr,
+            service_cidr,
         } => {
             warren_operator::agent::server::serve_node_agent(
                 warren_operator::agent::server::NodeAgentOptions {
@@ -176,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
                     data_dir,
                     envd_binary,
                     token: read_token(token_file.as_deref())?,
+                    cluster_cidrs: cluster_cidr.into_iter().chain(service_cidr).collect(),
                 },
             )
             .await?;

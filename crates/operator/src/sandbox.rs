@@ -87,6 +87,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
             "spec.restoreFrom: forks are not supported by this operator version yet".into(),
         );
     }
+    crate::sandbox_network::validate(spec)?;
     let quantities = spec.resources.requests.iter().chain(&spec.resources.limits);
     for (k, v) in quantities {
         if v.trim().is_empty() {

@@ -14,7 +14,10 @@ pub mod fake;
 pub mod http;
 #[cfg(target_os = "linux")]
 pub mod local;
+pub mod network;
 pub mod server;
+
+pub use network::{EgressSpec, NetworkUpdateRequest};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -68,6 +71,9 @@ pub struct CreateRequest {
     /// gives a claimed pool member its client's env vars with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// The egress policy, applied in the Pod's network namespace before the sandbox starts.
+    #[serde(default, skip_serializing_if = "EgressSpec::is_default")]
+    pub network: EgressSpec,
 }
 
 /// What a sandbox on the node looks like.
@@ -190,6 +196,20 @@ pub trait NodeAgent: Send + Sync + 'static {
     ) -> Result<CommitInfo, AgentError>;
     /// Stops the sandbox and removes its node state. Idempotent.
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError>;
+    /// Replaces the sandbox's egress policy, live (running, paused or hibernated).
+    async fn update_network(
+        &self,
+        node: &str,
+        id: &str,
+        req: &NetworkUpdateRequest,
+    ) -> Result<(), AgentError> {
+        let _ = (id, req);
+        Err(AgentError::Failed {
+            node: node.into(),
+            code: 501,
+            message: "this node agent cannot update a sandbox's network policy".into(),
+        })
+    }
 }
 
 /// The envd access token of the Sandbox with `uid`: derived from a key that only the operator

@@ -27,9 +27,9 @@
 //!    are IPv4.
 //!
 //! Domain names in `allow_out` need the daemon's DNS filter, which a Pod does not have: they are
-//! refused ([`PodEgressError::DomainNames`]).
+//! refused ([`EgressRules::refuse_domains`]).
 
-use crate::egress::{Cidr, EgressRules};
+use crate::egress::{Cidr, CidrError, EgressRules};
 use crate::RuntimeError;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -62,24 +62,15 @@ pub struct PodEgress {
     pub east_west: Vec<Cidr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PodEgressError {
-    #[error(
-        "allow_out domain names ({0}) need the single-host DNS filter: sandboxes in Pods take \
-         IPv4 addresses and CIDR blocks only"
-    )]
-    DomainNames(String),
-}
-
 impl PodEgress {
     /// Refuses what a Pod cannot enforce.
-    pub fn validate(&self) -> Result<(), PodEgressError> {
-        validate_rules(&self.egress)
+    pub fn validate(&self) -> Result<(), CidrError> {
+        self.egress.refuse_domains()
     }
 
     /// The nftables script that replaces the table in one transaction (`nft -f` applies a
     /// script atomically): adding the table first makes the delete valid when it is absent.
-    pub fn nft_script(&self) -> Result<String, PodEgressError> {
+    pub fn nft_script(&self) -> Result<String, CidrError> {
         self.validate()?;
         let t = POD_EGRESS_TABLE;
         let mut rules: Vec<String> = vec![
@@ -125,15 +116,6 @@ impl PodEgress {
         }
         Ok(script)
     }
-}
-
-/// Refuses domain names, which only the single-host DNS filter can enforce.
-pub fn validate_rules(rules: &EgressRules) -> Result<(), PodEgressError> {
-    if rules.allow_domains.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<&str> = rules.allow_domains.iter().map(|d| d.as_str()).collect();
-    Err(PodEgressError::DomainNames(names.join(", ")))
 }
 
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
