@@ -557,6 +557,14 @@ async fn egress_policy_through_the_agent_interface() {
             network: closed.clone(),
             ..Default::default()
         };
+        // A policy the agent cannot enforce fails the create: no sandbox runs without it.
+        let mut names = req.clone();
+        names.network.allow_out = vec!["pypi.org".into()];
+        let e = agent.create(NODE, &names).await.unwrap_err();
+        assert!(matches!(e, AgentError::Failed { code: 400, .. }), "{e}");
+        assert!(egress_table(&pod.netns).is_none(), "nothing was installed");
+        assert!(!envd_answers(pod.ip), "and nothing started");
+
         let info = agent.create(NODE, &req).await.expect("create");
         let table = egress_table(&pod.netns).expect("the table is in the Pod's namespace");
         assert!(table.contains("169.254.0.0/16") && table.contains("10.99.0.0/16"), "{table}");
