@@ -20,6 +20,8 @@ const NODE: &str = "10.213.0.1";
 const OTHER_POD: &str = "10.213.7.7";
 const KUBE_DNS: &str = "10.96.0.10";
 const METADATA: &str = "169.254.169.254";
+/// A resolver on a link-local address, as some clouds have (AWS: 169.254.169.253).
+const LINK_DNS: &str = "169.254.169.253";
 const INTERNET: &str = "198.51.100.7";
 const INTERNET_2: &str = "203.0.113.9";
 const PORT: u16 = 8080;
@@ -78,7 +80,9 @@ impl Net {
         ]);
         ip(&["-n", peer, "link", "set", "lo", "up"]);
         ip(&["-n", peer, "link", "set", "peer0", "up"]);
-        for a in [OTHER_POD, KUBE_DNS, METADATA, INTERNET, INTERNET_2] {
+        for a in [
+            OTHER_POD, KUBE_DNS, METADATA, LINK_DNS, INTERNET, INTERNET_2,
+        ] {
             ip(&["-n", peer, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
         // Servers in the peer: TCP that greets and echoes, UDP (DNS port) that echoes.
@@ -116,11 +120,16 @@ impl Net {
     }
 
     fn pod_dns(&self) -> bool {
-        in_ns(&self.pod, || {
+        self.pod_dns_to(KUBE_DNS)
+    }
+
+    /// Whether a UDP query to `server:53` gets its answer.
+    fn pod_dns_to(&self, server: &'static str) -> bool {
+        in_ns(&self.pod, move || {
             let s = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(800)))
                 .unwrap();
-            if s.send_to(b"query", (KUBE_DNS, 53)).is_err() {
+            if s.send_to(b"query", (server, 53)).is_err() {
                 return false;
             }
             let mut buf = [0u8; 16];
@@ -209,7 +218,10 @@ fn base(allow_internet: bool, allow: &[&str], deny: &[&str]) -> PodEgress {
     PodEgress {
         allow_internet,
         egress: EgressRules::parse(allow, deny).unwrap(),
-        resolvers: vec![KUBE_DNS.parse::<Ipv4Addr>().unwrap()],
+        resolvers: vec![
+            KUBE_DNS.parse().unwrap(),
+            LINK_DNS.parse::<Ipv4Addr>().unwrap(),
+        ],
         east_west: cidrs(&["10.213.0.0/16", "10.96.0.0/12", NODE]),
     }
 }
@@ -232,6 +244,16 @@ fn pod_egress_policy_holds_with_real_connections() {
         assert!(!net.pod_reaches(a), "east-west {a} dropped");
     }
     assert!(net.pod_dns(), "DNS to the Pod's resolver");
+    assert!(net.pod_dns_to(LINK_DNS), "DNS to a link-local resolver");
+    assert!(!net.pod_reaches(LINK_DNS), "only its port 53");
+    assert!(
+        !net.pod_dns_to(METADATA),
+        "link-local addresses that are no resolver stay closed"
+    );
+    assert!(
+        !net.pod_dns_to(INTERNET_2),
+        "DNS to other servers follows the rules"
+    );
     assert!(net.router_reaches_envd(), "replies to inbound connections");
 
     // A connection opened now is cut by the next, tighter policy (no blanket "established").

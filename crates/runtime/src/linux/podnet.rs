@@ -14,9 +14,11 @@
 //!    (the router reaching envd, port forwards): accepted. Outbound connections get no blanket
 //!    "established" accept, so that a tightened policy also cuts connections already open, as in
 //!    single-host mode;
-//! 2. the link-local range `169.254.0.0/16` (the cloud metadata address 169.254.169.254): dropped,
+//! 2. DNS (port 53, UDP and TCP) to the sandbox's resolvers: accepted. Before the metadata drop,
+//!    because some clouds serve DNS on a link-local address (GCP on 169.254.169.254, AWS on
+//!    169.254.169.253); port 53 only, so their metadata HTTP service stays closed;
+//! 3. the link-local range `169.254.0.0/16` (the cloud metadata address 169.254.169.254): dropped,
 //!    whatever the rules say;
-//! 3. DNS (port 53, UDP and TCP) to the Pod's resolvers: accepted;
 //! 4. `allow_out` blocks that lie inside the cluster's ranges: accepted (naming a cluster address
 //!    is the only way to open one; a broad block such as `0.0.0.0/0` does not);
 //! 5. the cluster's ranges (Pod and Service networks, the node's own addresses): dropped;
@@ -76,17 +78,19 @@ impl PodEgress {
         let mut rules: Vec<String> = vec![
             "oifname \"lo\" accept".into(),
             "ct direction reply accept".into(),
-            format!("ip daddr {LINK_LOCAL} drop"),
-            // Neighbour discovery, so that replies over IPv6 find their next hop.
-            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
-                .into(),
-            "meta nfproto ipv6 drop".into(),
         ];
         if !self.resolvers.is_empty() {
             let set = join(self.resolvers.iter());
             rules.push(format!("ip daddr {{ {set} }} udp dport 53 accept"));
             rules.push(format!("ip daddr {{ {set} }} tcp dport 53 accept"));
         }
+        rules.extend([
+            format!("ip daddr {LINK_LOCAL} drop"),
+            // Neighbour discovery, so that replies over IPv6 find their next hop.
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
+                .into(),
+            "meta nfproto ipv6 drop".into(),
+        ]);
         let cluster = disjoint(&self.east_west);
         if !cluster.is_empty() {
             let named: Vec<Cidr> = self
@@ -296,11 +300,11 @@ mod tests {
             [
                 "oifname \"lo\" accept",
                 "ct direction reply accept",
+                "ip daddr { 10.96.0.10 } udp dport 53 accept",
+                "ip daddr { 10.96.0.10 } tcp dport 53 accept",
                 "ip daddr 169.254.0.0/16 drop",
                 "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
                 "meta nfproto ipv6 drop",
-                "ip daddr { 10.96.0.10 } udp dport 53 accept",
-                "ip daddr { 10.96.0.10 } tcp dport 53 accept",
                 // Only the allow block inside the cluster opens it; 0.0.0.0/0 does not.
                 "ip daddr { 10.244.3.4/32 } accept",
                 "ip daddr { 10.96.0.0/12, 10.244.0.0/16, 192.168.1.5/32 } drop",
