@@ -300,6 +300,10 @@ pub struct SandboxSetSpec {
     pub persistent_contents: Vec<PersistentContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_internet_access: Option<bool>,
+    /// The members' egress rules (as Sandbox `network`); a claim with other rules replaces
+    /// them on the claimed member before the client gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
     #[serde(default)]
     pub reuse_policy: ReusePolicy,
     /// Rolling update of unclaimed members when the member template changes: how many of

@@ -180,4 +180,24 @@ mod tests {
             Some(false)
         )));
     }
+
+    #[test]
+    fn a_sets_network_reaches_its_members_and_is_validated() {
+        let mut set = crate::mock::set(1, 1).spec;
+        set.allow_internet_access = Some(false);
+        set.network = Some(SandboxNetwork {
+            allow_out: vec!["10.0.0.7".into()],
+            deny_out: vec![],
+        });
+        let member = crate::sandboxset::member_spec(&set);
+        assert_eq!(egress_of(&member).allow_out, ["10.0.0.7"]);
+        assert!(!egress_of(&member).allow_internet);
+        assert!(crate::sandboxset::validate(&set).is_ok());
+        set.network.as_mut().unwrap().allow_out = vec!["*.pypi.org".into()];
+        let e = crate::sandboxset::validate(&set).unwrap_err();
+        assert!(
+            e.contains("spec.network") && e.contains("*.pypi.org"),
+            "{e}"
+        );
+    }
 }
