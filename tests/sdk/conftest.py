@@ -9,11 +9,16 @@ through the API, the data dir and cgroups are checked for leftovers, and the dae
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 
 import pytest
 
 from warren_helpers import (
     Daemon,
+    free_port,
     host_state,
     mounts_under,
     remove_data_dir,
@@ -134,3 +139,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
         with contextlib.suppress(OSError):
             os.unlink(d.log_path)
+
+
+@pytest.fixture
+def registry():
+    """Debian's docker-registry on a free loopback port with htpasswd auth (alice / s3cret)."""
+    d = tempfile.mkdtemp(prefix="warren-test-registry-")
+    hp = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True, check=True).stdout
+    with open(os.path.join(d, "htpasswd"), "wb") as f:
+        f.write(hp)
+    addr = f"127.0.0.1:{free_port()}"
+    with open(os.path.join(d, "config.yml"), "w") as f:
+        f.write(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {d}/data}}}}\n"
+                f"http: {{addr: \"{addr}\"}}\nauth: {{htpasswd: {{realm: test, path: {d}/htpasswd}}}}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", os.path.join(d, "config.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", int(addr.split(":")[1])), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_until(up, 10), "registry did not start"
+    yield addr
+    proc.terminate()
+    proc.wait()
+    shutil.rmtree(d, ignore_errors=True)

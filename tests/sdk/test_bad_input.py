@@ -277,3 +277,20 @@ def test_unknown_route_is_json_404(daemon):
     r = daemon.request("GET", "/v2/no-such-endpoint")
     assert r.status == 404, (r.status, r.body)
     r.error_body()
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"network": {"egress_proxy": {"address": "127.0.0.1:1080"}}}, "egressProxy"),
+        ({"network": {"mask_request_host": "${PORT}-x.example"}}, "maskRequestHost"),
+        ({"network": {"https_ports": [3000]}}, "httpsPorts"),
+        ({"volume_mounts": {"v1": "/mnt/v"}}, "volumeMounts"),
+        ({"mcp": {"exa": {"apiKey": "k"}}}, "mcp"),
+    ],
+)
+def test_features_warren_lacks_are_refused_not_ignored(daemon, no_new_sandboxes, kwargs, named):
+    # A sandbox without the proxy, volume or gateway its creator asked for would quietly do less.
+    with pytest.raises(SandboxException) as e:
+        Sandbox.create(**kwargs)
+    assert named in str(e.value) and "400" in str(e.value), str(e.value)

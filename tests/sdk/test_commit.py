@@ -6,8 +6,6 @@ import io
 import json
 import os
 import tarfile
-import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,7 +13,7 @@ import urllib.parse
 
 import pytest
 
-from warren_helpers import wait_until
+from warren_helpers import free_port, wait_until
 
 API = "warren.dev/v1alpha1"
 
@@ -222,40 +220,6 @@ spec:
     r = daemon.request("POST", "/sandboxes", {"templateID": "local/ttl:v1"})
     assert r.status in (400, 404), (r.status, r.body)
     assert wait_until(lambda: not set(blobs(daemon)) - set(before), 10), (before, blobs(daemon))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def registry():
-    """Debian's docker-registry on a free loopback port with htpasswd auth (alice / s3cret)."""
-    d = tempfile.mkdtemp(prefix="commit-registry-")
-    hp = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True, check=True).stdout
-    with open(os.path.join(d, "htpasswd"), "wb") as f:
-        f.write(hp)
-    addr = f"127.0.0.1:{free_port()}"
-    with open(os.path.join(d, "config.yml"), "w") as f:
-        f.write(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {d}/data}}}}\n"
-                f"http: {{addr: \"{addr}\"}}\nauth: {{htpasswd: {{realm: test, path: {d}/htpasswd}}}}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", os.path.join(d, "config.yml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up():
-        try:
-            socket.create_connection(("127.0.0.1", int(addr.split(":")[1])), 0.2).close()
-            return True
-        except OSError:
-            return False
-
-    assert wait_until(up, 10), "registry did not start"
-    yield addr
-    proc.terminate()
-    proc.wait()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_push_with_secret_wrong_password_and_down(daemon, new_sandbox, registry):

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod builds;
 pub mod checkpoints;
 pub mod commits;
+pub mod e2b_templates;
 pub mod envd_exec;
 pub mod error;
 pub mod extract;
@@ -86,6 +87,7 @@ pub(crate) fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(pools::routes())
         .merge(templates::routes())
         .merge(builds::routes())
+        .merge(e2b_templates::routes())
         .merge(commits::routes())
         .merge(checkpoints::routes())
         .routes(routes!(h::create_v1, h::list_v1))

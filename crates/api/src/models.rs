@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 use warren_core::SandboxRecord;
 
-/// `NewSandboxV2` (and the v1 `NewSandbox`). Fields the SDK may send that Warren does not act on
-/// (`mcp`, `volumeMounts`, parts of `network`, …) are ignored.
+/// `NewSandboxV2` (and the v1 `NewSandbox`). Features the SDK can ask for that Warren does not
+/// have (`mcp`, `iam`, `volumeMounts`, and parts of `network`) are refused with a 400 that names
+/// them, rather than ignored: a sandbox without the proxy, volume or credentials its creator
+/// asked for would fail later, or quietly do less than asked.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
@@ -26,6 +28,42 @@ pub struct NewSandbox {
     pub metadata: Option<BTreeMap<String, String>>,
     pub env_vars: Option<BTreeMap<String, String>>,
     pub network: Option<crate::network::NetworkConfigJson>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Object>)]
+    pub mcp: Option<serde_json::Value>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Object>)]
+    pub iam: Option<serde_json::Value>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub volume_mounts: Option<serde_json::Value>,
+}
+
+/// Whether a JSON value asks for something (not null, not an empty list, object or string).
+pub(crate) fn given(v: &Option<serde_json::Value>) -> bool {
+    match v {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Object(o)) => !o.is_empty(),
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    }
+}
+
+impl NewSandbox {
+    /// The first feature asked for that Warren does not have, as the message of a 400.
+    pub fn unsupported(&self) -> Option<String> {
+        if given(&self.mcp) {
+            return Some("mcp: Warren has no MCP gateway; leave `mcp` out".into());
+        }
+        if given(&self.iam) {
+            return Some("iam: Warren has no workload identity; leave `iam` out".into());
+        }
+        if given(&self.volume_mounts) {
+            return Some("volumeMounts: Warren has no volumes; leave `volumeMounts` out".into());
+        }
+        self.network.as_ref().and_then(|n| n.unsupported())
+    }
 }
 
 /// `autoResume` of `NewSandboxV2`.

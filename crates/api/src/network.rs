@@ -27,9 +27,54 @@ pub struct NetworkConfigJson {
     pub allow_out: Option<Vec<String>>,
     #[serde(default, alias = "deny_out")]
     pub deny_out: Option<Vec<String>>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Object>)]
+    #[serde(default, alias = "egress_proxy")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Object>)]
+    #[serde(default)]
+    pub rules: Option<serde_json::Value>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<String>)]
+    #[serde(default, alias = "mask_request_host")]
+    pub mask_request_host: Option<serde_json::Value>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Vec<u16>>)]
+    #[serde(default, alias = "https_ports")]
+    pub https_ports: Option<serde_json::Value>,
 }
 
 impl NetworkConfigJson {
+    /// The first part asked for that Warren does not have, as the message of a 400.
+    pub fn unsupported(&self) -> Option<String> {
+        use crate::models::given;
+        if given(&self.egress_proxy) {
+            return Some(
+                "network.egressProxy: Warren does not tunnel egress through a proxy; leave it out"
+                    .into(),
+            );
+        }
+        if given(&self.rules) {
+            return Some(
+                "network.rules: Warren does not transform egress requests; leave them out".into(),
+            );
+        }
+        if given(&self.mask_request_host) {
+            return Some(
+                "network.maskRequestHost: Warren's router keeps the request's host; leave it out"
+                    .into(),
+            );
+        }
+        if given(&self.https_ports) {
+            return Some(
+                "network.httpsPorts: Warren's router speaks plain HTTP to the sandbox; leave it out"
+                    .into(),
+            );
+        }
+        None
+    }
+
     pub fn into_request(self) -> NetworkRequest {
         NetworkRequest {
             allow_out: self.allow_out.unwrap_or_default(),
@@ -51,6 +96,14 @@ pub struct NetworkUpdateJson {
     // The SDK's snake_case key, as in create.
     #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
     pub allow_internet_access: Option<bool>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Object>)]
+    #[serde(default, alias = "egress_proxy")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// Not supported: refused when given.
+    #[schema(value_type = Option<Object>)]
+    #[serde(default)]
+    pub rules: Option<serde_json::Value>,
 }
 
 /// The network part of `SandboxDetail`.
@@ -117,6 +170,15 @@ pub async fn update_network(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<NetworkUpdateJson>,
 ) -> Result<StatusCode, ApiError> {
+    let refused = NetworkConfigJson {
+        egress_proxy: body.egress_proxy,
+        rules: body.rules,
+        ..Default::default()
+    }
+    .unsupported();
+    if let Some(msg) = refused {
+        return Err(ApiError::bad_request(msg));
+    }
     let update = NetworkUpdate {
         allow_internet: body.allow_internet_access,
         allow_out: body.allow_out.unwrap_or_default(),

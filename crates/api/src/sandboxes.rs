@@ -50,6 +50,9 @@ async fn create(
     headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<NewSandbox>,
 ) -> ApiResult<(StatusCode, Json<SandboxJson>)> {
+    if let Some(msg) = body.unsupported() {
+        return Err(ApiError::bad_request(msg));
+    }
     let key = headers
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or(""));

@@ -267,6 +267,10 @@ struct NodeAgentArgs {
     /// The cluster's Service network(s), closed like `--cluster-cidr`.
     #[arg(long, env = "WARREN_SERVICE_CIDR", value_delimiter = ',')]
     service_cidr: Vec<String>,
+    /// Disk cap, in MiB, of a sandbox whose Sandbox names no `ephemeral-storage` (as `warren
+    /// serve --sandbox-disk-mb`); 0: no caps.
+    #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
+    sandbox_disk_mb: u64,
 }
 
 async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
@@ -293,6 +297,7 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
             envd_binary: a.envd_binary,
             token,
             cluster_cidrs: a.cluster_cidr.into_iter().chain(a.service_cidr).collect(),
+            sandbox_disk_mb: a.sandbox_disk_mb,
         },
     )
     .await

@@ -167,7 +167,7 @@ fn write_config(path: &Path, config: &DaemonConfig) -> Result<(), AuthError> {
     Ok(())
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut rng = rand::rng();
     (0..bytes)
         .map(|_| format!("{:02x}", rng.random::<u8>()))

@@ -102,6 +102,13 @@ pub struct ImageTemplate {
     /// [`warren_image::commit::HOST_BINDS_LABEL`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_binds: Vec<(PathBuf, PathBuf)>,
+    /// The port its start command listens on: a create returns once it accepts connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_port: Option<u16>,
+    /// A command that exits 0 once its start command is ready (E2B's `readyCmd`): a create
+    /// returns once it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_cmd: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 

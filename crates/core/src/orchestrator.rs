@@ -177,6 +177,8 @@ pub struct Warren {
     commits: commits::CommitState,
     /// Template builds from Dockerfiles (see `builds.rs`).
     builds: builds::BuildState,
+    /// E2B's template build protocol over those builds (see `e2b_builds.rs`).
+    e2b_builds: e2b_builds::E2bBuildState,
 }
 
 /// What the router needs of a running sandbox, kept in memory.
@@ -232,6 +234,7 @@ impl Warren {
             idempotency: tokio::sync::Mutex::default(),
             commits: commits::CommitState::default(),
             builds: builds::BuildState::default(),
+            e2b_builds: e2b_builds::E2bBuildState::default(),
         }
     }
 
@@ -495,6 +498,7 @@ impl Warren {
             }
         };
         let ready_port = self.templates.ready_port(&req.template_id);
+        let ready_cmd = self.templates.ready_command(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(CoreError::InvalidArgument(format!(
@@ -518,6 +522,7 @@ impl Warren {
         }
         let id = new_sandbox_id();
         let token = generate_access_token();
+        let ready_token = token.clone();
         let network = req.network.policy(req.allow_internet)?;
         let allow_internet = network.allow_internet;
         let resources = self.config.default_resources;
@@ -575,6 +580,11 @@ impl Warren {
         };
         if let Some(port) = ready_port {
             wait_for_port(&id, std::net::SocketAddr::from((placement.ip, port))).await;
+        }
+        if let Some(cmd) = ready_cmd {
+            let envd = std::net::SocketAddr::from((placement.ip, warren_runtime::ENVD_PORT));
+            self.wait_for_ready_command(&id, envd, &ready_token, &cmd)
+                .await;
         }
         let started = self.clock.now();
         let applied = self
@@ -992,6 +1002,7 @@ fn decode_token(token: &str) -> Result<(DateTime<Utc>, String), CoreError> {
 pub mod builds;
 pub mod checkpoints;
 pub mod commits;
+pub mod e2b_builds;
 pub mod hibernation;
 pub mod metrics;
 pub mod network;
@@ -1017,6 +1028,45 @@ async fn wait_for_port(id: &str, addr: std::net::SocketAddr) {
         }
     }
     tracing::warn!(sandbox = %id, %addr, "the template's start command did not open its port in time");
+}
+
+/// How long a create runs its template's ready command before it gives up waiting.
+const READY_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long one run of a ready command may take.
+const READY_COMMAND_RUN: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Warren {
+    /// Runs a template's ready command (E2B's `readyCmd`, e.g. a `curl` of a health URL) in the
+    /// new sandbox until it exits 0, as E2B checks it before its snapshot: the client's first
+    /// request finds the start command ready. Like [`wait_for_port`], one that never succeeds
+    /// only costs the timeout.
+    async fn wait_for_ready_command(
+        &self,
+        id: &str,
+        envd: std::net::SocketAddr,
+        token: &str,
+        cmd: &str,
+    ) {
+        let Some(runner) = self.builds.runner.get().cloned() else {
+            tracing::warn!(sandbox = %id, "no command runner: the template's ready command is not run");
+            return;
+        };
+        let command = builds::StepCommand {
+            cmd: cmd.to_string(),
+            user: "root".into(),
+            cwd: None,
+            env: Default::default(),
+        };
+        let deadline = tokio::time::Instant::now() + READY_COMMAND_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            let run = runner.run(envd, token, &command, &|_: &[u8]| {});
+            if let Ok(Ok(0)) = tokio::time::timeout(READY_COMMAND_RUN, run).await {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        tracing::warn!(sandbox = %id, cmd, "the template's ready command did not succeed in time");
+    }
 }
 
 #[cfg(test)]

@@ -89,11 +89,19 @@ impl TemplateRegistry {
     }
 
     pub fn ready_port(&self, name: &str) -> Option<u16> {
+        if let Some(port) = self.images.get(name).and_then(|t| t.ready_port) {
+            return Some(port);
+        }
         self.ready_ports
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .copied()
+    }
+
+    /// The ready command of template `name` (E2B's `readyCmd`), if it has one.
+    pub fn ready_command(&self, name: &str) -> Option<String> {
+        self.images.get(name).and_then(|t| t.ready_cmd)
     }
 
     /// The start command of template `name`, if it has one.
@@ -293,6 +301,8 @@ mod tests {
             start_command: Some("/bin/server".into()),
             size_bytes: 1,
             host_binds: vec![],
+            ready_port: None,
+            ready_cmd: None,
             created_at: chrono::Utc::now(),
         };
         reg.images.ready.write().unwrap().insert("img".into(), t);

@@ -145,6 +145,22 @@ const ACCEPTED: &[&str] = &[
     MEDIA_DOCKER_LIST,
 ];
 
+/// The digest of `reference`'s manifest (or index) in its registry, as the registry serves it to
+/// these credentials: checks access, and tells whether an earlier pull is still current.
+pub async fn resolve_digest(reference: &str, credentials: Option<&Credentials>) -> Result<String> {
+    let image_ref = parse_reference(reference)?;
+    let registry = image_ref.resolve_registry().to_string();
+    let auth = match credentials {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let (bytes, _) = client_for(&image_ref)
+        .pull_manifest_raw(&image_ref, &auth, ACCEPTED)
+        .await
+        .map_err(|e| registry_error(&registry, e))?;
+    Ok(sha256_digest(&bytes))
+}
+
 /// Pulls `reference` into the store and names it `as_ref`.
 pub async fn pull(
     store: &ImageStore,

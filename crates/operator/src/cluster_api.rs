@@ -33,6 +33,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+// E2B snapshots, and forks of them (`templateID` naming a Checkpoint).
+#[path = "cluster_snapshots.rs"]
+pub mod snapshots;
+
 /// Annotation prefix of the E2B metadata of a sandbox (as [`crate::claim`] writes it).
 const METADATA_PREFIX: &str = "metadata.warren.dev/";
 /// Annotation: the E2B template id the sandbox was asked for.
@@ -45,6 +49,8 @@ const MAX_TIMEOUT: i64 = 24 * 3600;
 
 pub struct ClusterApi {
     pub sandboxes: Api<Sandbox>,
+    /// Read on a cold start: a `templateID` names a SandboxSet, whose member spec it takes.
+    pub sets: Api<crate::crd::SandboxSet>,
     /// The one accepted `X-API-Key`.
     pub api_key: String,
     pub envd_version: String,
@@ -63,6 +69,7 @@ pub struct ClusterApi {
 impl ClusterApi {
     pub fn new(client: kube::Client, namespace: &str, api_key: String) -> Self {
         ClusterApi {
+            sets: Api::namespaced(client.clone(), namespace),
             sandboxes: Api::namespaced(client, namespace),
             api_key,
             envd_version: "0.2.0".into(),
@@ -399,15 +406,24 @@ impl ClusterApi {
                 .map_err(|e| kube_error("annotate", &id, e))?;
             return Ok(self.json(&s));
         }
-        // A cold start.
+        // A fork when the template names a Checkpoint; else a cold start, with the member spec
+        // of the SandboxSet the template names.
+        let spec = match self.checkpoint_named(&template).await? {
+            Some(checkpoint) => SandboxSpec {
+                restore_from: Some(checkpoint),
+                ..Default::default()
+            },
+            None => crate::node_images::cold_start_spec_for(&self.sets, &template)
+                .await
+                .map_err(|(code, msg)| ApiError::new(code, msg))?,
+        };
         let id = new_id()?;
         let mut s = Sandbox::new(
             &id,
             SandboxSpec {
-                template: Some(template.clone()),
                 shutdown_time: Some(shutdown),
                 env_vars,
-                ..Default::default()
+                ..spec
             },
         );
         crate::cluster_network::set_spec(&mut s.spec, &egress);
@@ -709,6 +725,20 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route(
             "/sandboxes/{id}/network",
             axum::routing::put(crate::cluster_network::h_update_network),
+        )
+        .route(
+            "/sandboxes/{id}/snapshots",
+            post(snapshots::h_create_snapshot),
+        )
+        .route("/snapshots", get(snapshots::h_list_snapshots))
+        .route(
+            "/snapshots/{id}",
+            axum::routing::delete(snapshots::h_delete_snapshot),
+        )
+        // The SDK's `delete_snapshot`; the cluster API serves no templates of its own.
+        .route(
+            "/templates/{id}",
+            axum::routing::delete(snapshots::h_delete_snapshot),
         )
         // Before the layer, so that unknown paths of a sandbox's request are routed too.
         .fallback(|| async { ApiError::new(404, "no such API path") })

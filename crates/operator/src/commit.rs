@@ -195,11 +195,29 @@ pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Erro
         write(&ctx, &api, &c, st).await?;
     }
     let secrets = c.spec.registry_auth.clone().unwrap_or_default().secrets;
+    let push = c.spec.push.unwrap_or(!secrets.is_empty());
+    // The agent reads no Secrets: the operator hands it the one entry the push needs.
+    let registry_credentials = if push && !secrets.is_empty() {
+        let secrets_api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(ctx.client.clone(), &ns);
+        match crate::registry_auth::credentials_for(&secrets_api, &secrets, &c.spec.image).await {
+            Ok(creds) => Some(creds),
+            Err(msg) => {
+                let st = fail("RegistryAuthFailed", msg);
+                let done = st.completion_time.clone();
+                write(&ctx, &api, &c, st).await?;
+                return finished(&api, &name, ttl, done.as_deref()).await;
+            }
+        }
+    } else {
+        None
+    };
     let req = CommitRequest {
         commit_id: node_id(c.meta().uid.as_deref().unwrap_or_default()),
         image: c.spec.image.clone(),
-        push: c.spec.push.unwrap_or(!secrets.is_empty()),
+        push,
         registry_secrets: secrets,
+        registry_credentials,
         timeout_seconds: c.spec.timeout_seconds,
     };
     let st = match agent.commit(&node, &id, &req).await {

@@ -145,6 +145,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "Unschedulable",
     "PodFailed",
     "SandboxStartFailed",
+    "ImagePullFailed",
     "PodConflict",
     "NodeUnreachable",
     "ReconcileFailed",
@@ -154,9 +155,12 @@ pub const FAILURE_REASONS: &[&str] = &[
     "SandboxFailed",
     "CheckpointFailed",
     "CommitFailed",
+    "RegistryAuthFailed",
     "PauseFailed",
     "TargetNotFound",
     "ScaleFailed",
+    crate::fork::CHECKPOINT_LOST,
+    crate::fork::CHECKPOINT_NOT_READY,
 ];
 
 /// Delay after the `n`th consecutive failure (n ≥ 1).

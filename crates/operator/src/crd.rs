@@ -149,7 +149,8 @@ pub enum PersistentContent {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxSpec {
-    /// The Warren template (the E2B `templateID`). Exactly one of `template` and `image`.
+    /// The Warren template (the E2B `templateID`). Exactly one of `template` and `image`, unless
+    /// `restoreFrom` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
     /// An OCI image reference to run instead of a template.
@@ -179,7 +180,8 @@ pub struct SandboxSpec {
     /// Environment of the sandbox's processes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env_vars: BTreeMap<String, String>,
-    /// A Checkpoint to restore (a fork); the Pod is placed on the checkpoint's node.
+    /// A Checkpoint (in this namespace) to restore: a fork. It must have succeeded; the Pod is
+    /// pinned to the checkpoint's node, and `template`/`image` may be left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
 }

@@ -15,10 +15,14 @@ pub mod commit;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod disk;
 pub mod error;
+pub mod fork;
 pub mod jobs;
 pub mod leader;
+pub mod node_images;
 pub mod nodeloss;
+pub mod registry_auth;
 pub mod sandbox;
 pub mod sandbox_agent;
 pub mod sandbox_network;
@@ -32,6 +36,10 @@ mod mock_agent;
 mod mock_autoscaler;
 #[cfg(test)]
 mod mock_cluster_api;
+#[cfg(test)]
+mod mock_cluster_snapshots;
+#[cfg(test)]
+mod mock_fork;
 #[cfg(test)]
 mod mock_network;
 #[cfg(test)]

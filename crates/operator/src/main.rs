@@ -50,6 +50,10 @@ enum Command {
         /// The cluster's Service network(s), closed like `--cluster-cidr`.
         #[arg(long, env = "WARREN_SERVICE_CIDR", value_delimiter = ',')]
         service_cidr: Vec<String>,
+        /// Disk cap, in MiB, of a sandbox whose Sandbox names no `ephemeral-storage` (as
+        /// `warren serve --sandbox-disk-mb`); 0: no caps.
+        #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
+        sandbox_disk_mb: u64,
     },
     /// Serve the E2B API and sandbox router in cluster mode, with state in the Sandbox custom
     /// resources (the same as `warren serve --cluster`).
@@ -99,6 +103,11 @@ enum Command {
         /// File with the key of sandboxes' envd access tokens (a Secret shared with the API).
         #[arg(long, env = "WARREN_ENVD_KEY_FILE")]
         envd_key_file: Option<PathBuf>,
+        /// Disk cap, in MiB, of a Sandbox that names no `ephemeral-storage`: its Pod requests
+        /// (and is limited to) this much ephemeral storage. Keep it equal to the node agents'
+        /// `--sandbox-disk-mb`.
+        #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
+        sandbox_disk_mb: u64,
         /// Reconcile only while holding the Lease, so several replicas can run (`false` for a
         /// single replica, e.g. outside the cluster).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -178,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
             token_file,
             cluster_cidr,
             service_cidr,
+            sandbox_disk_mb,
         } => {
             warren_operator::agent::server::serve_node_agent(
                 warren_operator::agent::server::NodeAgentOptions {
@@ -187,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
                     envd_binary,
                     token: read_token(token_file.as_deref())?,
                     cluster_cidrs: cluster_cidr.into_iter().chain(service_cidr).collect(),
+                    sandbox_disk_mb,
                 },
             )
             .await?;
@@ -215,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
             node_agent_port,
             node_agent_token_file,
             envd_key_file,
+            sandbox_disk_mb,
             leader_election,
             lease_name,
             lease_namespace,
@@ -233,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
                 placeholder_image,
                 node_lost_after: std::time::Duration::from_secs(node_lost_after),
                 envd_key: read_secret(envd_key_file.as_deref(), "envd key")?,
+                sandbox_disk_mb,
                 ..PodConfig::default()
             };
             if !node_selector.is_empty() {

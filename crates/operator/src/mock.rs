@@ -201,7 +201,10 @@ async fn sandbox_create_makes_its_pod_and_reports_pending() {
     assert_eq!(c["image"], "registry.k8s.io/pause:3.10");
     assert_eq!(
         c["resources"],
-        json!({"requests": {"cpu": "1"}, "limits": {"memory": "512Mi"}})
+        // The sandbox's disk cap (the operator's default) as its ephemeral storage, so the
+        // scheduler reserves the node disk the sandbox may fill.
+        json!({"requests": {"cpu": "1", "ephemeral-storage": "1024Mi"},
+               "limits": {"memory": "512Mi", "ephemeral-storage": "1024Mi"}})
     );
     assert_eq!(
         pod["spec"]["nodeSelector"],

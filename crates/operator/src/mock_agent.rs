@@ -20,7 +20,7 @@ use std::sync::Arc;
 const CHECKPOINTS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/checkpoints";
 const COMMITS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/commits";
 
-fn mock_with_agent() -> (Arc<Context>, ApiServer, Arc<FakeAgent>) {
+pub(crate) fn mock_with_agent() -> (Arc<Context>, ApiServer, Arc<FakeAgent>) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, NS);
     let fake = Arc::new(FakeAgent::default());
@@ -60,7 +60,7 @@ fn started(agent_conds: Vec<Condition>) -> crate::crd::Sandbox {
     s
 }
 
-fn running_pod(s: &crate::crd::Sandbox) -> Value {
+pub(crate) fn running_pod(s: &crate::crd::Sandbox) -> Value {
     let mut pod = serde_json::to_value(build_pod(s, &PodConfig::default()).unwrap()).unwrap();
     pod["metadata"]["uid"] = "pod-uid".into();
     pod["spec"]["nodeName"] = "node-a".into();
@@ -70,7 +70,7 @@ fn running_pod(s: &crate::crd::Sandbox) -> Value {
 }
 
 /// The agent's conditions patch: server-side apply under the agent's field manager.
-async fn expect_agent_conditions(api: &mut ApiServer) -> Vec<Value> {
+pub(crate) async fn expect_agent_conditions(api: &mut ApiServer) -> Vec<Value> {
     let call = api
         .expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
         .await;
@@ -119,6 +119,8 @@ async fn a_running_pod_gets_its_sandbox_from_the_node_agent() {
     assert_eq!(fake.calls(), [format!("create node-a {id}")]);
     let req = fake.creates.lock().unwrap()[0].clone();
     assert_eq!((req.vcpus, req.memory_mb), (1, 512));
+    // The disk cap the Pod was scheduled with.
+    assert_eq!(req.disk_mb, 1024);
     assert_eq!(req.template.as_deref(), Some("base"));
     assert_eq!(
         (req.pod.uid.as_str(), req.pod.ip.as_deref()),
@@ -165,6 +167,57 @@ async fn a_failed_start_is_reported_by_the_started_condition() {
         .unwrap()
         .contains("template base not found"));
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
+    let (ctx, mut api, fake) = mock_with_agent();
+    fake.fail(
+        "create",
+        AgentError::Failed {
+            node: "node-a".into(),
+            code: crate::agent::IMAGE_PULL_FAILED,
+            message: "pulling image 127.0.0.1:1/none:v1: registry 127.0.0.1:1: connection refused"
+                .into(),
+        },
+    );
+    let mut s = with_finalizer(sandbox("sb1"));
+    s.spec.template = None;
+    s.spec.image = Some("127.0.0.1:1/none:v1".into());
+    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .ok(running_pod(&s));
+    api.expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
+        .await
+        .ok(serde_json::to_value(&s).unwrap());
+    let conds = expect_agent_conditions(&mut api).await;
+    let st = find(&conds, "Started");
+    assert_eq!(
+        (st["status"].as_str(), st["reason"].as_str()),
+        (Some("False"), Some("ImagePullFailed"))
+    );
+    assert!(st["message"]
+        .as_str()
+        .unwrap()
+        .contains("connection refused"));
+    task.await.unwrap().unwrap();
+
+    // What the next reconcile shows: Ready=False with the same reason, phase Failed.
+    let mut failed = s.clone();
+    failed.status = Some(SandboxStatus {
+        conditions: serde_json::from_value(Value::Array(conds)).unwrap(),
+        ..Default::default()
+    });
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(running_pod(&s)).unwrap();
+    let st = crate::sandbox::observe(&failed, Some(&pod), "t");
+    assert_eq!(st.phase, SandboxPhase::Failed);
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ImagePullFailed")
+    );
+    assert!(ready.message.contains("connection refused"), "{ready:?}");
 }
 
 #[tokio::test]
@@ -450,6 +503,68 @@ async fn a_checkpoint_waits_for_its_sandbox_to_run() {
     assert!(fake.calls().is_empty());
 }
 
+const SECRETS: &str = "/api/v1/namespaces/testns/secrets";
+
+/// A `kubernetes.io/dockerconfigjson` Secret with one registry's entry.
+fn docker_secret(name: &str, registry: &str, user: &str, password: &str) -> Value {
+    use base64::Engine as _;
+    let config = json!({"auths": {registry: {"username": user, "password": password}}});
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+           "type": "kubernetes.io/dockerconfigjson",
+           "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD
+               .encode(config.to_string())}})
+}
+
+#[tokio::test]
+async fn a_push_whose_secrets_do_not_serve_fails_the_commit_clearly() {
+    let sbx = started(vec![cond("Started", true, "Started")]);
+    // (Secret answer, what the condition must say.)
+    type Answer = Box<dyn Fn(crate::mock::Call)>;
+    let cases: Vec<(Answer, &str)> = vec![
+        (
+            Box::new(|call| call.status_error(404, "NotFound", "secrets \"regcred\" not found")),
+            "Secret regcred (registryAuth.secrets) does not exist",
+        ),
+        (
+            Box::new(|call| {
+                call.ok(json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "regcred"}, "type": "Opaque", "data": {}}))
+            }),
+            "is of type Opaque, not kubernetes.io/dockerconfigjson",
+        ),
+        (
+            Box::new(|call| call.ok(docker_secret("regcred", "other.example", "u", "p"))),
+            "none of the Secrets regcred has credentials for registry registry.example",
+        ),
+    ];
+    for (answer, says) in cases {
+        let (ctx, mut api, fake) = mock_with_agent();
+        let task = run(reconcile_commit(
+            Arc::new(commit(vec!["regcred".into()])),
+            ctx,
+        ))
+        .await;
+        api.expect("GET", &format!("{SANDBOXES}/sb1"))
+            .await
+            .ok(serde_json::to_value(&sbx).unwrap());
+        expect_status(&mut api, &format!("{COMMITS}/c1")).await;
+        answer(api.expect("GET", &format!("{SECRETS}/regcred")).await);
+        let st = expect_status(&mut api, &format!("{COMMITS}/c1")).await;
+        assert_eq!(st["phase"], "Failed");
+        assert_eq!(st["conditions"][0]["reason"], "RegistryAuthFailed");
+        let msg = st["conditions"][0]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{msg}");
+        assert!(st["completionTime"].is_string());
+        expect_event(&mut api, "RegistryAuthFailed").await;
+        task.await.unwrap().unwrap();
+        assert!(
+            fake.calls().is_empty(),
+            "the agent is not asked: {:?}",
+            fake.calls()
+        );
+    }
+}
+
 fn commit(secrets: Vec<String>) -> Commit {
     let mut c = Commit::new(
         "c1",
@@ -484,6 +599,15 @@ async fn a_commit_is_made_and_pushed_by_the_agent() {
     let st = expect_status(&mut api, &format!("{COMMITS}/c1")).await;
     assert_eq!(st["phase"], "Running");
     assert!(st["startTime"].is_string());
+    // The operator reads the named Secret (the agent reads none) and passes its entry on.
+    api.expect("GET", &format!("{SECRETS}/regcred"))
+        .await
+        .ok(docker_secret(
+            "regcred",
+            "registry.example",
+            "pusher",
+            "s3cret",
+        ));
     let st = expect_status(&mut api, &format!("{COMMITS}/c1")).await;
     assert_eq!(st["phase"], "Succeeded");
     assert!(st["commitID"].as_str().unwrap().starts_with("sha256:0123"));
@@ -496,6 +620,15 @@ async fn a_commit_is_made_and_pushed_by_the_agent() {
     let req = fake.commits.lock().unwrap()[0].clone();
     assert!(req.push, "secrets given: push by default");
     assert_eq!(req.registry_secrets, ["regcred"]);
+    let creds = req
+        .registry_credentials
+        .clone()
+        .expect("credentials passed");
+    assert_eq!(
+        (creds.username.as_str(), creds.password.as_str()),
+        ("pusher", "s3cret")
+    );
+    assert!(!format!("{req:?}").contains("s3cret"), "Debug redacts them");
     assert_eq!(
         (req.commit_id.as_str(), req.timeout_seconds),
         ("commituid", Some(600))

@@ -14,6 +14,7 @@ use tower::ServiceExt;
 use warren_core::envd_client::{EnvdClient, InitRequest};
 
 const KEY: &str = "warren_testkey";
+pub(crate) const CHECKPOINTS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/checkpoints";
 
 /// envd's `/init` as the API calls it: recorded, refused for the addresses in `refuse`.
 #[derive(Default)]
@@ -51,7 +52,7 @@ fn api_with(envd: Arc<FakeEnvd>) -> (Arc<ClusterApi>, ApiServer) {
     (Arc::new(a), server)
 }
 
-fn api() -> (Arc<ClusterApi>, ApiServer) {
+pub(crate) fn api() -> (Arc<ClusterApi>, ApiServer) {
     api_with(Arc::new(FakeEnvd::default()))
 }
 
@@ -62,7 +63,7 @@ fn addressed_member(name: &str, ip: &str) -> Value {
     m
 }
 
-async fn call(
+pub(crate) async fn call(
     api: &Arc<ClusterApi>,
     method: &str,
     path: &str,
@@ -195,6 +196,11 @@ async fn create_without_a_member_makes_a_sandbox_and_waits_until_ready() {
     let (api, mut server) = api();
     let task = call(&api, "POST", "/v2/sandboxes", json!({"templateID": "base"})).await;
     server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    // No Checkpoint of that name: not a fork.
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/base"))
+        .await
+        .status_error(404, "NotFound", "not found");
     let c = server.expect("POST", SANDBOXES).await;
     let created = c.body.clone();
     let name = created["metadata"]["name"].as_str().unwrap().to_string();
@@ -230,6 +236,10 @@ async fn a_failed_cold_start_is_explained_and_removed() {
     let (api, mut server) = api();
     let task = call(&api, "POST", "/sandboxes", json!({"templateID": "base"})).await;
     server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/base"))
+        .await
+        .status_error(404, "NotFound", "not found");
     let c = server.expect("POST", SANDBOXES).await;
     let mut created = c.body.clone();
     let name = created["metadata"]["name"].as_str().unwrap().to_string();
@@ -398,4 +408,70 @@ async fn sandbox_traffic_is_proxied_to_the_sandbox_ip() {
         .await
         .ok(serde_json::to_value(&sb).unwrap());
     assert_eq!(task.await.unwrap().status(), StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn a_cold_start_takes_the_member_spec_of_the_templates_sandboxset() {
+    const SETS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxsets";
+    let (api, mut server) = api();
+    let task = call(&api, "POST", "/sandboxes", json!({"templateID": "py"})).await;
+    server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    // Not a Checkpoint (which would make a fork).
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/py"))
+        .await
+        .status_error(404, "NotFound", "checkpoints \"py\" not found");
+    let mut py = set(0, 1);
+    py.metadata.name = Some("py".into());
+    py.spec.template = None;
+    py.spec.image = Some("127.0.0.1:5000/team/py:3.12".into());
+    py.spec.resources.limits = [("memory".to_string(), "1Gi".to_string())].into();
+    server
+        .expect("GET", &format!("{SETS}/py"))
+        .await
+        .ok(serde_json::to_value(&py).unwrap());
+    let c = server.expect("POST", SANDBOXES).await;
+    let created = c.body.clone();
+    assert_eq!(created["spec"]["image"], "127.0.0.1:5000/team/py:3.12");
+    assert!(created["spec"].get("template").is_none(), "{created}");
+    assert_eq!(created["spec"]["resources"]["limits"]["memory"], "1Gi");
+    assert!(created["spec"]["shutdownTime"].is_string());
+    let name = created["metadata"]["name"].as_str().unwrap().to_string();
+    c.reply(201, created.clone());
+    let mut ready_sbx = created.clone();
+    ready_sbx["status"] = serde_json::to_value(SandboxStatus {
+        phase: SandboxPhase::Running,
+        conditions: vec![ready()],
+        sandbox_ip: Some("10.1.2.3".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    server
+        .expect("GET", &format!("{SANDBOXES}/{name}"))
+        .await
+        .ok(ready_sbx);
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // A templateID that names no SandboxSet: a clear 404, and no Sandbox made.
+    let task = call(&api, "POST", "/sandboxes", json!({"templateID": "nope"})).await;
+    server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/nope"))
+        .await
+        .status_error(404, "NotFound", "checkpoints \"nope\" not found");
+    server
+        .expect("GET", &format!("{SETS}/nope"))
+        .await
+        .status_error(404, "NotFound", "sandboxsets \"nope\" not found");
+    let (status, body) = task.await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["code"], 404);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("names a SandboxSet"),
+        "{body}"
+    );
 }

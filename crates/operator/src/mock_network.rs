@@ -12,6 +12,7 @@ use crate::crd::{Condition, SandboxNetwork, SandboxPhase, SandboxStatus};
 use crate::mock::{
     list, member, ready, run, sandbox, set, with_finalizer, ApiServer, EVENTS, NS, PODS, SANDBOXES,
 };
+use crate::mock_cluster_api::CHECKPOINTS;
 use crate::sandbox::{build_pod, PodConfig};
 use crate::sandbox_network::CONDITION;
 use axum::body::Body;
@@ -306,6 +307,11 @@ async fn create_takes_the_network_fields_into_the_sandbox_spec() {
     )
     .await;
     server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+    // No Checkpoint of that name: not a fork.
+    server
+        .expect("GET", &format!("{CHECKPOINTS}/base"))
+        .await
+        .status_error(404, "NotFound", "not found");
     let c = server.expect("POST", SANDBOXES).await;
     let created = c.body.clone();
     assert_eq!(created["spec"]["allowInternetAccess"], false);

@@ -45,6 +45,9 @@ pub struct PodConfig {
     /// Key of sandboxes' envd access tokens ([`crate::agent::envd_access_token`]); the API
     /// replicas hold the same. Unset: envd runs without a token.
     pub envd_key: Option<String>,
+    /// Disk cap (MiB) of a Sandbox whose resources name no `ephemeral-storage`: the Pod gets it
+    /// as its ephemeral-storage request and limit (see [`crate::disk`]). 0: none.
+    pub sandbox_disk_mb: u64,
 }
 
 impl Default for PodConfig {
@@ -56,6 +59,7 @@ impl Default for PodConfig {
             // and lost 20 s later.
             node_lost_after: Duration::from_secs(60),
             envd_key: None,
+            sandbox_disk_mb: crate::disk::DEFAULT_SANDBOX_DISK_MB,
         }
     }
 }
@@ -77,15 +81,16 @@ fn parse_time(field: &str, s: &str) -> Result<Timestamp, String> {
 pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
     match (&spec.template, &spec.image) {
         (Some(_), Some(_)) => return Err("spec.template and spec.image are exclusive".into()),
+        // A fork's root and memory come from its checkpoint.
+        (None, None) if spec.restore_from.is_some() => {}
         (None, None) => return Err("one of spec.template and spec.image is required".into()),
         (Some(t), None) if t.is_empty() => return Err("spec.template is empty".into()),
         (None, Some(i)) if i.is_empty() => return Err("spec.image is empty".into()),
         _ => {}
     }
-    if spec.restore_from.is_some() {
-        return Err(
-            "spec.restoreFrom: forks are not supported by this operator version yet".into(),
-        );
+    crate::node_images::validate(spec)?;
+    if spec.restore_from.as_deref().is_some_and(str::is_empty) {
+        return Err("spec.restoreFrom is empty: name a Checkpoint".into());
     }
     crate::sandbox_network::validate(spec)?;
     let quantities = spec.resources.requests.iter().chain(&spec.resources.limits);
@@ -94,6 +99,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
             return Err(format!("spec.resources: {k} has an empty quantity"));
         }
     }
+    crate::disk::validate(&spec.resources)?;
     Ok(Times {
         shutdown: spec
             .shutdown_time
@@ -170,10 +176,13 @@ pub fn build_pod(sbx: &Sandbox, config: &PodConfig) -> Result<Pod, Error> {
             containers: vec![Container {
                 name: "sandbox".into(),
                 image: Some(config.placeholder_image.clone()),
-                resources: Some(ResourceRequirements {
-                    requests: quantities(&sbx.spec.resources.requests),
-                    limits: quantities(&sbx.spec.resources.limits),
-                    ..Default::default()
+                resources: Some({
+                    let res = crate::disk::with_disk(&sbx.spec.resources, config.sandbox_disk_mb);
+                    ResourceRequirements {
+                        requests: quantities(&res.requests),
+                        limits: quantities(&res.limits),
+                        ..Default::default()
+                    }
                 }),
                 ..Default::default()
             }],
@@ -305,6 +314,10 @@ fn pod_state(
                         (SandboxPhase::Running, ready(true, "SandboxRunning", String::new()))
                     }
                 }
+                Some(c) if c.status == "False" && c.reason == "ImagePullFailed" => (
+                    SandboxPhase::Failed,
+                    ready(false, "ImagePullFailed", c.message.clone()),
+                ),
                 Some(c) if c.status == "False" => (
                     SandboxPhase::Failed,
                     ready(
@@ -489,7 +502,11 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
                 return Ok(requeue);
             }
             None => {
-                let pod = build_pod(&sbx, &ctx.pods)?;
+                let mut pod = build_pod(&sbx, &ctx.pods)?;
+                // A fork: only on its checkpoint's node, once the checkpoint is there.
+                if let Some(next) = crate::fork::place(&sbx, ctx, &mut pod).await? {
+                    return Ok(next);
+                }
                 match pods.create(&PostParams::default(), &pod).await {
                     Ok(p) => p,
                     // Created meanwhile (our previous attempt, or someone else's pod): look again.

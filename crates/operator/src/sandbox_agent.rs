@@ -111,6 +111,9 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         image: sbx.spec.image.clone(),
         vcpus: pick("cpu").and_then(|q| vcpus(&q)).unwrap_or(0),
         memory_mb: pick("memory").and_then(|q| mebibytes(&q)).unwrap_or(0),
+        disk_mb: crate::disk::pod_disk_mb(pod)
+            .or_else(|| crate::disk::disk_mb(res))
+            .unwrap_or(0),
         env_vars: sbx.spec.env_vars.clone(),
         pod: PodRef {
             namespace: pod.namespace().unwrap_or_default(),
@@ -123,6 +126,8 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         access_token: envd_key.map(|k| crate::agent::envd_access_token(k, uid)),
         admin_token: envd_key.map(|k| crate::agent::envd_admin_token(k, uid)),
         network: crate::sandbox_network::egress_of(&sbx.spec),
+        // A fork: its Pod carries the checkpoint id the reconciler resolved (see `fork`).
+        restore_from: crate::fork::restore_from(pod),
     }
 }
 
@@ -207,6 +212,9 @@ pub async fn drive(
                     name,
                     message: e.to_string(),
                 })
+            }
+            Err(e) if e.is_image_pull_failure() => {
+                started = Some(cond("Started", false, "ImagePullFailed", e.to_string()))
             }
             Err(e) => started = Some(cond("Started", false, "StartFailed", e.to_string())),
         },

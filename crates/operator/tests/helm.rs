@@ -263,6 +263,8 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "create"),
         ("", "pods", "delete"),
         ("", "nodes", "get"),
+        // The dockerconfigjson Secrets a Commit names, read for its push (registry_auth.rs).
+        ("", "secrets", "get"),
         ("warren.dev", "checkpoints", "watch"),
         ("warren.dev", "checkpoints", "patch"),
         ("warren.dev", "checkpoints", "delete"),
@@ -278,7 +280,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
             "missing {verb} {group}/{resource}"
         );
     }
-    // Least privilege: no wildcards, no secrets, nothing on nodes.
+    // Least privilege: no wildcards, Secrets only by name, nothing on nodes.
     for r in &rules {
         let all: Vec<&String> = r
             .verbs
@@ -287,7 +289,9 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
             .chain(r.api_groups.iter().flatten())
             .collect();
         assert!(!all.iter().any(|s| s.as_str() == "*"), "wildcard in {r:?}");
-        assert!(!allows(&rules, "", "secrets", "get"));
+        for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+            assert!(!allows(&rules, "", "secrets", verb), "{verb} secrets");
+        }
     }
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "delete"));
     // The autoscaler changes replicas through /scale, never the whole set.
@@ -388,15 +392,24 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
         )
     );
 
-    // Namespaced, Sandboxes only, exactly what cluster_api.rs calls.
+    // Namespaced, Sandboxes (and reading SandboxSets), exactly what cluster_api.rs calls.
     let role: Role = named(&docs, "Role", "warren-api");
     assert_eq!(role.metadata.namespace.as_deref(), Some("default"));
     let rules = role.rules.unwrap();
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
+    // Snapshots and forks (cluster_snapshots.rs).
+    for verb in ["get", "list", "create", "delete"] {
+        assert!(allows(&rules, "warren.dev", "checkpoints", verb), "{verb}");
+    }
+    assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));
+    // Cold starts read the SandboxSet a templateID names, and nothing more of it.
+    assert!(allows(&rules, "warren.dev", "sandboxsets", "get"));
+    for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+        assert!(!allows(&rules, "warren.dev", "sandboxsets", verb), "{verb}");
+    }
     for (group, resource) in [
-        ("warren.dev", "sandboxsets"),
         ("", "pods"),
         ("", "secrets"),
         ("warren.dev", "sandboxes/status"),

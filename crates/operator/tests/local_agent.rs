@@ -19,6 +19,7 @@ use warren_operator::agent::{
     AgentError, CheckpointRequest, CommitRequest, CreateRequest, NodeAgent, PodRef, SandboxState,
 };
 use warren_operator::crd::CheckpointContent;
+use warren_operator::registry_auth::RegistryCredentials;
 
 const NODE: &str = "test-node";
 
@@ -58,20 +59,25 @@ struct FakePod {
 
 impl FakePod {
     fn new() -> FakePod {
-        FakePod::tagged(0)
+        FakePod::numbered(0)
     }
 
-    /// Pod `tag` of this test process (tests of one binary run at once).
-    fn tagged(tag: u32) -> FakePod {
-        let n = std::process::id() | (tag << 22);
-        // 10.(252+tag).<n>/30 pairs: distinct per test process, never a real network.
+    /// Pod `k` of this test process: tests of one binary run at once, each with its own Pod.
+    fn numbered(k: u8) -> FakePod {
+        let n = std::process::id();
+        // 10.<252-k>.<n>/30 pairs: distinct per test process, never a real network.
         let (a, b) = ((n >> 6) & 0xff, (n & 0x3f) << 2);
-        let host_ip = Ipv4Addr::new(10, 252 + tag as u8, a as u8, b as u8 + 1);
-        let ip = Ipv4Addr::new(10, 252 + tag as u8, a as u8, b as u8 + 2);
-        let netns = format!("wopt{n}");
-        let host_veth = format!("wopt{n}h");
-        let uid = format!("0aa1b2c3-d4e5-4f60-8a7b-{n:012}");
-        let cgroup = format!("warren-optest-{n}/kubepods/pod{uid}");
+        let host_ip = Ipv4Addr::new(10, 252 - k, a as u8, b as u8 + 1);
+        let ip = Ipv4Addr::new(10, 252 - k, a as u8, b as u8 + 2);
+        let tag = if k == 0 {
+            n.to_string()
+        } else {
+            format!("{n}x{k}")
+        };
+        let netns = format!("wopt{tag}");
+        let host_veth = format!("wopt{tag}h");
+        let uid = format!("0aa1b2c3-d4e5-4f60-8a{k:02x}-{n:012}");
+        let cgroup = format!("warren-optest-{tag}/kubepods/pod{uid}");
         sh(&format!(
             "ip netns add {netns} && ip link add {host_veth} type veth peer name eth0 netns {netns} \
              && ip addr add {host_ip}/30 dev {host_veth} && ip link set {host_veth} up \
@@ -115,6 +121,14 @@ impl FakePod {
             .args(["netns", "del", &self.netns])
             .status();
         let top = self.cgroup.split('/').next().unwrap().to_string();
+        // `ip netns exec` may leave its `sleep` behind (a fork, not an exec): end everything
+        // still in the Pod's cgroups, or they hold the test's output pipe and the cgroup.
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let kill = Path::new(root).join(&top).join("cgroup.kill");
+            if kill.exists() {
+                let _ = std::fs::write(kill, "1");
+            }
+        }
         // Deepest first: rmdir only removes empty cgroups.
         for root in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
             let mut dirs: Vec<PathBuf> = walk(&root.path().join(&top));
@@ -329,7 +343,10 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
             )
             .await
             .unwrap_err();
-        assert!(matches!(e, AgentError::Failed { code: 501, .. }), "{e}");
+        // The agent reads no Secrets: names without the credentials the operator reads are
+        // refused.
+        assert!(matches!(e, AgentError::Failed { code: 400, .. }), "{e}");
+        assert!(e.to_string().contains("reads none"), "{e}");
         assert!(
             numbers(&read_in_sandbox(pid, "/tmp/count")).len() > 3,
             "running after the commit"
@@ -444,6 +461,795 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
     }
 }
 
+/// A fork on a node: a checkpoint of a sandbox with state (a file in /tmp, a counter process
+/// whose count is in its memory), restored by the agent as a new sandbox into a second Pod. The
+/// fork has the state, runs in the new Pod's cgroup and network namespace (its address), its envd
+/// is re-keyed with `POST /init`, and source and fork go on independently. A checkpoint the node
+/// does not hold is NotFound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_of_a_checkpoint_into_another_pod() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    let data = PathBuf::from(format!("/tmp/warren-agent-fork-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let (pod1, pod2) = (FakePod::numbered(6), FakePod::numbered(7));
+    let agent: Box<dyn NodeAgent> =
+        Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
+    let pod_ref = |pod: &FakePod, name: &str| PodRef {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: pod.uid.clone(),
+        ip: Some(pod.ip.to_string()),
+    };
+    let src = warren_operator::agent::node_id(&pod1.uid);
+    let fork = warren_operator::agent::node_id(&pod2.uid);
+    let result = std::panic::AssertUnwindSafe(async {
+        let made = agent
+            .create(
+                NODE,
+                &CreateRequest {
+                    id: src.clone(),
+                    template: Some("base".into()),
+                    pod: pod_ref(&pod1, "src"),
+                    access_token: Some("token-of-the-source".into()),
+                    admin_token: Some("admin-of-the-source".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create the source");
+        let spid = made.init_pid.unwrap();
+        exec_in_sandbox(&src, spid, "echo kept > /tmp/marker");
+        exec_in_sandbox(
+            &src,
+            spid,
+            "i=0; while true; do i=$((i+1)); echo $i >> /tmp/count; sleep 0.05; done",
+        );
+        wait_for("the source to count", || {
+            numbers(&read_in_sandbox(spid, "/tmp/count")).len() > 3
+                && read_in_sandbox(spid, "/tmp/marker") == "kept\n"
+        });
+        agent
+            .checkpoint(
+                NODE,
+                &src,
+                &CheckpointRequest {
+                    checkpoint_id: "cp-fork".into(),
+                    keep_running: true,
+                    contents: vec![],
+                },
+            )
+            .await
+            .expect("checkpoint");
+        let at_checkpoint = numbers(
+            &std::fs::read_to_string(data.join("checkpoints/cp-fork/fs/tmp/count")).unwrap(),
+        );
+
+        // A checkpoint this node does not hold: NotFound, saying so; nothing is left behind.
+        let e = agent
+            .create(
+                NODE,
+                &CreateRequest {
+                    id: "nosuchfork".into(),
+                    pod: pod_ref(&pod2, "fork"),
+                    restore_from: Some("cp-elsewhere".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(e.to_string().contains("cp-elsewhere"), "{e}");
+        assert!(!data.join("sandboxes/nosuchfork").exists());
+
+        // The fork, into the second Pod, found from its uid as any create.
+        let req = CreateRequest {
+            id: fork.clone(),
+            pod: pod_ref(&pod2, "fork"),
+            restore_from: Some("cp-fork".into()),
+            access_token: Some("token-of-the-fork".into()),
+            admin_token: Some("admin-of-the-fork".into()),
+            env_vars: [("FORKED".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let info = agent.create(NODE, &req).await.expect("fork");
+        eprintln!("fork restored and re-keyed in {:?}", t0.elapsed());
+        assert_eq!(info.state, SandboxState::Running);
+        let fpid = info.init_pid.unwrap();
+        assert_ne!(fpid, spid);
+        // In the second Pod's cgroup (a child of it) and network namespace.
+        let cg = v2_cgroup_of(fpid);
+        assert!(
+            cg.trim_start_matches('/')
+                .starts_with(&format!("{}/{fork}", pod2.cgroup)),
+            "fork in cgroup {cg}, not under the second Pod's {}",
+            pod2.cgroup
+        );
+        let netns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        assert_eq!(
+            netns_of(fpid),
+            netns_of(pod2.pause.id()),
+            "the new Pod's netns"
+        );
+        assert_ne!(netns_of(fpid), netns_of(spid));
+        assert!(
+            envd_answers(pod2.ip),
+            "the fork's envd answers on the new Pod's IP"
+        );
+        assert!(envd_answers(pod1.ip), "the source's too, on its own");
+        // Its own hostname.
+        let host = Command::new("nsenter")
+            .args(["-t", &fpid.to_string(), "-u", "hostname"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&host.stdout).trim(), fork);
+        // Re-keyed: the agent's `POST /init` reached the restored envd, authenticated with the
+        // source's admin token, carrying the fork's access token and env vars.
+        let asked = read_in_sandbox(fpid, "/tmp/envd-requests");
+        let init = asked
+            .split("POST /init")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no POST /init reached the fork's envd: {asked:?}"));
+        assert!(
+            init.to_lowercase()
+                .contains("x-admin-token: admin-of-the-source"),
+            "{init}"
+        );
+        assert!(
+            init.contains("token-of-the-fork") && init.contains("FORKED"),
+            "{init}"
+        );
+        assert!(!read_in_sandbox(spid, "/tmp/envd-requests").contains("POST /init"));
+
+        // The state is there: the file, and the counter goes on from its memory.
+        assert_eq!(read_in_sandbox(fpid, "/tmp/marker"), "kept\n");
+        wait_for("the fork to count on", || {
+            numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > at_checkpoint.len() + 3
+        });
+        let counted = numbers(&read_in_sandbox(fpid, "/tmp/count"));
+        assert_eq!(counted[..at_checkpoint.len()], at_checkpoint[..]);
+        assert!(
+            counted.windows(2).all(|w| w[1] == w[0] + 1),
+            "the fork's counter went on from the checkpoint's count: {counted:?}"
+        );
+
+        // Independent: each writes only its own root, and each runs while the other is paused.
+        exec_in_sandbox(&src, spid, "echo source > /tmp/only");
+        exec_in_sandbox(&fork, fpid, "echo fork > /tmp/only");
+        wait_for("both files", || {
+            read_in_sandbox(spid, "/tmp/only") == "source\n"
+                && read_in_sandbox(fpid, "/tmp/only") == "fork\n"
+        });
+        agent.pause(NODE, &src).await.expect("pause the source");
+        let n = numbers(&read_in_sandbox(fpid, "/tmp/count")).len();
+        wait_for("the fork counting while the source is paused", || {
+            numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > n + 2
+        });
+        agent.resume(NODE, &src).await.expect("resume the source");
+        agent.delete(NODE, &src).await.expect("delete the source");
+        let n = numbers(&read_in_sandbox(fpid, "/tmp/count")).len();
+        wait_for("the fork counting after the source is gone", || {
+            numbers(&read_in_sandbox(fpid, "/tmp/count")).len() > n + 2
+        });
+        // The fork's root stacks the checkpoint's files: they cannot go while it runs.
+        let e = agent.delete_checkpoint(NODE, "cp-fork").await.unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Failed { code: 409, message, .. }
+                if message.contains(&format!("sandbox {fork}"))),
+            "{e}"
+        );
+        assert!(data.join("checkpoints/cp-fork/fs/tmp/marker").is_file());
+        // A repeated create returns the running fork.
+        let again = agent.create(NODE, &req).await.expect("repeated create");
+        assert_eq!(again.init_pid, Some(fpid));
+        assert!(envd_answers(pod2.ip));
+
+        // A fork of the fork (its checkpoint keeps the admin token its envd holds).
+        agent
+            .checkpoint(
+                NODE,
+                &fork,
+                &CheckpointRequest {
+                    checkpoint_id: "cp-fork2".into(),
+                    keep_running: false,
+                    contents: vec![],
+                },
+            )
+            .await
+            .expect("checkpoint of the fork");
+        agent.delete(NODE, &fork).await.expect("delete the fork");
+        let again = agent
+            .create(
+                NODE,
+                &CreateRequest {
+                    restore_from: Some("cp-fork2".into()),
+                    ..req.clone()
+                },
+            )
+            .await
+            .expect("fork of the fork, into the same Pod again");
+        let gpid = again.init_pid.unwrap();
+        assert_eq!(read_in_sandbox(gpid, "/tmp/only"), "fork\n");
+        assert!(read_in_sandbox(gpid, "/tmp/envd-requests").contains("admin-of-the-source"));
+        agent.delete(NODE, &fork).await.expect("delete");
+        // The fork's checkpoint stacks the first one's files too: it goes first.
+        let e = agent.delete_checkpoint(NODE, "cp-fork").await.unwrap_err();
+        assert!(e.to_string().contains("checkpoint cp-fork2"), "{e}");
+        agent.delete_checkpoint(NODE, "cp-fork2").await.unwrap();
+        agent.delete_checkpoint(NODE, "cp-fork").await.unwrap();
+        assert!(!data.join("checkpoints/cp-fork").exists());
+        let e = agent.create(NODE, &req).await.unwrap_err();
+        assert!(e.is_not_found(), "a deleted checkpoint: {e}");
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &src).await;
+    let _ = agent.delete(NODE, &fork).await;
+    drop(agent);
+    pod1.remove();
+    pod2.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// The loop device (`loopN`) whose backing file is `image`, if one is.
+fn loop_of(image: &Path) -> Option<String> {
+    std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .find_map(|d| {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(d.path().join("loop/backing_file")).ok()?;
+            (Path::new(backing.trim()) == image).then_some(name)
+        })
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string and a zeroed out-struct that statvfs fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both pointers outlive the call.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
+/// Disk caps in Pods: the sandbox's files are on a file system of the cap's size (the
+/// single-host disk), so filling it gets ENOSPC at the cap, the node spends at most the cap, and
+/// delete frees the image, the mount and the loop device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sandboxes_get_the_single_host_disk_cap() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    warren_runtime::linux::disk::check_support().expect("this node must support disk caps");
+    let data = PathBuf::from(format!("/tmp/warren-agent-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let pod = FakePod::numbered(1);
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.clone(), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(1024),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    const CAP_MB: u64 = 64;
+    let req = CreateRequest {
+        id: id.clone(),
+        template: Some("base".into()),
+        // What the operator sends for `ephemeral-storage: 64Mi`.
+        disk_mb: CAP_MB,
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-disk".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        let free_before = free_bytes(&data);
+        let info = agent.create(NODE, &req).await.expect("create with a cap");
+        let pid = info.init_pid.unwrap();
+        let dir = data.join("sandboxes").join(&id);
+        let image = dir.join("disk.img");
+        assert!(image.is_file(), "the sandbox has a disk image");
+        let dev = loop_of(&image).expect("the image is on a loop device");
+        assert!(
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&format!(" {} ", dir.join("disk").display())),
+            "the disk is mounted at the sandbox dir"
+        );
+
+        exec_in_sandbox(
+            &id,
+            pid,
+            "df -k / > /run/df.txt; dd if=/dev/zero of=/fill bs=1M 2>/run/dd.err; \
+             echo $? > /run/dd.rc",
+        );
+        let start = Instant::now();
+        while read_in_sandbox(pid, "/run/dd.rc").is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(60), "dd never ended");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let err = read_in_sandbox(pid, "/run/dd.err");
+        assert_ne!(read_in_sandbox(pid, "/run/dd.rc").trim(), "0", "{err}");
+        assert!(err.contains("No space left on device"), "dd: {err}");
+        let filled = std::fs::metadata(format!("/proc/{pid}/root/fill"))
+            .unwrap()
+            .len();
+        let df = read_in_sandbox(pid, "/run/df.txt");
+        let total_kb: u64 = df
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("df inside: {df}"));
+        eprintln!(
+            "cap {CAP_MB} MiB: df / inside shows {total_kb} KiB, dd wrote {} MiB before ENOSPC",
+            filled >> 20
+        );
+        assert!(
+            (CAP_MB * 1024 * 8 / 10..=CAP_MB * 1024).contains(&total_kb),
+            "df / inside shows the cap: {df}"
+        );
+        assert!(
+            ((CAP_MB << 20) * 7 / 10..=CAP_MB << 20).contains(&filled),
+            "ENOSPC at the cap, not before or after: wrote {filled} bytes"
+        );
+        // What the node spends: the sparse image's blocks, at most the cap.
+        use std::os::unix::fs::MetadataExt;
+        let spent = std::fs::metadata(&image).unwrap().blocks() * 512;
+        let dropped = free_before.saturating_sub(free_bytes(&data));
+        eprintln!(
+            "node spent {} MiB on the image; free space of the data dir's fs dropped {} MiB \
+             (other writers on this host included)",
+            spent >> 20,
+            dropped >> 20
+        );
+        assert!(spent <= CAP_MB << 20, "image spends {spent} bytes");
+
+        // Delete: image, mount and loop device go.
+        agent.delete(NODE, &id).await.expect("delete");
+        assert!(
+            !image.exists() && !dir.exists(),
+            "sandbox dir and image gone"
+        );
+        assert!(
+            !std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&dir.display().to_string()),
+            "no mount left under the sandbox dir"
+        );
+        wait_for("the loop device to be freed", || {
+            std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+                .map(|b| !b.contains(&id))
+                .unwrap_or(true)
+        });
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn need(bin: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{bin} is missing: install the Debian package {package} (scripts/install-deps.sh)"
+    );
+}
+
+/// Debian's `docker-registry` on a free loopback port, storing under `dir`; with `auth`, it
+/// requires HTTP basic auth as `tester:s3cret` (htpasswd).
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &Path, auth: bool) -> Registry {
+    need("docker-registry", "docker-registry");
+    std::fs::create_dir_all(dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut config = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+        dir.join("storage").display()
+    );
+    if auth {
+        need("htpasswd", "apache2-utils");
+        // The registry only accepts bcrypt entries.
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", "tester", "s3cret"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, &out.stdout).unwrap();
+        config.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: warren-test\n    path: {}\n",
+            htpasswd.display()
+        ));
+    }
+    let file = dir.join("config.yml");
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    while TcpStream::connect(&addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "registry did not start on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry { child, addr }
+}
+
+/// `tests/images/make-busybox-image.sh`'s image (busybox, `/data/hello.txt`, a whiteout, a
+/// config with env, workdir and user 1000), pushed to `dest` by skopeo.
+fn push_busybox_image(dir: &Path, dest: &[String]) {
+    need("skopeo", "skopeo");
+    let layout = dir.join("layout");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/make-busybox-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&layout)
+        .arg("v1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-busybox-image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for d in dest {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{d}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy to {d}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Images on a node: a sandbox of `image: <ref>` runs on the image pulled into the node's store
+/// (once, also for concurrent creates), and a pull that fails says why with the status the
+/// operator turns into `ImagePullFailed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sandboxes_run_images_pulled_once() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    let data = PathBuf::from(format!("/tmp/warren-agent-img-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let mut reg = Some(start_registry(&data.join("registry"), false));
+    let addr = reg.as_ref().unwrap().addr.clone();
+    let (v1, v2) = (
+        format!("{addr}/warren/tools:v1"),
+        format!("{addr}/warren/tools:v2"),
+    );
+    push_busybox_image(&data, &[v1.clone(), v2.clone()]);
+    let pod = FakePod::numbered(2);
+    let local = std::sync::Arc::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let agent: std::sync::Arc<dyn NodeAgent> = local.clone();
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let req = CreateRequest {
+        id: id.clone(),
+        image: Some(v1.clone()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-img".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        // Create: pulled once, run on the image's files.
+        let info = agent
+            .create(NODE, &req)
+            .await
+            .expect("create from an image");
+        assert_eq!(local.images().pulls(), 1);
+        let pid = info.init_pid.unwrap();
+        assert!(envd_answers(pod.ip), "envd answers in the image sandbox");
+        // The image's busybox shell runs and sees the image's files (the second layer's file,
+        // not the one it whited out).
+        exec_in_sandbox(
+            &id,
+            pid,
+            "cat /data/hello.txt > /run/out; ls /data > /run/ls; /bin/busybox | head -1 > /run/bb",
+        );
+        wait_for("the command in the image", || {
+            !read_in_sandbox(pid, "/run/bb").is_empty()
+        });
+        assert_eq!(read_in_sandbox(pid, "/run/out"), "hello from the image\n");
+        assert_eq!(read_in_sandbox(pid, "/run/ls").trim(), "hello.txt");
+        assert!(read_in_sandbox(pid, "/run/bb").contains("BusyBox"));
+        // Warren's /etc layer is on top, as for single-host image templates.
+        assert!(read_in_sandbox(pid, "/etc/hosts").contains("localhost"));
+        assert!(read_in_sandbox(pid, "/etc/passwd").contains("user:x:1000"));
+
+        // A second create (after a delete) needs no registry: the registry is gone.
+        agent.delete(NODE, &id).await.expect("delete");
+        drop(reg.take());
+        let again = agent
+            .create(NODE, &req)
+            .await
+            .expect("create from the store");
+        assert_eq!(local.images().pulls(), 1, "the second create did not pull");
+        assert!(again.init_pid.is_some());
+        agent.delete(NODE, &id).await.expect("delete");
+
+        // Concurrent creates of one image pull once: with the registry back, three gets of
+        // v2 at once (v2 has v1's layers: stored and unpacked once, by digest).
+        let reg2 = start_registry(&data.join("registry"), false);
+        let v2 = v2.replace(&addr, &reg2.addr);
+        push_busybox_image(&data, std::slice::from_ref(&v2));
+        let imgs = local.images();
+        let (a, b, c) = tokio::join!(imgs.get(&v2), imgs.get(&v2), imgs.get(&v2));
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(
+            local.images().pulls(),
+            2,
+            "one pull for three concurrent gets"
+        );
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert_eq!(
+            a.user, "user",
+            "uid 1000 named from the image's /etc/passwd"
+        );
+        assert_eq!(a.workdir.as_deref(), Some("/data"));
+        assert_eq!(a.env["IMAGE_GREETING"], "hi from config");
+
+        // Pull failures: unreachable registry, unknown tag, bad reference. Each is the
+        // image-pull status, with the reference and the cause in the message.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for (image, says) in [
+            (format!("127.0.0.1:{closed}/warren/tools:v1"), "127.0.0.1"),
+            (format!("{}/warren/tools:nope", reg2.addr), "no such image"),
+            ("Not A Reference".to_string(), "invalid image reference"),
+        ] {
+            let e = agent
+                .create(
+                    NODE,
+                    &CreateRequest {
+                        image: Some(image.clone()),
+                        ..req.clone()
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert!(e.is_image_pull_failure(), "{image}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("pulling image") && msg.contains(says),
+                "{image}: {msg}"
+            );
+            eprintln!("{image}: {msg}");
+        }
+        assert!(
+            !data.join("node/sandboxes").join(&id).exists(),
+            "a failed pull leaves no sandbox behind"
+        );
+
+        // Two creates of a new image at once, in two Pods: one pull, both run it.
+        let v3 = format!("{}/warren/tools:v3", reg2.addr);
+        push_busybox_image(&data, std::slice::from_ref(&v3));
+        let (p4, p5) = (FakePod::numbered(4), FakePod::numbered(5));
+        let in_pod = |p: &FakePod, name: &str| CreateRequest {
+            id: warren_operator::agent::node_id(&p.uid),
+            image: Some(v3.clone()),
+            pod: PodRef {
+                namespace: "default".into(),
+                name: name.into(),
+                uid: p.uid.clone(),
+                ip: Some(p.ip.to_string()),
+            },
+            ..Default::default()
+        };
+        let (r4, r5) = (in_pod(&p4, "sbx-4"), in_pod(&p5, "sbx-5"));
+        // Attempts count, the failed ones above too.
+        let before = local.images().pulls();
+        let (a, b) = tokio::join!(agent.create(NODE, &r4), agent.create(NODE, &r5));
+        let both = (a.is_ok(), b.is_ok());
+        let pulls = local.images().pulls();
+        let answered = (envd_answers(p4.ip), envd_answers(p5.ip));
+        for r in [&r4, &r5] {
+            let _ = agent.delete(NODE, &r.id).await;
+        }
+        p4.remove();
+        p5.remove();
+        assert_eq!(both, (true, true), "{a:?} {b:?}");
+        assert_eq!(pulls, before + 1, "one pull for two concurrent creates");
+        assert_eq!(answered, (true, true), "both sandboxes serve");
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    drop(local);
+    pod.remove();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// A Commit's push with the credentials the operator read from its Secrets: to a loopback
+/// registry that requires htpasswd basic auth, refused without them, done with them, and the
+/// pushed manifest is what skopeo fetches with the same credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_push_with_the_credentials_the_operator_passes() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    need("skopeo", "skopeo");
+    let data = PathBuf::from(format!("/tmp/warren-agent-push-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let reg = start_registry(&data.join("registry"), true);
+    let pod = FakePod::numbered(3);
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let req = CreateRequest {
+        id: id.clone(),
+        template: Some("base".into()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-push".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        ..Default::default()
+    };
+    let image = format!("{}/warren/pushed:v1", reg.addr);
+    let result = std::panic::AssertUnwindSafe(async {
+        let info = agent.create(NODE, &req).await.expect("create");
+        let pid = info.init_pid.unwrap();
+        exec_in_sandbox(&id, pid, "echo committed > /home/user/marker");
+        wait_for("the marker", || {
+            !read_in_sandbox(pid, "/home/user/marker").is_empty()
+        });
+        let commit = |n: &str, creds: Option<(&str, &str)>| CommitRequest {
+            commit_id: format!("push-{n}"),
+            image: image.clone(),
+            push: true,
+            registry_secrets: vec!["regcred".into()],
+            registry_credentials: creds.map(|(u, p)| RegistryCredentials {
+                username: u.into(),
+                password: p.into(),
+            }),
+            ..Default::default()
+        };
+        // No credentials, and wrong ones: the registry refuses the push.
+        let e = agent
+            .commit(
+                NODE,
+                &id,
+                &CommitRequest {
+                    registry_secrets: vec![],
+                    ..commit("anon", None)
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("push failed"), "{e}");
+        let e = agent
+            .commit(NODE, &id, &commit("wrong", Some(("tester", "wrong"))))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("push failed"), "{e}");
+        assert!(
+            !e.to_string().contains("wrong\""),
+            "no password in errors: {e}"
+        );
+        // With the credentials: pushed.
+        let done = agent
+            .commit(NODE, &id, &commit("ok", Some(("tester", "s3cret"))))
+            .await
+            .expect("push with credentials");
+        let inspect = |creds: Option<&str>| {
+            let mut c = Command::new("skopeo");
+            c.args(["inspect", "--raw", "--tls-verify=false"]);
+            if let Some(creds) = creds {
+                c.args(["--creds", creds]);
+            }
+            c.arg(format!("docker://{image}")).output().unwrap()
+        };
+        let out = inspect(Some("tester:s3cret"));
+        assert!(
+            out.status.success(),
+            "skopeo inspect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use sha2::Digest;
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&out.stdout));
+        assert_eq!(
+            digest, done.digest,
+            "the registry serves the committed manifest"
+        );
+        assert!(
+            !inspect(None).status.success(),
+            "the registry requires credentials"
+        );
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
+    drop(reg);
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
 /// Whether a process in the Pod's network namespace (where the sandbox's processes live)
 /// reaches `addr`: a full round trip with the test's server.
 fn pod_reaches(netns: &str, addr: SocketAddr) -> bool {
@@ -513,7 +1319,7 @@ async fn egress_policy_through_the_agent_interface() {
     let data = PathBuf::from(format!("/tmp/warren-agent-net-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data).unwrap();
-    let pod = FakePod::tagged(1);
+    let pod = FakePod::numbered(8);
     // A service on the node's address (the veth end the test made, nothing else).
     let listener = std::net::TcpListener::bind((pod.host_ip, 0)).unwrap();
     let node_service = listener.local_addr().unwrap();

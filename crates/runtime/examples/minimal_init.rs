@@ -21,7 +21,17 @@ fn main() {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
+            let n = conn.read(&mut buf).unwrap_or(0);
+            // What it was asked, for a test to read in the sandbox's /tmp (the node agent's fork
+            // test checks its `POST /init` this way).
+            if let Ok(mut log) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open("/tmp/envd-requests")
+            {
+                let _ = log.write_all(&buf[..n]);
+                let _ = log.write_all(b"\n");
+            }
             let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
         }
         Ok(())

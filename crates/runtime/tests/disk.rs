@@ -241,3 +241,82 @@ async fn a_hibernated_sandbox_wakes_on_its_disk_even_after_it_was_unmounted() {
     rt.teardown_host().await.unwrap();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// A fork (the restore of a checkpoint as a new sandbox) gets a capped disk of its own, as a
+/// create does: filling it gets ENOSPC at the cap, and the source's disk is not touched.
+#[tokio::test]
+async fn a_fork_of_a_checkpoint_gets_its_own_capped_disk() {
+    let data = PathBuf::from("/tmp/warren-kernel-test-diskfork");
+    let _ = std::fs::remove_dir_all(&data);
+    let (rt, _) = runtime(&data).await;
+    if let Err(why) = rt.hibernate_support() {
+        panic!("CRIU must work on this host for this test (scripts/install-criu.sh): {why}");
+    }
+    let rootfs = prepare_base_template(&data).expect("base template");
+    let src = rt
+        .create(&spec(&rootfs, "disksrc", 64))
+        .await
+        .expect("create capped");
+    let (ok, out) = in_sandbox(src.init_pid, "echo kept > /tmp/marker");
+    assert!(ok, "{out}");
+    let opts = warren_runtime::CheckpointOptions {
+        memory: true,
+        keep_running: true,
+    };
+    rt.checkpoint("disksrc", "diskck", &opts)
+        .await
+        .expect("checkpoint");
+    let mut fork_spec = spec(&rootfs, "diskfork", 64);
+    fork_spec
+        .rootfs
+        .lower_dirs
+        .insert(0, rt.checkpoint_layer("diskck").expect("layer"));
+    let fork = rt
+        .restore_checkpoint("diskck", &fork_spec)
+        .await
+        .expect("fork");
+
+    let (_, df) = in_sandbox(fork.init_pid, "cat /tmp/marker; df -k / | tail -1");
+    assert!(df.starts_with("kept\n"), "the checkpoint's files: {df}");
+    let total_kb: u64 = df
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (50_000..=65_536).contains(&total_kb),
+        "df / in the fork: {df}"
+    );
+    let (ok, out) = in_sandbox(
+        fork.init_pid,
+        "dd if=/dev/zero of=/fill bs=1M count=200 conv=fsync",
+    );
+    assert!(
+        !ok && out.contains("No space left on device"),
+        "ENOSPC in the fork: {out}"
+    );
+    let dir = data.join("sandboxes/diskfork");
+    assert!(
+        (50 << 20..=64 << 20).contains(&allocated(&dir.join("disk.img"))),
+        "the fork's image holds at most the cap"
+    );
+    let (ok, out) = in_sandbox(
+        src.init_pid,
+        "dd if=/dev/zero of=/ten bs=1M count=10 conv=fsync",
+    );
+    assert!(ok, "the source's disk is its own: {out}");
+
+    rt.destroy("diskfork").await.unwrap();
+    assert!(
+        !dir.exists() && mounts_under(&dir).is_empty(),
+        "fork's disk released"
+    );
+    rt.destroy("disksrc").await.unwrap();
+    rt.delete_checkpoint("diskck").await.unwrap();
+    rt.teardown_host().await.unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+}

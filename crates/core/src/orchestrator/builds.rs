@@ -145,11 +145,43 @@ impl BuildJob {
 #[derive(Default)]
 pub struct BuildState {
     jobs: Mutex<HashMap<String, Arc<Mutex<BuildJob>>>>,
-    runner: OnceLock<Arc<dyn StepRunner>>,
+    pub(crate) runner: OnceLock<Arc<dyn StepRunner>>,
+    /// When each cache image was last taken by a build (since the daemon started).
+    cache_hits: Mutex<HashMap<String, DateTime<Utc>>>,
+}
+
+/// A build cache image neither made nor taken for this long is removed (when no build runs).
+const CACHE_KEEP: chrono::TimeDelta = chrono::TimeDelta::days(7);
+/// The name prefix of build cache images.
+const CACHE_PREFIX: &str = "warren-build/cache:";
+
+/// The cache images (name, made at) neither made nor taken (`hits`) within `keep` of `now`.
+fn stale_cache_images(
+    made: &[(String, DateTime<Utc>)],
+    hits: &HashMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
+    keep: chrono::TimeDelta,
+) -> Vec<String> {
+    made.iter()
+        .filter(|(name, at)| {
+            let used = hits.get(name).copied().unwrap_or(*at).max(*at);
+            now - used > keep
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// How a create knows a template's start command is ready.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Readiness {
+    /// A port it listens on.
+    pub port: Option<u16>,
+    /// A command that exits 0.
+    pub cmd: Option<String>,
 }
 
 /// Removes the uploaded context when the build ends, however it ends.
-struct ContextFile(Option<PathBuf>);
+pub(crate) struct ContextFile(pub(crate) Option<PathBuf>);
 
 impl Drop for ContextFile {
     fn drop(&mut self) {
@@ -267,6 +299,25 @@ impl Warren {
         .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
         .map_err(bad)?;
         let steps = dockerfile::parse(&text).map_err(bad)?;
+        self.start_steps(who, name, steps, context, names, runner, None)
+            .await
+    }
+
+    /// Starts building template `name` from parsed `steps` (the first one a `FROM`), with COPY
+    /// sources from `context`, whose entries are `names`. Checks the FROM template, the COPY
+    /// sources and the name before answering. The result's readiness is `readiness`, or else
+    /// its FROM template's.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn start_steps(
+        self: &Arc<Self>,
+        who: &Principal,
+        name: &str,
+        steps: Vec<Step>,
+        context: ContextFile,
+        names: Vec<String>,
+        runner: Arc<dyn StepRunner>,
+        readiness: Option<Readiness>,
+    ) -> Result<BuildJob, CoreError> {
         let Some(Instr::From(from)) = steps.first().map(|s| s.instr.clone()) else {
             return Err(CoreError::InvalidArgument(
                 "the first instruction must be FROM".into(),
@@ -336,28 +387,84 @@ impl Warren {
         tokio::spawn(async move {
             let began = Instant::now();
             let res = me
-                .run_build(&who, &name, &from, &steps, context, &job, runner)
+                .run_build(&who, &name, &from, &steps, context, &job, runner, readiness)
                 .await;
-            let mut j = lock(&job);
-            j.finished_at = Some(me.clock.now());
-            match res {
-                Ok(digest) => {
-                    tracing::info!(template = %name, digest = %digest, cache_hits = j.cache_hits, secs = began.elapsed().as_secs_f64(), "template built");
-                    j.status = "ready".into();
-                    j.digest = Some(digest);
-                    j.current = None;
-                }
-                Err(e) => {
-                    tracing::warn!(template = %name, error = %e, "template build failed");
-                    j.status = "failed".into();
-                    j.error = Some(e.to_string());
-                    if let Some(s) = j.current.and_then(|i| j.steps.get_mut(i)) {
-                        s.status = "failed".into();
-                    }
-                }
+            {
+                let mut j = lock(&job);
+                j.finished_at = Some(me.clock.now());
+                me.record_outcome(&name, res, &mut j, began);
             }
+            me.prune_build_cache().await;
         });
         Ok(view)
+    }
+
+    fn record_outcome(
+        &self,
+        name: &str,
+        res: Result<String, CoreError>,
+        j: &mut BuildJob,
+        began: Instant,
+    ) {
+        match res {
+            Ok(digest) => {
+                tracing::info!(template = %name, digest = %digest, cache_hits = j.cache_hits, secs = began.elapsed().as_secs_f64(), "template built");
+                j.status = "ready".into();
+                j.digest = Some(digest);
+                j.current = None;
+            }
+            Err(e) => {
+                tracing::warn!(template = %name, error = %e, "template build failed");
+                j.status = "failed".into();
+                j.error = Some(e.to_string());
+                if let Some(s) = j.current.and_then(|i| j.steps.get_mut(i)) {
+                    s.status = "failed".into();
+                }
+            }
+        }
+    }
+
+    /// Removes build cache images that no build made or took for [`CACHE_KEEP`], when no build
+    /// runs (a running build may be about to start its next step on one). Their layers go with
+    /// them unless a template still uses them.
+    pub async fn prune_build_cache(&self) {
+        let building = {
+            let jobs = self.builds.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.values().any(|j| lock(j).status == "building")
+        };
+        if building {
+            return;
+        }
+        let made: Vec<(String, DateTime<Utc>)> = self
+            .templates
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(CACHE_PREFIX))
+            .filter_map(|n| Some((n.clone(), self.templates.images.get(&n)?.created_at)))
+            .collect();
+        let stale = {
+            let hits = self
+                .builds
+                .cache_hits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            stale_cache_images(&made, &hits, self.clock.now(), CACHE_KEEP)
+        };
+        for name in stale {
+            match self.delete_template(&name).await {
+                Ok(()) => {
+                    tracing::info!(template = %name, "unused build cache image removed");
+                    self.builds
+                        .cache_hits
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(template = %name, error = %e, "removing a build cache image failed")
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -370,6 +477,7 @@ impl Warren {
         context: ContextFile,
         job: &Arc<Mutex<BuildJob>>,
         runner: Arc<dyn StepRunner>,
+        readiness: Option<Readiness>,
     ) -> Result<String, CoreError> {
         let committer = self.images()?;
         let from_image = self.templates.images.get(from);
@@ -387,7 +495,13 @@ impl Warren {
             cmd: None,
             entrypoint: None,
         };
-        let ready_port = self.templates.ready_port(from);
+        let Readiness {
+            port: ready_port,
+            cmd: ready_cmd,
+        } = readiness.unwrap_or_else(|| Readiness {
+            port: self.templates.ready_port(from),
+            cmd: self.templates.ready_command(from),
+        });
         let fallback_start = self.templates.start_command(from);
         for (i, step) in steps.iter().enumerate() {
             let t0 = Instant::now();
@@ -547,8 +661,10 @@ impl Warren {
             fallback_start.clone(),
         )
         .await?;
-        if let Some(port) = ready_port {
-            self.templates.set_ready_port(name.to_string(), port);
+        // Given, or inherited from FROM; kept with the template so that it survives restarts.
+        if ready_port.is_some() || ready_cmd.is_some() {
+            self.set_template_readiness(name, ready_port, ready_cmd)
+                .await?;
         }
         Ok(digest)
     }
@@ -592,13 +708,18 @@ impl Warren {
     ) -> Result<&'static str, CoreError> {
         let committer = self.images()?;
         let key = cur.key(&step.text, extra);
-        let image = format!("warren-build/cache:{}", &key[..40]);
+        let image = format!("{CACHE_PREFIX}{}", &key[..40]);
         if let Some(t) = self.templates.images.get(&image) {
             if let Some(d) = t
                 .manifest_digest
                 .clone()
                 .filter(|d| committer.store().resolve(d).is_ok())
             {
+                self.builds
+                    .cache_hits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(image.clone(), self.clock.now());
                 lock(job).append_log(format!(" ---> CACHED {}\n", short(&d)).as_bytes());
                 cur.template = image;
                 cur.parent = d.clone();
@@ -669,8 +790,12 @@ impl Warren {
                 self.templates.start_command(&cur.template),
             )
             .await?;
-            if let Some(port) = self.templates.ready_port(&cur.template) {
-                self.templates.set_ready_port(image.clone(), port);
+            let (port, cmd) = (
+                self.templates.ready_port(&cur.template),
+                self.templates.ready_command(&cur.template),
+            );
+            if port.is_some() || cmd.is_some() {
+                self.set_template_readiness(&image, port, cmd).await?;
             }
             Ok(done.digest)
         }

@@ -148,6 +148,8 @@ impl Warren {
             start_command: start_command.or(fallback_start),
             size_bytes: img.size(),
             host_binds: warren_image::commit::host_binds(&img.config_raw),
+            ready_port: None,
+            ready_cmd: None,
             created_at: self.clock.now(),
         };
         it::save(&self.store, &t).await?;

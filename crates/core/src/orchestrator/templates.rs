@@ -287,6 +287,8 @@ impl Warren {
                 .as_ref()
                 .map(|i| warren_image::commit::host_binds(&i.image.config_raw))
                 .unwrap_or_default(),
+            ready_port: None,
+            ready_cmd: None,
             created_at: self.clock.now(),
         };
         if let Err(e) = it::save(&self.store, &t).await {
@@ -363,6 +365,8 @@ impl Warren {
                 .iter()
                 .map(|b| (b.source.clone(), b.target.clone()))
                 .collect(),
+            ready_port: None,
+            ready_cmd: None,
             created_at: self.clock.now(),
         };
         {
@@ -458,6 +462,31 @@ impl Warren {
     /// Deletes an image or rootfs template (or forgets a failed build), refused while a sandbox
     /// or a pool uses it. Its image leaves the store index and unreferenced layers are
     /// collected.
+    /// Records how a create knows the start command of image template `name` is ready (a port
+    /// it listens on and/or a command that exits 0), with the template, so it survives restarts.
+    pub async fn set_template_readiness(
+        &self,
+        name: &str,
+        ready_port: Option<u16>,
+        ready_cmd: Option<String>,
+    ) -> Result<(), CoreError> {
+        let t = {
+            let mut ready = self
+                .templates
+                .images
+                .ready
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let t = ready
+                .get_mut(name)
+                .ok_or_else(|| CoreError::NotFound(format!("template {name} not found")))?;
+            t.ready_port = ready_port;
+            t.ready_cmd = ready_cmd;
+            t.clone()
+        };
+        Ok(it::save(&self.store, &t).await?)
+    }
+
     pub async fn delete_template(&self, name: &str) -> Result<(), CoreError> {
         let images = &self.templates.images;
         if images.get(name).is_none() {

@@ -3,10 +3,13 @@
 //! and network namespace. Found from the Pod's uid (its processes' cgroup paths carry
 //! `pod<uid>`), or handed in explicitly.
 //!
+//! `image:` sandboxes run on the image's layers, pulled into the node's store once
+//! ([`super::images`]); a pull that fails answers [`IMAGE_PULL_FAILED`].
+//!
 //! Hibernate, wake and checkpoint use CRIU as single-host mode does (a node without a working
 //! CRIU answers 501 with the reason). Commits use the single-host commit code into the node's
-//! image store (`<data>/images`) and push without credentials: the agent reads no Secrets, so a
-//! push with `registryAuth.secrets` answers 501 saying so.
+//! image store (`<data>/images`) and push with the credentials the operator read from the
+//! Commit's `registryAuth.secrets` and passed in the request (the agent reads no Secrets).
 //!
 //! The sandbox's egress policy ([`EgressSpec`]) is installed in the Pod's network namespace
 //! before the sandbox's first process starts, and replaced live by `update_network`; the cluster's
@@ -14,6 +17,7 @@
 //! to it (see `warren_runtime::linux::podnet`).
 
 use super::*;
+use crate::disk::DEFAULT_SANDBOX_DISK_MB;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use warren_runtime::linux::pod::{PodRuntime, PodTarget};
@@ -25,7 +29,9 @@ use warren_runtime::{
 };
 
 pub struct LocalAgent {
-    rt: PodRuntime,
+    pub(super) rt: PodRuntime,
+    /// `<data>/envd-admin`: the envd admin tokens forks are re-keyed with (see `local_fork`).
+    pub(super) tokens_dir: PathBuf,
     /// The node's OCI image store (`<data>/images`), where commits go.
     committer: std::sync::Arc<warren_image::commit::Committer>,
     /// `<data>/commits/<commit id>.json`: finished commits, so a repeat returns the first.
@@ -39,6 +45,10 @@ pub struct LocalAgent {
     /// `<data>/egress/<id>.json`: the resolvers a sandbox's policy opens, fixed at create from
     /// its template (not from its own, writable resolv.conf), for live updates.
     egress_dir: PathBuf,
+    /// Disk cap of a sandbox whose request names none (`--sandbox-disk-mb`); 0: no cap.
+    default_disk_mb: u64,
+    /// Images pulled for `image:` sandboxes, in the same store as commits.
+    images: super::images::NodeImages,
 }
 
 fn failed(node: &str, code: u16, message: String) -> AgentError {
@@ -49,7 +59,7 @@ fn failed(node: &str, code: u16, message: String) -> AgentError {
     }
 }
 
-fn runtime_error(node: &str, e: RuntimeError) -> AgentError {
+pub(super) fn runtime_error(node: &str, e: RuntimeError) -> AgentError {
     match e {
         RuntimeError::UnknownSandbox(id) => AgentError::NotFound {
             node: node.into(),
@@ -98,6 +108,11 @@ pub fn find_pod(proc_root: &Path, uid: &str) -> Option<(String, u32)> {
 }
 
 impl LocalAgent {
+    /// The node's images (for tests and metrics: how many pulls it made).
+    pub fn images(&self) -> &super::images::NodeImages {
+        &self.images
+    }
+
     /// Needs a tokio runtime (it adopts the sandboxes a previous agent left running).
     pub fn new(data_dir: PathBuf, envd_binary: PathBuf) -> Result<Self, RuntimeError> {
         let rt = PodRuntime::new(data_dir.clone(), envd_binary)?;
@@ -112,6 +127,8 @@ impl LocalAgent {
         let base = prepare_base_template(&data_dir)?;
         let committer = warren_image::commit::Committer::open(&data_dir.join("images"))
             .map_err(|e| RuntimeError::Config(format!("the node's image store: {e}")))?;
+        let images = super::images::NodeImages::new(committer.store().clone(), &data_dir)
+            .map_err(|e| RuntimeError::io("prepare the /etc layer of images in", &data_dir, e))?;
         let commits_dir = data_dir.join("commits");
         std::fs::create_dir_all(&commits_dir)
             .map_err(|e| RuntimeError::io("mkdir", &commits_dir, e))?;
@@ -120,12 +137,40 @@ impl LocalAgent {
             .map_err(|e| RuntimeError::io("mkdir", &egress_dir, e))?;
         Ok(LocalAgent {
             rt,
+            tokens_dir: data_dir.join(super::local_fork::TOKENS_DIR),
             committer: std::sync::Arc::new(committer),
             commits_dir,
             templates: BTreeMap::from([("base".to_string(), base)]),
+            default_disk_mb: DEFAULT_SANDBOX_DISK_MB,
+            images,
             cluster_ranges: Vec::new(),
             egress_dir,
         })
+    }
+
+    /// The disk cap of sandboxes whose create names none, in MiB (`--sandbox-disk-mb`; 0: no
+    /// cap, upper dirs directly in the data dir).
+    pub fn with_sandbox_disk_mb(mut self, mb: u64) -> Self {
+        self.default_disk_mb = mb;
+        self
+    }
+
+    /// The sandbox's resources from a request (0: the defaults). Its disk is the single-host
+    /// cap (a loop-mounted ext4 under the sandbox dir); the operator puts the same figure on the
+    /// Pod as its ephemeral-storage, for the scheduler.
+    pub(super) fn resources(&self, req: &CreateRequest) -> Resources {
+        let defaults = Resources::default();
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        Resources {
+            vcpus: if req.vcpus == 0 {
+                defaults.vcpus
+            } else {
+                req.vcpus
+            },
+            memory_mb: or(req.memory_mb, defaults.memory_mb),
+            disk_mb: or(req.disk_mb, self.default_disk_mb),
+            pids_max: defaults.pids_max,
+        }
     }
 
     /// The cluster's Pod and Service networks, which sandboxes may not reach unless named.
@@ -157,7 +202,39 @@ impl LocalAgent {
         self.egress_dir.join(format!("{id}.json"))
     }
 
-    fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
+    /// Installs the request's policy in the Pod's namespace, before any process of the
+    /// sandbox exists, and records it for live updates. Resolvers come from the root's lower
+    /// layers (the template's), not from a file the sandbox can write.
+    pub(super) fn install_egress(
+        &self,
+        node: &str,
+        req: &CreateRequest,
+        netns: &Path,
+        lower_dirs: &[PathBuf],
+    ) -> Result<(), AgentError> {
+        let resolvers = lower_dirs
+            .iter()
+            .chain(
+                self.templates
+                    .get("base")
+                    .map(|b| &b.lower_dirs)
+                    .into_iter()
+                    .flatten(),
+            )
+            .find_map(|d| std::fs::read_to_string(d.join("etc/resolv.conf")).ok())
+            .map(|conf| podnet::resolvers_in(&conf))
+            .unwrap_or_default();
+        let egress = self.pod_egress(node, &req.network, resolvers)?;
+        podnet::apply_pod_egress(netns, &egress).map_err(|e| runtime_error(node, e))?;
+        let record = self.egress_record(&req.id);
+        std::fs::write(
+            &record,
+            serde_json::to_vec(&egress).expect("policy serializes"),
+        )
+        .map_err(|e| failed(node, 500, format!("recording the egress policy: {e}")))
+    }
+
+    pub(super) fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
         let ip: Ipv4Addr = match &req.pod.ip {
             Some(ip) => ip
                 .parse()
@@ -219,15 +296,24 @@ impl NodeAgent for LocalAgent {
                 .await
                 .map_err(|e| runtime_error(node, e))?;
         }
-        if req.image.is_some() {
-            return Err(failed(
-                node,
-                501,
-                "image sandboxes are not supported by this node agent yet; use a template".into(),
-            ));
+        if let Some(checkpoint) = &req.restore_from {
+            return self.create_fork(node, req, checkpoint).await;
         }
+        let image = match &req.image {
+            Some(reference) => Some(
+                self.images
+                    .get(reference)
+                    .await
+                    .map_err(|e| failed(node, IMAGE_PULL_FAILED, e.to_string()))?,
+            ),
+            None => None,
+        };
         let template = req.template.as_deref().unwrap_or("base");
-        let rootfs = self.templates.get(template).cloned().ok_or_else(|| {
+        let rootfs = match &image {
+            Some(i) => Some(i.rootfs.clone()),
+            None => self.templates.get(template).cloned(),
+        };
+        let rootfs = rootfs.ok_or_else(|| {
             failed(
                 node,
                 404,
@@ -243,48 +329,36 @@ impl NodeAgent for LocalAgent {
         })?;
         let target = self.target(node, req)?;
         // The policy is in force before the sandbox's first process exists: no moment runs
-        // unfiltered. Resolvers come from the template, not from a file the sandbox can write.
-        let resolvers = rootfs
-            .lower_dirs
-            .iter()
-            .find_map(|d| std::fs::read_to_string(d.join("etc/resolv.conf")).ok())
-            .map(|conf| podnet::resolvers_in(&conf))
-            .unwrap_or_default();
-        let egress = self.pod_egress(node, &req.network, resolvers)?;
-        podnet::apply_pod_egress(&target.netns, &egress).map_err(|e| runtime_error(node, e))?;
-        let record = self.egress_record(&req.id);
-        std::fs::write(
-            &record,
-            serde_json::to_vec(&egress).expect("policy serializes"),
-        )
-        .map_err(|e| failed(node, 500, format!("recording the egress policy: {e}")))?;
-        let defaults = Resources::default();
+        // unfiltered.
+        self.install_egress(node, req, &target.netns, &rootfs.lower_dirs)?;
         let spec = SandboxSpec {
             id: req.id.clone(),
             rootfs,
-            resources: Resources {
-                vcpus: if req.vcpus == 0 {
-                    defaults.vcpus
-                } else {
-                    req.vcpus
-                },
-                memory_mb: if req.memory_mb == 0 {
-                    defaults.memory_mb
-                } else {
-                    req.memory_mb
-                },
-                // Pod sandboxes have no disk of their own (yet): the upper dir is on the node's
-                // data dir, and the Pod's ephemeral-storage accounting does not see it.
-                disk_mb: 0,
-                pids_max: defaults.pids_max,
-            },
+            resources: self.resources(req),
             network: NetworkPolicy::default(),
-            envd: EnvdSettings {
-                env_vars: req.env_vars.clone(),
-                access_token: req.access_token.clone(),
-                admin_token: req.admin_token.clone(),
-                default_user: "user".into(),
-                ..Default::default()
+            envd: match &image {
+                // As single-host image templates: the image's config, the request's env vars
+                // winning over the image's.
+                Some(i) => EnvdSettings {
+                    env_vars: i
+                        .env
+                        .clone()
+                        .into_iter()
+                        .chain(req.env_vars.clone())
+                        .collect(),
+                    access_token: req.access_token.clone(),
+                    admin_token: req.admin_token.clone(),
+                    default_user: i.user.clone(),
+                    start_command: i.start_command.clone(),
+                    default_cwd: i.workdir.clone(),
+                },
+                None => EnvdSettings {
+                    env_vars: req.env_vars.clone(),
+                    access_token: req.access_token.clone(),
+                    admin_token: req.admin_token.clone(),
+                    default_user: "user".into(),
+                    ..Default::default()
+                },
             },
         };
         let p = self
@@ -292,7 +366,13 @@ impl NodeAgent for LocalAgent {
             .create(&spec, &target)
             .await
             .map_err(|e| runtime_error(node, e))?;
-        tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, "sandbox started in pod");
+        super::local_fork::write_token(
+            &self.tokens_dir,
+            "sandbox",
+            &req.id,
+            req.admin_token.as_deref(),
+        );
+        tracing::info!(sandbox = %req.id, pod = %req.pod.name, pid = p.init_pid, image = ?image.as_ref().map(|i| &i.digest), "sandbox started in pod");
         Ok(SandboxInfo {
             id: req.id.clone(),
             state: SandboxState::Running,
@@ -349,6 +429,14 @@ impl NodeAgent for LocalAgent {
             )
             .await
             .map_err(|e| runtime_error(node, e))?;
+        // Its forks' envd is re-keyed with the source's admin token.
+        let admin = super::local_fork::read_token(&self.tokens_dir, "sandbox", id);
+        super::local_fork::write_token(
+            &self.tokens_dir,
+            "checkpoint",
+            &req.checkpoint_id,
+            admin.as_deref(),
+        );
         Ok(CheckpointInfo {
             checkpoint_id: req.checkpoint_id.clone(),
             size_bytes: info.image_bytes + info.fs_bytes,
@@ -357,6 +445,7 @@ impl NodeAgent for LocalAgent {
     }
 
     async fn delete_checkpoint(&self, node: &str, checkpoint_id: &str) -> Result<(), AgentError> {
+        super::local_fork::write_token(&self.tokens_dir, "checkpoint", checkpoint_id, None);
         self.rt
             .delete_checkpoint(checkpoint_id)
             .await
@@ -379,15 +468,17 @@ impl NodeAgent for LocalAgent {
             return Err(bad(format!("invalid commit id {:?}", req.commit_id)));
         }
         warren_image::commit::validate_image_name(&req.image).map_err(|e| bad(e.to_string()))?;
-        if req.push && !req.registry_secrets.is_empty() {
-            // The agent holds no Kubernetes credentials, so it cannot read the Secrets.
+        if req.push && !req.registry_secrets.is_empty() && req.registry_credentials.is_none() {
+            // The agent holds no Kubernetes credentials: the operator reads the Secrets.
             return Err(failed(
                 node,
-                501,
-                "pushing with registryAuth.secrets from a node is not supported yet (the node \
-                 agent reads no Secrets); push to a registry that needs no credentials, or \
-                 commit without push"
-                    .into(),
+                400,
+                format!(
+                    "registryAuth.secrets {} came without their credentials (the operator \
+                     reads the Secrets and passes the registry's entry; the node agent reads \
+                     none)",
+                    req.registry_secrets.join(", ")
+                ),
             ));
         }
         let record = self.commits_dir.join(format!("{}.json", req.commit_id));
@@ -440,7 +531,11 @@ impl NodeAgent for LocalAgent {
         .map_err(join_err)?
         .map_err(image_err)?;
         if req.push {
-            warren_image::push::push_image(self.committer.store(), &req.image, None)
+            let creds = req
+                .registry_credentials
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone()));
+            warren_image::push::push_image(self.committer.store(), &req.image, creds)
                 .await
                 .map_err(|e| {
                     failed(
@@ -467,6 +562,7 @@ impl NodeAgent for LocalAgent {
     }
 
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError> {
+        super::local_fork::write_token(&self.tokens_dir, "sandbox", id, None);
         self.rt
             .destroy(id)
             .await

@@ -13,7 +13,11 @@
 pub mod fake;
 pub mod http;
 #[cfg(target_os = "linux")]
+pub mod images;
+#[cfg(target_os = "linux")]
 pub mod local;
+#[cfg(target_os = "linux")]
+mod local_fork;
 pub mod network;
 pub mod server;
 
@@ -53,6 +57,10 @@ pub struct CreateRequest {
     pub vcpus: u32,
     #[serde(default)]
     pub memory_mb: u64,
+    /// The sandbox's disk cap in MiB (its Pod's ephemeral-storage); 0: the agent's
+    /// `--sandbox-disk-mb`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_mb: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env_vars: BTreeMap<String, String>,
     pub pod: PodRef,
@@ -74,6 +82,15 @@ pub struct CreateRequest {
     /// The egress policy, applied in the Pod's network namespace before the sandbox starts.
     #[serde(default, skip_serializing_if = "EgressSpec::is_default")]
     pub network: EgressSpec,
+    /// A fork: the id on this node of the checkpoint (its images and files) to restore the
+    /// sandbox from, instead of booting the template. A checkpoint the node does not hold
+    /// answers NotFound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a sandbox on the node looks like.
@@ -125,6 +142,10 @@ pub struct CommitRequest {
     /// `kubernetes.io/dockerconfigjson` Secrets in the sandbox's namespace, for the push.
     #[serde(default)]
     pub registry_secrets: Vec<String>,
+    /// The push's credentials, which the operator read from those Secrets (the agent reads
+    /// none). Never logged: their `Debug` is redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_credentials: Option<crate::registry_auth::RegistryCredentials>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<i64>,
 }
@@ -162,9 +183,25 @@ pub enum AgentError {
     },
 }
 
+/// The agent's status code for a create whose image could not be pulled (bad reference,
+/// unreachable registry, no such image, refused credentials): 424 Failed Dependency. The operator
+/// reports it as `ImagePullFailed`.
+pub const IMAGE_PULL_FAILED: u16 = 424;
+
 impl AgentError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, AgentError::NotFound { .. })
+    }
+
+    /// The sandbox's image could not be pulled (see [`IMAGE_PULL_FAILED`]).
+    pub fn is_image_pull_failure(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Failed {
+                code: IMAGE_PULL_FAILED,
+                ..
+            }
+        )
     }
 }
 

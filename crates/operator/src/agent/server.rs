@@ -161,6 +161,8 @@ pub struct NodeAgentOptions {
     /// The cluster's Pod and Service networks (`--cluster-cidr`, `--service-cidr`): closed to
     /// sandboxes unless their allowOut names them.
     pub cluster_cidrs: Vec<String>,
+    /// Disk cap of sandboxes whose Sandbox names no ephemeral-storage, in MiB; 0: none.
+    pub sandbox_disk_mb: u64,
 }
 
 /// Serves the node agent ([`super::local::LocalAgent`]) until SIGTERM or SIGINT (`warren
@@ -192,8 +194,20 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
     if ranges.is_empty() {
         tracing::warn!("no --cluster-cidr/--service-cidr: sandboxes can reach other Pods and Services (the node and the metadata service stay closed)");
     }
+    if o.sandbox_disk_mb > 0 {
+        anyhow::ensure!(
+            o.sandbox_disk_mb >= warren_runtime::linux::disk::MIN_MB,
+            "--sandbox-disk-mb {} is below the least disk, {} MiB (0 runs without caps)",
+            o.sandbox_disk_mb,
+            warren_runtime::linux::disk::MIN_MB
+        );
+        warren_runtime::linux::disk::check_support().map_err(|why| {
+            anyhow::anyhow!("sandbox disk caps (--sandbox-disk-mb) cannot work on this node: {why}; --sandbox-disk-mb 0 runs without them")
+        })?;
+    }
     let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
         .context("starting the node agent's runtime")?
+        .with_sandbox_disk_mb(o.sandbox_disk_mb)
         .with_cluster_ranges(ranges);
     let listener = tokio::net::TcpListener::bind(&o.listen)
         .await
@@ -242,6 +256,8 @@ mod tests {
                 uid: "u".into(),
                 ip: Some("10.0.0.5".into()),
             },
+            // A fork: the checkpoint id travels too.
+            restore_from: Some("cp0".into()),
             ..Default::default()
         };
         let info = client.create("ignored", &req).await.unwrap();

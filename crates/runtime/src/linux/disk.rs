@@ -104,6 +104,28 @@ pub fn overlay_dirs(dir: &Path) -> (PathBuf, PathBuf) {
     }
 }
 
+/// Makes the root, upper and work dirs of a new sandbox whose dir is `dir`: the upper and work
+/// dirs on a `disk_mb` MiB file system of its own ([`create`]), or directly in `dir` when
+/// `disk_mb` is 0 (no cap). Every sandbox is made through here (create, and the restore of a
+/// checkpoint as a fork), so none escapes its cap.
+pub async fn sandbox_dirs(
+    dir: &Path,
+    disk_mb: u64,
+) -> Result<(PathBuf, PathBuf, PathBuf), RuntimeError> {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| RuntimeError::io("mkdir", &rootfs, e))?;
+    let (upper, work) = if disk_mb > 0 {
+        create(dir, disk_mb).await?
+    } else {
+        let (upper, work) = overlay_dirs(dir);
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
+        }
+        (upper, work)
+    };
+    Ok((rootfs, upper, work))
+}
+
 /// Makes a `size_mb` MiB file system for the sandbox whose dir is `dir` (which exists), mounts it
 /// and creates the upper and work dirs on it. Fails on a host without `mkfs.ext4` or loop
 /// devices, naming what is missing. On error, [`release`] and removing `dir` undo it.

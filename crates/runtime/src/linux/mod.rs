@@ -323,17 +323,7 @@ impl LinuxRuntime {
         let t0 = std::time::Instant::now();
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let rootfs = dir.join("rootfs");
-        std::fs::create_dir_all(&rootfs).map_err(|e| RuntimeError::io("mkdir", &rootfs, e))?;
-        let (upper, work) = if spec.resources.disk_mb > 0 {
-            disk::create(&dir, spec.resources.disk_mb).await?
-        } else {
-            let (upper, work) = disk::overlay_dirs(&dir);
-            for d in [&upper, &work] {
-                std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-            }
-            (upper, work)
-        };
+        let (rootfs, upper, work) = disk::sandbox_dirs(&dir, spec.resources.disk_mb).await?;
         prof("disk", &t0);
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {
@@ -391,55 +381,24 @@ impl LinuxRuntime {
         )
         .map_err(|e| RuntimeError::sys("spawn sandbox init", id, e))?;
         prof("spawned", &t0);
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-
-        let started = tokio::time::timeout(START_TIMEOUT, async {
-            let first = lines.next_line().await.ok().flatten().unwrap_or_default();
-            let pid: u32 = first
-                .strip_prefix("pid ")
-                .and_then(|p| p.trim().parse().ok())
-                .ok_or_else(|| self.start_failure(id, &log_path, &first))?;
-            prof("forked", &t0);
-            let init_spec = InitSpec {
-                id: id.clone(),
-                lower_dirs,
-                upper_dir: upper.clone(),
-                work_dir: work.clone(),
-                // In a user namespace, relative to the sandbox dir (the init's working dir).
-                rootfs_dir: match &mounts {
-                    Some(_) => PathBuf::from("rootfs"),
-                    None => rootfs.clone(),
-                },
-                ro_binds: spec.rootfs.ro_binds.clone(),
-                // The prepared namespace is configured already.
-                net: None,
-                envd: spec.envd.clone(),
-                mounts: mounts.as_ref().map(|m| m.init_mounts()),
-            };
-            let json = serde_json::to_vec(&init_spec).expect("init spec serializes");
-            stdin
-                .write_all(&json)
-                .await
-                .map_err(|e| RuntimeError::sys("write init spec", id, e))?;
-            drop(stdin);
-            let status = lines.next_line().await.ok().flatten().unwrap_or_default();
-            prof("ready", &t0);
-            if status != "ready" {
-                return Err(self.start_failure(id, &log_path, &status));
-            }
-            Ok(pid)
-        })
-        .await
-        .map_err(|_| RuntimeError::StartFailed {
+        let init_spec = InitSpec {
             id: id.clone(),
-            reason: format!(
-                "envd did not become ready within {}s",
-                START_TIMEOUT.as_secs()
-            ),
-        })??;
-        // The intermediate process exits right after forking PID 1.
-        let _ = child.wait().await;
+            lower_dirs,
+            upper_dir: upper.clone(),
+            work_dir: work.clone(),
+            // In a user namespace, relative to the sandbox dir (the init's working dir).
+            rootfs_dir: match &mounts {
+                Some(_) => PathBuf::from("rootfs"),
+                None => rootfs.clone(),
+            },
+            ro_binds: spec.rootfs.ro_binds.clone(),
+            // The prepared namespace is configured already.
+            net: None,
+            envd: spec.envd.clone(),
+            mounts: mounts.as_ref().map(|m| m.init_mounts()),
+        };
+        let started = init_handshake(&mut child, &init_spec, &log_path).await?;
+        prof("ready", &t0);
         // PID 1 has attached its mounts; the daemon's descriptors of them can go.
         drop(mounts);
 
@@ -456,24 +415,6 @@ impl LinuxRuntime {
         };
         let alive = watch_exit(started, id.clone())?;
         Ok((placement, alive))
-    }
-
-    fn start_failure(&self, id: &str, log: &Path, status: &str) -> RuntimeError {
-        let reason = if let Some(msg) = status.strip_prefix("error ") {
-            msg.to_string()
-        } else {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            let log = log.trim();
-            if log.is_empty() {
-                "sandbox init exited without reporting".to_string()
-            } else {
-                format!("sandbox init failed: {log}")
-            }
-        };
-        RuntimeError::StartFailed {
-            id: id.to_string(),
-            reason,
-        }
     }
 
     /// Removes everything of a sandbox, known or leftover. Idempotent.
@@ -1178,6 +1119,68 @@ fn disk_usage(dir: &Path) -> u64 {
 }
 
 /// Where create time goes, at debug level (`RUST_LOG=warren_runtime=debug`).
+/// The start handshake with a spawned sandbox init (`warren-envd init`): it reports the host pid
+/// of the sandbox's PID 1, gets its [`InitSpec`] on stdin, and reports `ready` once envd serves
+/// (or `error <why>`). Returns that pid; the intermediate process has exited. Shared by the
+/// single-host and the Pod runtime so that both speak the one protocol the init implements.
+pub(crate) async fn init_handshake(
+    child: &mut tokio::process::Child,
+    init_spec: &InitSpec,
+    log_path: &Path,
+) -> Result<u32, RuntimeError> {
+    let id = &init_spec.id;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let pid = tokio::time::timeout(START_TIMEOUT, async {
+        let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+        let pid: u32 = first
+            .strip_prefix("pid ")
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| start_failure(id, log_path, &first))?;
+        let json = serde_json::to_vec(init_spec).expect("init spec serializes");
+        stdin
+            .write_all(&json)
+            .await
+            .map_err(|e| RuntimeError::sys("write init spec", id, e))?;
+        drop(stdin);
+        let status = lines.next_line().await.ok().flatten().unwrap_or_default();
+        if status != "ready" {
+            return Err(start_failure(id, log_path, &status));
+        }
+        Ok(pid)
+    })
+    .await
+    .map_err(|_| RuntimeError::StartFailed {
+        id: id.clone(),
+        reason: format!(
+            "envd did not become ready within {}s",
+            START_TIMEOUT.as_secs()
+        ),
+    })??;
+    // The intermediate process exits right after forking PID 1.
+    let _ = child.wait().await;
+    Ok(pid)
+}
+
+/// Why a sandbox init did not start: its own `error` line, else its log.
+fn start_failure(id: &str, log: &Path, status: &str) -> RuntimeError {
+    let reason = if let Some(msg) = status.strip_prefix("error ") {
+        msg.to_string()
+    } else {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let log = log.trim();
+        if log.is_empty() {
+            "sandbox init exited without reporting".to_string()
+        } else {
+            format!("sandbox init failed: {log}")
+        }
+    };
+    RuntimeError::StartFailed {
+        id: id.to_string(),
+        reason,
+    }
+}
+
 fn prof(stage: &str, t0: &std::time::Instant) {
     tracing::debug!(
         stage,

@@ -7,12 +7,14 @@
 //! sandbox's cgroups under a given parent instead of the daemon's own. Everything inside the
 //! sandbox is the single-host code: the same init (`warren-envd init`) with the same overlay root,
 //! init layer, namespaces, dropped capabilities and seccomp. The start sequence mirrors
-//! `LinuxRuntime::create_inner`, kept separate so that the single-host path is not touched.
+//! `LinuxRuntime::create_inner`; the init handshake, checkpoints and forks (restores of a
+//! checkpoint) call the same functions as the single-host runtime.
 
 use super::cgroup::CgroupManager;
-use super::checkpoint::{self, prepare_init_layer, CriuSupport, DumpTarget, RootfsRecord};
+use super::checkpoint::{self, prepare_init_layer, CriuSupport, RootfsRecord};
+use super::disk;
 use super::snapshots;
-use super::{remove_sandbox_dir, spawn_init, start_ticks, valid_id, watch_exit, START_TIMEOUT};
+use super::{init_handshake, remove_sandbox_dir, spawn_init, start_ticks, valid_id, watch_exit};
 use crate::init::InitSpec;
 use crate::{
     CheckpointInfo, CheckpointOptions, CheckpointStats, Placement, RuntimeError, SandboxSpec,
@@ -23,8 +25,6 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// Where a sandbox goes: an existing network namespace and cgroup.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +184,16 @@ impl PodRuntime {
                 reason: "a sandbox with this id exists".into(),
             });
         }
+        let (parent, netns, cgroups) = self.prepare(target)?;
+        let started = self.start(spec, target, &cgroups, &netns).await;
+        self.register(id, parent, cgroups, started).await
+    }
+
+    /// Checks and opens `target`, before anything is made for a sandbox.
+    fn prepare(
+        &self,
+        target: &PodTarget,
+    ) -> Result<(String, std::fs::File, CgroupManager), RuntimeError> {
         let netns = std::fs::File::open(&target.netns)
             .map_err(|e| RuntimeError::io("open network namespace", &target.netns, e))?;
         let parent = target.cgroup_parent.trim_matches('/');
@@ -194,9 +204,20 @@ impl PodRuntime {
             )));
         }
         let cgroups = CgroupManager::new(parent)?;
-        let started = match self.start(spec, target, &cgroups, &netns).await {
+        Ok((parent.to_string(), netns, cgroups))
+    }
+
+    /// Records and tracks a sandbox that started, or removes what a failed start left.
+    async fn register(
+        &self,
+        id: &str,
+        parent: String,
+        cgroups: CgroupManager,
+        started: Result<(Placement, Arc<AtomicBool>), RuntimeError>,
+    ) -> Result<Placement, RuntimeError> {
+        let started = match started {
             Ok((placement, alive)) => PodRecord {
-                cgroup_parent: parent.to_string(),
+                cgroup_parent: parent.clone(),
                 placement: placement.clone(),
             }
             .save(&self.sandbox_dir(id))
@@ -206,10 +227,10 @@ impl PodRuntime {
         match started {
             Ok((placement, alive)) => {
                 self.sandboxes.lock().unwrap().insert(
-                    id.clone(),
+                    id.to_string(),
                     PodSandbox {
                         cgroups,
-                        parent: parent.to_string(),
+                        parent,
                         placement: placement.clone(),
                         alive,
                         hibernated: false,
@@ -226,6 +247,112 @@ impl PodRuntime {
         }
     }
 
+    /// Whether checkpoint `name` holds process images on this node (a fork can restore it).
+    pub fn has_checkpoint_images(&self, name: &str) -> bool {
+        snapshots::valid_name(name)
+            && self
+                .checkpoints_dir()
+                .join(name)
+                .join(snapshots::IMAGES_DIR)
+                .join("inventory.img")
+                .is_file()
+    }
+
+    /// The root of a fork of checkpoint `name` that boots fresh (a filesystem-only checkpoint):
+    /// its files over the source's lower dirs (without Warren's init layer, which create puts on
+    /// top), with the source's binds. `None` when the node does not hold it.
+    pub fn checkpoint_root(&self, name: &str) -> Option<crate::RootfsSpec> {
+        if !snapshots::valid_name(name) {
+            return None;
+        }
+        let dir = self.checkpoints_dir().join(name);
+        let fs = dir.join(snapshots::FS_DIR);
+        let source = RootfsRecord::load(&dir).ok().filter(|_| fs.is_dir())?;
+        Some(crate::RootfsSpec {
+            lower_dirs: std::iter::once(fs)
+                .chain(source.lower_dirs.into_iter().skip(1))
+                .collect(),
+            ro_binds: source.ro_binds,
+        })
+    }
+
+    /// Creates sandbox `spec.id` in `target` by restoring checkpoint `name` (a fork), with the
+    /// single-host fork code: CRIU restores the tree into a child of the Pod's cgroup and into the
+    /// Pod's network namespace, so the fork has the Pod's address; established TCP connections
+    /// are closed (listening sockets carry over). Its root is the checkpoint's files over the
+    /// source's lower dirs with a fresh upper, so `spec.rootfs` is not used; `spec.envd` is not
+    /// either: the restored envd keeps the source's settings until it is re-keyed (`POST /init`).
+    pub async fn restore(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+        target: &PodTarget,
+    ) -> Result<Placement, RuntimeError> {
+        let id = &spec.id;
+        if !valid_id(id) {
+            return Err(RuntimeError::Config(format!(
+                "sandbox id {id:?} must be 1-64 characters of [a-z0-9]"
+            )));
+        }
+        if self.sandboxes.lock().unwrap().contains_key(id) {
+            return Err(RuntimeError::StartFailed {
+                id: id.clone(),
+                reason: "a sandbox with this id exists".into(),
+            });
+        }
+        let criu = self.criu.binary()?.to_path_buf();
+        let (images, source) = snapshots::checkpoint_source(&self.checkpoints_dir(), name, id)?;
+        if checkpoint::images_have_userns(&images) {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                id: id.clone(),
+                reason: format!(
+                    "checkpoint {name} was taken in a user namespace of Warren's (single-host \
+                     mode); a Pod's sandbox runs without one"
+                ),
+            });
+        }
+        let (parent, netns, cgroups) = self.prepare(target)?;
+        let dir = self.sandbox_dir(id);
+        let started = async {
+            // The checkpoint's files over the source's own lower dirs; `fork_record` puts the
+            // source's init layer (its first lower dir) on top again.
+            let lowers: Vec<PathBuf> =
+                std::iter::once(self.checkpoints_dir().join(name).join(snapshots::FS_DIR))
+                    .chain(source.lower_dirs.iter().skip(1).cloned())
+                    .collect();
+            let record =
+                snapshots::fork_record(&dir, &source, &lowers, spec.resources.disk_mb).await?;
+            let procs = cgroups.create(id, &spec.resources)?;
+            let (pid, ticks, alive) = snapshots::restore_fork(snapshots::ForkRestore {
+                criu: &criu,
+                id,
+                images: &images,
+                dir: &dir,
+                record: &record,
+                netns: netns.as_raw_fd(),
+                cgroup_procs: &procs,
+                userns: None,
+            })
+            .await?;
+            Ok((
+                Placement {
+                    init_pid: pid,
+                    init_start_ticks: ticks,
+                    ip: target.ip,
+                    veth: String::new(),
+                    userns: None,
+                },
+                alive,
+            ))
+        }
+        .await;
+        if started.is_err() {
+            snapshots::keep_restore_log(&self.checkpoints_dir(), name, id, &dir);
+        }
+        self.register(id, parent, cgroups, started).await
+    }
+
     async fn start(
         &self,
         spec: &SandboxSpec,
@@ -235,10 +362,10 @@ impl PodRuntime {
     ) -> Result<(Placement, Arc<AtomicBool>), RuntimeError> {
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-        }
+        // The single-host disk cap: the upper and work dirs on a loop-mounted ext4 of
+        // `disk_mb`, so a sandbox that fills it gets ENOSPC and the node spends at most that
+        // (the Pod's ephemeral-storage request says so to the scheduler). 0: no cap.
+        let (rootfs, upper, work) = disk::sandbox_dirs(&dir, spec.resources.disk_mb).await?;
         let procs = cgroups.create(id, &spec.resources)?;
         let lower_dirs: Vec<PathBuf> = std::iter::once(self.init_layer.clone())
             .chain(spec.rootfs.lower_dirs.iter().cloned())
@@ -256,49 +383,20 @@ impl PodRuntime {
             .map_err(|e| RuntimeError::io("create", &log_path, e))?;
         let mut child = spawn_init(&self.envd_binary, &procs, netns.as_raw_fd(), log, None)
             .map_err(|e| RuntimeError::sys("spawn sandbox init in pod", id, e))?;
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-        let failed = |status: &str| start_failure(id, &log_path, status);
-        let pid = tokio::time::timeout(START_TIMEOUT, async {
-            let first = lines.next_line().await.ok().flatten().unwrap_or_default();
-            let pid: u32 = first
-                .strip_prefix("pid ")
-                .and_then(|p| p.trim().parse().ok())
-                .ok_or_else(|| failed(&first))?;
-            let init_spec = InitSpec {
-                id: id.clone(),
-                lower_dirs,
-                upper_dir: upper.clone(),
-                work_dir: work.clone(),
-                rootfs_dir: rootfs.clone(),
-                ro_binds: spec.rootfs.ro_binds.clone(),
-                // The Pod's namespace is configured by its CNI already.
-                net: None,
-                envd: spec.envd.clone(),
-                // The Pod is the isolation boundary here: no user namespace of Warren's inside it.
-                mounts: None,
-            };
-            let json = serde_json::to_vec(&init_spec).expect("init spec serializes");
-            stdin
-                .write_all(&json)
-                .await
-                .map_err(|e| RuntimeError::sys("write init spec", id, e))?;
-            drop(stdin);
-            let status = lines.next_line().await.ok().flatten().unwrap_or_default();
-            if status != "ready" {
-                return Err(failed(&status));
-            }
-            Ok(pid)
-        })
-        .await
-        .map_err(|_| RuntimeError::StartFailed {
+        let init_spec = InitSpec {
             id: id.clone(),
-            reason: format!(
-                "envd did not become ready within {}s",
-                START_TIMEOUT.as_secs()
-            ),
-        })??;
-        let _ = child.wait().await;
+            lower_dirs,
+            upper_dir: upper.clone(),
+            work_dir: work.clone(),
+            rootfs_dir: rootfs.clone(),
+            ro_binds: spec.rootfs.ro_binds.clone(),
+            // The Pod's namespace is configured by its CNI already.
+            net: None,
+            envd: spec.envd.clone(),
+            // The Pod is the isolation boundary here: no user namespace of Warren's inside it.
+            mounts: None,
+        };
+        let pid = init_handshake(&mut child, &init_spec, &log_path).await?;
         let init_start_ticks = start_ticks(pid).ok_or_else(|| RuntimeError::StartFailed {
             id: id.clone(),
             reason: "sandbox init exited right after starting".into(),
@@ -458,6 +556,9 @@ impl PodRuntime {
         }
         let cg = self.cgroups_of(id)?;
         let dir = self.sandbox_dir(id);
+        // The disk's mount is the agent's: a restarted agent (a new mount namespace in its
+        // DaemonSet's container) mounts it again before the tree comes back onto it.
+        disk::ensure_mounted(&dir)?;
         let procs: Vec<PathBuf> = cg
             .dirs(id)
             .into_iter()
@@ -532,78 +633,17 @@ impl PodRuntime {
         };
         let pid = self.live_pid(id, "checkpoint")?;
         let cg = self.cgroups_of(id)?;
-        let dir = self.checkpoints_dir().join(name);
-        if dir.exists() {
-            return Err(err(format!("checkpoint {name} exists already")));
-        }
-        let partial = self.checkpoints_dir().join(format!(".{name}.partial"));
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(|e| RuntimeError::io("mkdir", &partial, e))?;
-        let record = RootfsRecord::load(&self.sandbox_dir(id))?;
-        let freezer = cg.v2_dir(id);
-        let was_frozen = self.is_frozen(id)?;
-        let t0 = Instant::now();
-        let result = async {
-            if !was_frozen {
-                self.freeze(id).await?;
-            }
-            snapshots::copy_tree(id, &record.upper_dir, &partial.join(snapshots::FS_DIR)).await?;
-            let image_bytes = match &criu {
-                Some(criu) => {
-                    checkpoint::dump_into(DumpTarget {
-                        criu,
-                        id,
-                        init_pid: pid,
-                        record: &record,
-                        images: &partial.join(snapshots::IMAGES_DIR),
-                        failed_log: &self
-                            .checkpoints_dir()
-                            .join(format!(".{name}.dump-failed.log")),
-                        freezer: Some(&freezer),
-                        leave_running: opts.keep_running,
-                    })
-                    .await?
-                    .bytes
-                }
-                None => 0,
-            };
-            record.save(&partial)?;
-            Ok::<_, RuntimeError>(image_bytes)
-        }
-        .await;
-        let duration = t0.elapsed();
-        let thawed = if was_frozen || !opts.keep_running {
-            Ok(())
-        } else {
-            self.thaw(id).await
-        };
-        let frozen = t0.elapsed();
-        let image_bytes = match result {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&partial);
-                if !opts.keep_running && !was_frozen {
-                    let _ = self.thaw(id).await;
-                }
-                return Err(e);
-            }
-        };
-        thawed?;
-        if !opts.keep_running {
-            let id_owned = id.to_string();
-            let cg2 = cg.clone();
-            tokio::task::spawn_blocking(move || cg2.kill_all(&id_owned))
-                .await
-                .expect("kill task does not panic")?;
-            let _ = self.thaw(id).await;
-        }
-        std::fs::rename(&partial, &dir).map_err(|e| RuntimeError::io("rename", &partial, e))?;
-        Ok(CheckpointInfo {
-            image_bytes,
-            fs_bytes: super::disk_usage(&dir.join(snapshots::FS_DIR)),
-            duration,
-            frozen,
+        snapshots::take_checkpoint(snapshots::CheckpointJob {
+            checkpoints_dir: &self.checkpoints_dir(),
+            id,
+            name,
+            opts,
+            criu: criu.as_deref(),
+            init_pid: pid,
+            sandbox_dir: &self.sandbox_dir(id),
+            cgroups: &cg,
         })
+        .await
     }
 
     /// What a commit of the sandbox needs: its upper dir, the template's lower dirs (topmost
@@ -622,20 +662,53 @@ impl PodRuntime {
         Ok((record.upper_dir, lowers, record.ro_binds))
     }
 
-    /// Removes a checkpoint's files. Idempotent.
+    /// Removes a checkpoint's files. Idempotent. Refused while a sandbox (a fork, running or
+    /// hibernated) or another checkpoint (of a fork) on this node stacks its files in its root:
+    /// removing them would pull the files from under a mounted overlay, as single-host mode
+    /// refuses too.
     pub async fn delete_checkpoint(&self, name: &str) -> Result<(), RuntimeError> {
         if !snapshots::valid_name(name) {
             return Ok(());
         }
-        let dir = self.checkpoints_dir().join(name);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(RuntimeError::io("remove", &dir, e))
+        let users = self.checkpoint_users(name);
+        if !users.is_empty() {
+            return Err(RuntimeError::Checkpoint {
+                op: "delete",
+                id: name.to_string(),
+                reason: format!(
+                    "checkpoint {name} holds the files of {}: delete them first",
+                    users.join(", ")
+                ),
+            });
+        }
+        snapshots::delete_checkpoint_files(&self.checkpoints_dir(), name).await
+    }
+
+    /// The sandboxes and other checkpoints on this node whose root stacks checkpoint `name`'s
+    /// files.
+    fn checkpoint_users(&self, name: &str) -> Vec<String> {
+        let fs = self.checkpoints_dir().join(name).join(snapshots::FS_DIR);
+        let uses = |dir: &Path| {
+            RootfsRecord::load(dir)
+                .map(|r| r.lower_dirs.contains(&fs))
+                .unwrap_or(false)
+        };
+        let ids: Vec<String> = self.sandboxes.lock().unwrap().keys().cloned().collect();
+        let mut users: Vec<String> = ids
+            .into_iter()
+            .filter(|id| uses(&self.sandbox_dir(id)))
+            .map(|id| format!("sandbox {id}"))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.checkpoints_dir()) {
+            for e in rd.flatten() {
+                let other = e.file_name().to_string_lossy().into_owned();
+                if other != name && !other.starts_with('.') && uses(&e.path()) {
+                    users.push(format!("checkpoint {other}"));
+                }
             }
-            _ => Ok(()),
-        })
-        .await
-        .expect("remove task does not panic")
+        }
+        users.sort();
+        users
     }
 
     /// Kills the sandbox and removes its cgroups and dir; the Pod's cgroup and namespace stay.
@@ -657,21 +730,4 @@ async fn cleanup(cg: &CgroupManager, id: &str, dir: &Path) -> Result<(), Runtime
     })
     .await
     .expect("cleanup task does not panic")
-}
-
-fn start_failure(id: &str, log: &Path, status: &str) -> RuntimeError {
-    let reason = match status.strip_prefix("error ") {
-        Some(msg) => msg.to_string(),
-        None => {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            match log.trim() {
-                "" => "sandbox init exited without reporting".to_string(),
-                l => format!("sandbox init failed: {l}"),
-            }
-        }
-    };
-    RuntimeError::StartFailed {
-        id: id.to_string(),
-        reason,
-    }
 }

@@ -12,11 +12,10 @@
 //! with its own address. Listening sockets bound to the wildcard address carry over; connections
 //! do not (`--tcp-close`).
 
+use super::cgroup::CgroupManager;
 use super::checkpoint::{self, DumpTarget, RestoreInto, RootfsRecord};
 use super::{start_ticks, valid_id, watch_exit, LinuxRuntime, Tracked};
-use crate::{
-    CheckpointInfo, CheckpointOptions, Placement, RuntimeError, SandboxRuntime, SandboxSpec,
-};
+use crate::{CheckpointInfo, CheckpointOptions, Placement, RuntimeError, SandboxSpec};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -71,6 +70,251 @@ pub(super) async fn copy_tree(id: &str, from: &Path, to: &Path) -> Result<(), Ru
     Ok(())
 }
 
+/// What [`take_checkpoint`] needs of a live sandbox; each runtime finds these its own way.
+pub(super) struct CheckpointJob<'a> {
+    /// `<data>/checkpoints`.
+    pub checkpoints_dir: &'a Path,
+    pub id: &'a str,
+    /// Already checked with [`valid_name`].
+    pub name: &'a str,
+    pub opts: &'a CheckpointOptions,
+    /// CRIU, for a checkpoint with memory.
+    pub criu: Option<&'a Path>,
+    pub init_pid: u32,
+    /// The sandbox's dir (its `rootfs.json`).
+    pub sandbox_dir: &'a Path,
+    pub cgroups: &'a CgroupManager,
+}
+
+/// Saves the live sandbox as checkpoint `name` under `<checkpoints_dir>/<name>`, frozen for the
+/// copy and the dump so that files and memory are of one instant. The single-host and the Pod
+/// runtime both call this.
+pub(super) async fn take_checkpoint(
+    job: CheckpointJob<'_>,
+) -> Result<CheckpointInfo, RuntimeError> {
+    let CheckpointJob {
+        checkpoints_dir,
+        id,
+        name,
+        opts,
+        criu,
+        init_pid,
+        sandbox_dir,
+        cgroups,
+    } = job;
+    let dir = checkpoints_dir.join(name);
+    if dir.exists() {
+        return Err(ckpt_err(
+            id,
+            "checkpoint",
+            format!("checkpoint {name} exists already"),
+        ));
+    }
+    let partial = checkpoints_dir.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| RuntimeError::io("mkdir", &partial, e))?;
+    let record = RootfsRecord::load(sandbox_dir)?;
+    let freezer = cgroups.v2_dir(id);
+    let was_frozen = std::fs::read_to_string(freezer.join("cgroup.freeze"))
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    let freeze = |on: bool| {
+        let (cg, id) = (cgroups.clone(), id.to_string());
+        async move {
+            tokio::task::spawn_blocking(move || if on { cg.freeze(&id) } else { cg.thaw(&id) })
+                .await
+                .expect("freezer task does not panic")
+        }
+    };
+
+    let t0 = Instant::now();
+    let result = async {
+        // Frozen before the copy and through the dump: files and memory are of one instant.
+        if !was_frozen {
+            freeze(true).await?;
+        }
+        copy_tree(id, &record.upper_dir, &partial.join(FS_DIR)).await?;
+        let image_bytes = match criu {
+            Some(criu) => {
+                checkpoint::dump_into(DumpTarget {
+                    criu,
+                    id,
+                    init_pid,
+                    record: &record,
+                    images: &partial.join(IMAGES_DIR),
+                    failed_log: &checkpoints_dir.join(format!(".{name}.dump-failed.log")),
+                    freezer: Some(&freezer),
+                    leave_running: opts.keep_running,
+                })
+                .await?
+                .bytes
+            }
+            None => 0,
+        };
+        record.save(&partial)?;
+        Ok::<_, RuntimeError>(image_bytes)
+    }
+    .await;
+    let duration = t0.elapsed();
+    // CRIU leaves the cgroup as it found it (frozen): thaw what we froze.
+    let thawed = if was_frozen || !opts.keep_running {
+        Ok(())
+    } else {
+        freeze(false).await
+    };
+    let frozen = t0.elapsed();
+    let image_bytes = match result {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            if !opts.keep_running && !was_frozen {
+                let _ = freeze(false).await;
+            }
+            return Err(e);
+        }
+    };
+    thawed?;
+    if !opts.keep_running {
+        // The dump ended the tree (or, filesystem-only, nothing did yet): end every process.
+        let cg = cgroups.clone();
+        let id_owned = id.to_string();
+        tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+            .await
+            .expect("kill task does not panic")?;
+        let _ = freeze(false).await;
+    }
+    std::fs::rename(&partial, &dir).map_err(|e| RuntimeError::io("rename", &partial, e))?;
+    Ok(CheckpointInfo {
+        image_bytes,
+        fs_bytes: super::disk_usage(&dir.join(FS_DIR)),
+        duration,
+        frozen,
+    })
+}
+
+/// Removes checkpoint `name` (already checked with [`valid_name`]) and what an interrupted dump
+/// left of it. Idempotent.
+pub(super) async fn delete_checkpoint_files(
+    checkpoints_dir: &Path,
+    name: &str,
+) -> Result<(), RuntimeError> {
+    let dir = checkpoints_dir.join(name);
+    // What a dump a crash interrupted left.
+    let _ = std::fs::remove_dir_all(checkpoints_dir.join(format!(".{name}.partial")));
+    // Renamed first so that a half-removed checkpoint never looks usable.
+    let doomed = checkpoints_dir.join(format!(".{name}.deleted.{}", std::process::id()));
+    match std::fs::rename(&dir, &doomed) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(RuntimeError::io("rename", &dir, e)),
+    }
+    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&doomed).map(|_| doomed))
+        .await
+        .expect("remove task does not panic")
+        .map(|_| ())
+        .map_err(|e| RuntimeError::io("remove", &dir, e))
+}
+
+/// The process images and the source's root of checkpoint `name`, for a restore as sandbox `id`;
+/// a clear error when the checkpoint has no images (unknown, filesystem-only or deleted).
+pub(super) fn checkpoint_source(
+    checkpoints_dir: &Path,
+    name: &str,
+    id: &str,
+) -> Result<(PathBuf, RootfsRecord), RuntimeError> {
+    let cdir = checkpoints_dir.join(name);
+    let images = cdir.join(IMAGES_DIR);
+    if !valid_name(name) || !images.join("inventory.img").is_file() {
+        return Err(ckpt_err(
+            id,
+            "restore",
+            format!(
+                "checkpoint {name} has no process images (at {})",
+                images.display()
+            ),
+        ));
+    }
+    let source = RootfsRecord::load(&cdir)?;
+    Ok((images, source))
+}
+
+/// Makes a fork's dirs under `dir` and records its root: the source's init layer (the restored
+/// init maps that very file), then `lower_dirs` (the checkpoint's files over the source's lower
+/// dirs, as the caller chose), a fresh upper, the source's binds.
+pub(super) async fn fork_record(
+    dir: &Path,
+    source: &RootfsRecord,
+    lower_dirs: &[PathBuf],
+    disk_mb: u64,
+) -> Result<RootfsRecord, RuntimeError> {
+    // A fork gets a capped disk of its own like any new sandbox.
+    let (rootfs, upper, work) = super::disk::sandbox_dirs(dir, disk_mb).await?;
+    let record = RootfsRecord {
+        lower_dirs: source
+            .lower_dirs
+            .first()
+            .cloned()
+            .into_iter()
+            .chain(lower_dirs.iter().cloned())
+            .collect(),
+        upper_dir: upper,
+        work_dir: work,
+        rootfs_dir: rootfs,
+        ro_binds: source.ro_binds.clone(),
+    };
+    record.save(dir)?;
+    Ok(record)
+}
+
+/// A restore of a checkpoint's images as a new sandbox, into a network namespace and cgroups the
+/// caller made.
+pub(super) struct ForkRestore<'a> {
+    pub criu: &'a Path,
+    pub id: &'a str,
+    pub images: &'a Path,
+    /// The new sandbox's dir (CRIU's log and pidfile go there).
+    pub dir: &'a Path,
+    /// From [`fork_record`].
+    pub record: &'a RootfsRecord,
+    pub netns: std::os::fd::RawFd,
+    pub cgroup_procs: &'a [PathBuf],
+    pub userns: Option<(super::userns::IdRange, crate::init::InitNet)>,
+}
+
+/// Restores the tree, gives it the new sandbox's hostname and watches its init; returns the init's
+/// pid, its start time and its liveness flag. The single-host and the Pod runtime both call this.
+pub(super) async fn restore_fork(
+    f: ForkRestore<'_>,
+) -> Result<(u32, u64, std::sync::Arc<std::sync::atomic::AtomicBool>), RuntimeError> {
+    let id = f.id;
+    let pid = checkpoint::restore_into(RestoreInto {
+        criu: f.criu,
+        id,
+        images: f.images,
+        work_dir: Some(f.dir),
+        record: f.record,
+        netns: f.netns,
+        cgroup_procs: f.cgroup_procs,
+        pidfile: &f.dir.join("restore.pid"),
+        userns: f.userns,
+    })
+    .await?;
+    let ticks = start_ticks(pid)
+        .ok_or_else(|| ckpt_err(id, "restore", format!("restored init {pid} exited at once")))?;
+    let alive = watch_exit(pid, id.to_string())?;
+    set_hostname(id, pid)?;
+    Ok((pid, ticks, alive))
+}
+
+/// After a failed restore: keeps the sandbox's CRIU log beside the checkpoint (the sandbox dir
+/// goes with the cleanup) for whoever reads the error.
+pub(super) fn keep_restore_log(checkpoints_dir: &Path, name: &str, id: &str, sandbox_dir: &Path) {
+    let kept = checkpoints_dir.join(format!(".{name}.restore-{id}-failed.log"));
+    if std::fs::rename(sandbox_dir.join("restore.log"), &kept).is_ok() {
+        tracing::warn!(sandbox = %id, log = %kept.display(), "restore failed");
+    }
+}
+
 impl LinuxRuntime {
     fn checkpoints_dir(&self) -> PathBuf {
         self.config.data_dir.join("checkpoints")
@@ -116,89 +360,17 @@ impl LinuxRuntime {
             }
             t.placement.init_pid
         };
-        let dir = self.checkpoint_dir(name);
-        if dir.exists() {
-            return Err(ckpt_err(
-                id,
-                "checkpoint",
-                format!("checkpoint {name} exists already"),
-            ));
-        }
-        let partial = self.checkpoints_dir().join(format!(".{name}.partial"));
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(|e| RuntimeError::io("mkdir", &partial, e))?;
-        let sdir = self.sandbox_dir(id);
-        let record = RootfsRecord::load(&sdir)?;
-        let freezer = self.cgroups.v2_dir(id);
-        let was_frozen = std::fs::read_to_string(freezer.join("cgroup.freeze"))
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false);
-
-        let t0 = Instant::now();
-        let result = async {
-            // Frozen before the copy and through the dump: files and memory are of one instant.
-            if !was_frozen {
-                self.freeze(id).await?;
-            }
-            copy_tree(id, &record.upper_dir, &partial.join(FS_DIR)).await?;
-            let image_bytes = match &criu {
-                Some(criu) => {
-                    checkpoint::dump_into(DumpTarget {
-                        criu,
-                        id,
-                        init_pid: pid,
-                        record: &record,
-                        images: &partial.join(IMAGES_DIR),
-                        failed_log: &self
-                            .checkpoints_dir()
-                            .join(format!(".{name}.dump-failed.log")),
-                        freezer: Some(&freezer),
-                        leave_running: opts.keep_running,
-                    })
-                    .await?
-                    .bytes
-                }
-                None => 0,
-            };
-            record.save(&partial)?;
-            Ok::<_, RuntimeError>(image_bytes)
-        }
-        .await;
-        let duration = t0.elapsed();
-        // CRIU leaves the cgroup as it found it (frozen): thaw what we froze.
-        let thawed = if was_frozen || !opts.keep_running {
-            Ok(())
-        } else {
-            self.thaw(id).await
-        };
-        let frozen = t0.elapsed();
-        let image_bytes = match result {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&partial);
-                if !opts.keep_running && !was_frozen {
-                    let _ = self.thaw(id).await;
-                }
-                return Err(e);
-            }
-        };
-        thawed?;
-        if !opts.keep_running {
-            // The dump ended the tree (or, filesystem-only, nothing did yet): end every process.
-            let cg = self.cgroups.clone();
-            let id_owned = id.to_string();
-            tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
-                .await
-                .expect("kill task does not panic")?;
-            let _ = self.thaw(id).await;
-        }
-        std::fs::rename(&partial, &dir).map_err(|e| RuntimeError::io("rename", &partial, e))?;
-        Ok(CheckpointInfo {
-            image_bytes,
-            fs_bytes: super::disk_usage(&dir.join(FS_DIR)),
-            duration,
-            frozen,
+        take_checkpoint(CheckpointJob {
+            checkpoints_dir: &self.checkpoints_dir(),
+            id,
+            name,
+            opts,
+            criu: criu.as_deref(),
+            init_pid: pid,
+            sandbox_dir: &self.sandbox_dir(id),
+            cgroups: &self.cgroups,
         })
+        .await
     }
 
     pub(super) fn checkpoint_layer_impl(&self, name: &str) -> Option<PathBuf> {
@@ -213,23 +385,7 @@ impl LinuxRuntime {
         if !valid_name(name) {
             return Ok(());
         }
-        let dir = self.checkpoint_dir(name);
-        // What a dump a crash interrupted left.
-        let _ = std::fs::remove_dir_all(self.checkpoints_dir().join(format!(".{name}.partial")));
-        // Renamed first so that a half-removed checkpoint never looks usable.
-        let doomed = self
-            .checkpoints_dir()
-            .join(format!(".{name}.deleted.{}", std::process::id()));
-        match std::fs::rename(&dir, &doomed) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(RuntimeError::io("rename", &dir, e)),
-        }
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&doomed).map(|_| doomed))
-            .await
-            .expect("remove task does not panic")
-            .map(|_| ())
-            .map_err(|e| RuntimeError::io("remove", &dir, e))
+        delete_checkpoint_files(&self.checkpoints_dir(), name).await
     }
 
     pub(super) async fn restore_checkpoint_impl(
@@ -244,19 +400,7 @@ impl LinuxRuntime {
             )));
         }
         let criu = self.criu.binary()?.to_path_buf();
-        let cdir = self.checkpoint_dir(name);
-        let images = cdir.join(IMAGES_DIR);
-        if !valid_name(name) || !images.join("inventory.img").is_file() {
-            return Err(ckpt_err(
-                id,
-                "restore",
-                format!(
-                    "checkpoint {name} has no process images (at {})",
-                    images.display()
-                ),
-            ));
-        }
-        let source = RootfsRecord::load(&cdir)?;
+        let (images, source) = checkpoint_source(&self.checkpoints_dir(), name, id)?;
         if self.sandboxes.lock().unwrap().contains_key(id) {
             return Err(RuntimeError::StartFailed {
                 id: id.clone(),
@@ -285,12 +429,7 @@ impl LinuxRuntime {
             Err(e) => {
                 // The sandbox dir goes with the cleanup; its CRIU log is kept for whoever reads
                 // the error.
-                let kept = self
-                    .checkpoints_dir()
-                    .join(format!(".{name}.restore-{id}-failed.log"));
-                if std::fs::rename(self.sandbox_dir(id).join("restore.log"), &kept).is_ok() {
-                    tracing::warn!(sandbox = %id, log = %kept.display(), "restore failed");
-                }
+                keep_restore_log(&self.checkpoints_dir(), name, id, &self.sandbox_dir(id));
                 if let Err(cleanup) = self
                     .cleanup(
                         id,
@@ -319,10 +458,13 @@ impl LinuxRuntime {
     ) -> Result<(Placement, std::sync::Arc<std::sync::atomic::AtomicBool>), RuntimeError> {
         let id = &spec.id;
         let dir = self.sandbox_dir(id);
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io("mkdir", d, e))?;
-        }
+        let record = fork_record(
+            &dir,
+            source,
+            &spec.rootfs.lower_dirs,
+            spec.resources.disk_mb,
+        )
+        .await?;
         let procs = self.cgroups.create(id, &spec.resources)?;
         if !spec.network.allow_internet {
             self.net.deny_internet(slot.ip)?;
@@ -330,23 +472,6 @@ impl LinuxRuntime {
         if !spec.network.egress.is_empty() {
             self.set_egress(id, slot.ip, &spec.network.egress)?;
         }
-        // The source's init layer (the restored init maps that very file), then the layers the
-        // caller chose (the checkpoint's files over the source's lower dirs).
-        let lower_dirs: Vec<PathBuf> = source
-            .lower_dirs
-            .first()
-            .cloned()
-            .into_iter()
-            .chain(spec.rootfs.lower_dirs.iter().cloned())
-            .collect();
-        let record = RootfsRecord {
-            lower_dirs,
-            upper_dir: upper,
-            work_dir: work,
-            rootfs_dir: rootfs,
-            ro_binds: source.ro_binds.clone(),
-        };
-        record.save(&dir)?;
         // The restored tree's user namespace follows the checkpoint: one taken in a user
         // namespace is restored into one of its own range (the slot's, or a fresh one from a
         // daemon started without user namespaces); one taken without is restored without (a
@@ -357,26 +482,17 @@ impl LinuxRuntime {
             (true, None) => (Some(self.ids.allocate()?), true),
             (false, _) => (None, false),
         };
-        let restored = checkpoint::restore_into(RestoreInto {
+        let started = restore_fork(ForkRestore {
             criu,
             id,
             images,
-            work_dir: Some(&dir),
+            dir: &dir,
             record: &record,
             netns: slot.netns.as_raw_fd(),
             cgroup_procs: &procs,
-            pidfile: &dir.join("restore.pid"),
             userns: range.map(|r| (r, self.net_config(slot.ip))),
         })
         .await;
-        let started = restored.and_then(|pid| {
-            let ticks = start_ticks(pid).ok_or_else(|| {
-                ckpt_err(id, "restore", format!("restored init {pid} exited at once"))
-            })?;
-            let alive = watch_exit(pid, id.clone())?;
-            set_hostname(id, pid)?;
-            Ok((pid, ticks, alive))
-        });
         let (pid, ticks, alive) = match started {
             Ok(started) => started,
             Err(e) => {

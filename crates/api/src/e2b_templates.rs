@@ -1,0 +1,268 @@
+//! E2B's template build API, as the e2b SDKs' `Template.build` calls it (the decisions are in
+//! `warren_core::orchestrator::e2b_builds`):
+//!
+//! * `POST /v3/templates` `{"name", "tags"?, "cpuCount"?, "memoryMB"?}` → 202 `{"templateID",
+//!   "buildID", ...}`; the template id is the name;
+//! * `GET /templates/{id}/files/{hash}` → 201 `{"present", "url"}`: whether the files of a COPY
+//!   are already here, and a one-use URL to `PUT` them to (a tar, gzipped or not);
+//! * `PUT /warren/v1/e2b-uploads/{token}`: that URL (the token authorizes it, as a presigned URL
+//!   would; the SDK sends no API key there);
+//! * `POST /v2/templates/{id}/builds/{build}` with the definition → 202, the build runs;
+//! * `GET /templates/{id}/builds/{build}/status?logsOffset=` → 200 the state and log entries;
+//! * `GET /templates/aliases/{alias}` → 200 if a template of that name exists, else 404.
+
+use crate::error::ApiError;
+use crate::extract::{Auth, JsonBody, QueryParams};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use warren_core::e2b_template::E2bTemplateSpec;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Largest upload of one COPY's files.
+const MAX_UPLOAD: u64 = 2 << 30;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(request_build))
+        .routes(routes!(file_upload_link))
+        .routes(routes!(upload))
+        .routes(routes!(start_build))
+        .routes(routes!(build_status))
+        .routes(routes!(alias))
+}
+
+/// `TemplateBuildRequestV3`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildRequest {
+    name: Option<String>,
+    /// The older SDKs' name.
+    alias: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[schema(minimum = 1)]
+    cpu_count: Option<u32>,
+    #[serde(rename = "memoryMB")]
+    #[schema(minimum = 1)]
+    memory_mb: Option<u64>,
+    min_free_disk_mb: Option<u64>,
+    team_id: Option<String>,
+}
+
+/// `TemplateRequestResponseV3`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BuildRequested {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "buildID")]
+    build_id: String,
+    public: bool,
+    names: Vec<String>,
+    tags: Vec<String>,
+    aliases: Vec<String>,
+}
+
+/// E2B's `Template.build`: registers a build of the named template.
+#[utoipa::path(post, path = "/v3/templates", operation_id = "e2b_request_template_build", tag = "templates",
+    request_body = BuildRequest,
+    responses((status = 202, description = "Build registered", body = BuildRequested)))]
+async fn request_build(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    JsonBody(req): JsonBody<BuildRequest>,
+) -> ApiResult<(StatusCode, Json<BuildRequested>)> {
+    let _ = (
+        req.cpu_count,
+        req.memory_mb,
+        req.min_free_disk_mb,
+        req.team_id,
+    );
+    let name = req
+        .name
+        .or(req.alias)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    if !req.tags.is_empty() {
+        return Err(ApiError::bad_request(
+            "template tags are not supported by Warren; build under a plain name",
+        ));
+    }
+    let build_id = st.warren.e2b_request_build(&who, &name)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BuildRequested {
+            template_id: name.clone(),
+            build_id,
+            public: false,
+            names: vec![name.clone()],
+            tags: Vec::new(),
+            aliases: vec![name],
+        }),
+    ))
+}
+
+/// `TemplateBuildFileUpload`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileUpload {
+    present: bool,
+    url: String,
+}
+
+/// Whether the files of a COPY (by content hash) are here, and where to upload them.
+#[utoipa::path(get, path = "/templates/{templateID}/files/{hash}", operation_id = "e2b_template_file_upload", tag = "templates",
+    params(("templateID" = String, Path), ("hash" = String, Path, description = "The files' sha256, 64 hex digits")),
+    responses((status = 201, description = "Upload link", body = FileUpload)))]
+async fn file_upload_link(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path((template_id, hash)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<(StatusCode, Json<FileUpload>)> {
+    let (present, token) = st.warren.e2b_file_upload(&who, &template_id, &hash)?;
+    // The client reached the API at this host: the upload goes back to it.
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && !h.contains(['/', ' ', '@']))
+        .ok_or_else(|| ApiError::bad_request("a Host header is required"))?;
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https")
+        .unwrap_or("http");
+    Ok((
+        StatusCode::CREATED,
+        Json(FileUpload {
+            present,
+            url: format!("{scheme}://{host}/warren/v1/e2b-uploads/{token}"),
+        }),
+    ))
+}
+
+/// The upload URL of [`file_upload_link`]: the files of one COPY as a tar (gzipped or not).
+#[utoipa::path(put, path = "/warren/v1/e2b-uploads/{token}", operation_id = "e2b_template_upload", tag = "templates",
+    params(("token" = String, Path, description = "From the upload link; used once")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Stored")))]
+async fn upload(
+    State(st): State<AppState>,
+    Path(token): Path<String>,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    let (tmp, dest) = st.warren.e2b_take_upload(&token)?;
+    if let Err(e) = receive(body, &tmp).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&tmp, &dest).await.map_err(|e| {
+        ApiError::from(warren_core::CoreError::Internal(format!(
+            "storing the upload at {}: {e}",
+            dest.display()
+        )))
+    })?;
+    Ok(StatusCode::OK)
+}
+
+async fn receive(body: Body, path: &std::path::Path) -> ApiResult<()> {
+    let internal = |e: std::io::Error| {
+        ApiError::from(warren_core::CoreError::Internal(format!(
+            "writing the upload to {}: {e}",
+            path.display()
+        )))
+    };
+    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        n += chunk.len() as u64;
+        if n > MAX_UPLOAD {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("an upload is at most {} GiB", MAX_UPLOAD >> 30),
+            ));
+        }
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    Ok(())
+}
+
+/// Starts the build with the template's definition (`TemplateBuildStartV2`).
+#[utoipa::path(post, path = "/v2/templates/{templateID}/builds/{buildID}", operation_id = "e2b_start_template_build", tag = "templates",
+    params(("templateID" = String, Path), ("buildID" = String, Path)),
+    request_body(content = Object, description = "`{\"fromTemplate\"|\"fromImage\", \"steps\": [{\"type\", \"args\", \"filesHash\"?}], \"startCmd\"?, \"readyCmd\"?, \"force\"}`"),
+    responses((status = 202, description = "Build started")))]
+async fn start_build(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path((template_id, build_id)): Path<(String, String)>,
+    JsonBody(spec): JsonBody<E2bTemplateSpec>,
+) -> ApiResult<StatusCode> {
+    st.warren
+        .e2b_start_build(&who, &template_id, &build_id, spec)
+        .await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusQuery {
+    logs_offset: Option<usize>,
+    #[allow(dead_code)]
+    limit: Option<u32>,
+    #[allow(dead_code)]
+    level: Option<String>,
+}
+
+/// A build's state and its log entries from `logsOffset` on (at most 100 per answer).
+#[utoipa::path(get, path = "/templates/{templateID}/builds/{buildID}/status", operation_id = "e2b_template_build_status", tag = "templates",
+    params(("templateID" = String, Path), ("buildID" = String, Path), ("logsOffset" = Option<usize>, Query)),
+    responses((status = 200, description = "`TemplateBuildInfo`", body = Object)))]
+async fn build_status(
+    State(st): State<AppState>,
+    Auth(who): Auth,
+    Path((template_id, build_id)): Path<(String, String)>,
+    QueryParams(q): QueryParams<StatusQuery>,
+) -> ApiResult<Response> {
+    let status =
+        st.warren
+            .e2b_build_status(&who, &template_id, &build_id, q.logs_offset.unwrap_or(0))?;
+    Ok(Json(status).into_response())
+}
+
+/// `TemplateAliasResponse`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AliasInfo {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    public: bool,
+}
+
+/// Whether a template of that name exists (the SDK's `Template.exists`).
+#[utoipa::path(get, path = "/templates/aliases/{alias}", operation_id = "e2b_template_alias", tag = "templates",
+    params(("alias" = String, Path)),
+    responses((status = 200, description = "It exists", body = AliasInfo)))]
+async fn alias(
+    State(st): State<AppState>,
+    Auth(_who): Auth,
+    Path(alias): Path<String>,
+) -> ApiResult<Json<AliasInfo>> {
+    st.warren.template(&alias)?;
+    Ok(Json(AliasInfo {
+        template_id: alias,
+        public: false,
+    }))
+}

@@ -1,0 +1,148 @@
+//! Images on a node: a Sandbox with `image: <ref>` runs on the image's layers, pulled into the
+//! node's image store (`<data>/images`, the one commits go to) with the same `warren-image` code
+//! as single-host `warren template create --image`, and stacked the same way (Warren's `/etc`
+//! layer on top, the image's config as the sandbox's env, user, cwd and start command).
+//!
+//! The store names a pulled image by its reference, so the next create of that reference on the
+//! node uses it without asking the registry (as kubelet's `IfNotPresent`; an image committed on
+//! the node under that name is used as it is), and layers are stored and unpacked once per
+//! digest, whatever the tags that share them. Creates of one reference pull once: they queue on
+//! a per-reference lock and find the image in the store after the first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use warren_image::{ImageError, ImageStore};
+use warren_runtime::{BindMount, RootfsSpec};
+
+/// What a sandbox of an image gets: its root and the image's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeImage {
+    /// Manifest digest, `sha256:…`.
+    pub digest: String,
+    pub rootfs: RootfsSpec,
+    /// The image's `Env` (a create's own env vars win over it).
+    pub env: BTreeMap<String, String>,
+    /// The user envd defaults to (the image's `User`, by name; root without one).
+    pub user: String,
+    pub workdir: Option<String>,
+    /// `Entrypoint` + `Cmd`, which envd starts once it serves.
+    pub start_command: Option<String>,
+}
+
+/// Why an image could not be had; the message names the reference and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("pulling image {reference}: {}", describe(.source))]
+pub struct PullError {
+    pub reference: String,
+    #[source]
+    pub source: ImageError,
+}
+
+fn describe(e: &ImageError) -> String {
+    match e {
+        // The store's wording ("not found in the store") would mislead: it is the registry's.
+        ImageError::NotFound(m) => format!("the registry has no such image ({m})"),
+        other => other.to_string(),
+    }
+}
+
+/// The node's images (see the module docs).
+pub struct NodeImages {
+    store: ImageStore,
+    /// Warren's `/etc` layer, on top of every image's layers.
+    etc_layer: PathBuf,
+    /// One lock per reference being resolved: concurrent creates of an image pull once.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pulls: AtomicU64,
+}
+
+impl NodeImages {
+    pub fn new(store: ImageStore, data_dir: &std::path::Path) -> std::io::Result<NodeImages> {
+        // oci-client is built without a rustls crypto provider; the agent speaks https to
+        // registries with ring, as the rest of Warren. Losing the race to another installer is
+        // fine.
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(NodeImages {
+            store,
+            etc_layer: warren_core::image_templates::prepare_etc_layer(data_dir)?,
+            locks: Mutex::new(HashMap::new()),
+            pulls: AtomicU64::new(0),
+        })
+    }
+
+    /// How many pulls from a registry this agent started, failed ones included (each one a
+    /// reference that was not in the store).
+    pub fn pulls(&self) -> u64 {
+        self.pulls.load(Ordering::SeqCst)
+    }
+
+    /// The image `reference`, from the store, else pulled into it (anonymously: public images,
+    /// or a registry that the node may read without credentials).
+    pub async fn get(&self, reference: &str) -> Result<NodeImage, PullError> {
+        let fail = |source: ImageError| PullError {
+            reference: reference.to_string(),
+            source,
+        };
+        warren_image::pull::parse_reference(reference).map_err(fail)?;
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reference.to_string())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        let (image, layers) = match self.store.resolve(reference) {
+            Ok(image) => {
+                // An image of the store (an earlier pull, a commit on this node): unpack what
+                // is not unpacked yet, no registry.
+                let (store, img) = (self.store.clone(), image.clone());
+                let dirs = tokio::task::spawn_blocking(move || {
+                    store.layer_dirs(&img, &*warren_image::no_progress())
+                })
+                .await
+                .expect("unpack task does not panic")
+                .map_err(fail)?;
+                (image, dirs)
+            }
+            Err(e) if e.is_not_found() => {
+                self.pulls.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(image = %reference, "pulling image into the node's store");
+                let imported = warren_image::pull::pull(
+                    &self.store,
+                    reference,
+                    None,
+                    reference,
+                    warren_image::no_progress(),
+                )
+                .await
+                .map_err(fail)?;
+                (imported.image, imported.layer_dirs)
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        let (env, workdir, user, start_command) =
+            warren_core::image_templates::from_run_config(image.config.config.as_ref());
+        let user = warren_core::image_templates::default_user(user.as_deref(), &layers);
+        let ro_binds = warren_image::commit::host_binds(&image.config_raw)
+            .into_iter()
+            .map(|(source, target)| BindMount { source, target })
+            .collect();
+        Ok(NodeImage {
+            digest: image.manifest_digest.clone(),
+            rootfs: RootfsSpec {
+                lower_dirs: std::iter::once(self.etc_layer.clone())
+                    .chain(layers)
+                    .collect(),
+                ro_binds,
+            },
+            env,
+            user,
+            workdir,
+            start_command,
+        })
+    }
+}
