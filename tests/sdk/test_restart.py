@@ -124,3 +124,22 @@ def test_paused_sandboxes_survive_restarts(own_daemon):
             again = Sandbox.connect(s.sandbox_id, **opts)
             assert again.files.read("/tmp/p.txt") == f"paused {i}", f"cycle {cycle}"
             assert again.pause() is True
+
+
+def test_build_records_outlive_a_restart(own_daemon):
+    d = own_daemon[0]
+    done = d.request("POST", "/warren/v1/templates/rec-done/build", {"dockerfile": "FROM base\nRUN echo one > /one\n"})
+    assert done.status == 202, done.body
+    assert wait_until(lambda: d.request("GET", "/warren/v1/templates/rec-done/build").json()["status"] != "building", 60)
+    slow = d.request("POST", "/warren/v1/templates/rec-slow/build", {"dockerfile": "FROM base\nRUN sleep 300\n"})
+    assert slow.status == 202, slow.body
+    assert wait_until(lambda: "sleep" in d.request("GET", "/warren/v1/templates/rec-slow/build").json()["log"], 30)
+    d.proc.kill()  # a crash, in the middle of the slow build
+    d.proc.wait()
+    d2 = _restart(own_daemon, stop=False)
+    finished = d2.request("GET", "/warren/v1/templates/rec-done/build")
+    assert finished.status == 200 and finished.json()["status"] == "ready", finished.body
+    assert "step 2/2" in finished.json()["log"]
+    cut = d2.request("GET", "/warren/v1/templates/rec-slow/build").json()
+    assert cut["status"] == "failed" and "daemon stopped" in cut["error"], cut
+    assert cut["steps"][1]["status"] == "failed", cut

@@ -287,6 +287,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("loading image templates")?;
     tracing::info!(templates = n, "image templates loaded");
+    let builds = warren.load_build_jobs();
+    tracing::info!(builds, "build records loaded");
     match warren.hibernate_support() {
         Ok(()) => tracing::info!(
             after_secs = args.hibernate_after.0.map(|d| d.as_secs()),

@@ -26,6 +26,9 @@ use std::time::Duration;
 pub const FINALIZER: &str = "warren.dev/checkpoint-images";
 /// How often a Checkpoint waiting for its sandbox looks again.
 pub const WAIT_POLL: Duration = Duration::from_secs(5);
+/// `Ready` reason of a Terminating Checkpoint whose images the node agent refuses to delete, as
+/// sandboxes or checkpoints on the node still stack them; the message is the agent's.
+pub const REASON_IN_USE: &str = "InUse";
 
 async fn patch_status(
     api: &Api<Checkpoint>,
@@ -266,6 +269,27 @@ async fn cleanup(cp: Arc<Checkpoint>, ctx: &Context) -> Result<Action, Error> {
     match agent.delete_checkpoint(&node, &id).await {
         Ok(()) => Ok(Action::await_change()),
         Err(e) if e.is_not_found() => Ok(Action::await_change()),
+        Err(AgentError::Failed {
+            code: 409, message, ..
+        }) => {
+            // Kept while forks (or their checkpoints) on the node stack the images: said where
+            // the API server (which answers a delete with it) and `kubectl describe` see it, and
+            // retried with backoff until they are gone.
+            let ns = cp.namespace().unwrap_or_default();
+            let api: Api<Checkpoint> = Api::namespaced(ctx.client.clone(), &ns);
+            let st = status(
+                &cp,
+                CheckpointPhase::Terminating,
+                REASON_IN_USE,
+                message.clone(),
+            );
+            write(ctx, &api, &cp, st).await?;
+            Err(Error::Reconcile {
+                kind: "Checkpoint",
+                name: cp.name_any(),
+                message: format!("the images on {node} are in use: {message}"),
+            })
+        }
         Err(e) => {
             if let crate::nodeloss::NodeHealth::Lost(_) =
                 crate::sandbox::node_health(ctx, &node).await?

@@ -36,6 +36,9 @@ use std::time::Duration;
 // E2B snapshots, and forks of them (`templateID` naming a Checkpoint).
 #[path = "cluster_snapshots.rs"]
 pub mod snapshots;
+// E2B forks (`POST /sandboxes/{id}/fork`) and restores of a Checkpoint.
+#[path = "cluster_forks.rs"]
+pub mod forks;
 
 /// Annotation prefix of the E2B metadata of a sandbox (as [`crate::claim`] writes it).
 const METADATA_PREFIX: &str = "metadata.warren.dev/";
@@ -729,6 +732,11 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route(
             "/sandboxes/{id}/snapshots",
             post(snapshots::h_create_snapshot),
+        )
+        .route("/sandboxes/{id}/fork", post(forks::h_fork))
+        .route(
+            "/warren/v1/checkpoints/{name}/restore",
+            post(forks::h_restore),
         )
         .route("/snapshots", get(snapshots::h_list_snapshots))
         .route(

@@ -132,7 +132,7 @@ impl ClusterApi {
             }
             None => format!("snap-{}", new_id()?),
         };
-        self.get_visible(id).await?;
+        let src = self.get_visible(id).await?;
         let mut contents = vec![CheckpointContent::Filesystem];
         if body.memory.unwrap_or(true) {
             contents.insert(0, CheckpointContent::Memory);
@@ -148,6 +148,7 @@ impl ClusterApi {
             },
         );
         c.metadata.namespace = self.sandboxes.namespace().map(str::to_string);
+        super::forks::note_stacking(&mut c, &src);
         let api = self.checkpoints();
         api.create(&PostParams::default(), &c)
             .await
@@ -225,6 +226,13 @@ impl ClusterApi {
             .items
             .into_iter()
             .filter(|c| c.metadata.deletion_timestamp.is_none())
+            // A fork's own Checkpoint is no snapshot, as in single-host mode.
+            .filter(|c| {
+                !c.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(super::forks::LABEL_FORK_OF))
+            })
             .filter(|c| sandbox.as_ref().is_none_or(|s| &c.spec.sandbox_name == s))
             .filter(|c| {
                 name.as_ref().is_none_or(|n| {
@@ -259,12 +267,17 @@ impl ClusterApi {
             .checkpoint_named(id)
             .await?
             .ok_or_else(|| ApiError::new(404, format!("snapshot {id} not found")))?;
+        // Forks still using it: single-host mode's 409 (see `super::forks`).
+        self.refuse_if_in_use(&name).await?;
         match self
             .checkpoints()
             .delete(&name, &DeleteParams::default())
             .await
         {
-            Ok(_) => Ok(()),
+            // Kept by its finalizer: the operator may have found its images in use on the node.
+            Ok(kept) => kept
+                .left()
+                .map_or(Ok(()), |c| super::forks::in_use_after_delete(&c)),
             Err(e) => Err(ck_error("delete", &name, e)),
         }
     }

@@ -161,6 +161,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "ScaleFailed",
     crate::fork::CHECKPOINT_LOST,
     crate::fork::CHECKPOINT_NOT_READY,
+    crate::checkpoint::REASON_IN_USE,
 ];
 
 /// Delay after the `n`th consecutive failure (n ≥ 1).

@@ -37,6 +37,8 @@ mod mock_autoscaler;
 #[cfg(test)]
 mod mock_cluster_api;
 #[cfg(test)]
+mod mock_cluster_forks;
+#[cfg(test)]
 mod mock_cluster_snapshots;
 #[cfg(test)]
 mod mock_fork;

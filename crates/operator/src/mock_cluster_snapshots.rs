@@ -214,6 +214,12 @@ async fn snapshots_are_listed_filtered_and_deleted() {
             .expect("GET", &format!("{CHECKPOINTS}/a"))
             .await
             .ok(checkpoint("a", "sb1", CheckpointPhase::Succeeded));
+        // No fork of it (see mock_cluster_forks.rs for those).
+        server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+        server
+            .expect("GET", CHECKPOINTS)
+            .await
+            .ok(checkpoint_list(vec![]));
         server
             .expect("DELETE", &format!("{CHECKPOINTS}/a"))
             .await

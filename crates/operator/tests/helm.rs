@@ -399,8 +399,8 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
-    // Snapshots and forks (cluster_snapshots.rs).
-    for verb in ["get", "list", "create", "delete"] {
+    // Snapshots and forks (cluster_snapshots.rs, cluster_forks.rs).
+    for verb in ["get", "list", "create", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "checkpoints", verb), "{verb}");
     }
     assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));

@@ -23,7 +23,7 @@ use crate::dockerfile::{self, Instr, Step};
 use crate::error::CoreError;
 use crate::orchestrator::CreateRequest;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -73,7 +73,7 @@ pub trait StepRunner: Send + Sync + 'static {
 }
 
 /// One step as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct StepView {
     pub line: usize,
@@ -88,7 +88,7 @@ pub struct StepView {
 }
 
 /// A build job, as `GET /warren/v1/templates/{name}/build` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BuildJob {
     pub name: String,
@@ -113,6 +113,12 @@ pub struct BuildJob {
     pub log_end: u64,
     #[serde(skip)]
     log_bytes: Vec<u8>,
+}
+
+/// Where a build's record is kept, so that its outcome outlives a daemon restart.
+fn job_file(dir: &std::path::Path, name: &str) -> PathBuf {
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{hex}.json"))
 }
 
 impl BuildJob {
@@ -381,6 +387,7 @@ impl Warren {
             jobs.insert(name.to_string(), job.clone());
             job
         };
+        self.save_build_job(&lock(&job));
         let view = lock(&job).view(0);
         let me = self.clone();
         let (who, name) = (who.clone(), name.to_string());
@@ -393,6 +400,7 @@ impl Warren {
                 let mut j = lock(&job);
                 j.finished_at = Some(me.clock.now());
                 me.record_outcome(&name, res, &mut j, began);
+                me.save_build_job(&j);
             }
             me.prune_build_cache().await;
         });
@@ -422,6 +430,70 @@ impl Warren {
                 }
             }
         }
+    }
+
+    fn build_jobs_dir(&self) -> Option<PathBuf> {
+        Some(self.images().ok()?.store().root().join("build-jobs"))
+    }
+
+    /// Writes the build's record (its last output included) next to the image store. Best
+    /// effort: a build does not fail because its record could not be written.
+    fn save_build_job(&self, job: &BuildJob) {
+        let Some(dir) = self.build_jobs_dir() else {
+            return;
+        };
+        let path = job_file(&dir, &job.name);
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&job.view(0))?)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(template = %job.name, path = %path.display(), error = %e, "saving the build record");
+        }
+    }
+
+    /// After a restart: the builds of the last run, as they ended. One that was running when
+    /// the daemon stopped is failed, saying so (its steps' cache survives: build it again).
+    pub fn load_build_jobs(&self) -> usize {
+        let Some(dir) = self.build_jobs_dir() else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut jobs = self.builds.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Some(mut job) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<BuildJob>(&b).ok())
+            else {
+                tracing::warn!(path = %path.display(), "unreadable build record skipped");
+                continue;
+            };
+            job.log_bytes = std::mem::take(&mut job.log).into_bytes();
+            if job.status == "building" {
+                job.status = "failed".into();
+                job.error = Some(
+                    "the daemon stopped during this build; start it again (finished steps come from the cache)"
+                        .into(),
+                );
+                job.finished_at = Some(self.clock.now());
+                if let Some(s) = job.current.and_then(|i| job.steps.get_mut(i)) {
+                    s.status = "failed".into();
+                }
+                self.save_build_job(&job);
+            }
+            jobs.insert(job.name.clone(), Arc::new(Mutex::new(job)));
+            n += 1;
+        }
+        n
     }
 
     /// Removes build cache images that no build made or took for [`CACHE_KEEP`], when no build
@@ -511,6 +583,8 @@ impl Warren {
                 j.steps[i].status = "running".into();
                 let line = format!("step {}/{}: {}\n", i + 1, steps.len(), step.text);
                 j.append_log(line.as_bytes());
+                // On disk at each step, so a crash leaves the step it was at.
+                self.save_build_job(&j);
             }
             let outcome = match &step.instr {
                 Instr::From(_) => "done",
