@@ -103,9 +103,20 @@ async fn start(
 
 /// Streams the request body to `path`, up to [`MAX_CONTEXT`] bytes.
 async fn receive(body: Body, path: &std::path::Path) -> ApiResult<()> {
+    receive_file(body, path, MAX_CONTEXT, "the build context").await
+}
+
+/// Streams a request body to the file `path`, refusing (413) more than `max` bytes; `what` names
+/// it in errors.
+pub(crate) async fn receive_file(
+    body: Body,
+    path: &std::path::Path,
+    max: u64,
+    what: &str,
+) -> ApiResult<()> {
     let internal = |e: std::io::Error| {
         ApiError::from(warren_core::CoreError::Internal(format!(
-            "writing the build context to {}: {e}",
+            "writing {what} to {}: {e}",
             path.display()
         )))
     };
@@ -116,10 +127,10 @@ async fn receive(body: Body, path: &std::path::Path) -> ApiResult<()> {
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
         n += chunk.len() as u64;
-        if n > MAX_CONTEXT {
+        if n > max {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the build context is larger than {} GiB", MAX_CONTEXT >> 30),
+                format!("{what} is larger than {} GiB", max >> 30),
             ));
         }
         file.write_all(&chunk).await.map_err(internal)?;

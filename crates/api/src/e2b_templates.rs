@@ -19,9 +19,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -161,7 +159,7 @@ async fn upload(
     body: Body,
 ) -> ApiResult<StatusCode> {
     let (tmp, dest) = st.warren.e2b_take_upload(&token)?;
-    if let Err(e) = receive(body, &tmp).await {
+    if let Err(e) = crate::builds::receive_file(body, &tmp, MAX_UPLOAD, "an upload").await {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e);
     }
@@ -172,32 +170,6 @@ async fn upload(
         )))
     })?;
     Ok(StatusCode::OK)
-}
-
-async fn receive(body: Body, path: &std::path::Path) -> ApiResult<()> {
-    let internal = |e: std::io::Error| {
-        ApiError::from(warren_core::CoreError::Internal(format!(
-            "writing the upload to {}: {e}",
-            path.display()
-        )))
-    };
-    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
-    let mut stream = body.into_data_stream();
-    let mut n = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-        n += chunk.len() as u64;
-        if n > MAX_UPLOAD {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("an upload is at most {} GiB", MAX_UPLOAD >> 30),
-            ));
-        }
-        file.write_all(&chunk).await.map_err(internal)?;
-    }
-    file.flush().await.map_err(internal)?;
-    Ok(())
 }
 
 /// Starts the build with the template's definition (`TemplateBuildStartV2`).

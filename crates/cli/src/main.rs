@@ -259,6 +259,14 @@ struct NodeAgentArgs {
     /// File with the bearer token the operator sends (a mounted Secret).
     #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// The cluster's Pod network(s), CIDR, comma-separated or repeated: sandboxes may not
+    /// reach them unless their allowOut names them (the node's own addresses are always
+    /// closed).
+    #[arg(long, env = "WARREN_CLUSTER_CIDR", value_delimiter = ',')]
+    cluster_cidr: Vec<String>,
+    /// The cluster's Service network(s), closed like `--cluster-cidr`.
+    #[arg(long, env = "WARREN_SERVICE_CIDR", value_delimiter = ',')]
+    service_cidr: Vec<String>,
     /// Disk cap, in MiB, of a sandbox whose Sandbox names no `ephemeral-storage` (as `warren
     /// serve --sandbox-disk-mb`); 0: no caps.
     #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
@@ -288,6 +296,7 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
             data_dir: a.data_dir,
             envd_binary: a.envd_binary,
             token,
+            cluster_cidrs: a.cluster_cidr.into_iter().chain(a.service_cidr).collect(),
             sandbox_disk_mb: a.sandbox_disk_mb,
         },
     )

@@ -104,7 +104,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(code: u16, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: u16, message: impl Into<String>) -> Self {
         ApiError {
             code,
             message: message.into(),
@@ -123,7 +123,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn kube_error(what: &str, id: &str, e: kube::Error) -> ApiError {
+pub(crate) fn kube_error(what: &str, id: &str, e: kube::Error) -> ApiError {
     if crate::error::is_not_found(&e) {
         return ApiError::new(404, format!("sandbox {id} not found"));
     }
@@ -147,6 +147,15 @@ pub struct NewSandbox {
     pub timeout: Option<i64>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub env_vars: Option<BTreeMap<String, String>>,
+    /// As the SDKs send it (snake case), like single-host mode.
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        alias = "allowInternetAccess"
+    )]
+    pub allow_internet_access: Option<bool>,
+    #[serde(default)]
+    pub network: Option<crate::cluster_network::NetworkConfigJson>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,7 +194,7 @@ pub struct SandboxDetailJson {
     pub metadata: BTreeMap<String, String>,
 }
 
-fn check_key(api: &ClusterApi, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_key(api: &ClusterApi, headers: &HeaderMap) -> Result<(), ApiError> {
     let got = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     // Constant time: the key guards every sandbox.
     let same = got.is_some_and(|g| {
@@ -318,7 +327,7 @@ impl ClusterApi {
         s.metadata.deletion_timestamp.is_none() && (!member || claimed)
     }
 
-    async fn get_visible(&self, id: &str) -> Result<Sandbox, ApiError> {
+    pub(crate) async fn get_visible(&self, id: &str) -> Result<Sandbox, ApiError> {
         let s = self
             .sandboxes
             .get(id)
@@ -368,6 +377,7 @@ impl ClusterApi {
     }
 
     pub async fn create(&self, req: NewSandbox) -> Result<SandboxJson, ApiError> {
+        let egress = crate::cluster_network::requested(&req)?;
         let template = req
             .template_id
             .filter(|t| !t.is_empty())
@@ -395,6 +405,11 @@ impl ClusterApi {
                 tracing::warn!(sandbox = %id, pool = %template, error = %why, "claimed member refused /init; discarding it");
                 let _ = self.sandboxes.delete(&id, &DeleteParams::default()).await;
                 continue;
+            }
+            if let Err(e) = crate::cluster_network::for_claimed(self, &s, &egress).await {
+                // Ours now, and not as the client asked: never hand it out.
+                let _ = self.sandboxes.delete(&id, &DeleteParams::default()).await;
+                return Err(e);
             }
             let started = json!({"metadata": {"annotations": {
                 ANNOTATION_TEMPLATE: template, ANNOTATION_STARTED: rfc3339(now)}}});
@@ -425,6 +440,7 @@ impl ClusterApi {
                 ..spec
             },
         );
+        crate::cluster_network::set_spec(&mut s.spec, &egress);
         let ann = s.annotations_mut();
         ann.insert(ANNOTATION_TEMPLATE.into(), template);
         ann.insert(ANNOTATION_STARTED.into(), rfc3339(now));
@@ -740,6 +756,10 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
             get(jobs::h_get_commit)
                 .put(jobs::h_apply_commit)
                 .delete(jobs::h_delete_commit),
+        )
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(crate::cluster_network::h_update_network),
         )
         .route(
             "/sandboxes/{id}/snapshots",

@@ -124,6 +124,8 @@ struct Restore<'a> {
     env_vars: BTreeMap<String, String>,
     /// A fork's own Checkpoint: the forks become its owners (or it goes, if none was made).
     owned: bool,
+    /// The egress policy of the forks: their source's, as single-host forks keep it.
+    network: crate::agent::EgressSpec,
 }
 
 /// Where a fork is: `None` while it is starting.
@@ -192,6 +194,7 @@ impl ClusterApi {
             metadata: super::metadata_of(&src),
             env_vars: src.spec.env_vars.clone(),
             owned: true,
+            network: crate::sandbox_network::egress_of(&src.spec),
         };
         self.restore_many(restore).await
     }
@@ -231,6 +234,12 @@ impl ClusterApi {
                 format!("checkpoint {name} is {phase:?}, not usable"),
             ));
         }
+        // The source's policy while it exists (a Checkpoint does not record it; a restore of one
+        // whose source is gone gets the default policy, which still closes the cluster).
+        let network = match self.sandboxes.get_opt(&c.spec.sandbox_name).await {
+            Ok(Some(src)) => crate::sandbox_network::egress_of(&src.spec),
+            _ => crate::agent::EgressSpec::default(),
+        };
         let restore = Restore {
             checkpoint: name,
             count,
@@ -238,6 +247,7 @@ impl ClusterApi {
             metadata: body.metadata,
             env_vars: body.env_vars,
             owned: false,
+            network,
         };
         self.restore_many(restore).await
     }
@@ -301,6 +311,7 @@ impl ClusterApi {
                     ..Default::default()
                 },
             );
+            crate::cluster_network::set_spec(&mut s.spec, &r.network);
             let ann = s.annotations_mut();
             // As single-host mode answers: a restore's templateID is its checkpoint.
             ann.insert(ANNOTATION_TEMPLATE.into(), r.checkpoint.to_string());

@@ -170,9 +170,13 @@ pub struct SandboxSpec {
     /// RFC 3339; the operator sets `paused` then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_time: Option<String>,
-    /// Outbound internet access (NAT); traffic to other sandboxes is always dropped.
+    /// Outbound internet access (default true). The cloud metadata range and the cluster (other
+    /// Pods, Services, the node) are closed either way unless `network.allowOut` names them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_internet_access: Option<bool>,
+    /// Egress rules, E2B's `network` shape; changes apply to the running sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
     /// Environment of the sandbox's processes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env_vars: BTreeMap<String, String>,
@@ -180,6 +184,20 @@ pub struct SandboxSpec {
     /// pinned to the checkpoint's node, and `template`/`image` may be left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
+}
+
+/// A sandbox's egress rules, as E2B's `network` carries them and with single-host semantics:
+/// `allowOut` entries are exceptions to `denyOut` and to `allowInternetAccess: false`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetwork {
+    /// IPv4 addresses or CIDR blocks the sandbox may reach (domain names need the single-host
+    /// DNS filter and are refused here). A block inside the cluster's ranges opens it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// IPv4 addresses or CIDR blocks it may not reach (`0.0.0.0/0`: everything not allowed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -284,6 +302,10 @@ pub struct SandboxSetSpec {
     pub persistent_contents: Vec<PersistentContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_internet_access: Option<bool>,
+    /// The members' egress rules (as Sandbox `network`); a claim with other rules replaces
+    /// them on the claimed member before the client gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
     #[serde(default)]
     pub reuse_policy: ReusePolicy,
     /// Rolling update of unclaimed members when the member template changes: how many of

@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod checkpoint;
 pub mod claim;
 pub mod cluster_api;
+pub mod cluster_network;
 pub mod commit;
 pub mod conditions;
 pub mod controller;
@@ -26,6 +27,7 @@ pub mod podfinalizer;
 pub mod registry_auth;
 pub mod sandbox;
 pub mod sandbox_agent;
+pub mod sandbox_network;
 pub mod sandboxset;
 
 #[cfg(test)]
@@ -44,6 +46,8 @@ mod mock_cluster_jobs;
 mod mock_cluster_snapshots;
 #[cfg(test)]
 mod mock_fork;
+#[cfg(test)]
+mod mock_network;
 #[cfg(test)]
 mod mock_nodeloss;
 #[cfg(test)]

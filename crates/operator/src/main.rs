@@ -42,6 +42,14 @@ enum Command {
         /// is required (only for tests: the agent is privileged).
         #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// The cluster's Pod network(s), CIDR, comma-separated or repeated: sandboxes may not
+        /// reach them unless their allowOut names them (the node's own addresses are always
+        /// closed).
+        #[arg(long, env = "WARREN_CLUSTER_CIDR", value_delimiter = ',')]
+        cluster_cidr: Vec<String>,
+        /// The cluster's Service network(s), closed like `--cluster-cidr`.
+        #[arg(long, env = "WARREN_SERVICE_CIDR", value_delimiter = ',')]
+        service_cidr: Vec<String>,
         /// Disk cap, in MiB, of a sandbox whose Sandbox names no `ephemeral-storage` (as
         /// `warren serve --sandbox-disk-mb`); 0: no caps.
         #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
@@ -177,6 +185,8 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             envd_binary,
             token_file,
+            cluster_cidr,
+            service_cidr,
             sandbox_disk_mb,
         } => {
             warren_operator::agent::server::serve_node_agent(
@@ -186,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
                     data_dir,
                     envd_binary,
                     token: read_token(token_file.as_deref())?,
+                    cluster_cidrs: cluster_cidr.into_iter().chain(service_cidr).collect(),
                     sandbox_disk_mb,
                 },
             )

@@ -357,6 +357,7 @@ pub(crate) fn set(replicas: i32, max_unavailable: i32) -> SandboxSet {
             resources: Resources::default(),
             persistent_contents: vec![],
             allow_internet_access: None,
+            network: None,
             reuse_policy: Default::default(),
             update_strategy: Strategy {
                 max_unavailable: IntOrPercent::Int(max_unavailable),

@@ -321,8 +321,16 @@ async fn a_checkpoint_is_restored_count_times_with_the_clients_metadata_and_env(
         .expect("GET", &format!("{CHECKPOINTS}/snap1"))
         .await
         .ok(checkpoint("snap1", CheckpointPhase::Succeeded));
+    // The source's egress policy goes with its restores, as single-host mode keeps it.
+    let mut source = crate::mock::sandbox("sb1");
+    source.spec.allow_internet_access = Some(false);
+    server
+        .expect("GET", &format!("{SANDBOXES}/sb1"))
+        .await
+        .ok(serde_json::to_value(&source).unwrap());
     let c = server.expect("POST", SANDBOXES).await;
     assert_eq!(c.body["spec"]["restoreFrom"], "snap1");
+    assert_eq!(c.body["spec"]["allowInternetAccess"], false);
     assert_eq!(c.body["spec"]["envVars"], json!({"X": "1"}));
     assert_eq!(
         c.body["metadata"]["annotations"]["metadata.warren.dev/run"],

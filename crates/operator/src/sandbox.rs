@@ -92,6 +92,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<Times, String> {
     if spec.restore_from.as_deref().is_some_and(str::is_empty) {
         return Err("spec.restoreFrom is empty: name a Checkpoint".into());
     }
+    crate::sandbox_network::validate(spec)?;
     let quantities = spec.resources.requests.iter().chain(&spec.resources.limits);
     for (k, v) in quantities {
         if v.trim().is_empty() {

@@ -1,7 +1,8 @@
 //! The Sandbox reconciler's calls to the node agent: once the Pod runs on a node, create the
 //! sandbox in it; then make the sandbox follow `spec.paused` — frozen when paused, or hibernated
 //! (memory dumped to the node's disk and freed) when `persistentContents` includes `memory`; and
-//! on delete, stop it before the Pod goes.
+//! on delete, stop it before the Pod goes. The egress policy goes with the create and is
+//! replaced live when the spec's changes ([`crate::sandbox_network`]).
 //!
 //! The agent's outcome is written as conditions `Started` and `Paused` with server-side apply
 //! under field manager [`AGENT_FIELD_MANAGER`], as the design has the agent own them; the
@@ -25,8 +26,14 @@ const _: () = assert!(!FIELD_MANAGER.is_empty());
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Create,
-    Pause { hibernate: bool },
-    Resume { wake: bool },
+    Pause {
+        hibernate: bool,
+    },
+    Resume {
+        wake: bool,
+    },
+    /// Replace the egress policy (after any pause or resume).
+    UpdateNetwork,
     Nothing,
 }
 
@@ -56,6 +63,8 @@ pub fn next_step(sbx: &Sandbox) -> Step {
         Step::Resume {
             wake: paused.is_some_and(|c| c.reason == "Hibernated"),
         }
+    } else if crate::sandbox_network::needs_update(sbx) {
+        Step::UpdateNetwork
     } else {
         Step::Nothing
     }
@@ -116,6 +125,7 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         cgroup_parent: None,
         access_token: envd_key.map(|k| crate::agent::envd_access_token(k, uid)),
         admin_token: envd_key.map(|k| crate::agent::envd_admin_token(k, uid)),
+        network: crate::sandbox_network::egress_of(&sbx.spec),
         // A fork: its Pod carries the checkpoint id the reconciler resolved (see `fork`).
         restore_from: crate::fork::restore_from(pod),
     }
@@ -171,6 +181,7 @@ pub async fn drive(
     let unreachable = |e: &AgentError| matches!(e, AgentError::Unreachable { .. });
     let mut started = conditions::find(&old, "Started").cloned();
     let mut paused = conditions::find(&old, "Paused").cloned();
+    let mut network = conditions::find(&old, crate::sandbox_network::CONDITION).cloned();
     match step {
         Step::Create => match agent
             .create(node, &create_request(sbx, pod, envd_key))
@@ -187,6 +198,12 @@ pub async fn drive(
                     ),
                 ));
                 paused = Some(cond("Paused", false, "Running", String::new()));
+                network = Some(crate::sandbox_network::applied(
+                    &old,
+                    &crate::sandbox_network::egress_of(&sbx.spec),
+                    gen,
+                    &now,
+                ));
             }
             // The agent may come up later (a new node): retry with backoff, nothing is final.
             Err(e) if unreachable(&e) => {
@@ -231,7 +248,7 @@ pub async fn drive(
                     patch_agent_conditions(
                         api,
                         &name,
-                        &[started.clone(), Some(c)]
+                        &[started.clone(), Some(c), network.clone()]
                             .into_iter()
                             .flatten()
                             .collect::<Vec<_>>(),
@@ -260,9 +277,22 @@ pub async fn drive(
             }
             paused = Some(cond("Paused", false, "Running", String::new()));
         }
+        Step::UpdateNetwork => {
+            let res = crate::sandbox_network::update(sbx, pod, node, agent, &old, &now).await;
+            match res {
+                Ok(c) => network = Some(c),
+                Err(e) => {
+                    return Err(Error::Reconcile {
+                        kind: "Sandbox",
+                        name,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
         Step::Nothing => unreachable!("returned above"),
     }
-    let conds: Vec<Condition> = [started, paused].into_iter().flatten().collect();
+    let conds: Vec<Condition> = [started, paused, network].into_iter().flatten().collect();
     patch_agent_conditions(api, &name, &conds).await?;
     Ok(true)
 }

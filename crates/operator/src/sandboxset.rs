@@ -33,6 +33,7 @@ pub fn member_spec(set: &SandboxSetSpec) -> SandboxSpec {
         resources: set.resources.clone(),
         persistent_contents: set.persistent_contents.clone(),
         allow_internet_access: set.allow_internet_access,
+        network: set.network.clone(),
         ..Default::default()
     }
 }

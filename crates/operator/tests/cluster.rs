@@ -189,6 +189,7 @@ async fn cluster_end_to_end() {
             },
             persistent_contents: vec![],
             allow_internet_access: None,
+            network: None,
             reuse_policy: Default::default(),
             update_strategy: Strategy {
                 max_unavailable: IntOrPercent::Int(1),

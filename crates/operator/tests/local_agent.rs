@@ -52,6 +52,8 @@ struct FakePod {
     cgroup: String,
     uid: String,
     ip: Ipv4Addr,
+    /// The node's end of the veth: one of the node's own addresses.
+    host_ip: Ipv4Addr,
     pause: Child,
 }
 
@@ -104,6 +106,7 @@ impl FakePod {
             cgroup,
             uid,
             ip,
+            host_ip,
             pause,
         }
     }
@@ -1261,6 +1264,207 @@ async fn commits_push_with_the_credentials_the_operator_passes() {
     drop(agent);
     pod.remove();
     drop(reg);
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// Whether a process in the Pod's network namespace (where the sandbox's processes live)
+/// reaches `addr`: a full round trip with the test's server.
+fn pod_reaches(netns: &str, addr: SocketAddr) -> bool {
+    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns changes only this thread's network namespace; `ns` is open.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(800)) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(800)));
+                let mut buf = [0u8; 2];
+                s.read_exact(&mut buf).is_ok() && &buf == b"ok"
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::TimedOut
+                    ),
+                    "{addr}: dropped, not {e:?}"
+                );
+                false
+            }
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+fn egress_table(netns: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "warren_egress",
+        ])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The egress policy through the agent's interface: in force when the create returns (it was
+/// installed before the sandbox's first process), replaced live (running, frozen and
+/// hibernated), the node's own address closed unless named, domain names refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_policy_through_the_agent_interface() {
+    use warren_operator::agent::{EgressSpec, NetworkUpdateRequest};
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+    // Before anything is made that a panic would leave behind.
+    let init = init_binary();
+    let data = PathBuf::from(format!("/tmp/warren-agent-net-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let pod = FakePod::numbered(8);
+    // A service on the node's address (the veth end the test made, nothing else).
+    let listener = std::net::TcpListener::bind((pod.host_ip, 0)).unwrap();
+    let node_service = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            let mut c = c;
+            let _ = c.write_all(b"ok");
+        }
+    });
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.clone(), init)
+            .expect("agent starts")
+            .with_cluster_ranges(vec!["10.99.0.0/16".parse().unwrap()]),
+    );
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let pod_ref = PodRef {
+        namespace: "default".into(),
+        name: "sbx-net".into(),
+        uid: pod.uid.clone(),
+        ip: Some(pod.ip.to_string()),
+    };
+    let closed = EgressSpec {
+        allow_internet: false,
+        ..Default::default()
+    };
+    let update = |network: EgressSpec| NetworkUpdateRequest {
+        network,
+        pod: pod_ref.clone(),
+        netns: None,
+    };
+    assert!(
+        pod_reaches(&pod.netns, node_service),
+        "open before any policy"
+    );
+
+    let result = std::panic::AssertUnwindSafe(async {
+        let req = CreateRequest {
+            id: id.clone(),
+            template: Some("base".into()),
+            pod: pod_ref.clone(),
+            network: closed.clone(),
+            ..Default::default()
+        };
+        // A policy the agent cannot enforce fails the create: no sandbox runs without it.
+        let mut names = req.clone();
+        names.network.allow_out = vec!["pypi.org".into()];
+        let e = agent.create(NODE, &names).await.unwrap_err();
+        assert!(matches!(e, AgentError::Failed { code: 400, .. }), "{e}");
+        assert!(egress_table(&pod.netns).is_none(), "nothing was installed");
+        assert!(!envd_answers(pod.ip), "and nothing started");
+
+        let info = agent.create(NODE, &req).await.expect("create");
+        let table = egress_table(&pod.netns).expect("the table is in the Pod's namespace");
+        assert!(table.contains("169.254.0.0/16") && table.contains("10.99.0.0/16"), "{table}");
+        assert!(table.contains(&pod.host_ip.to_string()), "the node's address: {table}");
+        assert!(!pod_reaches(&pod.netns, node_service), "the node is closed");
+        assert!(envd_answers(pod.ip), "the router still reaches envd");
+
+        // Live: naming the node's address opens it; the default closes it again.
+        let open_node = EgressSpec {
+            allow_internet: false,
+            allow_out: vec![pod.host_ip.to_string()],
+            deny_out: vec![],
+        };
+        agent
+            .update_network(NODE, &id, &update(open_node.clone()))
+            .await
+            .expect("update");
+        assert!(pod_reaches(&pod.netns, node_service), "allowOut names the node");
+        let e = agent
+            .update_network(
+                NODE,
+                &id,
+                &update(EgressSpec {
+                    allow_out: vec!["pypi.org".into()],
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, AgentError::Failed { code: 400, ref message, .. } if message.contains("pypi.org")),
+            "{e}"
+        );
+        assert!(pod_reaches(&pod.netns, node_service), "a refused update changes nothing");
+        agent
+            .update_network(NODE, &id, &update(EgressSpec::default()))
+            .await
+            .unwrap();
+        assert!(!pod_reaches(&pod.netns, node_service), "the node is closed by default");
+
+        // Frozen: the update still applies (the namespace is the init's).
+        agent.pause(NODE, &id).await.unwrap();
+        agent
+            .update_network(NODE, &id, &update(open_node.clone()))
+            .await
+            .unwrap();
+        assert!(pod_reaches(&pod.netns, node_service));
+        agent.resume(NODE, &id).await.unwrap();
+
+        // Hibernated: no process of the sandbox; the namespace is found from the Pod's uid.
+        agent.hibernate(NODE, &id).await.expect("hibernate");
+        assert!(!Path::new(&format!("/proc/{}", info.init_pid.unwrap())).exists());
+        agent
+            .update_network(NODE, &id, &update(closed.clone()))
+            .await
+            .expect("update while hibernated");
+        assert!(!pod_reaches(&pod.netns, node_service));
+        agent.wake(NODE, &id).await.expect("wake");
+        wait_for("envd after wake", || envd_answers(pod.ip));
+        assert!(!pod_reaches(&pod.netns, node_service), "still closed after wake");
+
+        let e = agent
+            .update_network(NODE, "nosuchsandbox", &update(closed.clone()))
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        agent.delete(NODE, &id).await.expect("delete");
+        assert!(!data.join("egress").join(format!("{id}.json")).exists());
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    pod.remove();
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

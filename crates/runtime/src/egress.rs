@@ -33,6 +33,11 @@ pub enum CidrError {
     DomainInDenyList(String),
     #[error("{0:?}: prefix length must be between 0 and 32")]
     BadPrefix(String),
+    #[error(
+        "allow_out domain names ({0}) need the single-host DNS filter: sandboxes in Pods take \
+         IPv4 addresses and CIDR blocks only"
+    )]
+    DomainsInPod(String),
 }
 
 impl Cidr {
@@ -213,6 +218,15 @@ impl EgressRules {
 
     pub fn is_empty(&self) -> bool {
         self.allow_out.is_empty() && self.deny_out.is_empty() && self.allow_domains.is_empty()
+    }
+
+    /// Refuses domain names where no DNS filter enforces them (a sandbox in a Pod: cluster mode).
+    pub fn refuse_domains(&self) -> Result<(), CidrError> {
+        if self.allow_domains.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.allow_domains.iter().map(|d| d.as_str()).collect();
+        Err(CidrError::DomainsInPod(names.join(", ")))
     }
 
     /// Whether a DNS name is one the sandbox may resolve and reach.

@@ -247,8 +247,9 @@ async fn a_hibernated_sandbox_wakes_on_its_disk_even_after_it_was_unmounted() {
 #[tokio::test]
 async fn a_fork_of_a_checkpoint_gets_its_own_capped_disk() {
     let data = PathBuf::from("/tmp/warren-kernel-test-diskfork");
-    let _ = std::fs::remove_dir_all(&data);
     let (rt, _) = runtime(&data).await;
+    // What an aborted earlier run left: its sandboxes went with the sweep, its checkpoint here.
+    let _ = rt.delete_checkpoint("diskck").await;
     if let Err(why) = rt.hibernate_support() {
         panic!("CRIU must work on this host for this test (scripts/install-criu.sh): {why}");
     }

@@ -13,6 +13,7 @@ pub struct FakeAgent {
     pub creates: Mutex<Vec<CreateRequest>>,
     pub checkpoints: Mutex<Vec<CheckpointRequest>>,
     pub commits: Mutex<Vec<CommitRequest>>,
+    pub network_updates: Mutex<Vec<NetworkUpdateRequest>>,
 }
 
 impl FakeAgent {
@@ -109,5 +110,15 @@ impl NodeAgent for FakeAgent {
             disk_bytes: 4 << 20,
             disk_total_bytes: 0,
         })
+    }
+    async fn update_network(
+        &self,
+        node: &str,
+        id: &str,
+        req: &NetworkUpdateRequest,
+    ) -> Result<(), AgentError> {
+        self.call("update_network", node, id)?;
+        self.network_updates.lock().unwrap().push(req.clone());
+        Ok(())
     }
 }

@@ -260,4 +260,20 @@ impl NodeAgent for HttpNodeAgent {
         )
         .await
     }
+    async fn update_network(
+        &self,
+        node: &str,
+        id: &str,
+        req: &NetworkUpdateRequest,
+    ) -> Result<(), AgentError> {
+        let _: serde_json::Value = self
+            .call(
+                node,
+                Method::POST,
+                &format!("/v1/sandboxes/{}/network", enc(id)),
+                Some(serde_json::to_value(req).unwrap_or_default()),
+            )
+            .await?;
+        Ok(())
+    }
 }

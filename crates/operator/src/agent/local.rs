@@ -10,15 +10,21 @@
 //! CRIU answers 501 with the reason). Commits use the single-host commit code into the node's
 //! image store (`<data>/images`) and push with the credentials the operator read from the
 //! Commit's `registryAuth.secrets` and passed in the request (the agent reads no Secrets).
+//!
+//! The sandbox's egress policy ([`EgressSpec`]) is installed in the Pod's network namespace
+//! before the sandbox's first process starts, and replaced live by `update_network`; the cluster's
+//! ranges given to [`LocalAgent::with_cluster_ranges`] and the node's own addresses are closed
+//! to it (see `warren_runtime::linux::podnet`).
 
 use super::*;
 use crate::disk::DEFAULT_SANDBOX_DISK_MB;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use warren_runtime::linux::pod::{PodRuntime, PodTarget};
+use warren_runtime::linux::podnet::{self, PodEgress};
 use warren_runtime::linux::prepare_base_template;
 use warren_runtime::{
-    CheckpointOptions, EnvdSettings, NetworkPolicy, Resources, RootfsSpec, RuntimeError,
+    CheckpointOptions, Cidr, EnvdSettings, NetworkPolicy, Resources, RootfsSpec, RuntimeError,
     SandboxSpec,
 };
 
@@ -32,6 +38,13 @@ pub struct LocalAgent {
     commits_dir: PathBuf,
     /// Templates this node can start: `base` (the host's `/usr` under a minimal root).
     templates: BTreeMap<String, RootfsSpec>,
+    /// The cluster's Pod and Service networks (`--cluster-cidr`, `--service-cidr`), closed to
+    /// sandboxes unless their `allowOut` names them; the node's own addresses are added at
+    /// each apply.
+    cluster_ranges: Vec<Cidr>,
+    /// `<data>/egress/<id>.json`: the resolvers a sandbox's policy opens, fixed at create from
+    /// its template (not from its own, writable resolv.conf), for live updates.
+    egress_dir: PathBuf,
     /// Disk cap of a sandbox whose request names none (`--sandbox-disk-mb`); 0: no cap.
     default_disk_mb: u64,
     /// Images pulled for `image:` sandboxes, in the same store as commits.
@@ -119,6 +132,9 @@ impl LocalAgent {
         let commits_dir = data_dir.join("commits");
         std::fs::create_dir_all(&commits_dir)
             .map_err(|e| RuntimeError::io("mkdir", &commits_dir, e))?;
+        let egress_dir = data_dir.join("egress");
+        std::fs::create_dir_all(&egress_dir)
+            .map_err(|e| RuntimeError::io("mkdir", &egress_dir, e))?;
         Ok(LocalAgent {
             rt,
             tokens_dir: data_dir.join(super::local_fork::TOKENS_DIR),
@@ -127,6 +143,8 @@ impl LocalAgent {
             templates: BTreeMap::from([("base".to_string(), base)]),
             default_disk_mb: DEFAULT_SANDBOX_DISK_MB,
             images,
+            cluster_ranges: Vec::new(),
+            egress_dir,
         })
     }
 
@@ -153,6 +171,67 @@ impl LocalAgent {
             disk_mb: or(req.disk_mb, self.default_disk_mb),
             pids_max: defaults.pids_max,
         }
+    }
+
+    /// The cluster's Pod and Service networks, which sandboxes may not reach unless named.
+    pub fn with_cluster_ranges(mut self, ranges: Vec<Cidr>) -> Self {
+        self.cluster_ranges = ranges;
+        self
+    }
+
+    /// The policy to install for `spec` with `resolvers` open.
+    fn pod_egress(
+        &self,
+        node: &str,
+        spec: &EgressSpec,
+        resolvers: Vec<Ipv4Addr>,
+    ) -> Result<PodEgress, AgentError> {
+        let egress = spec.rules().map_err(|m| failed(node, 400, m))?;
+        let mut east_west = self.cluster_ranges.clone();
+        let own = podnet::node_addresses().map_err(|e| runtime_error(node, e))?;
+        east_west.extend(own.into_iter().filter_map(|a| Cidr::new(a, 32)));
+        Ok(PodEgress {
+            allow_internet: spec.allow_internet,
+            egress,
+            resolvers,
+            east_west,
+        })
+    }
+
+    fn egress_record(&self, id: &str) -> PathBuf {
+        self.egress_dir.join(format!("{id}.json"))
+    }
+
+    /// Installs the request's policy in the Pod's namespace, before any process of the
+    /// sandbox exists, and records it for live updates. Resolvers come from the root's lower
+    /// layers (the template's), not from a file the sandbox can write.
+    pub(super) fn install_egress(
+        &self,
+        node: &str,
+        req: &CreateRequest,
+        netns: &Path,
+        lower_dirs: &[PathBuf],
+    ) -> Result<(), AgentError> {
+        let resolvers = lower_dirs
+            .iter()
+            .chain(
+                self.templates
+                    .get("base")
+                    .map(|b| &b.lower_dirs)
+                    .into_iter()
+                    .flatten(),
+            )
+            .find_map(|d| std::fs::read_to_string(d.join("etc/resolv.conf")).ok())
+            .map(|conf| podnet::resolvers_in(&conf))
+            .unwrap_or_default();
+        let egress = self.pod_egress(node, &req.network, resolvers)?;
+        podnet::apply_pod_egress(netns, &egress).map_err(|e| runtime_error(node, e))?;
+        let record = self.egress_record(&req.id);
+        std::fs::write(
+            &record,
+            serde_json::to_vec(&egress).expect("policy serializes"),
+        )
+        .map_err(|e| failed(node, 500, format!("recording the egress policy: {e}")))
     }
 
     pub(super) fn target(&self, node: &str, req: &CreateRequest) -> Result<PodTarget, AgentError> {
@@ -249,6 +328,9 @@ impl NodeAgent for LocalAgent {
             )
         })?;
         let target = self.target(node, req)?;
+        // The policy is in force before the sandbox's first process exists: no moment runs
+        // unfiltered.
+        self.install_egress(node, req, &target.netns, &rootfs.lower_dirs)?;
         let spec = SandboxSpec {
             id: req.id.clone(),
             rootfs,
@@ -484,7 +566,66 @@ impl NodeAgent for LocalAgent {
         self.rt
             .destroy(id)
             .await
-            .map_err(|e| runtime_error(node, e))
+            .map_err(|e| runtime_error(node, e))?;
+        // The table goes with the Pod's namespace; only our record of it is left to remove.
+        match std::fs::remove_file(self.egress_record(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(failed(
+                node,
+                500,
+                format!("removing the egress record of {id}: {e}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn update_network(
+        &self,
+        node: &str,
+        id: &str,
+        req: &NetworkUpdateRequest,
+    ) -> Result<(), AgentError> {
+        let Some(placement) = self.rt.placement(id) else {
+            return Err(AgentError::NotFound {
+                node: node.into(),
+                message: format!("no sandbox {id} on this node"),
+            });
+        };
+        let record = self.egress_record(id);
+        let resolvers = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<PodEgress>(&b).ok())
+            .map(|p| p.resolvers)
+            .unwrap_or_default();
+        let egress = self.pod_egress(node, &req.network, resolvers)?;
+        // The Pod's namespace: given, or the one the sandbox's init lives in, or (hibernated:
+        // no process) the one of a process of the Pod.
+        let netns = match &req.netns {
+            Some(n) => n.clone(),
+            None if self.rt.is_alive(id) && !self.rt.is_hibernated(id) => {
+                PathBuf::from(format!("/proc/{}/ns/net", placement.init_pid))
+            }
+            None => {
+                let (_, pid) = find_pod(Path::new("/proc"), &req.pod.uid).ok_or_else(|| {
+                    failed(
+                        node,
+                        409,
+                        format!(
+                            "sandbox {id} runs no process and pod uid {:?} has none on this node",
+                            req.pod.uid
+                        ),
+                    )
+                })?;
+                PathBuf::from(format!("/proc/{pid}/ns/net"))
+            }
+        };
+        podnet::apply_pod_egress(&netns, &egress).map_err(|e| runtime_error(node, e))?;
+        std::fs::write(
+            &record,
+            serde_json::to_vec(&egress).expect("policy serializes"),
+        )
+        .map_err(|e| failed(node, 500, format!("recording the egress policy: {e}")))?;
+        tracing::info!(sandbox = %id, policy = %req.network.describe(), "egress policy replaced");
+        Ok(())
     }
 
     async fn metrics(

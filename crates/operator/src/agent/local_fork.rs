@@ -112,6 +112,8 @@ impl LocalAgent {
                 ..Default::default()
             },
         };
+        // The fork's policy is in force before its tree is booted or restored.
+        self.install_egress(node, req, &target.netns, &spec.rootfs.lower_dirs)?;
         let tokens = &self.tokens_dir;
         if !memory {
             // Files only: a fresh boot on the checkpoint's files, with the fork's own tokens.

@@ -18,7 +18,10 @@ pub mod images;
 pub mod local;
 #[cfg(target_os = "linux")]
 mod local_fork;
+pub mod network;
 pub mod server;
+
+pub use network::{EgressSpec, NetworkUpdateRequest};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -76,6 +79,9 @@ pub struct CreateRequest {
     /// gives a claimed pool member its client's env vars with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// The egress policy, applied in the Pod's network namespace before the sandbox starts.
+    #[serde(default, skip_serializing_if = "EgressSpec::is_default")]
+    pub network: EgressSpec,
     /// A fork: the id on this node of the checkpoint (its images and files) to restore the
     /// sandbox from, instead of booting the template. A checkpoint the node does not hold
     /// answers NotFound.
@@ -234,6 +240,20 @@ pub trait NodeAgent: Send + Sync + 'static {
         node: &str,
         id: &str,
     ) -> Result<warren_runtime::SandboxStats, AgentError>;
+    /// Replaces the sandbox's egress policy, live (running, paused or hibernated).
+    async fn update_network(
+        &self,
+        node: &str,
+        id: &str,
+        req: &NetworkUpdateRequest,
+    ) -> Result<(), AgentError> {
+        let _ = (id, req);
+        Err(AgentError::Failed {
+            node: node.into(),
+            code: 501,
+            message: "this node agent cannot update a sandbox's network policy".into(),
+        })
+    }
 }
 
 /// The envd access token of the Sandbox with `uid`: derived from a key that only the operator

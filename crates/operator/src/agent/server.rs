@@ -150,9 +150,13 @@ async fn op(
             Ok(req) => ok(a.commit(n, &id, &req).await),
             Err(m) => error(400, m),
         },
+        "network" => match parse::<NetworkUpdateRequest>(&body) {
+            Ok(req) => done(a.update_network(n, &id, &req).await),
+            Err(m) => error(400, m),
+        },
         other => error(
             404,
-            format!("no operation {other:?}; one of pause, resume, hibernate, wake, checkpoints, commits"),
+            format!("no operation {other:?}; one of pause, resume, hibernate, wake, checkpoints, commits, network"),
         ),
     }
 }
@@ -166,6 +170,9 @@ pub struct NodeAgentOptions {
     pub envd_binary: Option<PathBuf>,
     /// The bearer token callers must send; `None`: none (tests only: the agent is privileged).
     pub token: Option<String>,
+    /// The cluster's Pod and Service networks (`--cluster-cidr`, `--service-cidr`): closed to
+    /// sandboxes unless their allowOut names them.
+    pub cluster_cidrs: Vec<String>,
     /// Disk cap of sandboxes whose Sandbox names no ephemeral-storage, in MiB; 0: none.
     pub sandbox_disk_mb: u64,
 }
@@ -187,6 +194,18 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("creating {}", o.data_dir.display()))?;
+    let ranges = o
+        .cluster_cidrs
+        .iter()
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| {
+            c.parse::<warren_runtime::Cidr>()
+                .with_context(|| format!("--cluster-cidr/--service-cidr {c:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if ranges.is_empty() {
+        tracing::warn!("no --cluster-cidr/--service-cidr: sandboxes can reach other Pods and Services (the node and the metadata service stay closed)");
+    }
     if o.sandbox_disk_mb > 0 {
         anyhow::ensure!(
             o.sandbox_disk_mb >= warren_runtime::linux::disk::MIN_MB,
@@ -200,7 +219,8 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
     }
     let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
         .context("starting the node agent's runtime")?
-        .with_sandbox_disk_mb(o.sandbox_disk_mb);
+        .with_sandbox_disk_mb(o.sandbox_disk_mb)
+        .with_cluster_ranges(ranges);
     let listener = tokio::net::TcpListener::bind(&o.listen)
         .await
         .with_context(|| format!("listening on {}", o.listen))?;

@@ -19,6 +19,7 @@ pub mod disk;
 pub mod dns;
 pub mod net;
 pub mod pod;
+pub mod podnet;
 mod snapshots;
 pub mod template;
 pub mod userns;
