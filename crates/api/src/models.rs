@@ -39,30 +39,16 @@ pub struct NewSandbox {
     pub volume_mounts: Option<serde_json::Value>,
 }
 
-/// Whether a JSON value asks for something (not null, not an empty list, object or string).
-pub(crate) fn given(v: &Option<serde_json::Value>) -> bool {
-    match v {
-        None | Some(serde_json::Value::Null) => false,
-        Some(serde_json::Value::Array(a)) => !a.is_empty(),
-        Some(serde_json::Value::Object(o)) => !o.is_empty(),
-        Some(serde_json::Value::String(s)) => !s.is_empty(),
-        Some(_) => true,
-    }
-}
-
 impl NewSandbox {
     /// The first feature asked for that Warren does not have, as the message of a 400.
     pub fn unsupported(&self) -> Option<String> {
-        if given(&self.mcp) {
-            return Some("mcp: Warren has no MCP gateway; leave `mcp` out".into());
-        }
-        if given(&self.iam) {
-            return Some("iam: Warren has no workload identity; leave `iam` out".into());
-        }
-        if given(&self.volume_mounts) {
-            return Some("volumeMounts: Warren has no volumes; leave `volumeMounts` out".into());
-        }
-        self.network.as_ref().and_then(|n| n.unsupported())
+        let network = self.network.as_ref().map(|n| n.refusable());
+        warren_core::e2b_features::refused_create_features(&serde_json::json!({
+            "mcp": self.mcp,
+            "iam": self.iam,
+            "volumeMounts": self.volume_mounts,
+            "network": network,
+        }))
     }
 }
 

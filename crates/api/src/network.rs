@@ -46,33 +46,14 @@ pub struct NetworkConfigJson {
 }
 
 impl NetworkConfigJson {
-    /// The first part asked for that Warren does not have, as the message of a 400.
-    pub fn unsupported(&self) -> Option<String> {
-        use crate::models::given;
-        if given(&self.egress_proxy) {
-            return Some(
-                "network.egressProxy: Warren does not tunnel egress through a proxy; leave it out"
-                    .into(),
-            );
-        }
-        if given(&self.rules) {
-            return Some(
-                "network.rules: Warren does not transform egress requests; leave them out".into(),
-            );
-        }
-        if given(&self.mask_request_host) {
-            return Some(
-                "network.maskRequestHost: Warren's router keeps the request's host; leave it out"
-                    .into(),
-            );
-        }
-        if given(&self.https_ports) {
-            return Some(
-                "network.httpsPorts: Warren's router speaks plain HTTP to the sandbox; leave it out"
-                    .into(),
-            );
-        }
-        None
+    /// The fields Warren refuses, as JSON for [`warren_core::e2b_features`].
+    pub fn refusable(&self) -> serde_json::Value {
+        serde_json::json!({
+            "egressProxy": self.egress_proxy,
+            "rules": self.rules,
+            "maskRequestHost": self.mask_request_host,
+            "httpsPorts": self.https_ports,
+        })
     }
 
     pub fn into_request(self) -> NetworkRequest {
@@ -170,12 +151,10 @@ pub async fn update_network(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<NetworkUpdateJson>,
 ) -> Result<StatusCode, ApiError> {
-    let refused = NetworkConfigJson {
-        egress_proxy: body.egress_proxy,
-        rules: body.rules,
-        ..Default::default()
-    }
-    .unsupported();
+    let refused = warren_core::e2b_features::refused_network_features(&serde_json::json!({
+        "egressProxy": body.egress_proxy,
+        "rules": body.rules,
+    }));
     if let Some(msg) = refused {
         return Err(ApiError::bad_request(msg));
     }

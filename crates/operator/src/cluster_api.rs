@@ -608,7 +608,12 @@ async fn h_create(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check_key(&api, &headers)?;
-    let req: NewSandbox = serde_json::from_slice(&body)
+    let raw: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?;
+    if let Some(msg) = warren_core::e2b_features::refused_create_features(&raw) {
+        return Err(ApiError::new(400, msg));
+    }
+    let req: NewSandbox = serde_json::from_value(raw)
         .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?;
     let s = api.create(req).await?;
     Ok((StatusCode::CREATED, Json(s)).into_response())

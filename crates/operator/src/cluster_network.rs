@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
-/// E2B's `SandboxNetworkConfig` in a create body. Other fields of it are ignored, as in
-/// single-host mode.
+/// E2B's `SandboxNetworkConfig` in a create body. What Warren lacks (`egressProxy`, `rules`,
+/// ...) was refused before, by `warren_core::e2b_features`, as in single-host mode.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfigJson {
@@ -195,7 +195,12 @@ pub async fn h_update_network(
     let body: NetworkUpdateJson = if body.is_empty() {
         NetworkUpdateJson::default()
     } else {
-        serde_json::from_slice(&body)
+        let raw: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?;
+        if let Some(msg) = warren_core::e2b_features::refused_network_features(&raw) {
+            return Err(ApiError::new(400, msg));
+        }
+        serde_json::from_value(raw)
             .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))?
     };
     let want = checked(

@@ -283,6 +283,35 @@ async fn bad_input_and_bad_keys_get_e2b_errors_without_api_calls() {
         .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["message"].as_str().unwrap().contains("timeout"));
+    // What Warren lacks is refused as in single-host mode, before any API call.
+    for (req, named) in [
+        (
+            json!({"templateID": "base", "volumeMounts": [{"name": "v"}]}),
+            "volumeMounts",
+        ),
+        (
+            json!({"templateID": "base", "network": {"egressProxy": {"address": "p:1"}}}),
+            "egressProxy",
+        ),
+    ] {
+        let (status, body) = call(&api, "POST", "/sandboxes", req).await.await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["message"].as_str().unwrap().contains(named), "{body}");
+    }
+    let (status, body) = call(
+        &api,
+        "PUT",
+        "/sandboxes/sb1/network",
+        json!({"rules": {"a.com": []}}),
+    )
+    .await
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("rules"),
+        "{body}"
+    );
     let app = router(api.clone(), None);
     let resp = app
         .oneshot(
