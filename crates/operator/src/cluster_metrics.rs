@@ -110,7 +110,7 @@ impl ClusterApi {
             ApiError::new(
                 501,
                 "metrics need the node agents: this API replica has no node agent token \
-                 (WARREN_NODE_AGENT_TOKEN_FILE)",
+                 (WARREN_NODE_AGENT_METRICS_TOKEN_FILE: create the chart's metrics token Secret)",
             )
         })?;
         let node = st
@@ -161,15 +161,25 @@ pub(super) async fn h_metrics(
 }
 
 /// The client of the node agents for an API replica: the same as the operator's (the node's
-/// `InternalIP` and the agents' port), with the bearer token from the file named by
-/// `WARREN_NODE_AGENT_TOKEN_FILE`. Unset: none (metrics answer 501, saying why).
+/// `InternalIP` and the agents' port), with the agents' read-only metrics token from the file
+/// named by `WARREN_NODE_AGENT_METRICS_TOKEN_FILE` (the chart mounts an optional Secret there),
+/// or else their full token from `WARREN_NODE_AGENT_TOKEN_FILE`. Neither: none (metrics answer
+/// 501, saying why).
 pub(super) fn agent_from_env(client: kube::Client) -> anyhow::Result<Option<Arc<dyn NodeAgent>>> {
     use anyhow::Context as _;
-    let Some(p) = std::env::var_os("WARREN_NODE_AGENT_TOKEN_FILE") else {
+    let file = [
+        "WARREN_NODE_AGENT_METRICS_TOKEN_FILE",
+        "WARREN_NODE_AGENT_TOKEN_FILE",
+    ]
+    .iter()
+    .filter_map(std::env::var_os)
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists());
+    let Some(p) = file else {
         return Ok(None);
     };
     let token = std::fs::read_to_string(&p)
-        .with_context(|| format!("reading the node agent token {}", p.to_string_lossy()))?
+        .with_context(|| format!("reading the node agent token {}", p.display()))?
         .trim()
         .to_string();
     let port = match std::env::var("WARREN_NODE_AGENT_PORT") {

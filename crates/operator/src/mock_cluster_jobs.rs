@@ -553,7 +553,7 @@ async fn metrics_without_node_agents_say_why() {
         .await
         .ok(running("sb1", 10));
     let (status, body) = task.await.unwrap();
-    assert_error(status, &body, 501, "WARREN_NODE_AGENT_TOKEN_FILE");
+    assert_error(status, &body, 501, "WARREN_NODE_AGENT_METRICS_TOKEN_FILE");
 }
 
 #[tokio::test]

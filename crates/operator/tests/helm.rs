@@ -138,6 +138,8 @@ fn chart_renders_to_valid_manifests() {
             "ServiceAccount",
             "Role",
             "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "DaemonSet",
             "Deployment",
             "ClusterRole",
@@ -235,8 +237,7 @@ fn chart_renders_to_valid_manifests() {
 #[test]
 fn rbac_grants_what_the_operator_calls_and_no_more() {
     let docs = rendered();
-    let cr: Vec<ClusterRole> = one(&docs, "ClusterRole");
-    assert_eq!(cr.len(), 1, "only the operator is cluster-wide");
+    let cr: Vec<ClusterRole> = vec![named(&docs, "ClusterRole", "warren-operator")];
     let rules = cr[0].rules.clone().unwrap();
     // Every API call in sandbox.rs, sandboxset.rs and controller.rs (watches need list+watch;
     // events are created, then patched when they repeat).
@@ -310,7 +311,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
     for verb in ["get", "create", "patch"] {
         assert!(allows(&lease_rules, "coordination.k8s.io", "leases", verb));
     }
-    let crb: Vec<ClusterRoleBinding> = one(&docs, "ClusterRoleBinding");
+    let crb: Vec<ClusterRoleBinding> = vec![named(&docs, "ClusterRoleBinding", "warren-operator")];
     let rb: RoleBinding = named(&docs, "RoleBinding", "warren-operator-lease");
     assert_eq!(crb[0].role_ref.name, cr[0].metadata.name.clone().unwrap());
     assert_eq!(rb.role_ref.name, role.metadata.name.clone().unwrap());
@@ -360,13 +361,38 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
     assert_eq!(args[0], "api");
-    // The API derives envd tokens from the operator's key, and holds no node-agent token.
+    // The API derives envd tokens from the operator's key, and holds no node-agent token but
+    // the optional read-only one that opens the agents' metrics.
     let volumes = pod.volumes.clone().unwrap();
     let secrets: Vec<String> = volumes
         .iter()
         .filter_map(|v| v.secret.as_ref().map(|s| s.secret_name.clone().unwrap()))
         .collect();
-    assert_eq!(secrets, ["warren-api-key", "warren-envd-key"]);
+    assert_eq!(
+        secrets,
+        [
+            "warren-api-key",
+            "warren-envd-key",
+            "warren-node-agent-metrics-token"
+        ]
+    );
+    let metrics = volumes.iter().find(|v| v.name == "metrics-token").unwrap();
+    assert_eq!(metrics.secret.as_ref().unwrap().optional, Some(true));
+    let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+    assert!(env.contains(&"WARREN_NODE_AGENT_METRICS_TOKEN_FILE".to_string()));
+    // Cluster-wide only to find the agents: get on Nodes, nothing else.
+    let nodes: ClusterRole = named(&docs, "ClusterRole", "warren-api-nodes");
+    let node_rules = nodes.rules.unwrap();
+    assert!(allows(&node_rules, "", "nodes", "get"));
+    assert_eq!(node_rules.len(), 1);
+    assert_eq!(node_rules[0].verbs, ["get"]);
+    assert_eq!(
+        node_rules[0].resources.as_deref(),
+        Some(&["nodes".to_string()][..])
+    );
+    let nb: ClusterRoleBinding = named(&docs, "ClusterRoleBinding", "warren-api-nodes");
+    assert_eq!(nb.role_ref.name, "warren-api-nodes");
+    assert_eq!(nb.subjects.unwrap()[0].name, "warren-api");
     assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren-operator"))
         .args(&args)
