@@ -7,18 +7,18 @@
 //! between the dump and the status write gets the first dump back instead of a second one.
 
 use crate::agent::{node_id, AgentError, CheckpointRequest};
-use crate::conditions::{self, condition};
+use crate::conditions;
 use crate::controller::Context;
-use crate::crd::{Checkpoint, CheckpointPhase, CheckpointStatus, Sandbox, API_VERSION};
+use crate::crd::{Checkpoint, CheckpointPhase, CheckpointStatus, Sandbox};
 use crate::error::is_not_found;
 use crate::jobs::{self, Target};
-use crate::{Error, FIELD_MANAGER};
+use crate::jobstatus::{status, write};
+use crate::Error;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,22 +29,6 @@ pub const WAIT_POLL: Duration = Duration::from_secs(5);
 /// `Ready` reason of a Terminating Checkpoint whose images the node agent refuses to delete, as
 /// sandboxes or checkpoints on the node still stack them; the message is the agent's.
 pub const REASON_IN_USE: &str = "InUse";
-
-async fn patch_status(
-    api: &Api<Checkpoint>,
-    name: &str,
-    st: &CheckpointStatus,
-) -> Result<(), Error> {
-    let body = json!({"apiVersion": API_VERSION, "kind": "Checkpoint", "status": st});
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map_err(Error::kube("patch status of", "Checkpoint", name))?;
-    Ok(())
-}
 
 pub async fn reconcile(cp: Arc<Checkpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = cp.namespace().ok_or(Error::MissingField {
@@ -68,46 +52,6 @@ pub async fn reconcile(cp: Arc<Checkpoint>, ctx: Arc<Context>) -> Result<Action,
             source: Box::new(other),
         },
     })
-}
-
-/// A status of `phase` with Ready (`True` only for Succeeded) of `reason`.
-fn status(cp: &Checkpoint, phase: CheckpointPhase, reason: &str, msg: String) -> CheckpointStatus {
-    let old = cp.status.clone().unwrap_or_default();
-    let gen = cp.meta().generation;
-    CheckpointStatus {
-        observed_generation: gen,
-        phase,
-        message: Some(msg.clone()).filter(|m| !m.is_empty()),
-        conditions: vec![condition(
-            &old.conditions,
-            "Ready",
-            phase == CheckpointPhase::Succeeded,
-            reason,
-            msg,
-            gen,
-            &conditions::now(),
-        )],
-        ..old
-    }
-}
-
-async fn write(
-    ctx: &Context,
-    api: &Api<Checkpoint>,
-    cp: &Checkpoint,
-    st: CheckpointStatus,
-) -> Result<(), Error> {
-    let old = cp.status.clone().unwrap_or_default();
-    let same = old.phase == st.phase
-        && old.message == st.message
-        && conditions::find(&old.conditions, "Ready").map(|c| &c.reason)
-            == conditions::find(&st.conditions, "Ready").map(|c| &c.reason);
-    if !same || old.checkpoint_id != st.checkpoint_id {
-        patch_status(api, &cp.name_any(), &st).await?;
-        ctx.publish_failure(cp, &old.conditions, &st.conditions)
-            .await;
-    }
-    Ok(())
 }
 
 async fn apply(cp: Arc<Checkpoint>, ctx: &Context, api: &Api<Checkpoint>) -> Result<Action, Error> {

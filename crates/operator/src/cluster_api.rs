@@ -33,6 +33,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+// Checkpoints, commits and metrics (their own files; children, so they share this module's
+// private helpers).
+#[path = "cluster_jobs.rs"]
+mod jobs;
+#[path = "cluster_metrics.rs"]
+mod metrics;
+pub use jobs::{checkpoint_json, commit_json};
+pub use metrics::MetricJson;
 // E2B snapshots, and forks of them (`templateID` naming a Checkpoint).
 #[path = "cluster_snapshots.rs"]
 pub mod snapshots;
@@ -66,6 +74,8 @@ pub struct ClusterApi {
     pub envd_port: u16,
     /// Hands a claimed member its client's env vars (envd's `POST /init`).
     pub envd: Arc<dyn warren_core::envd_client::EnvdClient>,
+    /// The node agents, for metrics; `None`: metrics answer 501.
+    pub agent: Option<Arc<dyn crate::agent::NodeAgent>>,
     http: HttpClient<HttpConnector, Body>,
 }
 
@@ -81,6 +91,7 @@ impl ClusterApi {
             envd_key: None,
             envd_port: warren_runtime::ENVD_PORT,
             envd: Arc::new(warren_core::envd_client::HttpEnvdClient::default()),
+            agent: None,
             http: HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new()),
         }
     }
@@ -730,6 +741,27 @@ pub fn router(api: Arc<ClusterApi>, domain: Option<String>) -> Router {
         .route("/sandboxes/{id}/connect", post(h_resume))
         .route("/v2/sandboxes/{id}/connect", post(h_resume))
         .route("/sandboxes/{id}/timeout", post(h_timeout))
+        .route("/sandboxes/{id}/metrics", get(metrics::h_metrics))
+        .route(
+            "/warren/v1/checkpoints",
+            get(jobs::h_list_checkpoints).post(jobs::h_create_checkpoint),
+        )
+        .route(
+            "/warren/v1/checkpoints/{name}",
+            get(jobs::h_get_checkpoint)
+                .put(jobs::h_apply_checkpoint)
+                .delete(jobs::h_delete_checkpoint),
+        )
+        .route(
+            "/warren/v1/commits",
+            get(jobs::h_list_commits).post(jobs::h_create_commit),
+        )
+        .route(
+            "/warren/v1/commits/{name}",
+            get(jobs::h_get_commit)
+                .put(jobs::h_apply_commit)
+                .delete(jobs::h_delete_commit),
+        )
         .route(
             "/sandboxes/{id}/network",
             axum::routing::put(crate::cluster_network::h_update_network),
@@ -777,8 +809,9 @@ pub async fn serve(
     if envd_key.is_none() {
         tracing::warn!("no envd key: sandboxes' envd accepts calls without an access token");
     }
-    let mut api = ClusterApi::new(client, &ns, api_key);
+    let mut api = ClusterApi::new(client.clone(), &ns, api_key);
     api.envd_key = envd_key;
+    api.agent = metrics::agent_from_env(client)?;
     let api = Arc::new(api);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -6,17 +6,17 @@
 //! finalizer is needed.
 
 use crate::agent::{node_id, AgentError, CommitRequest};
-use crate::conditions::{self, condition};
+use crate::conditions;
 use crate::controller::Context;
-use crate::crd::{Commit, CommitStatus, JobPhase, Sandbox, API_VERSION};
+use crate::crd::{Commit, CommitStatus, JobPhase, Sandbox};
 use crate::error::is_not_found;
 use crate::jobs::{self, Target};
-use crate::{Error, FIELD_MANAGER};
+use crate::jobstatus::{status, write};
+use crate::Error;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,50 +39,6 @@ pub fn validate(spec: &crate::crd::CommitSpec) -> Result<Option<Duration>, Strin
         .as_deref()
         .map(|t| jobs::parse_ttl("spec.ttl", t))
         .transpose()
-}
-
-fn status(c: &Commit, phase: JobPhase, reason: &str, msg: String) -> CommitStatus {
-    let old = c.status.clone().unwrap_or_default();
-    let gen = c.meta().generation;
-    CommitStatus {
-        observed_generation: gen,
-        phase,
-        message: Some(msg.clone()).filter(|m| !m.is_empty()),
-        conditions: vec![condition(
-            &old.conditions,
-            "Ready",
-            phase == JobPhase::Succeeded,
-            reason,
-            msg,
-            gen,
-            &conditions::now(),
-        )],
-        ..old
-    }
-}
-
-async fn write(
-    ctx: &Context,
-    api: &Api<Commit>,
-    c: &Commit,
-    st: CommitStatus,
-) -> Result<(), Error> {
-    let old = c.status.clone().unwrap_or_default();
-    if old == st {
-        return Ok(());
-    }
-    let name = c.name_any();
-    let body = json!({"apiVersion": API_VERSION, "kind": "Commit", "status": st});
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map_err(Error::kube("patch status of", "Commit", &name))?;
-    ctx.publish_failure(c, &old.conditions, &st.conditions)
-        .await;
-    Ok(())
 }
 
 async fn finished(

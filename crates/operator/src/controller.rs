@@ -93,7 +93,16 @@ impl Context {
         if conditions::find(old, "Ready").is_some_and(|o| o.reason == c.reason) {
             return;
         }
-        let mut note = c.message.clone();
+        self.warn(obj, &c.reason, c.message.clone()).await;
+    }
+
+    /// Publishes a Warning event with `reason` and `note` on `obj`. Best effort, like
+    /// [`Context::publish_failure`].
+    pub(crate) async fn warn<K>(&self, obj: &K, reason: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let mut note = note;
         // events.k8s.io/v1 refuses notes over 1 kB.
         if note.len() > 1024 {
             let mut cut = 1024;
@@ -104,13 +113,13 @@ impl Context {
         }
         let ev = KubeEvent {
             type_: EventType::Warning,
-            reason: c.reason.clone(),
+            reason: reason.into(),
             note: Some(note),
             action: "Reconcile".into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason = %c.reason, "cannot publish event");
+            tracing::warn!(error = %e, reason = %reason, "cannot publish event");
         }
     }
 
@@ -151,6 +160,8 @@ pub const FAILURE_REASONS: &[&str] = &[
     "ReconcileFailed",
     "NodeLost",
     "PodLost",
+    "PodDeleted",
+    "Evicted",
     "SandboxNotFound",
     "SandboxFailed",
     "CheckpointFailed",
@@ -354,7 +365,23 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             tracing::debug!(error = %e, "commit controller");
         }
     });
-    futures::join!(sets, sandboxes, scalers, checkpoints, commits);
+    // Sandbox Pods whose Sandbox is gone, so that the node-agent finalizer never sticks.
+    let orphans = Controller::new(
+        api::<Pod>(&client, namespace),
+        watcher::Config::default().labels(LABEL_SANDBOX),
+    )
+    .shutdown_on_signal()
+    .run(
+        crate::podfinalizer::reconcile_pod,
+        job_error_policy::<Pod>,
+        ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "sandbox pod controller");
+        }
+    });
+    futures::join!(sets, sandboxes, scalers, checkpoints, commits, orphans);
 }
 
 #[cfg(test)]

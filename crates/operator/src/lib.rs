@@ -19,9 +19,11 @@ pub mod disk;
 pub mod error;
 pub mod fork;
 pub mod jobs;
+pub mod jobstatus;
 pub mod leader;
 pub mod node_images;
 pub mod nodeloss;
+pub mod podfinalizer;
 pub mod registry_auth;
 pub mod sandbox;
 pub mod sandbox_agent;
@@ -39,6 +41,8 @@ mod mock_cluster_api;
 #[cfg(test)]
 mod mock_cluster_forks;
 #[cfg(test)]
+mod mock_cluster_jobs;
+#[cfg(test)]
 mod mock_cluster_snapshots;
 #[cfg(test)]
 mod mock_fork;
@@ -46,6 +50,8 @@ mod mock_fork;
 mod mock_network;
 #[cfg(test)]
 mod mock_nodeloss;
+#[cfg(test)]
+mod mock_podfinalizer;
 
 pub use error::Error;
 

@@ -140,11 +140,15 @@ async fn an_evicted_pod_is_not_recreated_under_a_claimed_sandbox() {
     // No POST of a new pod: the reconcile is over.
     task.await.unwrap().unwrap();
 
-    // Next reconcile of the lost sandbox: no request at all (a request would never be answered
-    // and the task would time out).
+    // Next reconcile of the lost sandbox: only a look for a Pod left to release (see
+    // podfinalizer.rs), never a POST of a new one (an unanswered request times the task out).
     let mut lost = s.clone();
     lost.status = Some(serde_json::from_value(st).unwrap());
-    let res = reconcile_sandbox(Arc::new(lost), ctx).await.unwrap();
+    let task = run(reconcile_sandbox(Arc::new(lost), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .status_error(404, "NotFound", "pods \"sb1\" not found");
+    let res = task.await.unwrap().unwrap();
     assert_eq!(res, Action::requeue(Duration::from_secs(300)));
 }
 
@@ -198,6 +202,13 @@ async fn deleting_a_sandbox_of_a_dead_node_force_deletes_its_stuck_pod() {
     api.expect("GET", &format!("{NODES}/node-a"))
         .await
         .ok(node("Unknown", "2025-12-31T00:00:00Z"));
+    // The node agent's finalizer goes without a call: nothing is left on a dead node.
+    let call = api.expect("PATCH", &format!("{PODS}/sb1")).await;
+    assert_eq!(
+        call.body[1],
+        json!({"op": "remove", "path": "/metadata/finalizers/0"})
+    );
+    call.ok(pod.clone());
     let call = api.expect("DELETE", &format!("{PODS}/sb1")).await;
     assert_eq!(call.body["gracePeriodSeconds"], 0, "{}", call.body);
     assert_eq!(call.body["preconditions"]["uid"], "pod-uid");

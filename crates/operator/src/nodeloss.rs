@@ -25,8 +25,15 @@ pub const NODE_UNREACHABLE: &str = "NodeUnreachable";
 pub fn is_lost(status: Option<&SandboxStatus>) -> bool {
     status.is_some_and(|s| {
         s.phase == SandboxPhase::Failed
-            && conditions::find(&s.conditions, "Ready")
-                .is_some_and(|c| c.reason == NODE_LOST || c.reason == POD_LOST)
+            && conditions::find(&s.conditions, "Ready").is_some_and(|c| {
+                [
+                    NODE_LOST,
+                    POD_LOST,
+                    crate::podfinalizer::POD_DELETED,
+                    crate::podfinalizer::EVICTED,
+                ]
+                .contains(&c.reason.as_str())
+            })
     })
 }
 

@@ -162,6 +162,9 @@ pub fn build_pod(sbx: &Sandbox, config: &PodConfig) -> Result<Pod, Error> {
             name: Some(name.clone()),
             namespace: sbx.meta().namespace.clone(),
             labels: Some(BTreeMap::from([(LABEL_SANDBOX.to_string(), name)])),
+            // Held for the node agent (see crate::podfinalizer): whoever deletes the Pod, it
+            // stays until the sandbox's node state is cleaned.
+            finalizers: Some(vec![crate::podfinalizer::POD_FINALIZER.into()]),
             owner_references: Some(vec![OwnerReference {
                 api_version: API_VERSION.into(),
                 kind: "Sandbox".into(),
@@ -203,7 +206,7 @@ pub fn build_pod(sbx: &Sandbox, config: &PodConfig) -> Result<Pod, Error> {
     })
 }
 
-fn owned_by(pod: &Pod, sbx: &Sandbox) -> bool {
+pub(crate) fn owned_by(pod: &Pod, sbx: &Sandbox) -> bool {
     let uid = sbx.meta().uid.as_deref();
     pod.owner_references()
         .iter()
@@ -474,6 +477,7 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
     let requeue = Action::requeue(next.map_or(idle, |d| d.min(idle)));
     // Final: never a new Pod (a new, empty sandbox) under the id of one that was lost.
     if nodeloss::is_lost(sbx.status.as_ref()) {
+        crate::podfinalizer::release_if_deleting(&sbx, ctx).await?;
         return Ok(requeue);
     }
 
@@ -541,6 +545,10 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
                 }
             }
         };
+    // Deleted under the Sandbox (eviction, drain, kubectl delete pod): lost, then released.
+    if owned_by(&pod, &sbx) && pod.meta().deletion_timestamp.is_some() {
+        return crate::podfinalizer::pod_deleted(&sbx, &pod, ctx, &api, requeue).await;
+    }
     let mut st = observe(&sbx, Some(&pod), &now);
     let mut action = requeue;
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -638,10 +646,18 @@ pub async fn cleanup(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> 
             }
         }
     }
+    if let (Some(_), None) = (&pod.meta().deletion_timestamp, &node) {
+        // Never placed: nothing ran, nothing to clean.
+        crate::podfinalizer::release(&pod, &sbx, ctx, false).await?;
+    }
     if let (Some(_), Some(node)) = (&pod.meta().deletion_timestamp, node) {
+        let lost = matches!(node_health(ctx, &node).await?, NodeHealth::Lost(_));
+        // The node agent's finalizer: the sandbox's node state is cleaned (unless the node is
+        // lost) before the Pod may go.
+        crate::podfinalizer::release(&pod, &sbx, ctx, lost).await?;
         // A Pod on a dead node stays Terminating forever (no kubelet confirms it): nothing is
         // left to clean there, so delete it for good.
-        if let NodeHealth::Lost(_) = node_health(ctx, &node).await? {
+        if lost {
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
                 preconditions: Some(Preconditions {

@@ -138,6 +138,8 @@ fn chart_renders_to_valid_manifests() {
             "ServiceAccount",
             "Role",
             "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "DaemonSet",
             "Deployment",
             "ClusterRole",
@@ -235,8 +237,7 @@ fn chart_renders_to_valid_manifests() {
 #[test]
 fn rbac_grants_what_the_operator_calls_and_no_more() {
     let docs = rendered();
-    let cr: Vec<ClusterRole> = one(&docs, "ClusterRole");
-    assert_eq!(cr.len(), 1, "only the operator is cluster-wide");
+    let cr: Vec<ClusterRole> = vec![named(&docs, "ClusterRole", "warren-operator")];
     let rules = cr[0].rules.clone().unwrap();
     // Every API call in sandbox.rs, sandboxset.rs and controller.rs (watches need list+watch;
     // events are created, then patched when they repeat).
@@ -262,6 +263,8 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
         ("", "pods", "watch"),
         ("", "pods", "create"),
         ("", "pods", "delete"),
+        // Removes the node agent's finalizer from deleted sandbox Pods.
+        ("", "pods", "patch"),
         ("", "nodes", "get"),
         // The dockerconfigjson Secrets a Commit names, read for its push (registry_auth.rs).
         ("", "secrets", "get"),
@@ -297,7 +300,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
     // The autoscaler changes replicas through /scale, never the whole set.
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "update"));
     assert!(!allows(&rules, "warren.dev", "sandboxsets", "patch"));
-    assert!(!allows(&rules, "", "pods", "patch"));
+    assert!(!allows(&rules, "", "pods", "update"));
     for verb in ["list", "watch", "patch", "update", "delete"] {
         assert!(!allows(&rules, "", "nodes", verb), "{verb} nodes");
     }
@@ -308,7 +311,7 @@ fn rbac_grants_what_the_operator_calls_and_no_more() {
     for verb in ["get", "create", "patch"] {
         assert!(allows(&lease_rules, "coordination.k8s.io", "leases", verb));
     }
-    let crb: Vec<ClusterRoleBinding> = one(&docs, "ClusterRoleBinding");
+    let crb: Vec<ClusterRoleBinding> = vec![named(&docs, "ClusterRoleBinding", "warren-operator")];
     let rb: RoleBinding = named(&docs, "RoleBinding", "warren-operator-lease");
     assert_eq!(crb[0].role_ref.name, cr[0].metadata.name.clone().unwrap());
     assert_eq!(rb.role_ref.name, role.metadata.name.clone().unwrap());
@@ -358,13 +361,38 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
     assert_eq!(args[0], "api");
-    // The API derives envd tokens from the operator's key, and holds no node-agent token.
+    // The API derives envd tokens from the operator's key, and holds no node-agent token but
+    // the optional read-only one that opens the agents' metrics.
     let volumes = pod.volumes.clone().unwrap();
     let secrets: Vec<String> = volumes
         .iter()
         .filter_map(|v| v.secret.as_ref().map(|s| s.secret_name.clone().unwrap()))
         .collect();
-    assert_eq!(secrets, ["warren-api-key", "warren-envd-key"]);
+    assert_eq!(
+        secrets,
+        [
+            "warren-api-key",
+            "warren-envd-key",
+            "warren-node-agent-metrics-token"
+        ]
+    );
+    let metrics = volumes.iter().find(|v| v.name == "metrics-token").unwrap();
+    assert_eq!(metrics.secret.as_ref().unwrap().optional, Some(true));
+    let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+    assert!(env.contains(&"WARREN_NODE_AGENT_METRICS_TOKEN_FILE".to_string()));
+    // Cluster-wide only to find the agents: get on Nodes, nothing else.
+    let nodes: ClusterRole = named(&docs, "ClusterRole", "warren-api-nodes");
+    let node_rules = nodes.rules.unwrap();
+    assert!(allows(&node_rules, "", "nodes", "get"));
+    assert_eq!(node_rules.len(), 1);
+    assert_eq!(node_rules[0].verbs, ["get"]);
+    assert_eq!(
+        node_rules[0].resources.as_deref(),
+        Some(&["nodes".to_string()][..])
+    );
+    let nb: ClusterRoleBinding = named(&docs, "ClusterRoleBinding", "warren-api-nodes");
+    assert_eq!(nb.role_ref.name, "warren-api-nodes");
+    assert_eq!(nb.subjects.unwrap()[0].name, "warren-api");
     assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren-operator"))
         .args(&args)
@@ -399,9 +427,24 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
     for verb in ["get", "list", "create", "update", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "sandboxes", verb), "{verb}");
     }
-    // Snapshots and forks (cluster_snapshots.rs, cluster_forks.rs).
+    // Snapshots and forks (cluster_snapshots.rs, cluster_forks.rs) and /warren/v1/checkpoints
+    // (cluster_jobs.rs).
     for verb in ["get", "list", "create", "patch", "delete"] {
         assert!(allows(&rules, "warren.dev", "checkpoints", verb), "{verb}");
+    }
+    assert!(!allows(&rules, "warren.dev", "checkpoints", "update"));
+    // /warren/v1/commits (cluster_jobs.rs).
+    for verb in ["get", "list", "create", "delete"] {
+        assert!(
+            allows(&rules, "warren.dev", "commits", verb),
+            "{verb} commits"
+        );
+    }
+    for verb in ["update", "patch"] {
+        assert!(
+            !allows(&rules, "warren.dev", "commits", verb),
+            "{verb} commits"
+        );
     }
     assert!(!allows(&rules, "warren.dev", "checkpoints/status", "patch"));
     // Cold starts read the SandboxSet a templateID names, and nothing more of it.

@@ -288,6 +288,26 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
             numbers(&read_in_sandbox(pid, "/tmp/count")).len() > 3
         });
 
+        // Metrics: the sandbox's own cgroup and upper dir, read with the single-host code.
+        std::thread::sleep(Duration::from_millis(200));
+        let m = agent.metrics(NODE, &id).await.expect("metrics");
+        assert!(m.cpu_usage_ns > 0, "{m:?}");
+        assert!(m.memory_bytes > 0, "{m:?}");
+        assert!(
+            m.disk_bytes > 0,
+            "the counter's file is in the upper dir: {m:?}"
+        );
+        let later = agent.metrics(NODE, &id).await.unwrap();
+        assert!(
+            later.cpu_usage_ns >= m.cpu_usage_ns,
+            "cumulative: {later:?}"
+        );
+        assert!(agent
+            .metrics(NODE, "nosuchsandbox")
+            .await
+            .unwrap_err()
+            .is_not_found());
+
         // Pause: nothing counts, envd does not answer; resume: it counts again.
         agent.pause(NODE, &id).await.expect("pause");
         let frozen = numbers(&read_in_sandbox(pid, "/tmp/count")).len();

@@ -35,6 +35,50 @@ pub struct MetricPoint {
     pub disk_total: u64,
 }
 
+/// What a sandbox was given, for [`metric_point`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxSize {
+    pub cpu_count: u32,
+    pub memory_mb: u64,
+    /// 0 when uncapped (then `disk_total` is what the sandbox's file system reports).
+    pub disk_mb: u64,
+}
+
+/// The point for cumulative `stats` sampled at `now`, with CPU averaged since `previous` (the
+/// time and `cpu_usage_ns` of the last sample, or the sandbox's start and 0). Also what the
+/// cluster API answers from a node agent's sample.
+pub fn metric_point(
+    now: DateTime<Utc>,
+    previous: (DateTime<Utc>, u64),
+    size: SandboxSize,
+    stats: &SandboxStats,
+) -> MetricPoint {
+    let (since, used_before) = previous;
+    let wall_ns = (now - since).num_nanoseconds().unwrap_or(0).max(0) as f64;
+    let cpus = size.cpu_count.max(1) as f64;
+    let used_ns = stats.cpu_usage_ns.saturating_sub(used_before) as f64;
+    let pct = if wall_ns > 0.0 {
+        (used_ns / (wall_ns * cpus) * 100.0).clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
+    MetricPoint {
+        timestamp: now,
+        cpu_count: size.cpu_count,
+        cpu_used_pct: (pct * 100.0).round() / 100.0,
+        mem_used: stats.memory_bytes.saturating_sub(stats.memory_cache_bytes),
+        mem_total: size.memory_mb * 1024 * 1024,
+        mem_cache: stats.memory_cache_bytes,
+        disk_used: stats.disk_bytes,
+        // The sandbox's file system as it reports itself (what `df /` shows inside, a bit
+        // under the cap: ext4 keeps its journal and tables); the recorded size otherwise.
+        disk_total: match stats.disk_total_bytes {
+            0 => size.disk_mb * 1024 * 1024,
+            n => n,
+        },
+    }
+}
+
 #[derive(Default)]
 struct Series {
     last: Option<(DateTime<Utc>, SandboxStats)>,
@@ -54,33 +98,16 @@ impl MetricsBook {
         let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let s = all.entry(rec.id.clone()).or_default();
         // The first point averages over the sandbox's whole life so far.
-        let (since, used_before) = s
+        let previous = s
             .last
             .map(|(t, st)| (t, st.cpu_usage_ns))
             .unwrap_or((rec.started_at, 0));
-        let wall_ns = (now - since).num_nanoseconds().unwrap_or(0).max(0) as f64;
-        let cpus = rec.cpu_count.max(1) as f64;
-        let used_ns = stats.cpu_usage_ns.saturating_sub(used_before) as f64;
-        let pct = if wall_ns > 0.0 {
-            (used_ns / (wall_ns * cpus) * 100.0).clamp(0.0, 100.0)
-        } else {
-            0.0
-        };
-        let point = MetricPoint {
-            timestamp: now,
+        let size = SandboxSize {
             cpu_count: rec.cpu_count,
-            cpu_used_pct: (pct * 100.0).round() / 100.0,
-            mem_used: stats.memory_bytes.saturating_sub(stats.memory_cache_bytes),
-            mem_total: rec.memory_mb * 1024 * 1024,
-            mem_cache: stats.memory_cache_bytes,
-            disk_used: stats.disk_bytes,
-            // The sandbox's file system as it reports itself (what `df /` shows inside, a bit
-            // under the cap: ext4 keeps its journal and tables); the recorded size otherwise.
-            disk_total: match stats.disk_total_bytes {
-                0 => rec.disk_mb * 1024 * 1024,
-                n => n,
-            },
+            memory_mb: rec.memory_mb,
+            disk_mb: rec.disk_mb,
         };
+        let point = metric_point(now, previous, size, &stats);
         s.last = Some((now, stats));
         if s.points.len() == KEPT_SAMPLES {
             s.points.pop_front();

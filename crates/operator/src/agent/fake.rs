@@ -97,6 +97,20 @@ impl NodeAgent for FakeAgent {
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError> {
         self.call("delete", node, id)
     }
+    async fn metrics(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<warren_runtime::SandboxStats, AgentError> {
+        self.call("metrics", node, id)?;
+        Ok(warren_runtime::SandboxStats {
+            cpu_usage_ns: 3_000_000_000,
+            memory_bytes: 96 << 20,
+            memory_cache_bytes: 32 << 20,
+            disk_bytes: 4 << 20,
+            disk_total_bytes: 0,
+        })
+    }
     async fn update_network(
         &self,
         node: &str,

@@ -247,6 +247,19 @@ impl NodeAgent for HttpNodeAgent {
             .await?;
         Ok(())
     }
+    async fn metrics(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<warren_runtime::SandboxStats, AgentError> {
+        self.call(
+            node,
+            Method::GET,
+            &format!("/v1/sandboxes/{}/metrics", enc(id)),
+            None,
+        )
+        .await
+    }
     async fn update_network(
         &self,
         node: &str,

@@ -627,6 +627,14 @@ impl NodeAgent for LocalAgent {
         tracing::info!(sandbox = %id, policy = %req.network.describe(), "egress policy replaced");
         Ok(())
     }
+
+    async fn metrics(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<warren_runtime::SandboxStats, AgentError> {
+        self.rt.stats(id).await.map_err(|e| runtime_error(node, e))
+    }
 }
 
 #[cfg(test)]

@@ -233,6 +233,13 @@ pub trait NodeAgent: Send + Sync + 'static {
     ) -> Result<CommitInfo, AgentError>;
     /// Stops the sandbox and removes its node state. Idempotent.
     async fn delete(&self, node: &str, id: &str) -> Result<(), AgentError>;
+    /// The sandbox's cumulative usage (CPU time, memory, disk), read from its cgroup and
+    /// directory with the single-host runtime's code (E2B's `GET /sandboxes/{id}/metrics`).
+    async fn metrics(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<warren_runtime::SandboxStats, AgentError>;
     /// Replaces the sandbox's egress policy, live (running, paused or hibernated).
     async fn update_network(
         &self,

@@ -17,6 +17,9 @@ struct AppState {
     agent: Arc<dyn NodeAgent>,
     node: String,
     token: Option<String>,
+    /// A second token that opens only `GET .../metrics` (what the API replicas hold), so the
+    /// API needs none of the powers of `token`.
+    metrics_token: Option<String>,
 }
 
 fn error(code: u16, message: impl Into<String>) -> Response {
@@ -37,6 +40,21 @@ fn agent_error(e: AgentError) -> Response {
         AgentError::Failed { code, message, .. } => error(code, message),
         AgentError::Unreachable { message, .. } => error(502, message),
     }
+}
+
+/// True when the request's bearer token is `want` (compared in constant time).
+fn bearer_is(headers: &HeaderMap, want: &str) -> bool {
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    got.is_some_and(|g| {
+        g.len() == want.len()
+            && g.bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
 }
 
 /// `Some(rejection)` unless the request carries the token.
@@ -76,11 +94,27 @@ fn done(v: Result<(), AgentError>) -> Response {
 
 /// The agent's routes, serving `agent` as node `node`.
 pub fn router(agent: Arc<dyn NodeAgent>, node: String, token: Option<String>) -> Router {
-    let state = AppState { agent, node, token };
+    router_with_metrics_token(agent, node, token, None)
+}
+
+/// [`router`], where `metrics_token` also opens the metrics route (and nothing else).
+pub fn router_with_metrics_token(
+    agent: Arc<dyn NodeAgent>,
+    node: String,
+    token: Option<String>,
+    metrics_token: Option<String>,
+) -> Router {
+    let state = AppState {
+        agent,
+        node,
+        token,
+        metrics_token,
+    };
     Router::new()
         .route("/v1/sandboxes", post(create))
         .route("/v1/sandboxes/{id}", delete(remove))
         .route("/v1/sandboxes/{id}/{op}", post(op))
+        .route("/v1/sandboxes/{id}/metrics", axum::routing::get(metrics))
         .route("/v1/checkpoints/{id}", delete(remove_checkpoint))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .with_state(state)
@@ -102,6 +136,23 @@ async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
         return r;
     }
     done(s.agent.delete(&s.node, &id).await)
+}
+
+async fn metrics(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let reader = s
+        .metrics_token
+        .as_deref()
+        .is_some_and(|t| bearer_is(&headers, t));
+    if !reader {
+        if let Some(r) = check(&s, &headers) {
+            return r;
+        }
+    }
+    ok(s.agent.metrics(&s.node, &id).await)
 }
 
 async fn remove_checkpoint(
@@ -147,6 +198,27 @@ async fn op(
             format!("no operation {other:?}; one of pause, resume, hibernate, wake, checkpoints, commits, network"),
         ),
     }
+}
+
+/// The read-only metrics token, from the file named by `WARREN_NODE_AGENT_METRICS_TOKEN_FILE`
+/// (the chart mounts an optional Secret there). Unset, or the file absent (the Secret not
+/// created): none, and only the main token reads metrics.
+pub fn metrics_token_from_env() -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    let Some(p) = std::env::var_os("WARREN_NODE_AGENT_METRICS_TOKEN_FILE") else {
+        return Ok(None);
+    };
+    let p = PathBuf::from(p);
+    if !p.exists() {
+        tracing::warn!(path = %p.display(), "no metrics token file: only the operator's token reads metrics");
+        return Ok(None);
+    }
+    let t = std::fs::read_to_string(&p)
+        .with_context(|| format!("reading the metrics token {}", p.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!t.is_empty(), "{} is empty", p.display());
+    Ok(Some(t))
 }
 
 /// How `node-agent` serves.
@@ -213,7 +285,8 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", o.listen))?;
     tracing::info!(listen = %o.listen, node = %o.node_name, data_dir = %o.data_dir.display(), "warren node agent serving");
-    let app = router(Arc::new(agent), o.node_name, o.token);
+    let metrics_token = metrics_token_from_env()?;
+    let app = router_with_metrics_token(Arc::new(agent), o.node_name, o.token, metrics_token);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             // kubelet stops the DaemonSet's container with SIGTERM.
@@ -296,6 +369,8 @@ mod tests {
             .digest
             .starts_with("sha256:"));
         client.delete("x", "abc123").await.unwrap();
+        let stats = client.metrics("x", "abc123").await.unwrap();
+        assert_eq!(stats.memory_bytes, 96 << 20);
         assert_eq!(
             fake.calls(),
             [
@@ -307,7 +382,8 @@ mod tests {
                 "checkpoint node-a abc123",
                 "delete_checkpoint node-a cp1",
                 "commit node-a abc123",
-                "delete node-a abc123"
+                "delete node-a abc123",
+                "metrics node-a abc123"
             ]
         );
 
@@ -360,6 +436,36 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    /// The metrics token reads metrics and opens nothing else.
+    #[tokio::test]
+    async fn the_metrics_token_opens_only_metrics() {
+        let fake = Arc::new(FakeAgent::default());
+        let app = router_with_metrics_token(
+            fake.clone(),
+            "node-a".into(),
+            Some("s3cret".into()),
+            Some("reader".into()),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = format!("http://{addr}");
+        let reader = HttpNodeAgent::new(AgentAddress::Fixed(url.clone()), Some("reader".into()));
+        assert_eq!(
+            reader.metrics("x", "abc").await.unwrap().memory_bytes,
+            96 << 20
+        );
+        for e in [
+            reader.delete("x", "abc").await.unwrap_err(),
+            reader.pause("x", "abc").await.unwrap_err(),
+        ] {
+            assert!(matches!(e, AgentError::Failed { code: 401, .. }), "{e}");
+        }
+        let full = HttpNodeAgent::new(AgentAddress::Fixed(url), Some("s3cret".into()));
+        full.metrics("x", "abc").await.unwrap();
+        assert_eq!(fake.calls(), ["metrics node-a abc", "metrics node-a abc"]);
     }
 
     #[tokio::test]

@@ -1034,24 +1034,7 @@ impl SandboxRuntime for LinuxRuntime {
         if !self.sandboxes.lock().unwrap().contains_key(id) {
             return Err(RuntimeError::UnknownSandbox(id.to_string()));
         }
-        let cg = self.cgroups.clone();
-        let dir = self.sandbox_dir(id);
-        let id = id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let memory_bytes = cg.memory_usage(&id).unwrap_or(0);
-            // A sandbox with its own disk: what df shows (one statfs); else walk the upper dir.
-            let (disk_bytes, disk_total_bytes) =
-                disk::usage(&dir).unwrap_or_else(|| (disk_usage(&disk::overlay_dirs(&dir).0), 0));
-            SandboxStats {
-                cpu_usage_ns: cg.cpu_usage_ns(&id).unwrap_or(0),
-                memory_bytes,
-                memory_cache_bytes: cg.memory_cache(&id).unwrap_or(0).min(memory_bytes),
-                disk_bytes,
-                disk_total_bytes,
-            }
-        })
-        .await
-        .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
+        read_stats(self.cgroups.clone(), self.sandbox_dir(id), id).await
     }
 
     async fn checkpoint(
@@ -1098,6 +1081,31 @@ impl SandboxRuntime for LinuxRuntime {
 
 /// Bytes allocated to the files under `dir` (like `du`), without following symlinks or
 /// crossing into other file systems. Hard links count once per link: good enough for metrics.
+/// A sandbox's cumulative usage from its cgroup (`cg`) and its directory `dir`: what single-host
+/// metrics sample, and what the Kubernetes node agent answers for a sandbox in a Pod.
+pub(crate) async fn read_stats(
+    cg: CgroupManager,
+    dir: PathBuf,
+    id: &str,
+) -> Result<SandboxStats, RuntimeError> {
+    let id = id.to_string();
+    tokio::task::spawn_blocking(move || {
+        let memory_bytes = cg.memory_usage(&id).unwrap_or(0);
+        // A sandbox with its own disk: what df shows (one statfs); else walk the upper dir.
+        let (disk_bytes, disk_total_bytes) =
+            disk::usage(&dir).unwrap_or_else(|| (disk_usage(&disk::overlay_dirs(&dir).0), 0));
+        SandboxStats {
+            cpu_usage_ns: cg.cpu_usage_ns(&id).unwrap_or(0),
+            memory_bytes,
+            memory_cache_bytes: cg.memory_cache(&id).unwrap_or(0).min(memory_bytes),
+            disk_bytes,
+            disk_total_bytes,
+        }
+    })
+    .await
+    .map_err(|e| RuntimeError::sys("read stats", "", std::io::Error::other(e)))
+}
+
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;

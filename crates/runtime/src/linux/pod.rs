@@ -440,6 +440,12 @@ impl PodRuntime {
             .is_some_and(|s| s.alive.load(Ordering::SeqCst))
     }
 
+    /// The sandbox's cumulative usage (CPU, memory, disk), read as single-host mode reads it.
+    pub async fn stats(&self, id: &str) -> Result<crate::SandboxStats, RuntimeError> {
+        let cg = self.cgroups_of(id)?;
+        super::read_stats(cg, self.sandbox_dir(id), id).await
+    }
+
     /// The sandbox's cgroup2 directory (freezer state, events).
     pub fn v2_dir(&self, id: &str) -> Result<PathBuf, RuntimeError> {
         Ok(self.cgroups_of(id)?.v2_dir(id))
