@@ -339,6 +339,41 @@ impl ClusterApi {
         Ok(s)
     }
 
+    /// The API of resources of kind `K` in the sandboxes' namespace.
+    pub(crate) fn namespaced<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
+        Api::namespaced(self.sandboxes.clone().into_client(), &ns)
+    }
+
+    /// Waits until Checkpoint `name`, which this API made, has an outcome: `Succeeded`, or
+    /// `Failed` or being deleted (`Err` of the outcome), or neither within the ready timeout
+    /// (`None`). `error` explains an API error.
+    pub(crate) async fn checkpoint_outcome(
+        &self,
+        name: &str,
+        error: impl Fn(kube::Error) -> ApiError,
+    ) -> Result<Option<Result<crate::crd::Checkpoint, crate::crd::Checkpoint>>, ApiError> {
+        use crate::crd::CheckpointPhase;
+        let api = self.namespaced::<crate::crd::Checkpoint>();
+        let deadline = tokio::time::Instant::now() + self.ready_timeout;
+        loop {
+            let c = api.get(name).await.map_err(&error)?;
+            match c.status.as_ref().map(|s| s.phase).unwrap_or_default() {
+                CheckpointPhase::Succeeded => return Ok(Some(Ok(c))),
+                CheckpointPhase::Failed | CheckpointPhase::Terminating => return Ok(Some(Err(c))),
+                CheckpointPhase::Pending | CheckpointPhase::Creating => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
     /// Waits until the Sandbox is `Ready`; a `Failed` one is an error with its reason.
     async fn wait_ready(&self, id: &str) -> Result<Sandbox, ApiError> {
         let deadline = tokio::time::Instant::now() + self.ready_timeout;

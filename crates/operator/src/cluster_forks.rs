@@ -38,7 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{Duration as ChronoDuration, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -148,11 +148,6 @@ fn outcome(id: &str, s: &Sandbox) -> Option<Result<(), ApiError>> {
 }
 
 impl ClusterApi {
-    fn checkpoint_api(&self) -> Api<Checkpoint> {
-        let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
-        Api::namespaced(self.sandboxes.clone().into_client(), &ns)
-    }
-
     /// E2B's `sbx.fork(count)`: checkpoints sandbox `id` (which runs on) and restores it `count`
     /// times.
     pub async fn fork(&self, id: &str, body: ForkBody) -> Result<Vec<ForkResult>, ApiError> {
@@ -177,7 +172,7 @@ impl ClusterApi {
         let of = of.trim_end_matches(['-', '.']).to_string();
         c.labels_mut().insert(LABEL_FORK_OF.into(), of);
         note_stacking(&mut c, &src);
-        let api = self.checkpoint_api();
+        let api = self.namespaced::<Checkpoint>();
         api.create(&PostParams::default(), &c)
             .await
             .map_err(|e| fork_error("create checkpoint for", id, e))?;
@@ -217,7 +212,7 @@ impl ClusterApi {
         }
         // A missing or unusable checkpoint fails the request as a whole, not each item.
         let c = self
-            .checkpoint_api()
+            .namespaced::<Checkpoint>()
             .get_opt(name)
             .await
             .map_err(|e| ApiError::new(502, format!("get checkpoint {name}: {e}")))?
@@ -254,37 +249,28 @@ impl ClusterApi {
 
     /// Waits until Checkpoint `name` of sandbox `id` has succeeded.
     async fn wait_checkpoint(&self, name: &str, id: &str) -> Result<(), ApiError> {
-        let api = self.checkpoint_api();
-        let deadline = tokio::time::Instant::now() + self.ready_timeout;
-        loop {
-            let c = api
-                .get(name)
-                .await
-                .map_err(|e| fork_error("wait for the checkpoint of", id, e))?;
-            let st = c.status.unwrap_or_default();
-            match st.phase {
-                CheckpointPhase::Succeeded => return Ok(()),
-                CheckpointPhase::Failed | CheckpointPhase::Terminating => {
-                    return Err(ApiError::new(
-                        500,
-                        format!(
-                            "checkpoint of sandbox {id} for the fork failed: {}",
-                            st.message.as_deref().unwrap_or("no reason given")
-                        ),
-                    ))
-                }
-                CheckpointPhase::Pending | CheckpointPhase::Creating => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::new(
-                    504,
-                    format!(
-                        "checkpoint of sandbox {id} for the fork did not succeed within {}s",
-                        self.ready_timeout.as_secs()
-                    ),
-                ));
-            }
-            tokio::time::sleep(self.poll).await;
+        let outcome = self
+            .checkpoint_outcome(name, |e| fork_error("wait for the checkpoint of", id, e))
+            .await?;
+        match outcome {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(c)) => Err(ApiError::new(
+                500,
+                format!(
+                    "checkpoint of sandbox {id} for the fork failed: {}",
+                    c.status
+                        .and_then(|s| s.message)
+                        .as_deref()
+                        .unwrap_or("no reason given")
+                ),
+            )),
+            None => Err(ApiError::new(
+                504,
+                format!(
+                    "checkpoint of sandbox {id} for the fork did not succeed within {}s",
+                    self.ready_timeout.as_secs()
+                ),
+            )),
         }
     }
 
@@ -410,7 +396,7 @@ impl ClusterApi {
                 })
             })
             .collect();
-        let api = self.checkpoint_api();
+        let api = self.namespaced::<Checkpoint>();
         if owners.is_empty() {
             let _ = api.delete(checkpoint, &DeleteParams::default()).await;
             return Ok(());
@@ -460,7 +446,7 @@ impl ClusterApi {
         }
         // Checkpoints of its forks (the forks may be gone): their files stack on its own.
         let stacked: Vec<String> = self
-            .checkpoint_api()
+            .namespaced::<Checkpoint>()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing checkpoints: {e}")))?

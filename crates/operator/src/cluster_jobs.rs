@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::Resource;
 use warren_core::checkpoint::{
     Checkpoint, CheckpointPhase as HostCheckpointPhase, CheckpointSpec, CheckpointStatus,
@@ -244,16 +244,6 @@ fn phase_word(p: SandboxPhase) -> String {
 }
 
 impl ClusterApi {
-    fn checkpoint_resources(&self) -> Api<crd::Checkpoint> {
-        let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
-        Api::namespaced(self.sandboxes.clone().into_client(), &ns)
-    }
-
-    fn commit_resources(&self) -> Api<crd::Commit> {
-        let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
-        Api::namespaced(self.sandboxes.clone().into_client(), &ns)
-    }
-
     fn job_error(&self, kind: &str, name: &str, e: kube::Error) -> ApiError {
         if crate::error::is_not_found(&e) {
             return ApiError::new(404, format!("{kind} {name} not found"));
@@ -266,7 +256,7 @@ impl ClusterApi {
 
     pub async fn list_checkpoints(&self) -> Result<Vec<Checkpoint>, ApiError> {
         let all = self
-            .checkpoint_resources()
+            .namespaced::<crd::Checkpoint>()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing checkpoints: {e}")))?;
@@ -280,7 +270,7 @@ impl ClusterApi {
 
     pub async fn get_checkpoint(&self, name: &str) -> Result<Checkpoint, ApiError> {
         let c = self
-            .checkpoint_resources()
+            .namespaced::<crd::Checkpoint>()
             .get(name)
             .await
             .map_err(|e| self.job_error("checkpoint", name, e))?;
@@ -296,7 +286,7 @@ impl ClusterApi {
         self.get_checkpoint(name).await?;
         self.refuse_if_in_use(name).await?;
         match self
-            .checkpoint_resources()
+            .namespaced::<crd::Checkpoint>()
             .delete(name, &DeleteParams::default())
             .await
         {
@@ -341,49 +331,41 @@ impl ClusterApi {
         let mut cr = checkpoint_resource(&ck);
         // A checkpoint of a fork stacks on its parent's files (the parent may not go first).
         super::forks::note_stacking(&mut cr, &s);
-        let api = self.checkpoint_resources();
+        let api = self.namespaced::<crd::Checkpoint>();
         api.create(&PostParams::default(), &cr)
             .await
             .map_err(|e| self.job_error("checkpoint", &name, e))?;
-        let deadline = tokio::time::Instant::now() + self.ready_timeout;
-        loop {
-            let c = api
-                .get(&name)
-                .await
-                .map_err(|e| self.job_error("checkpoint", &name, e))?;
-            let st = c.status.clone().unwrap_or_default();
-            match st.phase {
-                CheckpointPhase::Succeeded => return Ok(checkpoint_json(&c)),
-                CheckpointPhase::Failed => {
-                    // Single-host mode keeps no failed checkpoint: the error is the answer.
-                    let _ = api.delete(&name, &DeleteParams::default()).await;
-                    let reason = conditions::find(&st.conditions, "Ready")
-                        .map(|c| c.reason.clone())
-                        .unwrap_or_default();
-                    let code = match reason.as_str() {
-                        "InvalidSpec" => 400,
-                        "SandboxNotFound" => 404,
-                        "SandboxFailed" => 409,
-                        _ => 500,
-                    };
-                    let why = st.message.unwrap_or_else(|| "failed".into());
-                    return Err(ApiError::new(
-                        code,
-                        format!("checkpoint {name} of sandbox {id} failed: {why}"),
-                    ));
-                }
-                _ => {}
+        match self
+            .checkpoint_outcome(&name, |e| self.job_error("checkpoint", &name, e))
+            .await?
+        {
+            Some(Ok(c)) => Ok(checkpoint_json(&c)),
+            Some(Err(c)) => {
+                // Single-host mode keeps no failed checkpoint: the error is the answer.
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                let st = c.status.unwrap_or_default();
+                let reason = conditions::find(&st.conditions, "Ready")
+                    .map(|c| c.reason.clone())
+                    .unwrap_or_default();
+                let code = match reason.as_str() {
+                    "InvalidSpec" => 400,
+                    "SandboxNotFound" => 404,
+                    "SandboxFailed" => 409,
+                    _ => 500,
+                };
+                let why = st.message.unwrap_or_else(|| "failed".into());
+                Err(ApiError::new(
+                    code,
+                    format!("checkpoint {name} of sandbox {id} failed: {why}"),
+                ))
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::new(
-                    504,
-                    format!(
-                        "checkpoint {name} was not taken within {}s; follow it with GET /warren/v1/checkpoints/{name}",
-                        self.ready_timeout.as_secs()
-                    ),
-                ));
-            }
-            tokio::time::sleep(self.poll).await;
+            None => Err(ApiError::new(
+                504,
+                format!(
+                    "checkpoint {name} was not taken within {}s; follow it with GET /warren/v1/checkpoints/{name}",
+                    self.ready_timeout.as_secs()
+                ),
+            )),
         }
     }
 
@@ -396,7 +378,7 @@ impl ClusterApi {
         ck: Checkpoint,
     ) -> Result<(StatusCode, Checkpoint), ApiError> {
         name_matches(name, &ck.metadata.name)?;
-        match self.checkpoint_resources().get_opt(name).await {
+        match self.namespaced::<crd::Checkpoint>().get_opt(name).await {
             Ok(Some(existing)) => {
                 // Compared as stored: what the resource can hold of the submitted spec.
                 let want = checkpoint_json(&checkpoint_resource(&ck)).spec;
@@ -422,7 +404,7 @@ impl ClusterApi {
         commit: Commit,
     ) -> Result<(StatusCode, Commit), ApiError> {
         name_matches(name, &commit.metadata.name)?;
-        match self.commit_resources().get_opt(name).await {
+        match self.namespaced::<crd::Commit>().get_opt(name).await {
             Ok(Some(existing)) => {
                 let want = commit_json(&commit_resource(&commit)).spec;
                 if existing.meta().deletion_timestamp.is_none()
@@ -442,7 +424,7 @@ impl ClusterApi {
 
     pub async fn list_commits(&self) -> Result<Vec<Commit>, ApiError> {
         let all = self
-            .commit_resources()
+            .namespaced::<crd::Commit>()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing commits: {e}")))?;
@@ -456,7 +438,7 @@ impl ClusterApi {
 
     pub async fn get_commit(&self, name: &str) -> Result<Commit, ApiError> {
         let c = self
-            .commit_resources()
+            .namespaced::<crd::Commit>()
             .get(name)
             .await
             .map_err(|e| self.job_error("commit", name, e))?;
@@ -468,7 +450,7 @@ impl ClusterApi {
 
     pub async fn delete_commit(&self, name: &str) -> Result<(), ApiError> {
         self.get_commit(name).await?;
-        self.commit_resources()
+        self.namespaced::<crd::Commit>()
             .delete(name, &DeleteParams::default())
             .await
             .map_err(|e| self.job_error("commit", name, e))?;
@@ -498,7 +480,7 @@ impl ClusterApi {
         let name = commit.metadata.name.clone();
         let cr = commit_resource(&commit);
         let created = self
-            .commit_resources()
+            .namespaced::<crd::Commit>()
             .create(&PostParams::default(), &cr)
             .await
             .map_err(|e| self.job_error("commit", &name, e))?;

@@ -12,12 +12,12 @@
 //!   makes a Sandbox with `restoreFrom` (a fork, see [`crate::fork`]), answered once `Ready`.
 
 use super::{check_key, new_id, ApiError, ClusterApi, Shared};
-use crate::crd::{Checkpoint, CheckpointContent, CheckpointPhase, CheckpointSpec};
+use crate::crd::{Checkpoint, CheckpointContent, CheckpointSpec};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,11 +77,6 @@ fn ck_error(what: &str, name: &str, e: kube::Error) -> ApiError {
 }
 
 impl ClusterApi {
-    fn checkpoints(&self) -> Api<Checkpoint> {
-        let ns = self.sandboxes.namespace().unwrap_or("default").to_string();
-        Api::namespaced(self.sandboxes.clone().into_client(), &ns)
-    }
-
     /// The Checkpoint a create's `templateID` names, by name or by checkpoint id; `None`: it
     /// names none (a pool or a template).
     pub(super) async fn checkpoint_named(
@@ -91,7 +86,7 @@ impl ClusterApi {
         if !valid_name(template) {
             return Ok(None);
         }
-        let api = self.checkpoints();
+        let api = self.namespaced::<Checkpoint>();
         if let Some(c) = api
             .get_opt(template)
             .await
@@ -149,42 +144,36 @@ impl ClusterApi {
         );
         c.metadata.namespace = self.sandboxes.namespace().map(str::to_string);
         super::forks::note_stacking(&mut c, &src);
-        let api = self.checkpoints();
+        let api = self.namespaced::<Checkpoint>();
         api.create(&PostParams::default(), &c)
             .await
             .map_err(|e| ck_error("create", &name, e))?;
-        let deadline = tokio::time::Instant::now() + self.ready_timeout;
-        loop {
-            let c = api
-                .get(&name)
-                .await
-                .map_err(|e| ck_error("wait for", &name, e))?;
-            let st = c.status.clone().unwrap_or_default();
-            match st.phase {
-                CheckpointPhase::Succeeded => return Ok(info(&c)),
-                CheckpointPhase::Failed => {
-                    // Nothing to fork from: do not leave it under the client's name.
-                    let _ = api.delete(&name, &DeleteParams::default()).await;
-                    return Err(ApiError::new(
-                        500,
-                        format!(
-                            "snapshot of sandbox {id} failed: {}",
-                            st.message.as_deref().unwrap_or("no reason given")
-                        ),
-                    ));
-                }
-                _ => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::new(
-                    504,
+        match self
+            .checkpoint_outcome(&name, |e| ck_error("wait for", &name, e))
+            .await?
+        {
+            Some(Ok(c)) => Ok(info(&c)),
+            Some(Err(c)) => {
+                // Nothing to fork from: do not leave it under the client's name.
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                Err(ApiError::new(
+                    500,
                     format!(
-                        "snapshot {name} of sandbox {id} did not succeed within {}s",
-                        self.ready_timeout.as_secs()
+                        "snapshot of sandbox {id} failed: {}",
+                        c.status
+                            .and_then(|s| s.message)
+                            .as_deref()
+                            .unwrap_or("no reason given")
                     ),
-                ));
+                ))
             }
-            tokio::time::sleep(self.poll).await;
+            None => Err(ApiError::new(
+                504,
+                format!(
+                    "snapshot {name} of sandbox {id} did not succeed within {}s",
+                    self.ready_timeout.as_secs()
+                ),
+            )),
         }
     }
 
@@ -219,7 +208,7 @@ impl ClusterApi {
             }
         }
         let mut all: Vec<Checkpoint> = self
-            .checkpoints()
+            .namespaced::<Checkpoint>()
             .list(&ListParams::default())
             .await
             .map_err(|e| ApiError::new(502, format!("listing snapshots: {e}")))?
@@ -270,7 +259,7 @@ impl ClusterApi {
         // Forks still using it: single-host mode's 409 (see `super::forks`).
         self.refuse_if_in_use(&name).await?;
         match self
-            .checkpoints()
+            .namespaced::<Checkpoint>()
             .delete(&name, &DeleteParams::default())
             .await
         {
