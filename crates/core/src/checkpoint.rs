@@ -133,18 +133,7 @@ pub struct CheckpointStatus {
 impl Checkpoint {
     /// Checks a checkpoint as submitted; returns its TTL.
     pub fn validate(&self) -> Result<Option<chrono::Duration>, ObjectError> {
-        if self.kind != KIND_CHECKPOINT {
-            return Err(invalid(format!(
-                "kind is {:?}, expected {KIND_CHECKPOINT:?}",
-                self.kind
-            )));
-        }
-        if !crate::objects::accepted_api_version(&self.api_version) {
-            return Err(invalid(format!(
-                "apiVersion {:?} is not supported (use {API_VERSION})",
-                self.api_version
-            )));
-        }
+        crate::objects::check_kind_and_version(&self.api_version, &self.kind, KIND_CHECKPOINT)?;
         if !valid_object_name(&self.metadata.name) {
             return Err(invalid(format!(
                 "metadata.name {:?}: use 1-63 lower-case letters, digits, '-' and '.'",

@@ -162,20 +162,30 @@ pub fn accepted_api_version(v: &str) -> bool {
     ACCEPTED_API_VERSIONS.contains(&v)
 }
 
+/// Checks an object's `kind` (is `want`) and `apiVersion` (one Warren accepts).
+pub(crate) fn check_kind_and_version(
+    api_version: &str,
+    kind: &str,
+    want: &str,
+) -> Result<(), ObjectError> {
+    if kind != want {
+        return Err(invalid(format!("kind is {kind:?}, expected {want:?}")));
+    }
+    if !accepted_api_version(api_version) {
+        return Err(invalid(format!(
+            "apiVersion {api_version:?} is not supported (use {API_VERSION})"
+        )));
+    }
+    Ok(())
+}
+
 fn check_header(
     api_version: &str,
     kind: &str,
     want: &str,
     meta: &ObjectMeta,
 ) -> Result<(), ObjectError> {
-    if kind != want {
-        return Err(invalid(format!("kind is {kind:?}, expected {want:?}")));
-    }
-    if !ACCEPTED_API_VERSIONS.contains(&api_version) {
-        return Err(invalid(format!(
-            "apiVersion {api_version:?} is not supported (use {API_VERSION})"
-        )));
-    }
+    check_kind_and_version(api_version, kind, want)?;
     let name = &meta.name;
     let ok = !name.is_empty()
         && name.len() <= 63
