@@ -10,12 +10,10 @@ use crate::agent::{node_id, AgentError, CheckpointRequest};
 use crate::conditions;
 use crate::controller::Context;
 use crate::crd::{Checkpoint, CheckpointPhase, CheckpointStatus, Sandbox};
-use crate::error::is_not_found;
 use crate::jobs::{self, Target};
 use crate::jobstatus::{status, write};
 use crate::Error;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event};
 use kube::{Resource, ResourceExt};
@@ -78,7 +76,14 @@ async fn apply(cp: Arc<Checkpoint>, ctx: &Context, api: &Api<Checkpoint>) -> Res
     };
     match old.phase {
         CheckpointPhase::Succeeded | CheckpointPhase::Failed => {
-            return finished(api, &name, ttl, old.completion_time.as_deref()).await;
+            return jobs::finished(
+                api,
+                "Checkpoint",
+                &name,
+                ttl,
+                old.completion_time.as_deref(),
+            )
+            .await;
         }
         CheckpointPhase::Terminating => return Ok(Action::await_change()),
         CheckpointPhase::Pending | CheckpointPhase::Creating => {}
@@ -103,7 +108,7 @@ async fn apply(cp: Arc<Checkpoint>, ctx: &Context, api: &Api<Checkpoint>) -> Res
         let mut st = status(&cp, CheckpointPhase::Failed, "SandboxNotFound", msg);
         st.completion_time = Some(conditions::now());
         write(ctx, api, &cp, st).await?;
-        return finished(api, &name, ttl, Some(&conditions::now())).await;
+        return jobs::finished(api, "Checkpoint", &name, ttl, Some(&conditions::now())).await;
     };
     let (node, id) = match jobs::target(&sbx) {
         Target::Ready { node, id } => (node, id),
@@ -121,7 +126,7 @@ async fn apply(cp: Arc<Checkpoint>, ctx: &Context, api: &Api<Checkpoint>) -> Res
             let mut st = status(&cp, CheckpointPhase::Failed, "SandboxFailed", msg);
             st.completion_time = Some(conditions::now());
             write(ctx, api, &cp, st).await?;
-            return finished(api, &name, ttl, Some(&conditions::now())).await;
+            return jobs::finished(api, "Checkpoint", &name, ttl, Some(&conditions::now())).await;
         }
     };
     if old.phase != CheckpointPhase::Creating {
@@ -176,31 +181,7 @@ async fn apply(cp: Arc<Checkpoint>, ctx: &Context, api: &Api<Checkpoint>) -> Res
         ..st
     };
     write(ctx, api, &cp, st).await?;
-    finished(api, &name, ttl, Some(&now)).await
-}
-
-/// A finished Checkpoint: deleted when its ttl has passed, else looked at again then.
-async fn finished(
-    api: &Api<Checkpoint>,
-    name: &str,
-    ttl: Option<Duration>,
-    completed: Option<&str>,
-) -> Result<Action, Error> {
-    let Some(ttl) = ttl else {
-        return Ok(Action::await_change());
-    };
-    match jobs::ttl_left(ttl, completed, Timestamp::now()) {
-        Some(left) if left.is_zero() => {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(Error::kube("delete expired", "Checkpoint", name)(e)),
-            }
-            Ok(Action::await_change())
-        }
-        Some(left) => Ok(Action::requeue(left)),
-        None => Ok(Action::await_change()),
-    }
+    jobs::finished(api, "Checkpoint", &name, ttl, Some(&now)).await
 }
 
 async fn cleanup(cp: Arc<Checkpoint>, ctx: &Context) -> Result<Action, Error> {

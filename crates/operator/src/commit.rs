@@ -9,12 +9,10 @@ use crate::agent::{node_id, AgentError, CommitRequest};
 use crate::conditions;
 use crate::controller::Context;
 use crate::crd::{Commit, CommitStatus, JobPhase, Sandbox};
-use crate::error::is_not_found;
 use crate::jobs::{self, Target};
 use crate::jobstatus::{status, write};
 use crate::Error;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
@@ -41,29 +39,6 @@ pub fn validate(spec: &crate::crd::CommitSpec) -> Result<Option<Duration>, Strin
         .transpose()
 }
 
-async fn finished(
-    api: &Api<Commit>,
-    name: &str,
-    ttl: Option<Duration>,
-    completed: Option<&str>,
-) -> Result<Action, Error> {
-    let Some(ttl) = ttl else {
-        return Ok(Action::await_change());
-    };
-    match jobs::ttl_left(ttl, completed, Timestamp::now()) {
-        Some(left) if left.is_zero() => {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(Error::kube("delete expired", "Commit", name)(e)),
-            }
-            Ok(Action::await_change())
-        }
-        Some(left) => Ok(Action::requeue(left)),
-        None => Ok(Action::await_change()),
-    }
-}
-
 pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = c.namespace().ok_or(Error::MissingField {
         kind: "Commit",
@@ -86,7 +61,7 @@ pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     };
     if matches!(old.phase, JobPhase::Succeeded | JobPhase::Failed) {
-        return finished(&api, &name, ttl, old.completion_time.as_deref()).await;
+        return jobs::finished(&api, "Commit", &name, ttl, old.completion_time.as_deref()).await;
     }
     let Some(agent) = ctx.agent.clone() else {
         return Err(Error::Reconcile {
@@ -114,7 +89,7 @@ pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Erro
         );
         let done = st.completion_time.clone();
         write(&ctx, &api, &c, st).await?;
-        return finished(&api, &name, ttl, done.as_deref()).await;
+        return jobs::finished(&api, "Commit", &name, ttl, done.as_deref()).await;
     };
     let (node, id) = match jobs::target(&sbx) {
         Target::Ready { node, id } => (node, id),
@@ -132,7 +107,7 @@ pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Erro
             let st = fail("SandboxFailed", msg);
             let done = st.completion_time.clone();
             write(&ctx, &api, &c, st).await?;
-            return finished(&api, &name, ttl, done.as_deref()).await;
+            return jobs::finished(&api, "Commit", &name, ttl, done.as_deref()).await;
         }
     };
     let started = old.start_time.clone().unwrap_or_else(conditions::now);
@@ -162,7 +137,7 @@ pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Erro
                 let st = fail("RegistryAuthFailed", msg);
                 let done = st.completion_time.clone();
                 write(&ctx, &api, &c, st).await?;
-                return finished(&api, &name, ttl, done.as_deref()).await;
+                return jobs::finished(&api, "Commit", &name, ttl, done.as_deref()).await;
             }
         }
     } else {
@@ -214,5 +189,5 @@ pub async fn reconcile(c: Arc<Commit>, ctx: Arc<Context>) -> Result<Action, Erro
         ..st
     };
     write(&ctx, &api, &c, st).await?;
-    finished(&api, &name, ttl, Some(&done)).await
+    jobs::finished(&api, "Commit", &name, ttl, Some(&done)).await
 }

@@ -22,6 +22,36 @@ pub fn parse_ttl(field: &str, s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.checked_mul(secs).ok_or_else(bad)?))
 }
 
+/// A finished job (a Checkpoint or Commit named `name`, of `kind`): deleted when its `ttl` has
+/// passed since `completed`, else looked at again then; without a ttl it stays.
+pub async fn finished<K>(
+    api: &kube::Api<K>,
+    kind: &'static str,
+    name: &str,
+    ttl: Option<Duration>,
+    completed: Option<&str>,
+) -> Result<kube::runtime::controller::Action, crate::error::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use kube::runtime::controller::Action;
+    let Some(ttl) = ttl else {
+        return Ok(Action::await_change());
+    };
+    match ttl_left(ttl, completed, Timestamp::now()) {
+        Some(left) if left.is_zero() => {
+            match api.delete(name, &kube::api::DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(e) if crate::error::is_not_found(&e) => {}
+                Err(e) => return Err(crate::error::Error::kube("delete expired", kind, name)(e)),
+            }
+            Ok(Action::await_change())
+        }
+        Some(left) => Ok(Action::requeue(left)),
+        None => Ok(Action::await_change()),
+    }
+}
+
 /// What a finished job with `ttl` that finished at `completed` should do at `now`.
 pub fn ttl_left(ttl: Duration, completed: Option<&str>, now: Timestamp) -> Option<Duration> {
     let done: Timestamp = completed?.parse().ok()?;
