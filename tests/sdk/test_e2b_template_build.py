@@ -106,3 +106,22 @@ def test_a_ready_command_holds_the_create_until_it_succeeds(daemon, new_sandbox)
     Template.build(template, "sdk-readycmd")
     sbx = new_sandbox(template="sdk-readycmd")
     assert sbx.commands.run("test -f /tmp/ready-flag && echo ready").stdout == "ready\n"
+
+
+def test_cpu_and_memory_of_the_build_request_go_to_its_sandboxes(daemon, new_sandbox):
+    Template.build(Template().from_template("base").run_cmd("true"), "sdk-sized", cpu_count=1, memory_mb=256)
+    sbx = new_sandbox(template="sdk-sized")
+    # The sandbox's cgroups, seen from the host (v1 hierarchies, else the unified one).
+    cg = f"{daemon.cgroup_name}/{sbx.sandbox_id}"
+    if os.path.isdir(f"/sys/fs/cgroup/memory/{cg}"):
+        limit = open(f"/sys/fs/cgroup/memory/{cg}/memory.limit_in_bytes").read().strip()
+        quota = int(open(f"/sys/fs/cgroup/cpu/{cg}/cpu.cfs_quota_us").read())
+        period = int(open(f"/sys/fs/cgroup/cpu/{cg}/cpu.cfs_period_us").read())
+    else:
+        limit = open(f"/sys/fs/cgroup/{cg}/memory.max").read().strip()
+        quota, period = map(int, open(f"/sys/fs/cgroup/{cg}/cpu.max").read().split())
+    assert limit == str(256 << 20), limit
+    assert quota == period, f"one vCPU: {quota}/{period}"
+    with pytest.raises(Exception) as e:
+        Template.build(Template().from_template("base").run_cmd("true"), "sdk-huge", memory_mb=10**9)
+    assert "memoryMB" in str(e.value)

@@ -96,7 +96,9 @@ async fn request_build(
             "template tags are not supported by Warren; build under a plain name",
         ));
     }
-    let build_id = st.warren.e2b_request_build(&who, &name)?;
+    let build_id = st
+        .warren
+        .e2b_request_build(&who, &name, req.cpu_count, req.memory_mb)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(BuildRequested {

@@ -109,6 +109,12 @@ pub struct ImageTemplate {
     /// returns once it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_cmd: Option<String>,
+    /// The vCPUs of its sandboxes (E2B's `cpuCount`); unset: the daemon's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// The memory of its sandboxes in MiB (E2B's `memoryMB`); unset: the daemon's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
     pub created_at: DateTime<Utc>,
 }
 

@@ -525,7 +525,9 @@ impl Warren {
         let ready_token = token.clone();
         let network = req.network.policy(req.allow_internet)?;
         let allow_internet = network.allow_internet;
-        let resources = self.config.default_resources;
+        let resources = self
+            .templates
+            .resources_for(&req.template_id, self.config.default_resources);
         let mut spec = SandboxSpec {
             id: id.clone(),
             rootfs,

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::RwLock;
-use warren_runtime::RootfsSpec;
+use warren_runtime::{Resources, RootfsSpec};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TemplateError {
@@ -102,6 +102,28 @@ impl TemplateRegistry {
     /// The ready command of template `name` (E2B's `readyCmd`), if it has one.
     pub fn ready_command(&self, name: &str) -> Option<String> {
         self.images.get(name).and_then(|t| t.ready_cmd)
+    }
+
+    /// What template `name` sets for its sandboxes beyond its files.
+    pub fn settings(&self, name: &str) -> TemplateSettings {
+        let image = self.images.get(name);
+        TemplateSettings {
+            ready_port: self.ready_port(name),
+            ready_cmd: self.ready_command(name),
+            vcpus: image.as_ref().and_then(|t| t.vcpus),
+            memory_mb: image.as_ref().and_then(|t| t.memory_mb),
+        }
+    }
+
+    /// The resources of a sandbox of template `name`: `defaults`, with the template's vCPUs and
+    /// memory where it sets them.
+    pub fn resources_for(&self, name: &str, defaults: Resources) -> Resources {
+        let s = self.settings(name);
+        Resources {
+            vcpus: s.vcpus.unwrap_or(defaults.vcpus),
+            memory_mb: s.memory_mb.unwrap_or(defaults.memory_mb),
+            ..defaults
+        }
     }
 
     /// The start command of template `name`, if it has one.
@@ -245,6 +267,25 @@ pub(crate) fn safe_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// What a template sets for its sandboxes beyond its files: how a create knows its start
+/// command is ready, and the sandboxes' resources. Kept with image templates, so it survives
+/// restarts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TemplateSettings {
+    /// A port the start command listens on.
+    pub ready_port: Option<u16>,
+    /// A command that exits 0 once the start command is ready.
+    pub ready_cmd: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u64>,
+}
+
+impl TemplateSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == TemplateSettings::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +344,8 @@ mod tests {
             host_binds: vec![],
             ready_port: None,
             ready_cmd: None,
+            vcpus: None,
+            memory_mb: None,
             created_at: chrono::Utc::now(),
         };
         reg.images.ready.write().unwrap().insert("img".into(), t);

@@ -22,6 +22,7 @@ use crate::build_context;
 use crate::dockerfile::{self, Instr, Step};
 use crate::error::CoreError;
 use crate::orchestrator::CreateRequest;
+use crate::templates::TemplateSettings;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -177,15 +178,6 @@ fn stale_cache_images(
         .collect()
 }
 
-/// How a create knows a template's start command is ready.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Readiness {
-    /// A port it listens on.
-    pub port: Option<u16>,
-    /// A command that exits 0.
-    pub cmd: Option<String>,
-}
-
 /// Removes the uploaded context when the build ends, however it ends.
 pub(crate) struct ContextFile(pub(crate) Option<PathBuf>);
 
@@ -311,8 +303,8 @@ impl Warren {
 
     /// Starts building template `name` from parsed `steps` (the first one a `FROM`), with COPY
     /// sources from `context`, whose entries are `names`. Checks the FROM template, the COPY
-    /// sources and the name before answering. The result's readiness is `readiness`, or else
-    /// its FROM template's.
+    /// sources and the name before answering. The result's settings (readiness, resources) are
+    /// `settings`, or else its FROM template's.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start_steps(
         self: &Arc<Self>,
@@ -322,7 +314,7 @@ impl Warren {
         context: ContextFile,
         names: Vec<String>,
         runner: Arc<dyn StepRunner>,
-        readiness: Option<Readiness>,
+        settings: Option<TemplateSettings>,
     ) -> Result<BuildJob, CoreError> {
         let Some(Instr::From(from)) = steps.first().map(|s| s.instr.clone()) else {
             return Err(CoreError::InvalidArgument(
@@ -394,7 +386,7 @@ impl Warren {
         tokio::spawn(async move {
             let began = Instant::now();
             let res = me
-                .run_build(&who, &name, &from, &steps, context, &job, runner, readiness)
+                .run_build(&who, &name, &from, &steps, context, &job, runner, settings)
                 .await;
             {
                 let mut j = lock(&job);
@@ -549,7 +541,7 @@ impl Warren {
         context: ContextFile,
         job: &Arc<Mutex<BuildJob>>,
         runner: Arc<dyn StepRunner>,
-        readiness: Option<Readiness>,
+        settings: Option<TemplateSettings>,
     ) -> Result<String, CoreError> {
         let committer = self.images()?;
         let from_image = self.templates.images.get(from);
@@ -567,13 +559,7 @@ impl Warren {
             cmd: None,
             entrypoint: None,
         };
-        let Readiness {
-            port: ready_port,
-            cmd: ready_cmd,
-        } = readiness.unwrap_or_else(|| Readiness {
-            port: self.templates.ready_port(from),
-            cmd: self.templates.ready_command(from),
-        });
+        let settings = settings.unwrap_or_else(|| self.templates.settings(from));
         let fallback_start = self.templates.start_command(from);
         for (i, step) in steps.iter().enumerate() {
             let t0 = Instant::now();
@@ -736,9 +722,8 @@ impl Warren {
         )
         .await?;
         // Given, or inherited from FROM; kept with the template so that it survives restarts.
-        if ready_port.is_some() || ready_cmd.is_some() {
-            self.set_template_readiness(name, ready_port, ready_cmd)
-                .await?;
+        if !settings.is_empty() {
+            self.set_template_settings(name, settings).await?;
         }
         Ok(digest)
     }
@@ -864,12 +849,9 @@ impl Warren {
                 self.templates.start_command(&cur.template),
             )
             .await?;
-            let (port, cmd) = (
-                self.templates.ready_port(&cur.template),
-                self.templates.ready_command(&cur.template),
-            );
-            if port.is_some() || cmd.is_some() {
-                self.set_template_readiness(&image, port, cmd).await?;
+            let settings = self.templates.settings(&cur.template);
+            if !settings.is_empty() {
+                self.set_template_settings(&image, settings).await?;
             }
             Ok(done.digest)
         }

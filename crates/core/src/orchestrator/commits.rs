@@ -150,6 +150,8 @@ impl Warren {
             host_binds: warren_image::commit::host_binds(&img.config_raw),
             ready_port: None,
             ready_cmd: None,
+            vcpus: None,
+            memory_mb: None,
             created_at: self.clock.now(),
         };
         it::save(&self.store, &t).await?;

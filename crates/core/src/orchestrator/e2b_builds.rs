@@ -17,6 +17,7 @@ use crate::dockerfile::{Instr, Step};
 use crate::e2b_template::{self, E2bBase, E2bTemplateSpec};
 use crate::error::CoreError;
 use crate::image_templates::TemplateSource;
+use crate::templates::TemplateSettings;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -30,6 +31,10 @@ use std::time::{Duration, Instant};
 const UPLOAD_TTL: Duration = Duration::from_secs(3600);
 /// Uploaded files not used by a build for this long are removed (at the team's next request).
 const UPLOAD_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The resources a template may ask for its sandboxes.
+const MAX_VCPUS: u32 = 64;
+const MIN_MEMORY_MB: u64 = 128;
+const MAX_MEMORY_MB: u64 = 256 * 1024;
 /// Most log entries one status answer carries (the SDK keeps asking until it gets none).
 const ENTRIES_PER_ANSWER: usize = 100;
 
@@ -71,6 +76,9 @@ struct E2bBuild {
     /// E2B step name of each step of the build job (index 0 is the FROM).
     step_names: Vec<String>,
     failure: Option<E2bFailure>,
+    /// The template's resources asked for by the build request (`cpuCount`, `memoryMB`).
+    vcpus: Option<u32>,
+    memory_mb: Option<u64>,
 }
 
 /// One log line as the SDK shows it.
@@ -252,9 +260,26 @@ impl Warren {
             })
     }
 
-    /// `POST /v3/templates`: registers a build of template `name`; returns its build id.
-    pub fn e2b_request_build(&self, who: &Principal, name: &str) -> Result<String, CoreError> {
+    /// `POST /v3/templates`: registers a build of template `name`, whose sandboxes get `vcpus`
+    /// and `memory_mb` when given; returns its build id.
+    pub fn e2b_request_build(
+        &self,
+        who: &Principal,
+        name: &str,
+        vcpus: Option<u32>,
+        memory_mb: Option<u64>,
+    ) -> Result<String, CoreError> {
         self.images()?;
+        if let Some(n) = vcpus.filter(|n| !(1..=MAX_VCPUS).contains(n)) {
+            return Err(CoreError::InvalidArgument(format!(
+                "cpuCount {n}: give 1 to {MAX_VCPUS}"
+            )));
+        }
+        if let Some(m) = memory_mb.filter(|m| !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(m)) {
+            return Err(CoreError::InvalidArgument(format!(
+                "memoryMB {m}: give {MIN_MEMORY_MB} to {MAX_MEMORY_MB}"
+            )));
+        }
         if name.contains(':') {
             return Err(CoreError::InvalidArgument(format!(
                 "template {name:?}: tags are not supported by Warren; use a plain name"
@@ -291,6 +316,8 @@ impl Warren {
                 partial: String::new(),
                 step_names: Vec::new(),
                 failure: None,
+                vcpus,
+                memory_mb,
             })),
         );
         Ok(build_id)
@@ -459,22 +486,39 @@ impl Warren {
             .await
             .map_err(|e| CoreError::Internal(format!("build task failed: {e}")))?
             .map_err(CoreError::InvalidArgument)?;
+        let base_name = base.clone();
         let mut steps = vec![Step {
             line: 0,
             text: format!("FROM {base}"),
             instr: Instr::From(base),
         }];
-        // A new start command brings its own readiness; without one, the base's stays.
-        let readiness = translated
+        // A new start command brings its own readiness; without one, the base's stays. The
+        // build request's resources, else the base's.
+        let inherited = self.templates.settings(&base_name);
+        let new_start = translated
             .steps
             .iter()
-            .any(|s| matches!(s.instr, Instr::Cmd(_)))
-            .then(|| super::builds::Readiness {
-                port: translated.ready_port,
-                cmd: translated.ready_cmd.clone(),
-            });
+            .any(|s| matches!(s.instr, Instr::Cmd(_)));
+        let (vcpus, memory_mb) = {
+            let b = lock(build);
+            (b.vcpus, b.memory_mb)
+        };
+        let settings = TemplateSettings {
+            ready_port: if new_start {
+                translated.ready_port
+            } else {
+                inherited.ready_port
+            },
+            ready_cmd: if new_start {
+                translated.ready_cmd.clone()
+            } else {
+                inherited.ready_cmd
+            },
+            vcpus: vcpus.or(inherited.vcpus),
+            memory_mb: memory_mb.or(inherited.memory_mb),
+        };
         steps.extend(translated.steps);
-        self.start_steps(who, name, steps, context, names, runner, readiness)
+        self.start_steps(who, name, steps, context, names, runner, Some(settings))
             .await?;
         lock(build).phase = Phase::Building;
         Ok(())

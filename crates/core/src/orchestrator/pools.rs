@@ -535,7 +535,9 @@ impl Warren {
         let set = &entry.object;
         let rootfs = self.templates.resolve(&set.spec.template)?;
         let id = new_sandbox_id();
-        let resources = self.config.default_resources;
+        let resources = self
+            .templates
+            .resources_for(&set.spec.template, self.config.default_resources);
         let network = NetworkPolicy {
             allow_internet: set.spec.allow_internet_access,
             ..Default::default()

@@ -289,6 +289,8 @@ impl Warren {
                 .unwrap_or_default(),
             ready_port: None,
             ready_cmd: None,
+            vcpus: None,
+            memory_mb: None,
             created_at: self.clock.now(),
         };
         if let Err(e) = it::save(&self.store, &t).await {
@@ -367,6 +369,8 @@ impl Warren {
                 .collect(),
             ready_port: None,
             ready_cmd: None,
+            vcpus: None,
+            memory_mb: None,
             created_at: self.clock.now(),
         };
         {
@@ -459,16 +463,12 @@ impl Warren {
         names.iter().filter_map(|n| self.template(n).ok()).collect()
     }
 
-    /// Deletes an image or rootfs template (or forgets a failed build), refused while a sandbox
-    /// or a pool uses it. Its image leaves the store index and unreferenced layers are
-    /// collected.
-    /// Records how a create knows the start command of image template `name` is ready (a port
-    /// it listens on and/or a command that exits 0), with the template, so it survives restarts.
-    pub async fn set_template_readiness(
+    /// Records what image template `name` sets for its sandboxes (readiness, resources), with
+    /// the template, so it survives restarts.
+    pub async fn set_template_settings(
         &self,
         name: &str,
-        ready_port: Option<u16>,
-        ready_cmd: Option<String>,
+        settings: crate::templates::TemplateSettings,
     ) -> Result<(), CoreError> {
         let t = {
             let mut ready = self
@@ -480,13 +480,18 @@ impl Warren {
             let t = ready
                 .get_mut(name)
                 .ok_or_else(|| CoreError::NotFound(format!("template {name} not found")))?;
-            t.ready_port = ready_port;
-            t.ready_cmd = ready_cmd;
+            t.ready_port = settings.ready_port;
+            t.ready_cmd = settings.ready_cmd;
+            t.vcpus = settings.vcpus;
+            t.memory_mb = settings.memory_mb;
             t.clone()
         };
         Ok(it::save(&self.store, &t).await?)
     }
 
+    /// Deletes an image or rootfs template (or forgets a failed build), refused while a sandbox
+    /// or a pool uses it. Its image leaves the store index and unreferenced layers are
+    /// collected.
     pub async fn delete_template(&self, name: &str) -> Result<(), CoreError> {
         let images = &self.templates.images;
         if images.get(name).is_none() {
