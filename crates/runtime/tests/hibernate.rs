@@ -493,3 +493,78 @@ async fn bench_checkpoint_and_restore_by_memory_size() {
     }
     h.finish().await;
 }
+
+/// Not a pass/fail test: what a user namespace adds to a wake and to restores of a checkpoint,
+/// for BENCHMARKS.md (`cargo test -p warren-runtime --test hibernate -- --ignored --nocapture
+/// bench_userns`). An idle sandbox, with and without user namespaces, alternating:
+/// `WARREN_BENCH_ROUNDS` rounds (default 2) of 12 hibernate/wake cycles (wake until envd
+/// accepts a connection) and 5 restores of one checkpoint.
+#[tokio::test]
+#[ignore]
+async fn bench_userns_wake_and_restore() {
+    let rounds: usize = std::env::var("WARREN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let p50 = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    for round in 0..rounds {
+        for userns in [true, false] {
+            require_root("hibernation tests");
+            let h = Harness::start(
+                PathBuf::from(format!("/tmp/warren-criu-test-benchns{}", userns as u8)),
+                |c| c.user_namespaces = userns,
+            )
+            .await;
+            let id = "benchns";
+            h.rt.create(&h.spec(id)).await.expect("create");
+            let mut wakes = Vec::new();
+            for _ in 0..12 {
+                h.rt.freeze(id).await.unwrap();
+                h.rt.hibernate(id).await.expect("hibernate");
+                let t = Instant::now();
+                let woken = h.rt.wake(id).await.expect("wake");
+                while TcpStream::connect_timeout(&woken.envd_addr(), Duration::from_secs(2))
+                    .is_err()
+                {
+                    assert!(t.elapsed() < Duration::from_secs(5), "envd answers");
+                }
+                wakes.push(t.elapsed());
+            }
+            let opts = CheckpointOptions {
+                memory: true,
+                keep_running: true,
+            };
+            h.rt.checkpoint(id, "benchck", &opts)
+                .await
+                .expect("checkpoint");
+            let layer = h.rt.checkpoint_layer("benchck").expect("layer");
+            let mut restores = Vec::new();
+            let t = Instant::now();
+            for i in 0..5 {
+                let mut spec = h.spec(&format!("benchfork{i}"));
+                spec.rootfs.lower_dirs.insert(0, layer.clone());
+                let t = Instant::now();
+                h.rt.restore_checkpoint("benchck", &spec)
+                    .await
+                    .expect("restore");
+                restores.push(t.elapsed());
+            }
+            let all = t.elapsed();
+            eprintln!(
+                "BENCH round={round} userns={userns} wake_p50={:.1}ms restore_p50={:.1}ms \
+                 5_restores={:.0}ms",
+                p50(wakes),
+                p50(restores),
+                all.as_secs_f64() * 1e3
+            );
+            for i in 0..5 {
+                h.rt.destroy(&format!("benchfork{i}")).await.unwrap();
+            }
+            h.rt.destroy(id).await.unwrap();
+            h.finish().await;
+        }
+    }
+}
