@@ -493,3 +493,148 @@ async fn bench_checkpoint_and_restore_by_memory_size() {
     }
     h.finish().await;
 }
+
+/// Not a pass/fail test: what a user namespace adds to a wake and to restores of a checkpoint,
+/// for BENCHMARKS.md (`cargo test -p warren-runtime --test hibernate -- --ignored --nocapture
+/// bench_userns`). An idle sandbox, with and without user namespaces, alternating:
+/// `WARREN_BENCH_ROUNDS` rounds (default 2) of 12 hibernate/wake cycles (wake until envd
+/// accepts a connection) and 5 restores of one checkpoint.
+#[tokio::test]
+#[ignore]
+async fn bench_userns_wake_and_restore() {
+    let rounds: usize = std::env::var("WARREN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let p50 = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    for round in 0..rounds {
+        for userns in [true, false] {
+            require_root("hibernation tests");
+            let h = Harness::start(
+                PathBuf::from(format!("/tmp/warren-criu-test-benchns{}", userns as u8)),
+                |c| c.user_namespaces = userns,
+            )
+            .await;
+            let id = "benchns";
+            h.rt.create(&h.spec(id)).await.expect("create");
+            let mut wakes = Vec::new();
+            for _ in 0..12 {
+                h.rt.freeze(id).await.unwrap();
+                h.rt.hibernate(id).await.expect("hibernate");
+                let t = Instant::now();
+                let woken = h.rt.wake(id).await.expect("wake");
+                while TcpStream::connect_timeout(&woken.envd_addr(), Duration::from_secs(2))
+                    .is_err()
+                {
+                    assert!(t.elapsed() < Duration::from_secs(5), "envd answers");
+                }
+                wakes.push(t.elapsed());
+            }
+            let opts = CheckpointOptions {
+                memory: true,
+                keep_running: true,
+            };
+            h.rt.checkpoint(id, "benchck", &opts)
+                .await
+                .expect("checkpoint");
+            let layer = h.rt.checkpoint_layer("benchck").expect("layer");
+            let mut restores = Vec::new();
+            let t = Instant::now();
+            for i in 0..5 {
+                let mut spec = h.spec(&format!("benchfork{i}"));
+                spec.rootfs.lower_dirs.insert(0, layer.clone());
+                let t = Instant::now();
+                h.rt.restore_checkpoint("benchck", &spec)
+                    .await
+                    .expect("restore");
+                restores.push(t.elapsed());
+            }
+            let all = t.elapsed();
+            eprintln!(
+                "BENCH round={round} userns={userns} wake_p50={:.1}ms restore_p50={:.1}ms \
+                 5_restores={:.0}ms",
+                p50(wakes),
+                p50(restores),
+                all.as_secs_f64() * 1e3
+            );
+            for i in 0..5 {
+                h.rt.destroy(&format!("benchfork{i}")).await.unwrap();
+            }
+            h.rt.destroy(id).await.unwrap();
+            h.finish().await;
+        }
+    }
+}
+
+/// A restore whose network setup fails (here: no `eth0` left in the kept namespace, which the
+/// daemon must move into the restored tree's) fails at once with an error naming the step,
+/// leaves no criu and no restored process behind, and a wake afterwards (which gives the kept
+/// namespace its `eth0` back) works.
+#[tokio::test]
+async fn failed_network_setup_fails_the_restore_cleanly() {
+    use warren_runtime::linux::checkpoint::{self, CriuSupport, RestoreTarget};
+    let h = Harness::new("netsetupfail").await;
+    let id = "nsfail";
+    let p = h.rt.create(&h.spec(id)).await.expect("create");
+    let range = p.userns.expect("user namespaces are on by default");
+    h.rt.freeze(id).await.unwrap();
+    h.rt.hibernate(id).await.expect("hibernate");
+    let dir = h.data.join("sandboxes").join(id);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", dir.join("netns").display()))
+        .args(["ip", "link", "del", "eth0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let CriuSupport::Available(criu) = CriuSupport::detect() else {
+        panic!("criu must work on this host");
+    };
+    let t = Instant::now();
+    let err = checkpoint::restore(RestoreTarget {
+        criu: &criu,
+        id,
+        dir: &dir,
+        cgroup_procs: &[],
+        userns: Some((
+            range,
+            warren_runtime::init::InitNet {
+                address: p.ip,
+                prefix_len: 20,
+                gateway: p.ip,
+            },
+        )),
+    })
+    .await
+    .expect_err("no eth0 to move");
+    let msg = err.to_string();
+    eprintln!("restore error: {msg} ({:?})", t.elapsed());
+    assert!(msg.contains("eth0"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // Nothing runs from these images any more: no criu, no restored tree.
+    let images = dir.join("checkpoint");
+    let images = images.to_string_lossy();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&*images))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    if let Ok(pid) = std::fs::read_to_string(dir.join("restore.pid")) {
+        let pid = pid.trim();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "restored init {pid} left"
+        );
+    }
+    let woken = h.rt.wake(id).await.expect("wake after the failed restore");
+    wait_for("envd after wake", || {
+        TcpStream::connect_timeout(&woken.envd_addr(), Duration::from_secs(1)).is_ok()
+    });
+    h.rt.destroy(id).await.unwrap();
+    h.finish().await;
+}

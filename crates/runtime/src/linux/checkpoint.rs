@@ -645,16 +645,121 @@ pub fn images_have_userns(images: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Run by criu (`--action-script`) once the restored init is in its new namespaces: moves the
-/// sandbox's `eth0` from the namespace that holds it into the init's new network namespace
-/// (moving drops its address and routes) and configures it as at create.
+/// Run by criu (`--action-script`) once the restored init is in its new namespaces: hands the
+/// init's pid to the daemon, which moves the sandbox's `eth0` from the namespace that holds it
+/// into the init's new network namespace and configures it there ([`serve_netns_setup`]), and
+/// waits for its answer. Both ends are pipes of the daemon, reached through its `/proc/PID/fd`:
+/// if the daemon is gone, opening the first fails and reading the second ends, so the script
+/// (and criu) never wait for nobody. Only shell builtins: no process besides the shell.
 const SETUP_NETNS_SCRIPT: &str = r#"#!/bin/sh
 [ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0
-set -e
-nsenter --net="$WARREN_NETNS" ip link set eth0 netns "$CRTOOLS_INIT_PID"
-printf 'link set lo up\naddr add %s dev eth0\nlink set eth0 up\nroute add default via %s\n' \
-  "$WARREN_ADDR" "$WARREN_GATEWAY" | nsenter -t "$CRTOOLS_INIT_PID" -n ip -batch -
+echo "$CRTOOLS_INIT_PID" > "$WARREN_NETNS_ASK" || exit 1
+read -r answer < "$WARREN_NETNS_DONE" || exit 1
+[ "$answer" = ok ]
 "#;
+
+/// How long the daemon may take to move and configure `eth0` once the action script asked.
+const NETNS_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The daemon's ends of the handshake with [`SETUP_NETNS_SCRIPT`] for one restore.
+struct NetnsHandshake {
+    /// The script writes the init's pid into `ask.1`; the daemon reads it from `ask.0`.
+    ask: (
+        tokio::net::unix::pipe::Receiver,
+        tokio::net::unix::pipe::Sender,
+    ),
+    /// The daemon writes its answer into `done.1`; the script reads it from `done.0`.
+    done: (
+        tokio::net::unix::pipe::Receiver,
+        tokio::net::unix::pipe::Sender,
+    ),
+}
+
+impl NetnsHandshake {
+    fn new(id: &str) -> Result<Self, RuntimeError> {
+        let pipe = || {
+            tokio::net::unix::pipe::pipe()
+                .map(|(tx, rx)| (rx, tx))
+                .map_err(|e| RuntimeError::sys("make the network setup pipes", id, e))
+        };
+        Ok(NetnsHandshake {
+            ask: pipe()?,
+            done: pipe()?,
+        })
+    }
+
+    /// The paths the script opens: `(ask, done)`.
+    fn paths(&self) -> (String, String) {
+        let me = std::process::id();
+        (
+            format!("/proc/{me}/fd/{}", self.ask.1.as_raw_fd()),
+            format!("/proc/{me}/fd/{}", self.done.0.as_raw_fd()),
+        )
+    }
+}
+
+/// The daemon's side of [`SETUP_NETNS_SCRIPT`]: waits for the restored init's pid, moves `eth0`
+/// from `from` into its network namespace and configures it ([`super::net::move_eth0`]), and
+/// answers `ok` or `fail`. Waits for the pid as long as criu runs (the caller stops waiting when
+/// it ends); the setup itself is bounded by [`NETNS_SETUP_TIMEOUT`].
+async fn serve_netns_setup(
+    hs: &mut NetnsHandshake,
+    id: &str,
+    from: i32,
+    net: crate::init::InitNet,
+) -> Result<(), RuntimeError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |reason: String| RuntimeError::Checkpoint {
+        id: id.to_string(),
+        op: "restore",
+        reason,
+    };
+    let mut line = Vec::new();
+    let mut buf = [0u8; 32];
+    while !line.contains(&b'\n') {
+        let n = hs.ask.0.read(&mut buf).await.map_err(|e| {
+            failed(format!(
+                "reading the restored init's pid from criu's script: {e}"
+            ))
+        })?;
+        if n == 0 || line.len() > 64 {
+            return Err(failed("criu's action script sent no pid".into()));
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    let setup = async {
+        let pid: u32 = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                failed(format!(
+                    "criu's action script sent {:?}, not a pid",
+                    String::from_utf8_lossy(&line)
+                ))
+            })?;
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let to = OwnedFd::from(
+            std::fs::File::open(&path).map_err(|e| RuntimeError::io("open", &path, e))?,
+        );
+        match tokio::time::timeout(NETNS_SETUP_TIMEOUT, super::net::move_eth0(from, to, net)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(failed(format!(
+                "moving and configuring eth0 took longer than {}s",
+                NETNS_SETUP_TIMEOUT.as_secs()
+            ))),
+        }
+    };
+    let result = setup.await.map_err(|e| match e {
+        e @ RuntimeError::Checkpoint { .. } => e,
+        e => failed(format!("network setup of the restored tree: {e}")),
+    });
+    let answer: &[u8] = if result.is_ok() { b"ok\n" } else { b"fail\n" };
+    // The pipe is empty and the answer far below its size: this write does not wait. If it fails
+    // the script sees no `ok` and criu fails the restore.
+    let _ = hs.done.1.write_all(answer).await;
+    result
+}
 
 /// Restores the tree of `t.images` into the network namespace `t.netns`, the cgroups of
 /// `t.cgroup_procs` and a fresh mount of the overlay root `t.record`. Returns the new init's
@@ -771,6 +876,7 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
         .arg(pidfile)
         .arg("--tcp-close")
         .arg("--manage-cgroups=ignore");
+    let mut handshake = None;
     match &userns {
         Some((_, net)) => {
             let script = here.join("setup-netns.sh");
@@ -782,15 +888,14 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
                     )
                 })
                 .map_err(|e| RuntimeError::io("write", &script, e))?;
+            let hs = NetnsHandshake::new(id)?;
+            let (ask, done) = hs.paths();
             cmd.args(["--empty-ns", "net"])
                 .arg("--action-script")
                 .arg(&script)
-                .env(
-                    "WARREN_NETNS",
-                    format!("/proc/{}/fd/{netns}", std::process::id()),
-                )
-                .env("WARREN_ADDR", format!("{}/{}", net.address, net.prefix_len))
-                .env("WARREN_GATEWAY", net.gateway.to_string());
+                .env("WARREN_NETNS_ASK", ask)
+                .env("WARREN_NETNS_DONE", done);
+            handshake = Some((hs, net.clone()));
         }
         None => {
             cmd.arg("--inherit-fd")
@@ -868,7 +973,25 @@ pub async fn restore_into(t: RestoreInto<'_>) -> Result<u32, RuntimeError> {
             Ok(())
         });
     }
-    let status = run(&mut cmd, id, "restore").await;
+    let status = match handshake.as_mut() {
+        Some((hs, net)) => {
+            let criu_run = run(&mut cmd, id, "restore");
+            tokio::pin!(criu_run);
+            let serve = serve_netns_setup(hs, id, netns, net.clone());
+            tokio::pin!(serve);
+            tokio::select! {
+                // criu ended without asking (it failed before, or was killed).
+                status = &mut criu_run => status,
+                served = &mut serve => {
+                    let status = criu_run.await;
+                    // A failed setup makes the script, and so criu, fail: its error says why.
+                    served.and(status)
+                }
+            }
+        }
+        None => run(&mut cmd, id, "restore").await,
+    };
+    drop(handshake);
     drop(procs_fds);
     drop(mounts);
     for p in &bind_paths {

@@ -12,7 +12,7 @@ use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -939,6 +939,62 @@ fn bridge_mac(bridge: &str) -> [u8; 6] {
     let b = h.to_be_bytes();
     // 0x02: locally administered, unicast.
     [0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// Moves `eth0` from the network namespace `from` into `to` and configures it there as at create
+/// ([`crate::init::configure_network`]: address, default route, `lo` up). For the wake or fork of
+/// a sandbox in a user namespace, whose tree CRIU restores into a network namespace made anew
+/// (moving a link drops its address and routes). Each error names its step.
+pub(crate) async fn move_eth0(
+    from: RawFd,
+    to: OwnedFd,
+    net: crate::init::InitNet,
+) -> Result<(), RuntimeError> {
+    // A netlink socket speaks for the namespace it was made in: one made on a thread that
+    // entered `from` (the daemon's threads never change namespace), driven by this runtime.
+    let rt = tokio::runtime::Handle::current();
+    let (conn, handle, _) = on_fresh_thread(move || {
+        // SAFETY: setns on this short-lived thread only, with a descriptor the caller keeps open.
+        if unsafe { libc::setns(from, libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _in_runtime = rt.enter();
+        rtnetlink::new_connection()
+    })
+    .await
+    .map_err(|e| RuntimeError::io("open netlink in", "the sandbox's kept network namespace", e))?;
+    let conn = tokio::spawn(conn);
+    let moved = async {
+        let index = link_index(&handle, "eth0")
+            .await?
+            .ok_or_else(|| RuntimeError::Netlink {
+                op: "find eth0 to move",
+                object: "the sandbox's kept network namespace".into(),
+                message: "no eth0 there".into(),
+            })?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(to.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err("move eth0 into", "the restored network namespace"))
+    }
+    .await;
+    conn.abort();
+    moved?;
+    on_fresh_thread(move || {
+        // SAFETY: setns on this short-lived thread only, with a descriptor it owns.
+        if unsafe { libc::setns(to.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        crate::init::configure_network(Some(&net)).map_err(std::io::Error::other)
+    })
+    .await
+    .map_err(|e| RuntimeError::io("configure eth0 in", "the restored network namespace", e))
 }
 
 /// Runs `f` on a new OS thread that ends afterwards, for work that changes the thread's
