@@ -4,15 +4,14 @@
 
 use crate::agent::fake::FakeAgent;
 use crate::agent::{node_id, AgentError, NodeAgent};
-use crate::cluster_api::{router, ClusterApi};
+use crate::cluster_api::ClusterApi;
 use crate::crd::{Condition, SandboxPhase, SandboxStatus};
 use crate::mock::{list, mock, ready, sandbox, ApiServer, NS, SANDBOXES};
-use axum::body::Body;
-use http::{Request, StatusCode};
+use crate::mock_cluster_api::call;
+use http::StatusCode;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 const KEY: &str = "warren_testkey";
 const CHECKPOINTS: &str = "/apis/warren.dev/v1alpha1/namespaces/testns/checkpoints";
@@ -27,42 +26,6 @@ fn api() -> (Arc<ClusterApi>, ApiServer, Arc<FakeAgent>) {
     let agent: Arc<dyn NodeAgent> = fake.clone();
     a.agent = Some(agent);
     (Arc::new(a), server, fake)
-}
-
-async fn call(
-    api: &Arc<ClusterApi>,
-    method: &str,
-    path: &str,
-    body: Value,
-) -> tokio::task::JoinHandle<(StatusCode, Value)> {
-    let app = router(api.clone(), None);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("x-api-key", KEY)
-        .header("content-type", "application/json")
-        .body(Body::from(if body.is_null() {
-            vec![]
-        } else {
-            serde_json::to_vec(&body).unwrap()
-        }))
-        .unwrap();
-    tokio::spawn(async move {
-        let resp = tokio::time::timeout(Duration::from_secs(5), app.oneshot(req))
-            .await
-            .expect("the API answered")
-            .unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (status, v)
-    })
 }
 
 /// A running sandbox the client created, started by its agent `started_ago` seconds ago.

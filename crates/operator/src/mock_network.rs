@@ -6,22 +6,20 @@
 
 use crate::agent::fake::FakeAgent;
 use crate::agent::{node_id, AgentError, EgressSpec, NodeAgent};
-use crate::cluster_api::{router, ClusterApi};
+use crate::cluster_api::ClusterApi;
 use crate::controller::{reconcile_sandbox, Context};
 use crate::crd::{Condition, SandboxNetwork, SandboxPhase, SandboxStatus};
 use crate::mock::{
     list, member, ready, run, sandbox, set, with_finalizer, ApiServer, EVENTS, NS, PODS, SANDBOXES,
 };
-use crate::mock_cluster_api::CHECKPOINTS;
+use crate::mock_cluster_api::{call, CHECKPOINTS};
 use crate::sandbox::{build_pod, PodConfig};
 use crate::sandbox_network::CONDITION;
-use axum::body::Body;
 use http::{Request, Response, StatusCode};
 use kube::Client;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 const KEY: &str = "warren_testkey";
 
@@ -257,42 +255,6 @@ fn cluster_api() -> (Arc<ClusterApi>, ApiServer) {
     a.poll = Duration::from_millis(10);
     a.ready_timeout = Duration::from_secs(2);
     (Arc::new(a), server)
-}
-
-async fn call(
-    api: &Arc<ClusterApi>,
-    method: &str,
-    path: &str,
-    body: Value,
-) -> tokio::task::JoinHandle<(StatusCode, Value)> {
-    let app = router(api.clone(), None);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("x-api-key", KEY)
-        .header("content-type", "application/json")
-        .body(Body::from(if body.is_null() {
-            vec![]
-        } else {
-            serde_json::to_vec(&body).unwrap()
-        }))
-        .unwrap();
-    tokio::spawn(async move {
-        let resp = tokio::time::timeout(Duration::from_secs(5), app.oneshot(req))
-            .await
-            .expect("the API answered")
-            .unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (status, v)
-    })
 }
 
 #[tokio::test]
