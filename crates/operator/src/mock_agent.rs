@@ -87,7 +87,7 @@ pub(crate) async fn expect_agent_conditions(api: &mut ApiServer) -> Vec<Value> {
     conds
 }
 
-fn find<'a>(conds: &'a [Value], t: &str) -> &'a Value {
+pub(crate) fn find<'a>(conds: &'a [Value], t: &str) -> &'a Value {
     conds
         .iter()
         .find(|c| c["type"] == t)

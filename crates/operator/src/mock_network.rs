@@ -12,6 +12,7 @@ use crate::crd::{Condition, SandboxNetwork, SandboxPhase, SandboxStatus};
 use crate::mock::{
     list, member, ready, run, sandbox, set, with_finalizer, ApiServer, EVENTS, NS, PODS, SANDBOXES,
 };
+use crate::mock_agent::{expect_agent_conditions, find};
 use crate::mock_cluster_api::{call, CHECKPOINTS};
 use crate::sandbox::{build_pod, PodConfig};
 use crate::sandbox_network::CONDITION;
@@ -63,30 +64,6 @@ fn running_pod(s: &crate::crd::Sandbox) -> Value {
     pod["status"] = json!({"phase": "Running", "podIP": "10.0.0.5",
                            "conditions": [{"type": "Ready", "status": "True"}]});
     pod
-}
-
-async fn expect_agent_conditions(api: &mut ApiServer) -> Vec<Value> {
-    let call = api
-        .expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
-        .await;
-    assert!(
-        call.query.contains("fieldManager=warren-node-agent"),
-        "{}",
-        call.query
-    );
-    let conds = call.body["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .clone();
-    call.ok(serde_json::to_value(sandbox("sb1")).unwrap());
-    conds
-}
-
-fn find<'a>(conds: &'a [Value], t: &str) -> &'a Value {
-    conds
-        .iter()
-        .find(|c| c["type"] == t)
-        .unwrap_or_else(|| panic!("no {t} in {conds:?}"))
 }
 
 fn closed() -> EgressSpec {
