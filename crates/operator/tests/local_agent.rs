@@ -23,6 +23,24 @@ use warren_operator::registry_auth::RegistryCredentials;
 
 const NODE: &str = "test-node";
 
+/// Fails the test, saying why, unless it runs as root (CI does).
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the node agent test needs root"
+    );
+}
+
+/// An empty data dir of this test process, named after the test.
+fn fresh_data_dir(name: &str) -> PathBuf {
+    let data = PathBuf::from(format!("/tmp/warren-agent-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    data
+}
+
 fn init_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let target = exe.parent().unwrap().parent().unwrap();
@@ -235,15 +253,8 @@ fn v2_cgroup_of(pid: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_in_a_pod_through_the_agent_interface() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the node agent test needs root"
-    );
-    let data = PathBuf::from(format!("/tmp/warren-agent-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
+    require_root();
+    let data = fresh_data_dir("test");
     let pod = FakePod::new();
     let mut agent: Box<dyn NodeAgent> =
         Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
@@ -488,15 +499,8 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
 /// does not hold is NotFound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_of_a_checkpoint_into_another_pod() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the node agent test needs root"
-    );
-    let data = PathBuf::from(format!("/tmp/warren-agent-fork-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
+    require_root();
+    let data = fresh_data_dir("fork");
     let (pod1, pod2) = (FakePod::numbered(6), FakePod::numbered(7));
     let agent: Box<dyn NodeAgent> =
         Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
@@ -747,16 +751,9 @@ fn free_bytes(path: &Path) -> u64 {
 /// delete frees the image, the mount and the loop device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_sandboxes_get_the_single_host_disk_cap() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the node agent test needs root"
-    );
+    require_root();
     warren_runtime::linux::disk::check_support().expect("this node must support disk caps");
-    let data = PathBuf::from(format!("/tmp/warren-agent-disk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
+    let data = fresh_data_dir("disk");
     let pod = FakePod::numbered(1);
     let agent: Box<dyn NodeAgent> = Box::new(
         LocalAgent::new(data.clone(), init_binary())
@@ -981,15 +978,8 @@ fn push_busybox_image(dir: &Path, dest: &[String]) {
 /// operator turns into `ImagePullFailed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_sandboxes_run_images_pulled_once() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the node agent test needs root"
-    );
-    let data = PathBuf::from(format!("/tmp/warren-agent-img-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
+    require_root();
+    let data = fresh_data_dir("img");
     let mut reg = Some(start_registry(&data.join("registry"), false));
     let addr = reg.as_ref().unwrap().addr.clone();
     let (v1, v2) = (
@@ -1158,16 +1148,9 @@ async fn pod_sandboxes_run_images_pulled_once() {
 /// pushed manifest is what skopeo fetches with the same credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_push_with_the_credentials_the_operator_passes() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the node agent test needs root"
-    );
+    require_root();
     need("skopeo", "skopeo");
-    let data = PathBuf::from(format!("/tmp/warren-agent-push-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
+    let data = fresh_data_dir("push");
     let reg = start_registry(&data.join("registry"), true);
     let pod = FakePod::numbered(3);
     let agent: Box<dyn NodeAgent> = Box::new(
@@ -1328,17 +1311,10 @@ fn egress_table(netns: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_policy_through_the_agent_interface() {
     use warren_operator::agent::{EgressSpec, NetworkUpdateRequest};
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the node agent test needs root"
-    );
+    require_root();
     // Before anything is made that a panic would leave behind.
     let init = init_binary();
-    let data = PathBuf::from(format!("/tmp/warren-agent-net-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
+    let data = fresh_data_dir("net-test");
     let pod = FakePod::numbered(8);
     // A service on the node's address (the veth end the test made, nothing else).
     let listener = std::net::TcpListener::bind((pod.host_ip, 0)).unwrap();
