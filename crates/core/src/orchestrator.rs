@@ -497,8 +497,7 @@ impl Warren {
                     .await;
             }
         };
-        let ready_port = self.templates.ready_port(&req.template_id);
-        let ready_cmd = self.templates.ready_command(&req.template_id);
+        let settings = self.templates.settings(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(CoreError::InvalidArgument(format!(
@@ -525,9 +524,7 @@ impl Warren {
         let ready_token = token.clone();
         let network = req.network.policy(req.allow_internet)?;
         let allow_internet = network.allow_internet;
-        let resources = self
-            .templates
-            .resources_for(&req.template_id, self.config.default_resources);
+        let resources = settings.resources(self.config.default_resources);
         let mut spec = SandboxSpec {
             id: id.clone(),
             rootfs,
@@ -580,10 +577,10 @@ impl Warren {
                 return Err(e.into());
             }
         };
-        if let Some(port) = ready_port {
+        if let Some(port) = settings.ready_port {
             wait_for_port(&id, std::net::SocketAddr::from((placement.ip, port))).await;
         }
-        if let Some(cmd) = ready_cmd {
+        if let Some(cmd) = settings.ready_cmd {
             let envd = std::net::SocketAddr::from((placement.ip, warren_runtime::ENVD_PORT));
             self.wait_for_ready_command(&id, envd, &ready_token, &cmd)
                 .await;

@@ -104,25 +104,28 @@ impl TemplateRegistry {
         self.images.get(name).and_then(|t| t.ready_cmd)
     }
 
-    /// What template `name` sets for its sandboxes beyond its files.
+    /// What template `name` sets for its sandboxes beyond its files (one lookup: a create
+    /// asks this once).
     pub fn settings(&self, name: &str) -> TemplateSettings {
         let image = self.images.get(name);
-        TemplateSettings {
-            ready_port: self.ready_port(name),
-            ready_cmd: self.ready_command(name),
-            vcpus: image.as_ref().and_then(|t| t.vcpus),
-            memory_mb: image.as_ref().and_then(|t| t.memory_mb),
-        }
-    }
-
-    /// The resources of a sandbox of template `name`: `defaults`, with the template's vCPUs and
-    /// memory where it sets them.
-    pub fn resources_for(&self, name: &str, defaults: Resources) -> Resources {
-        let s = self.settings(name);
-        Resources {
-            vcpus: s.vcpus.unwrap_or(defaults.vcpus),
-            memory_mb: s.memory_mb.unwrap_or(defaults.memory_mb),
-            ..defaults
+        let in_memory_port = || {
+            self.ready_ports
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .copied()
+        };
+        match image {
+            Some(t) => TemplateSettings {
+                ready_port: t.ready_port.or_else(in_memory_port),
+                ready_cmd: t.ready_cmd,
+                vcpus: t.vcpus,
+                memory_mb: t.memory_mb,
+            },
+            None => TemplateSettings {
+                ready_port: in_memory_port(),
+                ..Default::default()
+            },
         }
     }
 
@@ -283,6 +286,15 @@ pub struct TemplateSettings {
 impl TemplateSettings {
     pub fn is_empty(&self) -> bool {
         *self == TemplateSettings::default()
+    }
+
+    /// `defaults`, with these vCPUs and memory where they are set.
+    pub fn resources(&self, defaults: Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus.unwrap_or(defaults.vcpus),
+            memory_mb: self.memory_mb.unwrap_or(defaults.memory_mb),
+            ..defaults
+        }
     }
 }
 

@@ -537,7 +537,8 @@ impl Warren {
         let id = new_sandbox_id();
         let resources = self
             .templates
-            .resources_for(&set.spec.template, self.config.default_resources);
+            .settings(&set.spec.template)
+            .resources(self.config.default_resources);
         let network = NetworkPolicy {
             allow_internet: set.spec.allow_internet_access,
             ..Default::default()
