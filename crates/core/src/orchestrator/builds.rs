@@ -137,6 +137,27 @@ impl BuildJob {
         v
     }
 
+    /// Records how the build ended.
+    fn finish(&mut self, res: Result<String, CoreError>, began: Instant) {
+        let (name, j) = (self.name.clone(), self);
+        match res {
+            Ok(digest) => {
+                tracing::info!(template = %name, digest = %digest, cache_hits = j.cache_hits, secs = began.elapsed().as_secs_f64(), "template built");
+                j.status = "ready".into();
+                j.digest = Some(digest);
+                j.current = None;
+            }
+            Err(e) => {
+                tracing::warn!(template = %name, error = %e, "template build failed");
+                j.status = "failed".into();
+                j.error = Some(e.to_string());
+                if let Some(s) = j.current.and_then(|i| j.steps.get_mut(i)) {
+                    s.status = "failed".into();
+                }
+            }
+        }
+    }
+
     fn append_log(&mut self, data: &[u8]) {
         self.log_bytes.extend_from_slice(data);
         self.log_end += data.len() as u64;
@@ -391,37 +412,12 @@ impl Warren {
             {
                 let mut j = lock(&job);
                 j.finished_at = Some(me.clock.now());
-                me.record_outcome(&name, res, &mut j, began);
+                j.finish(res, began);
                 me.save_build_job(&j);
             }
             me.prune_build_cache().await;
         });
         Ok(view)
-    }
-
-    fn record_outcome(
-        &self,
-        name: &str,
-        res: Result<String, CoreError>,
-        j: &mut BuildJob,
-        began: Instant,
-    ) {
-        match res {
-            Ok(digest) => {
-                tracing::info!(template = %name, digest = %digest, cache_hits = j.cache_hits, secs = began.elapsed().as_secs_f64(), "template built");
-                j.status = "ready".into();
-                j.digest = Some(digest);
-                j.current = None;
-            }
-            Err(e) => {
-                tracing::warn!(template = %name, error = %e, "template build failed");
-                j.status = "failed".into();
-                j.error = Some(e.to_string());
-                if let Some(s) = j.current.and_then(|i| j.steps.get_mut(i)) {
-                    s.status = "failed".into();
-                }
-            }
-        }
     }
 
     fn build_jobs_dir(&self) -> Option<PathBuf> {
