@@ -91,14 +91,9 @@ async fn request_build(
         .or(req.alias)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
-    if !req.tags.is_empty() {
-        return Err(ApiError::bad_request(
-            "template tags are not supported by Warren; build under a plain name",
-        ));
-    }
-    let build_id = st
-        .warren
-        .e2b_request_build(&who, &name, req.cpu_count, req.memory_mb)?;
+    let build_id =
+        st.warren
+            .e2b_request_build(&who, &name, &req.tags, req.cpu_count, req.memory_mb)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(BuildRequested {

@@ -295,8 +295,17 @@ pub fn translate(
                     "/{}",
                     normalize_source(&crate::dockerfile::resolve_path(workdir.as_deref(), dest))
                 );
-                let single = !has_glob(&last) && !norm.is_empty() && is_single_file(&hash, &norm);
-                let made = if single && dest.ends_with('/') {
+                let (user, mode) = (
+                    args.get(2).filter(|u| !u.is_empty()),
+                    args.get(3).filter(|m| !m.is_empty()),
+                );
+                // What the COPY made, for chown/chmod only (finding out reads the upload).
+                let made = if (user.is_some() || mode.is_some())
+                    && !has_glob(&last)
+                    && !norm.is_empty()
+                    && dest.ends_with('/')
+                    && is_single_file(&hash, &norm)
+                {
                     format!("{}/{last}", dest_abs.trim_end_matches('/'))
                 } else {
                     dest_abs.clone()
@@ -307,7 +316,7 @@ pub fn translate(
                     Instr::Copy(vec![source], dest.clone()),
                 );
                 out.file_hashes.push(hash);
-                if let Some(user) = args.get(2).filter(|u| !u.is_empty()) {
+                if let Some(user) = user {
                     check_user(user).map_err(|e| at(e.0))?;
                     out.run_as(
                         i + 1,
@@ -316,7 +325,7 @@ pub fn translate(
                         &format!("chown -R {user}: {}", sh_quote(&made)),
                     );
                 }
-                if let Some(mode) = args.get(3).filter(|m| !m.is_empty()) {
+                if let Some(mode) = mode {
                     check_mode(mode).map_err(|e| at(e.0))?;
                     out.run_as(
                         i + 1,

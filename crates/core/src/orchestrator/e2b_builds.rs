@@ -261,15 +261,21 @@ impl Warren {
     }
 
     /// `POST /v3/templates`: registers a build of template `name`, whose sandboxes get `vcpus`
-    /// and `memory_mb` when given; returns its build id.
+    /// and `memory_mb` when given; returns its build id. Tags are not supported.
     pub fn e2b_request_build(
         &self,
         who: &Principal,
         name: &str,
+        tags: &[String],
         vcpus: Option<u32>,
         memory_mb: Option<u64>,
     ) -> Result<String, CoreError> {
         self.images()?;
+        if !tags.is_empty() {
+            return Err(CoreError::InvalidArgument(
+                "template tags are not supported by Warren; build under a plain name".into(),
+            ));
+        }
         if let Some(n) = vcpus.filter(|n| !(1..=MAX_VCPUS).contains(n)) {
             return Err(CoreError::InvalidArgument(format!(
                 "cpuCount {n}: give 1 to {MAX_VCPUS}"
@@ -400,10 +406,14 @@ impl Warren {
                 )));
             }
         }
+        // Off the async workers: telling a copied file from a directory reads its upload.
         let f = files.clone();
-        let translated =
-            e2b_template::translate(&spec, move |hash, src| upload_has_file(&f.join(hash), src))
-                .map_err(|e| CoreError::InvalidArgument(e.0))?;
+        let translated = tokio::task::spawn_blocking(move || {
+            e2b_template::translate(&spec, |hash, src| upload_has_file(&f.join(hash), src))
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("build task failed: {e}")))?
+        .map_err(|e| CoreError::InvalidArgument(e.0))?;
         let mut uploads: Vec<(String, PathBuf)> = Vec::new();
         for h in &translated.file_hashes {
             let p = files.join(h);
