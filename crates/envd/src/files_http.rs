@@ -310,10 +310,52 @@ async fn create_file(user: &User, path: &Path) -> Result<tokio::fs::File, HttpEr
     }
 }
 
+/// A failed upload still reads (and drops) up to this much of the rest of its body, for at most
+/// [`DRAIN_TIME`], before it answers: a server that answers and closes while the client is still
+/// sending makes the client's kernel see a reset, and the client (the daemon's router, then the
+/// SDK) loses the answer, reporting an unreachable sandbox instead of, say, 507.
+const DRAIN_BYTES: u64 = 1 << 30;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads and drops what is left of `chunks`, within the drain limits.
+async fn drain<S, E>(chunks: &mut S)
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(chunk)) = chunks.next().await {
+            left = left.saturating_sub(chunk.len() as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Writes the body to `path`; on failure the rest of the body is drained (see [`DRAIN_BYTES`]).
 async fn write_body<S, E>(
     user: &User,
     path: &Path,
-    mut chunks: S,
+    chunks: &mut S,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), HttpError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let result = write_chunks(user, path, chunks, metadata).await;
+    if result.is_err() {
+        drain(chunks).await;
+    }
+    result
+}
+
+async fn write_chunks<S, E>(
+    user: &User,
+    path: &Path,
+    chunks: &mut S,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), HttpError>
 where
@@ -429,16 +471,27 @@ async fn upload_files(state: &AppState, request: Request) -> Result<Response, Ht
             })?;
             let path = resolve_path(&raw_path, &user).map_err(rpc_to_http)?;
             // A multipart field is itself a stream of body chunks.
-            let chunks = Box::pin(field);
-            write_body(&user, &path, chunks, &metadata).await?;
+            let mut chunks = Box::pin(field);
+            if let Err(err) = write_body(&user, &path, &mut chunks, &metadata).await {
+                drop(chunks);
+                // The parts after the failed one are drained too, for the reason given at
+                // `DRAIN_BYTES`.
+                let _ = tokio::time::timeout(DRAIN_TIME, async {
+                    while let Ok(Some(mut part)) = multipart.next_field().await {
+                        while let Ok(Some(_)) = part.chunk().await {}
+                    }
+                })
+                .await;
+                return Err(err);
+            }
             written.push(path);
         }
     } else {
         let raw_path = query_path
             .ok_or_else(|| http_error(StatusCode::BAD_REQUEST, "missing path query parameter"))?;
         let path = resolve_path(&raw_path, &user).map_err(rpc_to_http)?;
-        let body = request.into_body().into_data_stream();
-        write_body(&user, &path, body, &metadata).await?;
+        let mut body = request.into_body().into_data_stream();
+        write_body(&user, &path, &mut body, &metadata).await?;
         written.push(path);
     }
 

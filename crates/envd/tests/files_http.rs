@@ -443,3 +443,84 @@ async fn unary_responses_use_the_connect_content_type() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "application/json");
 }
+
+/// Sends one HTTP/1.1 request on `stream` in full, then reads one answer's status line and
+/// headers, and its body when sized. Fails if the server stops reading before the body's end.
+async fn raw_exchange(
+    stream: &mut tokio::net::TcpStream,
+    target: &str,
+    content_type: &str,
+    body: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nhost: envd\r\ncontent-type: {content_type}\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        writer.write_all(head.as_bytes()).await?;
+        writer.write_all(body).await?;
+        writer.flush().await
+    };
+    let receive = async {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("closed before the answer"));
+            }
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if answer.len() >= end + 4 + len {
+                    return Ok(text);
+                }
+            }
+        }
+    };
+    let (sent, answer) = tokio::join!(send, receive);
+    sent.unwrap_or_else(|e| panic!("the server stopped reading the body of {target}: {e}"));
+    answer.unwrap()
+}
+
+/// An upload that fails part-way still reads its whole body before answering, and keeps the
+/// connection: a server that answers and closes while the client still sends resets the
+/// connection, and the client (the daemon's router, then the SDK) can lose the answer.
+#[tokio::test]
+async fn an_upload_that_fails_part_way_reads_its_body_before_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let envd = start_envd(root_config()).await;
+    let mut stream = tokio::net::TcpStream::connect(envd.addr).await.unwrap();
+    let big = vec![b'x'; 32 << 20];
+    let (form_type, form) = multipart(&[("file", "big.bin", &big)]);
+    let onto_dir = format!("/files?path={}", encode(dir.path().to_str().unwrap()));
+    // Writes to /dev/full fail with ENOSPC once the first chunk has been read.
+    for (target, content_type, body, status) in [
+        (
+            "/files?path=/dev/full",
+            "application/octet-stream",
+            &big,
+            "507",
+        ),
+        ("/files?path=/dev/full", form_type.as_str(), &form, "507"),
+        (onto_dir.as_str(), "application/octet-stream", &big, "400"),
+        (onto_dir.as_str(), form_type.as_str(), &form, "400"),
+    ] {
+        let answer = raw_exchange(&mut stream, target, content_type, body).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{target}: {answer}"
+        );
+    }
+}
