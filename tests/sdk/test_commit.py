@@ -156,6 +156,46 @@ def test_round_trip_sees_the_same_tree(daemon, new_sandbox):
         assert daemon.request("DELETE", f"/warren/v1/commits/{name}").status == 204
 
 
+def test_an_image_in_use_is_replaced_and_its_sandboxes_keep_their_layers(daemon, new_sandbox):
+    """Committing (or building) over an image that sandboxes run on replaces it for new
+    sandboxes; the running ones keep the layers they started on through image gc, and those
+    layers go when the last of them ends."""
+    layers = os.path.join(daemon.data_dir, "images/layers")
+    src = new_sandbox()
+    src.commands.run("echo one > /home/user/which && head -c 100000 /dev/urandom > /home/user/blob", user="root")
+    c1 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/inuse:v1")["metadata"]["name"])
+    assert c1["status"]["phase"] == "Succeeded", c1
+    old = new_sandbox(template="local/inuse:v1")
+    blob_sum = old.commands.run("sha256sum /home/user/blob").stdout
+
+    src.commands.run("rm /home/user/blob && echo two > /home/user/which", user="root")
+    c2 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/inuse:v1")["metadata"]["name"])
+    assert c2["status"]["phase"] == "Succeeded", c2
+    assert c2["status"]["digest"] != c1["status"]["digest"]
+    new = new_sandbox(template="local/inuse:v1")
+    assert new.files.read("/home/user/which") == "two\n"
+    assert new.commands.run("test -e /home/user/blob || echo gone").stdout == "gone\n"
+
+    # Deleting the first commit runs an image gc: nothing names the old image any more, but the
+    # old sandbox still stacks its layers, so they stay.
+    with_old = set(os.listdir(layers))
+    assert daemon.request("DELETE", f"/warren/v1/commits/{c1['metadata']['name']}").status == 204
+    assert set(os.listdir(layers)) == with_old
+    assert old.files.read("/home/user/which") == "one\n"
+    assert old.commands.run("sha256sum /home/user/blob").stdout == blob_sum
+    # ... through a hibernation and wake too.
+    r = daemon.request("POST", f"/warren/v1/sandboxes/{old.sandbox_id}/hibernate")
+    assert r.status == 200, (r.status, r.body)
+    old.connect()
+    assert old.commands.run("cat /home/user/which").stdout == "one\n"
+
+    # When the old sandbox ends, the layers only it used go.
+    old.kill()
+    assert wait_until(lambda: set(os.listdir(layers)) < with_old, 15), sorted(with_old)
+    assert new.files.read("/home/user/which") == "two\n"
+    assert daemon.request("DELETE", f"/warren/v1/commits/{c2['metadata']['name']}").status == 204
+
+
 def test_commit_of_a_hibernated_sandbox(daemon, new_sandbox):
     """A hibernated sandbox has no process to freeze: its upper dir on disk is committed as it
     is, and it stays hibernated until it is woken."""

@@ -42,10 +42,13 @@ def test_build_with_copy_run_env_user_and_a_sandbox_of_it(daemon, new_sandbox, t
     out = sbx.commands.run("stat -c '%U %a' /root-made /opt/app/run.sh; echo $GREETING; pwd")
     assert out.stdout.splitlines() == ["root 644", "user 750", "hello there", "/home/user"], out.stdout
 
-    # Warren replaces a template's image only while no sandbox runs on it.
-    with pytest.raises(BuildException) as e:
-        Template.build(template, "sdk-built")
-    assert "in use" in str(e.value)
+    # A rebuild while a sandbox runs on the template: new sandboxes get the new image, the
+    # running one keeps its own.
+    (tmp_path / "app" / "hello.txt").write_text("hi from the second build\n")
+    Template.build(template, "sdk-built")
+    assert new_sandbox(template="sdk-built").files.read("/home/user/hello.txt") == "hi from the second build\n"
+    assert sbx.files.read("/home/user/hello.txt") == "hi from the context\n"
+    assert sbx.commands.run("cat /opt/app/run.sh").stdout == "#!/bin/sh\necho run\n"
     sbx.kill()
 
     # An unchanged rebuild uploads nothing and takes every step from the cache.

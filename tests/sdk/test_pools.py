@@ -188,6 +188,47 @@ def test_template_change_rolls_every_unclaimed_member(daemon, pools, new_sandbox
     assert claimed.commands.run("test -e /etc/pool-generation; echo $?").stdout == "1\n"
 
 
+def test_recommitting_a_pools_image_rolls_the_pool_and_frees_the_old_layers(daemon, pools, new_sandbox):
+    """A pool on an image that is committed (or built) again rolls to the new image; the old
+    image's layers live while a member or a claimed sandbox stacks them, then go."""
+    from test_commit import commit, wait_done
+
+    layers = os.path.join(daemon.data_dir, "images/layers")
+    src = new_sandbox()
+    src.commands.run("echo 1 > /home/user/generation", user="root")
+    c1 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/pooled:v1")["metadata"]["name"])
+    assert c1["status"]["phase"] == "Succeeded", c1
+    pools.apply(sandbox_set("committed", 2, template="local/pooled:v1", updateStrategy={"maxUnavailable": 1}))
+    pools.wait_ready("committed", 2)
+    claimed = new_sandbox(template="local/pooled:v1")
+    pools.wait_ready("committed", 2)
+    old = pools.members()
+    assert claimed.files.read("/home/user/generation") == "1\n"
+
+    src.commands.run("echo 2 > /home/user/generation", user="root")
+    c2 = wait_done(daemon, commit(daemon, src.sandbox_id, "local/pooled:v1")["metadata"]["name"])
+    assert c2["status"]["phase"] == "Succeeded", c2
+    assert daemon.request("DELETE", f"/warren/v1/commits/{c1['metadata']['name']}").status == 204
+    with_old = set(os.listdir(layers))
+
+    def rolled():
+        st = pools.status("committed")
+        return st["staleReplicas"] == 0 and st["availableReplicas"] == 2 and not (pools.members() & old)
+
+    assert wait_until(rolled, 60), pools.status("committed")
+    fresh = new_sandbox(template="local/pooled:v1")
+    assert fresh.files.read("/home/user/generation") == "2\n"
+    # The claimed sandbox still stacks the old layers: they stay until it ends.
+    assert set(os.listdir(layers)) == with_old
+    assert claimed.files.read("/home/user/generation") == "1\n"
+    claimed.kill()
+    assert wait_until(lambda: set(os.listdir(layers)) < with_old, 15), sorted(with_old)
+    assert fresh.files.read("/home/user/generation") == "2\n"
+    pools.apply(sandbox_set("committed", 0, template="local/pooled:v1"))
+    assert wait_until(lambda: not pools.members(), 30)
+    assert daemon.request("DELETE", f"/warren/v1/commits/{c2['metadata']['name']}").status == 204
+
+
 def test_a_killed_claimed_sandbox_leaves_nothing_for_the_next_owner(daemon, pools):
     pools.apply(sandbox_set("reuse", 1, reusePolicy="Recycle"))
     pools.wait_ready("reuse", 1)

@@ -179,6 +179,9 @@ pub struct Warren {
     builds: builds::BuildState,
     /// E2B's template build protocol over those builds (see `e2b_builds.rs`).
     e2b_builds: e2b_builds::E2bBuildState,
+    /// Creates between reading their template's layers and recording them (see
+    /// `templates.rs`, `LayerClaims`).
+    layer_claims: templates::LayerClaims,
 }
 
 /// What the router needs of a running sandbox, kept in memory.
@@ -235,6 +238,7 @@ impl Warren {
             commits: commits::CommitState::default(),
             builds: builds::BuildState::default(),
             e2b_builds: e2b_builds::E2bBuildState::default(),
+            layer_claims: templates::LayerClaims::default(),
         }
     }
 
@@ -478,25 +482,22 @@ impl Warren {
         if req.template_id.is_empty() {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
         }
-        let rootfs = match self.templates.resolve(&req.template_id) {
-            Ok(r) => r,
-            // E2B's `Sandbox.create(template=<snapshot id>)`: a checkpoint restores.
-            Err(e) => {
-                if !self.is_checkpoint(who, &req.template_id).await {
-                    return Err(e.into());
-                }
-                let restore = checkpoints::RestoreRequest {
-                    timeout_secs: req.timeout_secs,
-                    metadata: req.metadata,
-                    env_vars: req.env_vars,
-                    auto_pause: req.auto_pause,
-                    auto_resume: req.auto_resume,
-                };
-                return self
-                    .restore_checkpoint(who, &req.template_id, restore)
-                    .await;
+        // E2B's `Sandbox.create(template=<snapshot id>)`: a checkpoint restores.
+        if let Err(e) = self.templates.resolve(&req.template_id) {
+            if !self.is_checkpoint(who, &req.template_id).await {
+                return Err(e.into());
             }
-        };
+            let restore = checkpoints::RestoreRequest {
+                timeout_secs: req.timeout_secs,
+                metadata: req.metadata,
+                env_vars: req.env_vars,
+                auto_pause: req.auto_pause,
+                auto_resume: req.auto_resume,
+            };
+            return self
+                .restore_checkpoint(who, &req.template_id, restore)
+                .await;
+        }
         let settings = self.templates.settings(&req.template_id);
         for (k, v) in &req.env_vars {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -519,6 +520,10 @@ impl Warren {
         if let Some(ck) = self.templates.images.checkpoint_of(&req.template_id) {
             return self.create_from_checkpoint_template(who, &ck, req).await;
         }
+        // Held until the sandbox's record names its layers, so no image gc removes them first
+        // (the template may have been rebuilt since the check above).
+        let layer_claim = self.layer_claims.claim();
+        let rootfs = self.templates.resolve(&req.template_id)?;
         let id = new_sandbox_id();
         let token = generate_access_token();
         let ready_token = token.clone();
@@ -566,6 +571,7 @@ impl Warren {
         // Recorded before the runtime acts, so a crash mid-create leaves a `Creating` row that
         // recovery cleans up instead of an untracked sandbox.
         self.store.insert(rec).await?;
+        drop(layer_claim);
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
 
@@ -693,9 +699,10 @@ impl Warren {
 
     async fn finish_kill(&self, id: &str) -> Result<(), CoreError> {
         self.runtime.destroy(id).await?;
-        self.store.apply(id, Event::Destroyed, |_| {}).await?;
+        let rec = self.store.apply(id, Event::Destroyed, |_| {}).await?;
         self.forget_lock(id);
         tracing::info!(sandbox = %id, "sandbox killed");
+        self.release_stale_layers(&rec.spec.rootfs.lower_dirs).await;
         Ok(())
     }
 

@@ -647,9 +647,15 @@ impl ImageStore {
 
     /// Removes every blob and layer dir that no image of the index references. Skipped (returns
     /// `None`) while an operation is writing to the store, since its new blobs are not
-    /// referenced yet. Layer dirs in use by sandboxes must stay referenced by their template's
-    /// image; the control plane refuses to drop those.
+    /// referenced yet.
     pub fn gc(&self) -> Result<Option<GcReport>> {
+        self.gc_keeping(&[])
+    }
+
+    /// [`gc`](Self::gc), but a layer dir that is, or contains, one of `in_use` (the lower dirs
+    /// of sandboxes and checkpoints) stays even when no image references it any more: a
+    /// sandbox keeps the layers it started on when its template is rebuilt.
+    pub fn gc_keeping(&self, in_use: &[PathBuf]) -> Result<Option<GcReport>> {
         let _gc = self.gc_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.active.load(Ordering::SeqCst) > 0 {
             return Ok(None);
@@ -675,8 +681,9 @@ impl ImageStore {
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !layers.contains(&name) {
-                remove_layer(&entry.path())?;
+            let path = entry.path();
+            if !layers.contains(&name) && !in_use.iter().any(|d| d.starts_with(&path)) {
+                remove_layer(&path)?;
                 report.layers += 1;
             }
         }

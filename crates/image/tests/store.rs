@@ -401,8 +401,12 @@ fn layers_are_shared_counted_and_collected() {
     store.remove_ref("two").unwrap();
     assert_eq!(store.gc().unwrap(), None);
     drop(op);
+    // Layers a sandbox stacks stay while it does, though no image names them any more.
+    let report = store.gc_keeping(&d2[..1]).unwrap().unwrap();
+    assert_eq!(report.layers, 1, "only the layer no sandbox uses goes");
+    assert!(d2[0].is_dir() && !d2[1].exists());
     let report = store.gc().unwrap().unwrap();
-    assert_eq!(report.layers, 2);
+    assert_eq!(report.layers, 1);
     assert!(tree(&store.layers_dir()).is_empty());
     assert_eq!(
         tree(&store.oci_dir().join("blobs/sha256")),

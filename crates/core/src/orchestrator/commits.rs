@@ -164,9 +164,9 @@ impl Warren {
         Ok(())
     }
 
-    /// The committed image becomes the template of its name: refused when that name is a
-    /// template of another kind, or a committed one that sandboxes or pools still use (replacing
-    /// its image would let gc collect layer dirs they run on).
+    /// The committed (or built) image becomes the template of its name: refused when that name
+    /// is built in or a template of another kind. A template sandboxes or pools still use may be
+    /// replaced.
     pub(super) async fn check_image_name_free(&self, image: &str) -> Result<(), CoreError> {
         if self.templates.is_builtin(image) {
             return Err(CoreError::Conflict(format!(
@@ -186,20 +186,8 @@ impl Warren {
                 t.source.describe()
             )));
         }
-        let pools = self
-            .pools
-            .sets()
-            .iter()
-            .any(|(_, e)| e.object.spec.template == image);
-        let sandboxes = self.store.list_all().await?.into_iter().any(|r| {
-            r.template_id == image
-                && !matches!(r.state, SandboxState::Killed | SandboxState::Failed)
-        });
-        if pools || sandboxes {
-            return Err(CoreError::Conflict(format!(
-                "template {image} is in use by sandboxes or pools; commit under another image name"
-            )));
-        }
+        // Sandboxes and pool members of the template keep the layers they started on (image gc
+        // spares the lower dirs in use); pools roll to the new image as their revision changes.
         Ok(())
     }
 
@@ -501,30 +489,9 @@ impl Warren {
                 }
             }
         }
-        self.collect_image_garbage().await;
+        self.collect_image_garbage("commit deleted").await;
         tracing::info!(commit = %c.metadata.name, "commit deleted");
         Ok(())
-    }
-
-    /// Removes blobs and layer dirs no image references (the store's gc; skipped while an
-    /// import or a commit is writing).
-    async fn collect_image_garbage(&self) {
-        let Some(committer) = self.commits.images.get().cloned() else {
-            return;
-        };
-        let store = committer.store().clone();
-        match tokio::task::spawn_blocking(move || store.gc()).await {
-            Ok(Ok(Some(r))) if r.blobs + r.layers > 0 => {
-                tracing::info!(
-                    blobs = r.blobs,
-                    layers = r.layers,
-                    bytes = r.bytes,
-                    "image garbage collected"
-                )
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "image garbage collection failed"),
-            _ => {}
-        }
     }
 
     /// Part of the background tick: deletes commits whose TTL passed.

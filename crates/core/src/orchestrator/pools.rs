@@ -533,6 +533,8 @@ impl Warren {
     /// start cap.
     async fn start_member(self: &Arc<Self>, entry: &SetEntry) -> Result<(), CoreError> {
         let set = &entry.object;
+        // Held until the member's record names its layers, so no image gc removes them first.
+        let layer_claim = self.layer_claims.claim();
         let rootfs = self.templates.resolve(&set.spec.template)?;
         let id = new_sandbox_id();
         let resources = self
@@ -612,6 +614,7 @@ impl Warren {
         self.store
             .insert_member(rec, &pool, &entry.revision)
             .await?;
+        drop(layer_claim);
         let me = self.clone();
         self.pools.track(tokio::spawn(async move {
             let Ok(_permit) = me.pools.starts.clone().acquire_owned().await else {

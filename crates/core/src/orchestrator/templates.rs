@@ -6,6 +6,8 @@ use crate::error::CoreError;
 use crate::image_templates::{self as it, BuildStatus, ImageTemplate, TemplateSource};
 use crate::state::SandboxState;
 use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use warren_image::pull::Credentials;
 use warren_image::{ImageError, ImageStore};
@@ -69,21 +71,113 @@ impl Warren {
                 .insert(t.name.clone(), t);
         }
         // Whatever a crash or an interrupted build left unreferenced in the store goes now.
-        if let Some(store) = self.templates.images.image_store() {
-            match blocking(move || store.gc()).await {
-                Ok(Some(r)) if r.blobs + r.layers > 0 => {
-                    tracing::info!(
-                        blobs = r.blobs,
-                        layers = r.layers,
-                        bytes = r.bytes,
-                        "image gc at start"
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "image gc at start"),
+        self.collect_image_garbage("at start").await;
+        Ok(n)
+    }
+
+    /// The lower dirs that live sandboxes (hibernated ones too) and checkpoints stack: their
+    /// layers stay in the image store even after their template was rebuilt or deleted.
+    async fn lower_dirs_in_use(&self) -> Result<Vec<PathBuf>, CoreError> {
+        let mut dirs: Vec<PathBuf> = self
+            .store
+            .list_all()
+            .await?
+            .into_iter()
+            .filter(|r| !matches!(r.state, SandboxState::Killed | SandboxState::Failed))
+            .flat_map(|r| r.spec.rootfs.lower_dirs)
+            .collect();
+        for (c, _) in self.store.list_checkpoints().await? {
+            if let Some((_, source)) = self.store.get_checkpoint(&c.metadata.name).await? {
+                dirs.extend(source.spec.rootfs.lower_dirs);
             }
         }
-        Ok(n)
+        dirs.sort();
+        dirs.dedup();
+        Ok(dirs)
+    }
+
+    /// Every layer in use, read while no create sits between reading its template's layers
+    /// and recording its sandbox (see [`LayerClaims`]); `None` when creates never paused long
+    /// enough.
+    async fn layers_in_use_between_creates(&self) -> Result<Option<Vec<PathBuf>>, CoreError> {
+        for _ in 0..GC_QUIET_TRIES {
+            let Some(started) = self.layer_claims.quiet() else {
+                tokio::time::sleep(GC_QUIET_WAIT).await;
+                continue;
+            };
+            let mut dirs = self.lower_dirs_in_use().await?;
+            // A create that starts from now on reads these templates, or newer ones.
+            dirs.extend(
+                self.templates
+                    .images
+                    .ready
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .flat_map(|t| t.layers.iter().cloned()),
+            );
+            if self.layer_claims.quiet() == Some(started) {
+                return Ok(Some(dirs));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes the blobs and layer dirs that no image references and no sandbox or checkpoint
+    /// stacks (skipped while an import, a build or a commit writes to the store). `when` says
+    /// what led to it, for the log.
+    pub(super) async fn collect_image_garbage(&self, when: &str) {
+        let Some(store) = self.templates.images.image_store() else {
+            return;
+        };
+        let in_use = match self.layers_in_use_between_creates().await {
+            Ok(Some(dirs)) => dirs,
+            Ok(None) => {
+                tracing::info!(when, "image gc skipped: creates never paused");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, when, "image gc skipped: the sandboxes in use are unknown");
+                return;
+            }
+        };
+        match blocking(move || store.gc_keeping(&in_use)).await {
+            Ok(Some(r)) if r.blobs + r.layers > 0 => tracing::info!(
+                blobs = r.blobs,
+                layers = r.layers,
+                bytes = r.bytes,
+                when,
+                "image garbage collected"
+            ),
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::info!(when, "image gc skipped: the store is being written"),
+            Err(e) => tracing::warn!(error = %e, when, "image garbage collection failed"),
+        }
+    }
+
+    /// After sandbox `lower_dirs` ended: collects image garbage when it stacked a layer that no
+    /// template has any more (its template was rebuilt or deleted while it ran).
+    pub(super) async fn release_stale_layers(&self, lower_dirs: &[PathBuf]) {
+        let Some(store) = self.templates.images.image_store() else {
+            return;
+        };
+        let layers = store.layers_dir();
+        let current: std::collections::HashSet<PathBuf> = self
+            .templates
+            .images
+            .ready
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flat_map(|t| t.layers.iter().cloned())
+            .collect();
+        if lower_dirs
+            .iter()
+            .any(|d| d.starts_with(&layers) && !current.contains(d))
+        {
+            self.collect_image_garbage("a sandbox on an old template ended")
+                .await;
+        }
     }
 
     /// Starts building template `name` from `source` and returns at once; progress and the
@@ -549,18 +643,48 @@ impl Warren {
         it::remove(&self.store, name).await?;
         if let (Some(t), Some(store)) = (removed, images.image_store()) {
             if t.store_ref.is_some() {
-                blocking(move || {
-                    store.remove_ref(&it::store_ref(&t.name))?;
-                    match store.gc()? {
-                        Some(report) => tracing::info!(template = %t.name, blobs = report.blobs, layers = report.layers, bytes = report.bytes, "image gc"),
-                        None => tracing::info!(template = %t.name, "image gc skipped: an import is running"),
-                    }
-                    Ok(())
-                })
-                .await?;
+                blocking(move || store.remove_ref(&it::store_ref(&t.name))).await?;
+                self.collect_image_garbage("template deleted").await;
             }
         }
         Ok(())
+    }
+}
+
+/// How often, and how long apart, an image gc looks for a moment with no create in flight.
+const GC_QUIET_TRIES: usize = 100;
+const GC_QUIET_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Creates in flight between reading their template's layers and recording the sandbox that
+/// stacks them. Image gc runs only on a reading of the sandboxes taken while none was (and
+/// none began): otherwise a template rebuilt meanwhile could lose the old layers a create has
+/// just chosen.
+#[derive(Default)]
+pub(super) struct LayerClaims {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// One create's claim; released when dropped.
+pub(super) struct LayerClaim<'a>(&'a LayerClaims);
+
+impl LayerClaims {
+    pub(super) fn claim(&self) -> LayerClaim<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::SeqCst);
+        LayerClaim(self)
+    }
+
+    /// How many claims were ever made, when none is held now.
+    fn quiet(&self) -> Option<u64> {
+        let started = self.started.load(Ordering::SeqCst);
+        (self.in_flight.load(Ordering::SeqCst) == 0).then_some(started)
+    }
+}
+
+impl Drop for LayerClaim<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -571,4 +695,29 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| CoreError::Conflict(format!("image task failed: {e}")))?
         .map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LayerClaims;
+
+    #[test]
+    fn a_gc_reading_is_usable_only_with_no_claim_held_or_begun_meanwhile() {
+        let claims = LayerClaims::default();
+        let before = claims.quiet().expect("no claim yet");
+        let claim = claims.claim();
+        assert_eq!(
+            claims.quiet(),
+            None,
+            "a create is between resolve and record"
+        );
+        drop(claim);
+        let after = claims.quiet().expect("the create recorded its sandbox");
+        assert_ne!(before, after, "a reading from before that create is stale");
+        let (a, b) = (claims.claim(), claims.claim());
+        drop(a);
+        assert_eq!(claims.quiet(), None);
+        drop(b);
+        assert!(claims.quiet().is_some());
+    }
 }
