@@ -56,3 +56,23 @@ test('a failing step rejects with its message', async () => {
     return true
   })
 })
+
+test('tags: a build with tags, a sandbox by tag, assignTags, getTags, removeTags', async () => {
+  const template = Template().fromTemplate('base').runCmd('echo tagged > /home/user/v')
+  const info = await Template.build(template, 'js-tags:v1', { tags: ['stable'] })
+  assert.deepEqual(info.tags, ['v1', 'stable'])
+  const sbx = await Sandbox.create('js-tags:stable', { timeoutMs: 60_000 })
+  try {
+    assert.equal(await sbx.files.read('/home/user/v'), 'tagged\n')
+  } finally {
+    await sbx.kill()
+  }
+  const assigned = await Template.assignTags('js-tags:v1', 'prod')
+  assert.deepEqual(assigned.tags, ['prod'])
+  let tags = (await Template.getTags('js-tags')).map((t) => t.tag).sort()
+  assert.deepEqual(tags, ['prod', 'stable', 'v1'])
+  await Template.removeTags('js-tags', ['v1', 'prod'])
+  tags = (await Template.getTags('js-tags')).map((t) => t.tag)
+  assert.deepEqual(tags, ['stable'])
+  await assert.rejects(Template.removeTags('js-tags', 'never'), /no tag never/)
+})

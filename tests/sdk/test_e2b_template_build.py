@@ -70,8 +70,58 @@ def test_bad_definitions_are_refused_clearly(daemon):
         Template.build(Template().from_template("no-such-base").run_cmd("true"), "sdk-nobase")
     assert "no-such-base" in str(e.value)
     with pytest.raises(Exception) as e:
-        Template.build(Template().from_template("base").run_cmd("true"), "sdk-tagged:v1")
-    assert "tags" in str(e.value)
+        Template.build(Template().from_template("base").run_cmd("true"), "sdk-badtag", tags=["no spaces"])
+    assert "invalid tag" in str(e.value)
+
+
+def test_tags_name_builds_and_move_between_them(daemon, new_sandbox):
+    from e2b import SandboxException
+
+    def reads(template):
+        return new_sandbox(template=template).files.read("/home/user/v")
+
+    one = Template().from_template("base").run_cmd("echo one > /home/user/v")
+    info = Template.build(one, "sdk-tags:v1", tags=["stable"])
+    assert (info.template_id, info.tags) == ("sdk-tags", ["v1", "stable"]), info
+    assert reads("sdk-tags:v1") == reads("sdk-tags:stable") == "one\n"
+    # No tag given: the build is the template's `default`.
+    two = Template().from_template("base").run_cmd("echo two > /home/user/v")
+    assert Template.build(two, "sdk-tags").tags == ["default"]
+    assert reads("sdk-tags") == reads("sdk-tags:default") == "two\n"
+    assert Template.exists("sdk-tags:default")
+
+    # Moving `stable` to the default build: new sandboxes get it, running ones keep theirs.
+    on_old_stable = new_sandbox(template="sdk-tags:stable")
+    moved = Template.assign_tags("sdk-tags:default", "stable")
+    assert moved.tags == ["stable"]
+    assert reads("sdk-tags:stable") == "two\n"
+    assert on_old_stable.files.read("/home/user/v") == "one\n"
+    tags = {t.tag: t for t in Template.get_tags("sdk-tags")}
+    assert sorted(tags) == ["default", "stable", "v1"], tags
+    assert tags["stable"].build_id == tags["default"].build_id == moved.build_id
+    assert tags["v1"].build_id != tags["default"].build_id
+
+    # Removing a tag that a sandbox runs on: the sandbox lives on, new creates of it fail.
+    on_v1 = new_sandbox(template="sdk-tags:v1")
+    Template.remove_tags("sdk-tags", "v1")
+    assert sorted(t.tag for t in Template.get_tags("sdk-tags")) == ["default", "stable"]
+    assert on_v1.commands.run("cat /home/user/v").stdout == "one\n"
+    with pytest.raises(SandboxException):
+        new_sandbox(template="sdk-tags:v1")
+
+    # Bad input answers clearly.
+    with pytest.raises(Exception) as e:
+        Template.assign_tags("sdk-tags:nope", "x")
+    assert "not found" in str(e.value)
+    with pytest.raises(Exception) as e:
+        Template.assign_tags("sdk-tags", "bad/tag")
+    assert "invalid tag" in str(e.value)
+    with pytest.raises(Exception) as e:
+        Template.remove_tags("sdk-tags", "never")
+    assert "no tag never" in str(e.value)
+    with pytest.raises(Exception) as e:
+        Template.get_tags("no-such-template")
+    assert "no tags" in str(e.value)
 
 
 def test_from_a_registry_image_with_credentials_and_a_start_command(daemon, new_sandbox, registry, tmp_path):

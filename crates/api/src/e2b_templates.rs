@@ -9,7 +9,10 @@
 //!   would; the SDK sends no API key there);
 //! * `POST /v2/templates/{id}/builds/{build}` with the definition → 202, the build runs;
 //! * `GET /templates/{id}/builds/{build}/status?logsOffset=` → 200 the state and log entries;
-//! * `GET /templates/aliases/{alias}` → 200 if a template of that name exists, else 404.
+//! * `GET /templates/aliases/{alias}` → 200 if a template of that name exists, else 404;
+//! * tags (`Template.assign_tags`, `remove_tags`, `get_tags`): `POST /templates/tags`
+//!   `{"target", "tags"}` → 201, `DELETE /templates/tags` `{"name", "tags"}` → 204,
+//!   `GET /templates/{id}/tags` → 200 (see `warren_core::e2b_tags`).
 
 use crate::error::ApiError;
 use crate::extract::{Auth, JsonBody, QueryParams};
@@ -38,6 +41,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(start_build))
         .routes(routes!(build_status))
         .routes(routes!(alias))
+        .routes(routes!(assign_tags, remove_tags))
+        .routes(routes!(template_tags))
 }
 
 /// `TemplateBuildRequestV3`.
@@ -91,17 +96,18 @@ async fn request_build(
         .or(req.alias)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
-    let build_id =
+    let requested =
         st.warren
             .e2b_request_build(&who, &name, &req.tags, req.cpu_count, req.memory_mb)?;
+    let name = requested.template_id;
     Ok((
         StatusCode::ACCEPTED,
         Json(BuildRequested {
             template_id: name.clone(),
-            build_id,
+            build_id: requested.build_id,
             public: false,
             names: vec![name.clone()],
-            tags: Vec::new(),
+            tags: requested.tags,
             aliases: vec![name],
         }),
     ))
@@ -229,9 +235,77 @@ async fn alias(
     Auth(_who): Auth,
     Path(alias): Path<String>,
 ) -> ApiResult<Json<AliasInfo>> {
-    st.warren.template(&alias)?;
+    st.warren
+        .template(warren_core::e2b_tags::canonical(&alias))?;
     Ok(Json(AliasInfo {
         template_id: alias,
         public: false,
     }))
+}
+
+/// `AssignTemplateTagsRequest`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AssignTags {
+    /// The build to tag: `name:tag`, or `name` for its default tag.
+    target: String,
+    tags: Vec<String>,
+}
+
+/// `AssignedTemplateTags`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AssignedTags {
+    tags: Vec<String>,
+    #[serde(rename = "buildID")]
+    build_id: String,
+}
+
+/// Gives a template's build more tags (`Template.assign_tags`), moving them from other builds.
+#[utoipa::path(post, path = "/templates/tags", operation_id = "e2b_assign_template_tags", tag = "templates",
+    request_body = AssignTags,
+    responses((status = 201, description = "Assigned", body = AssignedTags)))]
+async fn assign_tags(
+    State(st): State<AppState>,
+    Auth(_who): Auth,
+    JsonBody(req): JsonBody<AssignTags>,
+) -> ApiResult<(StatusCode, Json<AssignedTags>)> {
+    let build_id = st.warren.e2b_assign_tags(&req.target, &req.tags).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(AssignedTags {
+            tags: req.tags,
+            build_id,
+        }),
+    ))
+}
+
+/// `DeleteTemplateTagsRequest`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RemoveTags {
+    name: String,
+    tags: Vec<String>,
+}
+
+/// Removes tags of a template (`Template.remove_tags`).
+#[utoipa::path(delete, path = "/templates/tags", operation_id = "e2b_remove_template_tags", tag = "templates",
+    request_body = RemoveTags,
+    responses((status = 204, description = "Removed")))]
+async fn remove_tags(
+    State(st): State<AppState>,
+    Auth(_who): Auth,
+    JsonBody(req): JsonBody<RemoveTags>,
+) -> ApiResult<StatusCode> {
+    st.warren.e2b_remove_tags(&req.name, &req.tags).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The tags of a template (`Template.get_tags`).
+#[utoipa::path(get, path = "/templates/{templateID}/tags", operation_id = "e2b_template_tags", tag = "templates",
+    params(("templateID" = String, Path)),
+    responses((status = 200, description = "`TemplateTag` list: tag, buildID, createdAt", body = Object)))]
+async fn template_tags(
+    State(st): State<AppState>,
+    Auth(_who): Auth,
+    Path(template_id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(Json(st.warren.e2b_template_tags(&template_id)?).into_response())
 }

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod commit;
 pub mod dockerfile;
 pub mod e2b_features;
+pub mod e2b_tags;
 pub mod e2b_template;
 pub mod envd_client;
 pub mod error;

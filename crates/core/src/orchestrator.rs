@@ -476,11 +476,16 @@ impl Warren {
     pub async fn create(
         &self,
         who: &Principal,
-        req: CreateRequest,
+        mut req: CreateRequest,
     ) -> Result<SandboxRecord, CoreError> {
         let timeout = self.timeout(req.timeout_secs)?;
         if req.template_id.is_empty() {
             return Err(CoreError::InvalidArgument("templateID is required".into()));
+        }
+        // E2B's `name:default` is the template `name` (see `e2b_tags`).
+        let canonical = crate::e2b_tags::canonical(&req.template_id);
+        if canonical != req.template_id && self.templates.resolve(&req.template_id).is_err() {
+            req.template_id = canonical.to_string();
         }
         // E2B's `Sandbox.create(template=<snapshot id>)`: a checkpoint restores.
         if let Err(e) = self.templates.resolve(&req.template_id) {

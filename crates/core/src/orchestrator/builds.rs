@@ -318,14 +318,15 @@ impl Warren {
         .map_err(|e| CoreError::Conflict(format!("build task failed: {e}")))?
         .map_err(bad)?;
         let steps = dockerfile::parse(&text).map_err(bad)?;
-        self.start_steps(who, name, steps, context, names, runner, None)
+        self.start_steps(who, name, steps, context, names, runner, None, Vec::new())
             .await
     }
 
     /// Starts building template `name` from parsed `steps` (the first one a `FROM`), with COPY
     /// sources from `context`, whose entries are `names`. Checks the FROM template, the COPY
-    /// sources and the name before answering. The result's settings (readiness, resources) are
-    /// `settings`, or else its FROM template's.
+    /// sources and the names before answering. The result's settings (readiness, resources) are
+    /// `settings`, or else its FROM template's. The result is also tagged as each of `also_as`
+    /// (see [`Warren::tag_template`]) before the build counts as done.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start_steps(
         self: &Arc<Self>,
@@ -336,6 +337,7 @@ impl Warren {
         names: Vec<String>,
         runner: Arc<dyn StepRunner>,
         settings: Option<TemplateSettings>,
+        also_as: Vec<String>,
     ) -> Result<BuildJob, CoreError> {
         let Some(Instr::From(from)) = steps.first().map(|s| s.instr.clone()) else {
             return Err(CoreError::InvalidArgument(
@@ -364,7 +366,9 @@ impl Warren {
                 }
             }
         }
-        self.check_image_name_free(name).await?;
+        for n in std::iter::once(name).chain(also_as.iter().map(String::as_str)) {
+            self.check_image_name_free(n).await?;
+        }
         let job = {
             let mut jobs = self.builds.jobs.lock().unwrap_or_else(|e| e.into_inner());
             if jobs.get(name).is_some_and(|j| lock(j).status == "building") {
@@ -406,9 +410,19 @@ impl Warren {
         let (who, name) = (who.clone(), name.to_string());
         tokio::spawn(async move {
             let began = Instant::now();
-            let res = me
+            let mut res = me
                 .run_build(&who, &name, &from, &steps, context, &job, runner, settings)
                 .await;
+            if res.is_ok() {
+                for tag in &also_as {
+                    if let Err(e) = me.tag_template(&name, tag).await {
+                        res = Err(CoreError::Conflict(format!(
+                            "tagging the result as {tag}: {e}"
+                        )));
+                        break;
+                    }
+                }
+            }
             {
                 let mut j = lock(&job);
                 j.finished_at = Some(me.clock.now());

@@ -14,6 +14,7 @@ use super::builds::ContextFile;
 use super::Warren;
 use crate::auth::{random_hex, Principal};
 use crate::dockerfile::{Instr, Step};
+use crate::e2b_tags;
 use crate::e2b_template::{self, E2bBase, E2bTemplateSpec};
 use crate::error::CoreError;
 use crate::image_templates::TemplateSource;
@@ -67,6 +68,9 @@ enum Phase {
 struct E2bBuild {
     team: String,
     build_id: String,
+    /// The Warren template the build makes (its first tag's), and those of its other tags.
+    template: String,
+    also_as: Vec<String>,
     phase: Phase,
     entries: Vec<E2bLogEntry>,
     /// Bytes of the build job's output already turned into entries.
@@ -97,6 +101,14 @@ pub struct E2bFailure {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
+}
+
+/// A registered build: its template (the name without a tag), id and the tags it will give.
+#[derive(Debug, Clone, PartialEq)]
+pub struct E2bBuildRequested {
+    pub template_id: String,
+    pub build_id: String,
+    pub tags: Vec<String>,
 }
 
 /// `TemplateBuildInfo`.
@@ -260,22 +272,21 @@ impl Warren {
             })
     }
 
-    /// `POST /v3/templates`: registers a build of template `name`, whose sandboxes get `vcpus`
-    /// and `memory_mb` when given; returns its build id. Tags are not supported.
+    /// `POST /v3/templates`: registers a build of template `reference` (`name` or `name:tag`)
+    /// that gets the reference's tag and `tags` (see [`crate::e2b_tags`]), whose sandboxes get
+    /// `vcpus` and `memory_mb` when given.
     pub fn e2b_request_build(
         &self,
         who: &Principal,
-        name: &str,
+        reference: &str,
         tags: &[String],
         vcpus: Option<u32>,
         memory_mb: Option<u64>,
-    ) -> Result<String, CoreError> {
+    ) -> Result<E2bBuildRequested, CoreError> {
         self.images()?;
-        if !tags.is_empty() {
-            return Err(CoreError::InvalidArgument(
-                "template tags are not supported by Warren; build under a plain name".into(),
-            ));
-        }
+        let (name, tags) =
+            e2b_tags::build_tags(reference, tags).map_err(CoreError::InvalidArgument)?;
+        let name = name.as_str();
         if let Some(n) = vcpus.filter(|n| !(1..=MAX_VCPUS).contains(n)) {
             return Err(CoreError::InvalidArgument(format!(
                 "cpuCount {n}: give 1 to {MAX_VCPUS}"
@@ -284,11 +295,6 @@ impl Warren {
         if let Some(m) = memory_mb.filter(|m| !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(m)) {
             return Err(CoreError::InvalidArgument(format!(
                 "memoryMB {m}: give {MIN_MEMORY_MB} to {MAX_MEMORY_MB}"
-            )));
-        }
-        if name.contains(':') {
-            return Err(CoreError::InvalidArgument(format!(
-                "template {name:?}: tags are not supported by Warren; use a plain name"
             )));
         }
         warren_image::commit::validate_image_name(name)
@@ -311,11 +317,15 @@ impl Warren {
             }
         }
         let build_id = random_hex(16);
+        let mut templates = tags.iter().map(|t| e2b_tags::template_name(name, t));
+        let template = templates.next().unwrap_or_else(|| name.to_string());
         builds.insert(
             name.to_string(),
             Arc::new(Mutex::new(E2bBuild {
                 team: who.team.clone(),
                 build_id: build_id.clone(),
+                template,
+                also_as: templates.collect(),
                 phase: Phase::Waiting,
                 entries: Vec::new(),
                 consumed: 0,
@@ -326,7 +336,11 @@ impl Warren {
                 memory_mb,
             })),
         );
-        Ok(build_id)
+        Ok(E2bBuildRequested {
+            template_id: name.to_string(),
+            build_id,
+            tags,
+        })
     }
 
     /// `GET /templates/{id}/files/{hash}`: whether the team already uploaded the files of
@@ -447,12 +461,9 @@ impl Warren {
             );
         }
         let me = self.clone();
-        let (who, name) = (who.clone(), template_id.to_string());
+        let who = who.clone();
         tokio::spawn(async move {
-            if let Err(e) = me
-                .e2b_run(&who, &name, translated, uploads, &build, runner)
-                .await
-            {
+            if let Err(e) = me.e2b_run(&who, translated, uploads, &build, runner).await {
                 lock(&build).fail(e.to_string(), None);
             }
         });
@@ -462,7 +473,6 @@ impl Warren {
     async fn e2b_run(
         self: &Arc<Self>,
         who: &Principal,
-        name: &str,
         translated: e2b_template::Translated,
         uploads: Vec<(String, PathBuf)>,
         build: &Arc<Mutex<E2bBuild>>,
@@ -509,9 +519,9 @@ impl Warren {
             .steps
             .iter()
             .any(|s| matches!(s.instr, Instr::Cmd(_)));
-        let (vcpus, memory_mb) = {
+        let (vcpus, memory_mb, template, also_as) = {
             let b = lock(build);
-            (b.vcpus, b.memory_mb)
+            (b.vcpus, b.memory_mb, b.template.clone(), b.also_as.clone())
         };
         let settings = TemplateSettings {
             ready_port: if new_start {
@@ -528,8 +538,17 @@ impl Warren {
             memory_mb: memory_mb.or(inherited.memory_mb),
         };
         steps.extend(translated.steps);
-        self.start_steps(who, name, steps, context, names, runner, Some(settings))
-            .await?;
+        self.start_steps(
+            who,
+            &template,
+            steps,
+            context,
+            names,
+            runner,
+            Some(settings),
+            also_as,
+        )
+        .await?;
         lock(build).phase = Phase::Building;
         Ok(())
     }
@@ -607,7 +626,7 @@ impl Warren {
             )));
         }
         if b.phase == Phase::Building {
-            if let Ok(job) = self.build_job(template_id, b.consumed) {
+            if let Ok(job) = self.build_job(&b.template.clone(), b.consumed) {
                 b.consumed = job.log_end;
                 let text = std::mem::take(&mut b.partial) + &job.log;
                 let mut lines: Vec<&str> = text.split('\n').collect();
@@ -655,6 +674,102 @@ impl Warren {
             log_entries: entries,
             reason: b.failure.clone(),
         })
+    }
+}
+
+/// One tag of a template (`TemplateTag`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct E2bTag {
+    pub tag: String,
+    /// The same for every tag of one image (see [`e2b_tags::build_id_of_digest`]).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+fn checked_tags(tags: &[String]) -> Result<(), CoreError> {
+    if tags.is_empty() {
+        return Err(CoreError::InvalidArgument("tags: give at least one".into()));
+    }
+    tags.iter()
+        .try_for_each(|t| e2b_tags::check_tag(t))
+        .map_err(CoreError::InvalidArgument)
+}
+
+impl Warren {
+    /// `POST /templates/tags`: the build `target` (`name:tag`, or `name` for its default tag)
+    /// gets `tags` too, taking them from other builds that had them. Returns its build id.
+    pub async fn e2b_assign_tags(
+        &self,
+        target: &str,
+        tags: &[String],
+    ) -> Result<String, CoreError> {
+        checked_tags(tags)?;
+        let (name, _) = e2b_tags::split(target);
+        let source = e2b_tags::canonical(target);
+        let t = self
+            .templates
+            .images
+            .get(source)
+            .ok_or_else(|| CoreError::NotFound(format!("template {target} not found")))?;
+        for tag in tags {
+            self.tag_template(source, &e2b_tags::template_name(name, tag))
+                .await?;
+        }
+        Ok(e2b_tags::build_id_of_digest(
+            t.manifest_digest.as_deref().unwrap_or_default(),
+        ))
+    }
+
+    /// `DELETE /templates/tags`: removes `tags` of template `name`. Sandboxes running on a
+    /// removed tag keep running; a pool that makes members of one refuses.
+    pub async fn e2b_remove_tags(&self, name: &str, tags: &[String]) -> Result<(), CoreError> {
+        checked_tags(tags)?;
+        let name = e2b_tags::split(name).0;
+        for tag in tags {
+            let template = e2b_tags::template_name(name, tag);
+            if self.templates.images.get(&template).is_none() {
+                return Err(CoreError::NotFound(format!(
+                    "template {name} has no tag {tag}"
+                )));
+            }
+        }
+        for tag in tags {
+            self.untag_template(&e2b_tags::template_name(name, tag))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `GET /templates/{id}/tags`: the tags of template `name`, by tag.
+    pub fn e2b_template_tags(&self, name: &str) -> Result<Vec<E2bTag>, CoreError> {
+        let name = e2b_tags::split(name).0;
+        let ready = self
+            .templates
+            .images
+            .ready
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let tags: Vec<E2bTag> = e2b_tags::tags_of(name, ready.keys().map(String::as_str))
+            .into_iter()
+            .filter_map(|(tag, template)| {
+                let t = ready.get(&template)?;
+                Some(E2bTag {
+                    tag,
+                    build_id: e2b_tags::build_id_of_digest(
+                        t.manifest_digest.as_deref().unwrap_or_default(),
+                    ),
+                    created_at: t.created_at,
+                })
+            })
+            .collect();
+        if tags.is_empty() {
+            return Err(CoreError::NotFound(format!(
+                "template {name} has no tags (only built, imported or committed templates have them)"
+            )));
+        }
+        Ok(tags)
     }
 }
 

@@ -583,10 +583,71 @@ impl Warren {
         Ok(it::save(&self.store, &t).await?)
     }
 
+    /// Gives the image of template `source` a second name, `name` (an E2B tag): a template of its
+    /// own over the same image and layers, with the same settings. An existing template `name`
+    /// of the same kind is replaced, as a build over it would (its sandboxes keep their layers).
+    pub async fn tag_template(&self, source: &str, name: &str) -> Result<(), CoreError> {
+        let images = &self.templates.images;
+        let src = images
+            .get(source)
+            .ok_or_else(|| CoreError::NotFound(format!("template {source} not found")))?;
+        let (Some(src_ref), Some(_)) = (src.store_ref.clone(), src.manifest_digest.as_ref()) else {
+            return Err(CoreError::InvalidArgument(format!(
+                "template {source} is not an image: only built, imported or committed templates take tags"
+            )));
+        };
+        if name == source {
+            return Ok(());
+        }
+        warren_image::commit::validate_image_name(name)
+            .map_err(|e| CoreError::InvalidArgument(format!("template name: {e}")))?;
+        self.check_image_name_free(name).await?;
+        let store = self.image_store()?;
+        let new_ref = it::store_ref(name);
+        let set = new_ref.clone();
+        blocking(move || {
+            let manifest = store
+                .refs()?
+                .into_iter()
+                .find(|(r, _)| *r == src_ref)
+                .map(|(_, d)| d)
+                .ok_or_else(|| ImageError::NotFound(format!("image {src_ref}")))?;
+            store.set_ref(&set, manifest)
+        })
+        .await?;
+        let t = ImageTemplate {
+            name: name.to_string(),
+            source: TemplateSource::Image {
+                reference: name.to_string(),
+            },
+            store_ref: Some(new_ref),
+            created_at: self.clock.now(),
+            ..src
+        };
+        it::save(&self.store, &t).await?;
+        images
+            .ready
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), t);
+        Ok(())
+    }
+
     /// Deletes an image or rootfs template (or forgets a failed build), refused while a sandbox
     /// or a pool uses it. Its image leaves the store index and unreferenced layers are
     /// collected.
     pub async fn delete_template(&self, name: &str) -> Result<(), CoreError> {
+        self.remove_template(name, true).await
+    }
+
+    /// Removes tag template `name` (see [`crate::e2b_tags`]): refused while a pool makes
+    /// members of it, not while sandboxes run on it (they keep their layers, as after a
+    /// rebuild).
+    pub async fn untag_template(&self, name: &str) -> Result<(), CoreError> {
+        self.remove_template(name, false).await
+    }
+
+    async fn remove_template(&self, name: &str, refuse_in_use: bool) -> Result<(), CoreError> {
         let images = &self.templates.images;
         if images.get(name).is_none() {
             let mut builds = images.builds.write().unwrap_or_else(|e| e.into_inner());
@@ -628,7 +689,7 @@ impl Warren {
             })
             .map(|r| r.id)
             .collect();
-        if !users.is_empty() {
+        if refuse_in_use && !users.is_empty() {
             return Err(CoreError::Conflict(format!(
                 "template {name} is used by {} sandbox(es) ({}); kill them first",
                 users.len(),
