@@ -143,3 +143,44 @@ def test_build_records_outlive_a_restart(own_daemon):
     cut = d2.request("GET", "/warren/v1/templates/rec-slow/build").json()
     assert cut["status"] == "failed" and "daemon stopped" in cut["error"], cut
     assert cut["steps"][1]["status"] == "failed", cut
+
+
+def test_e2b_build_records_outlive_a_restart(own_daemon):
+    """E2B's `Template.build` protocol, straight over HTTP: a finished build still answers its
+    status (with its logs and tags) after a crash, and one the crash cut short says so."""
+    d = own_daemon[0]
+
+    def build(name, cmd, tags=()):
+        r = d.request("POST", "/v3/templates", {"name": name, "tags": list(tags)})
+        assert r.status == 202, r.body
+        bid = r.json()["buildID"]
+        spec = {"fromTemplate": "base", "steps": [{"type": "RUN", "args": [cmd]}]}
+        r = d.request("POST", f"/v2/templates/{name}/builds/{bid}", spec)
+        assert r.status == 202, r.body
+        return bid
+
+    def status(daemon, name, bid):
+        r = daemon.request("GET", f"/templates/{name}/builds/{bid}/status")
+        assert r.status == 200, r.body
+        return r.json()
+
+    done = build("e2b-rec-done", "echo built-once", tags=["v1"])
+    assert wait_until(lambda: status(d, "e2b-rec-done", done)["status"] != "building", 60)
+    assert status(d, "e2b-rec-done", done)["status"] == "ready"
+    slow = build("e2b-rec-slow", "sleep 300")
+    assert wait_until(lambda: any("sleep" in m for m in status(d, "e2b-rec-slow", slow)["logs"]), 30)
+    waiting = d.request("POST", "/v3/templates", {"name": "e2b-rec-waiting"}).json()["buildID"]
+    d.proc.kill()  # a crash, in the middle of the slow build
+    d.proc.wait()
+    d2 = _restart(own_daemon, stop=False)
+
+    finished = status(d2, "e2b-rec-done", done)
+    assert finished["status"] == "ready", finished
+    assert any("built-once" in m for m in finished["logs"]), finished["logs"]
+    assert d2.request("GET", "/templates/e2b-rec-done/tags").json()[0]["tag"] == "v1"
+    for name, bid in (("e2b-rec-slow", slow), ("e2b-rec-waiting", waiting)):
+        cut = status(d2, name, bid)
+        assert cut["status"] == "error" and "daemon stopped" in cut["reason"]["message"], cut
+    # The cut build can be built again.
+    again = build("e2b-rec-slow", "echo second-try")
+    assert wait_until(lambda: status(d2, "e2b-rec-slow", again)["status"] == "ready", 60)

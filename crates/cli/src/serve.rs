@@ -288,7 +288,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("loading image templates")?;
     tracing::info!(templates = n, "image templates loaded");
     let builds = warren.load_build_jobs();
-    tracing::info!(builds, "build records loaded");
+    let e2b_builds = warren.load_e2b_builds();
+    tracing::info!(builds, e2b_builds, "build records loaded");
     match warren.hibernate_support() {
         Ok(()) => tracing::info!(
             after_secs = args.hibernate_after.0.map(|d| d.as_secs()),

@@ -122,6 +122,46 @@ fn job_file(dir: &std::path::Path, name: &str) -> PathBuf {
     dir.join(format!("{hex}.json"))
 }
 
+/// Writes `value` as the record of `name` in `dir`, through a temp file renamed into place. Best
+/// effort: a build does not fail because its `what` record could not be written.
+pub(super) fn save_record(dir: &std::path::Path, name: &str, value: &impl Serialize, what: &str) {
+    let path = job_file(dir, name);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(value)?)?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(template = %name, path = %path.display(), error = %e, "saving the {what} record");
+    }
+}
+
+/// The records [`save_record`] wrote in `dir`; unreadable ones are skipped with a warning.
+pub(super) fn load_records<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    what: &str,
+) -> Vec<T> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<T>(&b).ok())
+        {
+            Some(record) => out.push(record),
+            None => tracing::warn!(path = %path.display(), "unreadable {what} record skipped"),
+        }
+    }
+    out
+}
+
 impl BuildJob {
     /// The job with only the output from byte `from` on.
     pub fn view(&self, log_from: u64) -> BuildJob {
@@ -441,18 +481,8 @@ impl Warren {
     /// Writes the build's record (its last output included) next to the image store. Best
     /// effort: a build does not fail because its record could not be written.
     fn save_build_job(&self, job: &BuildJob) {
-        let Some(dir) = self.build_jobs_dir() else {
-            return;
-        };
-        let path = job_file(&dir, &job.name);
-        let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&job.view(0))?)?;
-            std::fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
-            tracing::warn!(template = %job.name, path = %path.display(), error = %e, "saving the build record");
+        if let Some(dir) = self.build_jobs_dir() {
+            save_record(&dir, &job.name, &job.view(0), "build");
         }
     }
 
@@ -462,23 +492,9 @@ impl Warren {
         let Some(dir) = self.build_jobs_dir() else {
             return 0;
         };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return 0;
-        };
         let mut jobs = self.builds.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.extension().is_none_or(|x| x != "json") {
-                continue;
-            }
-            let Some(mut job) = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<BuildJob>(&b).ok())
-            else {
-                tracing::warn!(path = %path.display(), "unreadable build record skipped");
-                continue;
-            };
+        for mut job in load_records::<BuildJob>(&dir, "build") {
             job.log_bytes = std::mem::take(&mut job.log).into_bytes();
             if job.status == "building" {
                 job.status = "failed".into();

@@ -20,7 +20,7 @@ use crate::error::CoreError;
 use crate::image_templates::TemplateSource;
 use crate::templates::TemplateSettings;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
@@ -53,7 +53,7 @@ struct Upload {
     expires: Instant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 enum Phase {
     /// Requested; waiting for the definition.
     Waiting,
@@ -65,7 +65,12 @@ enum Phase {
     Failed,
 }
 
+/// Written to `<image store>/e2b-builds/` whenever it changes, so a restart keeps it (see
+/// [`Warren::load_e2b_builds`]).
+#[derive(Serialize, Deserialize)]
 struct E2bBuild {
+    /// The template (without a tag) the build is of.
+    name: String,
     team: String,
     build_id: String,
     /// The Warren template the build makes (its first tag's), and those of its other tags.
@@ -76,6 +81,7 @@ struct E2bBuild {
     /// Bytes of the build job's output already turned into entries.
     consumed: u64,
     /// An incomplete last line of that output.
+    #[serde(default)]
     partial: String,
     /// E2B step name of each step of the build job (index 0 is the FROM).
     step_names: Vec<String>,
@@ -86,7 +92,7 @@ struct E2bBuild {
 }
 
 /// One log line as the SDK shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct E2bLogEntry {
     pub timestamp: DateTime<Utc>,
     /// `info` or `error`.
@@ -96,7 +102,7 @@ pub struct E2bLogEntry {
     pub step: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct E2bFailure {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,6 +149,38 @@ impl E2bBuild {
             message: message.into(),
             step,
         });
+    }
+
+    /// Turns the new output of its Warren build job into entries, and the job's end into the
+    /// build's.
+    fn advance(&mut self, job: &super::builds::BuildJob, template_id: &str) {
+        self.consumed = job.log_end;
+        let text = std::mem::take(&mut self.partial) + &job.log;
+        let mut lines: Vec<&str> = text.split('\n').collect();
+        let rest = lines.pop().unwrap_or("").to_string();
+        let step = job.current.and_then(|i| self.step_names.get(i).cloned());
+        for line in lines {
+            self.log("info", line.to_string(), step.clone());
+        }
+        self.partial = rest;
+        match job.status.as_str() {
+            "ready" => {
+                if !self.partial.is_empty() {
+                    let last = std::mem::take(&mut self.partial);
+                    self.log("info", last, None);
+                }
+                self.log("info", format!("Template {template_id} is ready"), None);
+                self.phase = Phase::Ready;
+            }
+            "failed" => {
+                let msg = job
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the build failed".into());
+                self.fail(msg, step);
+            }
+            _ => {}
+        }
     }
 
     fn fail(&mut self, message: String, step: Option<String>) {
@@ -319,23 +357,23 @@ impl Warren {
         let build_id = random_hex(16);
         let mut templates = tags.iter().map(|t| e2b_tags::template_name(name, t));
         let template = templates.next().unwrap_or_else(|| name.to_string());
-        builds.insert(
-            name.to_string(),
-            Arc::new(Mutex::new(E2bBuild {
-                team: who.team.clone(),
-                build_id: build_id.clone(),
-                template,
-                also_as: templates.collect(),
-                phase: Phase::Waiting,
-                entries: Vec::new(),
-                consumed: 0,
-                partial: String::new(),
-                step_names: Vec::new(),
-                failure: None,
-                vcpus,
-                memory_mb,
-            })),
-        );
+        let build = Arc::new(Mutex::new(E2bBuild {
+            name: name.to_string(),
+            team: who.team.clone(),
+            build_id: build_id.clone(),
+            template,
+            also_as: templates.collect(),
+            phase: Phase::Waiting,
+            entries: Vec::new(),
+            consumed: 0,
+            partial: String::new(),
+            step_names: Vec::new(),
+            failure: None,
+            vcpus,
+            memory_mb,
+        }));
+        self.save_e2b_build(&lock(&build));
+        builds.insert(name.to_string(), build);
         Ok(E2bBuildRequested {
             template_id: name.to_string(),
             build_id,
@@ -459,12 +497,13 @@ impl Warren {
                 ),
                 None,
             );
+            self.save_e2b_build(&b);
         }
         let me = self.clone();
         let who = who.clone();
         tokio::spawn(async move {
             if let Err(e) = me.e2b_run(&who, translated, uploads, &build, runner).await {
-                lock(&build).fail(e.to_string(), None);
+                me.e2b_fail(&build, e.to_string(), None);
             }
         });
         Ok(())
@@ -482,7 +521,7 @@ impl Warren {
             E2bBase::Template(t) => {
                 if self.templates.resolve(t).is_err() {
                     let msg = format!("base template {t} does not exist");
-                    lock(build).fail(msg, Some("base".into()));
+                    self.e2b_fail(build, msg, Some("base".into()));
                     return Ok(());
                 }
                 t.clone()
@@ -549,8 +588,56 @@ impl Warren {
             also_as,
         )
         .await?;
-        lock(build).phase = Phase::Building;
+        let mut b = lock(build);
+        b.phase = Phase::Building;
+        self.save_e2b_build(&b);
         Ok(())
+    }
+
+    fn e2b_fail(&self, build: &Mutex<E2bBuild>, message: String, step: Option<String>) {
+        let mut b = lock(build);
+        b.fail(message, step);
+        self.save_e2b_build(&b);
+    }
+
+    fn e2b_builds_dir(&self) -> Option<PathBuf> {
+        Some(self.images().ok()?.store().root().join("e2b-builds"))
+    }
+
+    /// Writes the build's record next to the image store. Best effort, as for Warren's own
+    /// build records: a build does not fail because its record could not be written.
+    fn save_e2b_build(&self, b: &E2bBuild) {
+        if let Some(dir) = self.e2b_builds_dir() {
+            super::builds::save_record(&dir, &b.name, b, "E2B build");
+        }
+    }
+
+    /// After a restart (and [`Warren::load_build_jobs`]): the E2B builds of the last run. One
+    /// whose Warren build job had ended takes its end; one still running, or not yet started,
+    /// when the daemon stopped is failed, saying so.
+    pub fn load_e2b_builds(&self) -> usize {
+        let Some(dir) = self.e2b_builds_dir() else {
+            return 0;
+        };
+        let mut n = 0;
+        for mut b in super::builds::load_records::<E2bBuild>(&dir, "E2B build") {
+            if b.phase == Phase::Building {
+                if let Ok(job) = self.build_job(&b.template.clone(), b.consumed) {
+                    let name = b.name.clone();
+                    b.advance(&job, &name);
+                }
+            }
+            if matches!(b.phase, Phase::Waiting | Phase::Preparing | Phase::Building) {
+                b.fail(
+                    "the daemon stopped during this build; build it again (finished steps come from the cache)".into(),
+                    None,
+                );
+            }
+            self.save_e2b_build(&b);
+            lock(&self.e2b_builds.builds).insert(b.name.clone(), Arc::new(Mutex::new(b)));
+            n += 1;
+        }
+        n
     }
 
     /// The image template a build from `reference` runs on: one per image digest, so every
@@ -574,7 +661,7 @@ impl Warren {
             None => match warren_image::pull::resolve_digest(reference, creds.as_ref()).await {
                 Ok(d) => d,
                 Err(e) => {
-                    lock(build).fail(format!("image {reference}: {e}"), base);
+                    self.e2b_fail(build, format!("image {reference}: {e}"), base);
                     return None;
                 }
             },
@@ -586,7 +673,7 @@ impl Warren {
                 reference: reference.to_string(),
             };
             if let Err(e) = self.create_template(&t, source, creds) {
-                lock(build).fail(format!("pulling {reference}: {e}"), base);
+                self.e2b_fail(build, format!("pulling {reference}: {e}"), base);
                 return None;
             }
         }
@@ -598,11 +685,11 @@ impl Warren {
                 }
                 Ok(v) => {
                     let why = v.build.and_then(|b| b.error).unwrap_or(v.status);
-                    lock(build).fail(format!("pulling {reference}: {why}"), base);
+                    self.e2b_fail(build, format!("pulling {reference}: {why}"), base);
                     return None;
                 }
                 Err(e) => {
-                    lock(build).fail(format!("pulling {reference}: {e}"), base);
+                    self.e2b_fail(build, format!("pulling {reference}: {e}"), base);
                     return None;
                 }
             }
@@ -627,29 +714,10 @@ impl Warren {
         }
         if b.phase == Phase::Building {
             if let Ok(job) = self.build_job(&b.template.clone(), b.consumed) {
-                b.consumed = job.log_end;
-                let text = std::mem::take(&mut b.partial) + &job.log;
-                let mut lines: Vec<&str> = text.split('\n').collect();
-                let rest = lines.pop().unwrap_or("").to_string();
-                let step = job.current.and_then(|i| b.step_names.get(i).cloned());
-                for line in lines {
-                    b.log("info", line.to_string(), step.clone());
-                }
-                b.partial = rest;
-                match job.status.as_str() {
-                    "ready" => {
-                        if !b.partial.is_empty() {
-                            let last = std::mem::take(&mut b.partial);
-                            b.log("info", last, None);
-                        }
-                        b.log("info", format!("Template {template_id} is ready"), None);
-                        b.phase = Phase::Ready;
-                    }
-                    "failed" => {
-                        let msg = job.error.unwrap_or_else(|| "the build failed".into());
-                        b.fail(msg, step);
-                    }
-                    _ => {}
+                let seen = (b.entries.len(), b.phase);
+                b.advance(&job, template_id);
+                if (b.entries.len(), b.phase) != seen {
+                    self.save_e2b_build(&b);
                 }
             }
         }
