@@ -965,6 +965,8 @@ impl Warren {
             self.kill_locked(id).await?;
             return Ok(false);
         }
+        // A wake recorded just before the crash may not have dropped its images yet.
+        self.runtime.release_wake_images(id).await;
         // Finish what a crash interrupted: a pause completes, a resume completes. The store
         // decides whether the tree runs: a commit's short freeze the crash cut off must not
         // leave a running sandbox frozen, nor may anything have thawed a paused one.

@@ -77,6 +77,12 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     /// (a new init pid; the same address and veth). On error it stays hibernated.
     async fn wake(&self, id: &str) -> Result<Placement, RuntimeError>;
 
+    /// Drops the images a live sandbox was restored from, and their network namespace pin: the
+    /// control plane calls it once it has recorded the wake, and after a restart for every tree
+    /// it adopted live. Until then a crash leaves them, so that recovery still finds a sandbox
+    /// recorded as waking hibernated and complete. Idempotent; a no-op without such images.
+    async fn release_wake_images(&self, _id: &str) {}
+
     /// After a daemon restart: re-attaches to a sandbox recorded as hibernated. `Ok(false)` when
     /// its image or network namespace is gone (it cannot wake any more).
     async fn adopt_hibernated(&self, id: &str, placement: &Placement)

@@ -222,6 +222,38 @@ async fn listener_survives_hibernation_and_a_daemon_restart() {
     h.finish().await;
 }
 
+/// A crash between a wake and the control plane's record of it (the store still says waking):
+/// the images stay until `release_wake_images`, so a restarted daemon finds the sandbox
+/// hibernated, removes the restored tree nobody was told of, and wakes it again, state kept.
+/// Before, the wake dropped its images at once and such a sandbox was lost.
+#[tokio::test]
+async fn a_wake_the_crash_cut_before_its_record_leaves_the_sandbox_hibernated() {
+    let h = Harness::new("wakecut").await;
+    let id = "hibwakecut";
+    let p = h.rt.create(&h.spec(id)).await.expect("create");
+    spawn_in_sandbox(id, &p, SERVER);
+    let addr = SocketAddr::from((p.ip, 8080));
+    wait_for("the server", || ask(addr).is_some());
+    let n = ask(addr).unwrap();
+    h.rt.hibernate(id).await.expect("hibernate");
+    h.rt.wake(id).await.expect("wake");
+    // The daemon dies here, before recording the wake.
+    let rt2 = Harness::restarted(&h.data).await;
+    assert!(
+        rt2.adopt_hibernated(id, &p).await.unwrap(),
+        "the images outlive a wake that was never recorded"
+    );
+    rt2.sweep(&HashSet::from([id.to_string()])).await.unwrap();
+    rt2.wake(id).await.expect("wake after the restart");
+    rt2.release_wake_images(id).await;
+    assert_eq!(ask(addr), Some(n + 1), "the state of the hibernation, once");
+    let images = h.data.join(format!("sandboxes/{id}/checkpoint"));
+    assert!(!images.exists(), "released after the recorded wake");
+    rt2.destroy(id).await.unwrap();
+    drop(rt2);
+    h.finish().await;
+}
+
 #[tokio::test]
 async fn hibernate_errors_leave_the_sandbox_as_it_was() {
     let h = Harness::new("errors").await;

@@ -154,6 +154,7 @@ impl Warren {
                     })
                     .await?;
                 self.set_route(&rec);
+                self.runtime.release_wake_images(id).await;
                 tracing::info!(sandbox = %id, "sandbox woken from hibernation");
                 Ok((rec, ConnectOutcome::Resumed))
             }
@@ -179,6 +180,8 @@ impl Warren {
                 if self.runtime.adopt(id, placement).await.unwrap_or(false) {
                     self.store.apply(id, Event::HibernateFailed, |_| {}).await?;
                     let _ = self.runtime.freeze(id).await;
+                    // What the cut dump wrote is of no use.
+                    self.runtime.release_wake_images(id).await;
                     return Ok(true);
                 }
                 if self.runtime.adopt_hibernated(id, placement).await? {

@@ -263,6 +263,25 @@ pub fn unpin_netns(dir: &Path) {
     let _ = std::fs::remove_file(&target);
 }
 
+/// Drops the images (and the network namespace pin) of a sandbox whose tree runs again: they
+/// are spent. Unlinking a large image takes longer than a restore, so it happens in the
+/// background, after a rename.
+pub fn release_spent_images(sandbox_dir: &Path) {
+    unpin_netns(sandbox_dir);
+    let images = images_dir(sandbox_dir);
+    if !images.exists() {
+        return;
+    }
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spent = sandbox_dir.join(format!("checkpoint.spent.{}.{n}", std::process::id()));
+    if std::fs::rename(&images, &spent).is_ok() {
+        std::thread::spawn(move || {
+            let _ = std::fs::remove_dir_all(spent);
+        });
+    }
+}
+
 /// Whether `path` is a pinned namespace (nsfs), not the empty file under it.
 pub fn is_nsfs(path: &Path) -> bool {
     const NSFS_MAGIC: i64 = 0x6e73_6673;

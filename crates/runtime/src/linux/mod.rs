@@ -846,6 +846,8 @@ impl SandboxRuntime for LinuxRuntime {
             t.placement.init_pid
         };
         let dir = self.sandbox_dir(id);
+        // Images of an earlier wake not yet released are spent: the tree runs.
+        checkpoint::release_spent_images(&dir);
         let freezer = self.cgroups.v2_dir(id);
         let was_frozen = std::fs::read_to_string(freezer.join("cgroup.freeze"))
             .map(|s| s.trim() == "1")
@@ -940,16 +942,21 @@ impl SandboxRuntime for LinuxRuntime {
             t.alive = alive;
             t.hibernated = false;
         }
-        // The restored processes hold the namespace now; the images are spent. Unlinking a large
-        // image takes longer than the restore itself, so it happens after the answer.
-        checkpoint::unpin_netns(&dir);
-        let spent = dir.join(format!("checkpoint.spent.{pid}"));
-        if std::fs::rename(checkpoint::images_dir(&dir), &spent).is_ok() {
-            tokio::task::spawn_blocking(move || {
-                let _ = std::fs::remove_dir_all(spent);
-            });
-        }
+        // The images stay until the control plane has recorded the wake (release_wake_images).
         Ok(placement)
+    }
+
+    async fn release_wake_images(&self, id: &str) {
+        let dir = self.sandbox_dir(id);
+        let live = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_some_and(|t| !t.hibernated);
+        if live {
+            checkpoint::release_spent_images(&dir);
+        }
     }
 
     async fn sweep(&self, keep: &HashSet<String>) -> Result<Vec<String>, RuntimeError> {

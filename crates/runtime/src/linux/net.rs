@@ -570,8 +570,21 @@ add rule bridge {t} forward iifname "{vp}*" oifname "{vp}*" drop
             return Ok(());
         }
         // The host end may outlive its peer for a moment (a namespace is torn down
-        // asynchronously): it goes first, so the name is free.
+        // asynchronously, after the tree in it was killed): it goes first, and the names must be
+        // free before the new pair takes them.
         self.delete_veth(host).await?;
+        let short = host.strip_prefix(&self.veth_prefix).unwrap_or(host);
+        let (host_name, peer_name) = self.names_for_short(short);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while link_index(&self.handle, &host_name).await?.is_some()
+            || link_index(&self.handle, &peer_name).await?.is_some()
+        {
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            self.delete_veth(host).await?;
+        }
         self.plug(netns, ip, host).await
     }
 
