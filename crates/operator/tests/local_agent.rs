@@ -256,8 +256,11 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
     require_root();
     let data = fresh_data_dir("test");
     let pod = FakePod::new();
-    let mut agent: Box<dyn NodeAgent> =
-        Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
+    let mut agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.clone(), init_binary())
+            .await
+            .expect("agent starts"),
+    );
     let id = warren_operator::agent::node_id(&pod.uid);
     let req = CreateRequest {
         id: id.clone(),
@@ -385,7 +388,11 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
         assert!(envd_answers(pod.ip), "thawed after the commit");
 
         // An agent restart (a DaemonSet rollout): the new agent adopts the running sandbox.
-        agent = Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent restarts"));
+        agent = Box::new(
+            LocalAgent::new(data.clone(), init_binary())
+                .await
+                .expect("agent restarts"),
+        );
         let adopted = agent
             .create(NODE, &req)
             .await
@@ -428,6 +435,66 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
             after.windows(2).all(|w| w[1] == w[0] + 1),
             "the counter went on from its memory, not from 1 again: {after:?}"
         );
+
+        // An agent restart that cut a wake short, after the restore but before its record: the
+        // node holds the images and the record of the hibernation, and the restored tree runs.
+        // The new agent ends that unrecorded tree and finds the sandbox hibernated on its
+        // complete images; a wake brings the hibernation's state back, once.
+        let sandbox_dir = data.join("sandboxes").join(&id);
+        let saved = data.join("crash-saved");
+        let last_before = *numbers(&read_in_sandbox(pid, "/tmp/count")).last().unwrap();
+        agent.hibernate(NODE, &id).await.expect("hibernate again");
+        sh(&format!(
+            "mkdir -p {s} && cp -a {d}/checkpoint {s}/ && cp -a {d}/pod.json {s}/",
+            s = saved.display(),
+            d = sandbox_dir.display()
+        ));
+        agent.wake(NODE, &id).await.expect("the wake the crash cuts");
+        let unrecorded = agent.create(NODE, &req).await.unwrap().init_pid.unwrap();
+        // The agent dies here (it is replaced below).
+        sh(&format!(
+            "cp -a {s}/checkpoint {d}/ && cp -a {s}/pod.json {d}/ && touch {d}/netns \
+             && mount --bind /run/netns/{ns} {d}/netns",
+            s = saved.display(),
+            d = sandbox_dir.display(),
+            ns = pod.netns
+        ));
+        agent = Box::new(
+            LocalAgent::new(data.clone(), init_binary())
+                .await
+                .expect("agent restarts after the cut wake"),
+        );
+        assert!(
+            !Path::new(&format!("/proc/{unrecorded}")).exists(),
+            "the unrecorded tree was ended"
+        );
+        let found = agent.create(NODE, &req).await.unwrap();
+        assert_eq!(found.state, SandboxState::Hibernated, "{found:?}");
+        agent.wake(NODE, &id).await.expect("wake after the restart");
+        let pid = agent.create(NODE, &req).await.unwrap().init_pid.unwrap();
+        wait_for("envd after the second wake", || envd_answers(pod.ip));
+        let counted = |pid| numbers(&read_in_sandbox(pid, "/tmp/count"));
+        let upto = counted(pid).len();
+        wait_for("counting after the second wake", || counted(pid).len() > upto + 2);
+        let after = counted(pid);
+        let steps: Vec<(u64, u64)> = after
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .map(|w| (w[0], w[1]))
+            .collect();
+        // One step back: where the unrecorded tree stopped and the hibernation's counter went on
+        // (two trees counting at once would interleave; a fresh start would go back to 1).
+        assert_eq!(steps.len(), 1, "one restart of the counter: {steps:?}");
+        let (stopped, resumed) = steps[0];
+        assert!(
+            resumed > last_before && resumed <= stopped,
+            "resumed at {resumed} (hibernated after {last_before}, the cut tree stopped at {stopped})"
+        );
+        assert!(
+            !sandbox_dir.join("checkpoint").exists(),
+            "the spent images are dropped once the wake is recorded"
+        );
+        let _ = std::fs::remove_dir_all(&saved);
 
         // Checkpoint, keeping it running: images and files on the node, the sandbox carries on;
         // a second one of the same name is refused; deleting it is idempotent.
@@ -502,8 +569,11 @@ async fn fork_of_a_checkpoint_into_another_pod() {
     require_root();
     let data = fresh_data_dir("fork");
     let (pod1, pod2) = (FakePod::numbered(6), FakePod::numbered(7));
-    let agent: Box<dyn NodeAgent> =
-        Box::new(LocalAgent::new(data.clone(), init_binary()).expect("agent starts"));
+    let agent: Box<dyn NodeAgent> = Box::new(
+        LocalAgent::new(data.clone(), init_binary())
+            .await
+            .expect("agent starts"),
+    );
     let pod_ref = |pod: &FakePod, name: &str| PodRef {
         namespace: "default".into(),
         name: name.into(),
@@ -757,6 +827,7 @@ async fn pod_sandboxes_get_the_single_host_disk_cap() {
     let pod = FakePod::numbered(1);
     let agent: Box<dyn NodeAgent> = Box::new(
         LocalAgent::new(data.clone(), init_binary())
+            .await
             .expect("agent starts")
             .with_sandbox_disk_mb(1024),
     );
@@ -990,6 +1061,7 @@ async fn pod_sandboxes_run_images_pulled_once() {
     let pod = FakePod::numbered(2);
     let local = std::sync::Arc::new(
         LocalAgent::new(data.join("node"), init_binary())
+            .await
             .expect("agent starts")
             .with_sandbox_disk_mb(64),
     );
@@ -1155,6 +1227,7 @@ async fn commits_push_with_the_credentials_the_operator_passes() {
     let pod = FakePod::numbered(3);
     let agent: Box<dyn NodeAgent> = Box::new(
         LocalAgent::new(data.join("node"), init_binary())
+            .await
             .expect("agent starts")
             .with_sandbox_disk_mb(64),
     );
@@ -1327,6 +1400,7 @@ async fn egress_policy_through_the_agent_interface() {
     });
     let agent: Box<dyn NodeAgent> = Box::new(
         LocalAgent::new(data.clone(), init)
+            .await
             .expect("agent starts")
             .with_cluster_ranges(vec!["10.99.0.0/16".parse().unwrap()]),
     );

@@ -114,10 +114,10 @@ impl LocalAgent {
     }
 
     /// Needs a tokio runtime (it adopts the sandboxes a previous agent left running).
-    pub fn new(data_dir: PathBuf, envd_binary: PathBuf) -> Result<Self, RuntimeError> {
+    pub async fn new(data_dir: PathBuf, envd_binary: PathBuf) -> Result<Self, RuntimeError> {
         let rt = PodRuntime::new(data_dir.clone(), envd_binary)?;
         // Sandboxes started before a restart of the agent are ours again.
-        let adopted = rt.adopt_existing();
+        let adopted = rt.adopt_existing().await;
         if !adopted.is_empty() {
             tracing::info!(
                 count = adopted.len(),

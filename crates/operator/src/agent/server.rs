@@ -278,6 +278,7 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
         })?;
     }
     let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
+        .await
         .context("starting the node agent's runtime")?
         .with_sandbox_disk_mb(o.sandbox_disk_mb)
         .with_cluster_ranges(ranges);

@@ -111,7 +111,12 @@ impl PodRuntime {
     /// After an agent restart: tracks again every sandbox recorded under the data dir, running
     /// (its init still the recorded process), hibernated (complete images) or dead (so that a
     /// delete still cleans it). Returns the ids. Needs a tokio runtime (exit watchers).
-    pub fn adopt_existing(&self) -> Vec<String> {
+    ///
+    /// A hibernation or wake the restart cut short is settled first, as single-host recovery
+    /// does: a CRIU still dumping or restoring is waited for; a tree restored by a wake whose
+    /// record was never written is killed, so the sandbox is hibernated again on its complete
+    /// images; the images of a recorded wake are dropped.
+    pub async fn adopt_existing(&self) -> Vec<String> {
         let mut adopted = vec![];
         let Ok(rd) = std::fs::read_dir(self.data_dir.join("sandboxes")) else {
             return adopted;
@@ -135,6 +140,9 @@ impl PodRuntime {
                     continue;
                 }
             };
+            if let Err(err) = settle_interrupted(&cgroups, &id, &dir, &rec.placement).await {
+                tracing::warn!(sandbox = %id, error = %err, "settling an interrupted hibernation or wake");
+            }
             let pid = rec.placement.init_pid;
             let running = start_ticks(pid) == Some(rec.placement.init_start_ticks);
             let hibernated = !running && checkpoint::has_images(&dir);
@@ -598,15 +606,11 @@ impl PodRuntime {
                 placement: s.placement.clone(),
             }
         };
-        if let Err(e) = placement.save(&dir) {
-            tracing::warn!(sandbox = %id, error = %e, "recording the woken sandbox");
-        }
-        checkpoint::unpin_netns(&dir);
-        let spent = dir.join(format!("checkpoint.spent.{pid}"));
-        if std::fs::rename(checkpoint::images_dir(&dir), &spent).is_ok() {
-            tokio::task::spawn_blocking(move || {
-                let _ = std::fs::remove_dir_all(spent);
-            });
+        // The images are spent only once the record names the restored init: until then a
+        // restarted agent finds the sandbox hibernated on them (and ends the unrecorded tree).
+        match placement.save(&dir) {
+            Ok(()) => checkpoint::release_spent_images(&dir),
+            Err(e) => tracing::warn!(sandbox = %id, error = %e, "recording the woken sandbox"),
         }
         Ok(placement.placement)
     }
@@ -725,6 +729,36 @@ impl PodRuntime {
         };
         cleanup(&s.cgroups, id, &self.sandbox_dir(id)).await
     }
+}
+
+/// Settles, for [`PodRuntime::adopt_existing`], what an agent restart interrupted: a dump (its
+/// CRIU outlives the agent; its images are kept if it finished), a restore (waited for), the
+/// tree of a wake the record does not name (killed: the images are still complete) and the
+/// images of a wake it does name (spent).
+async fn settle_interrupted(
+    cg: &CgroupManager,
+    id: &str,
+    dir: &Path,
+    recorded: &Placement,
+) -> Result<(), RuntimeError> {
+    checkpoint::settle_interrupted_dump(id, dir).await?;
+    if !checkpoint::has_images(dir) {
+        return Ok(());
+    }
+    if start_ticks(recorded.init_pid) == Some(recorded.init_start_ticks) {
+        checkpoint::release_spent_images(dir);
+        tracing::info!(sandbox = %id, "dropped the spent images of a wake the agent's restart interrupted");
+        return Ok(());
+    }
+    checkpoint::settle_interrupted_restore(id, dir).await?;
+    if cg.populated(id) {
+        let (cg, id_owned) = (cg.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+            .await
+            .expect("kill task does not panic")?;
+        tracing::info!(sandbox = %id, "removed the tree of a wake the agent's restart interrupted");
+    }
+    Ok(())
 }
 
 async fn cleanup(cg: &CgroupManager, id: &str, dir: &Path) -> Result<(), RuntimeError> {
