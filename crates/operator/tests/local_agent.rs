@@ -115,6 +115,8 @@ impl FakePod {
         let pause = Command::new("ip")
             .args(["netns", "exec", &netns, "sleep", "3600"])
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         std::fs::write(pause_cg.join("cgroup.procs"), pause.id().to_string()).unwrap();
@@ -128,8 +130,12 @@ impl FakePod {
             pause,
         }
     }
+}
 
-    fn remove(mut self) {
+/// Removal on drop: a test that panics before its cleanup (or outside its `catch_unwind`) must
+/// not leave the netns, the veth, the cgroups, or a `sleep` that holds the test's output pipe.
+impl Drop for FakePod {
+    fn drop(&mut self) {
         let _ = self.pause.kill();
         let _ = self.pause.wait();
         let _ = Command::new("ip")
@@ -552,7 +558,7 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
     .await;
     let _ = agent.delete(NODE, &id).await;
     drop(agent);
-    pod.remove();
+    drop(pod);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
@@ -786,8 +792,8 @@ async fn fork_of_a_checkpoint_into_another_pod() {
     let _ = agent.delete(NODE, &src).await;
     let _ = agent.delete(NODE, &fork).await;
     drop(agent);
-    pod1.remove();
-    pod2.remove();
+    drop(pod1);
+    drop(pod2);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
@@ -931,7 +937,7 @@ async fn pod_sandboxes_get_the_single_host_disk_cap() {
     .await;
     let _ = agent.delete(NODE, &id).await;
     drop(agent);
-    pod.remove();
+    drop(pod);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
@@ -1197,8 +1203,8 @@ async fn pod_sandboxes_run_images_pulled_once() {
         for r in [&r4, &r5] {
             let _ = agent.delete(NODE, &r.id).await;
         }
-        p4.remove();
-        p5.remove();
+        drop(p4);
+        drop(p5);
         assert_eq!(both, (true, true), "{a:?} {b:?}");
         assert_eq!(pulls, before + 1, "one pull for two concurrent creates");
         assert_eq!(answered, (true, true), "both sandboxes serve");
@@ -1208,7 +1214,7 @@ async fn pod_sandboxes_run_images_pulled_once() {
     let _ = agent.delete(NODE, &id).await;
     drop(agent);
     drop(local);
-    pod.remove();
+    drop(pod);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
@@ -1318,7 +1324,7 @@ async fn commits_push_with_the_credentials_the_operator_passes() {
     .await;
     let _ = agent.delete(NODE, &id).await;
     drop(agent);
-    pod.remove();
+    drop(pod);
     drop(reg);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
@@ -1514,7 +1520,7 @@ async fn egress_policy_through_the_agent_interface() {
     .await;
     let _ = agent.delete(NODE, &id).await;
     drop(agent);
-    pod.remove();
+    drop(pod);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
