@@ -184,6 +184,18 @@ pub struct SandboxSpec {
     /// pinned to the checkpoint's node, and `template`/`image` may be left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
+    /// Secrets in this namespace (type `kubernetes.io/dockerconfigjson`, as a Pod's
+    /// `imagePullSecrets`) with credentials for pulling `image`; the first with an entry for its
+    /// registry is used, none with one: an anonymous pull. A Secret that is missing or of
+    /// another type fails the start (`ImagePullFailed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalSecretReference>,
+}
+
+/// A Secret in the object's namespace, by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LocalSecretReference {
+    pub name: String,
 }
 
 /// A sandbox's egress rules, as E2B's `network` carries them and with single-host semantics:
@@ -296,6 +308,9 @@ pub struct SandboxSetSpec {
     /// An OCI image for the members instead of a template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The members' `imagePullSecrets` (as Sandbox `imagePullSecrets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalSecretReference>,
     #[serde(default)]
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

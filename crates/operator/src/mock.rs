@@ -354,6 +354,7 @@ pub(crate) fn set(replicas: i32, max_unavailable: i32) -> SandboxSet {
             replicas,
             template: Some("base".into()),
             image: None,
+            image_pull_secrets: vec![],
             resources: Resources::default(),
             persistent_contents: vec![],
             allow_internet_access: None,

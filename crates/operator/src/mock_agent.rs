@@ -220,6 +220,120 @@ async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
     assert!(ready.message.contains("connection refused"), "{ready:?}");
 }
 
+/// Starts reconciling a Sandbox of a private image on a running Pod, with `secrets` as its
+/// `imagePullSecrets`, and answers the reconcile up to its status write: the Secret reads and
+/// the agent's conditions are left to the test.
+async fn reconcile_private_image(
+    secrets: &[&str],
+) -> (
+    tokio::task::JoinHandle<Result<Action, crate::Error>>,
+    ApiServer,
+    Arc<FakeAgent>,
+) {
+    let (ctx, mut api, fake) = mock_with_agent();
+    let mut s = with_finalizer(sandbox("sb1"));
+    s.spec.template = None;
+    s.spec.image = Some("registry.example/team/py:v1".into());
+    s.spec.image_pull_secrets = secrets
+        .iter()
+        .map(|n| crate::crd::LocalSecretReference {
+            name: n.to_string(),
+        })
+        .collect();
+    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .ok(running_pod(&s));
+    api.expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
+        .await
+        .ok(serde_json::to_value(&s).unwrap());
+    (task, api, fake)
+}
+
+/// A Sandbox of a private image: the operator reads its `imagePullSecrets` and hands the
+/// agent the entry of the image's registry; one with no entry for it is skipped.
+#[tokio::test]
+async fn a_private_image_is_pulled_with_the_sandboxs_image_pull_secrets() {
+    let (task, mut api, fake) = reconcile_private_image(&["other", "regcred"]).await;
+    api.expect("GET", &format!("{SECRETS}/other"))
+        .await
+        .ok(docker_secret("other", "ghcr.io", "x", "y"));
+    api.expect("GET", &format!("{SECRETS}/regcred"))
+        .await
+        .ok(docker_secret(
+            "regcred",
+            "registry.example",
+            "team",
+            "s3cret",
+        ));
+    let conds = expect_agent_conditions(&mut api).await;
+    assert_eq!(find(&conds, "Started")["status"], "True");
+    task.await.unwrap().unwrap();
+    let creates = fake.creates.lock().unwrap().clone();
+    assert_eq!(creates.len(), 1);
+    let c = creates[0]
+        .registry_credentials
+        .as_ref()
+        .expect("credentials");
+    assert_eq!(
+        (c.username.as_str(), c.password.as_str()),
+        ("team", "s3cret")
+    );
+    assert!(!format!("{:?}", creates[0]).contains("s3cret"));
+}
+
+/// Pull Secrets that cannot serve: a missing one or one of another type fails the start as an
+/// image pull, naming the Secret, without calling the agent; none with an entry for the
+/// registry is an anonymous pull.
+#[tokio::test]
+async fn unusable_image_pull_secrets_fail_the_start_and_a_foreign_one_pulls_anonymously() {
+    type Answer = Box<dyn Fn(crate::mock::Call)>;
+    let cases: Vec<(Answer, Option<&str>)> = vec![
+        (
+            Box::new(|call| call.status_error(404, "NotFound", "secrets \"regcred\" not found")),
+            Some("Secret regcred (imagePullSecrets) does not exist"),
+        ),
+        (
+            Box::new(|call| {
+                call.ok(json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "regcred"}, "type": "Opaque", "data": {}}))
+            }),
+            Some("is of type Opaque, not kubernetes.io/dockerconfigjson"),
+        ),
+        (
+            Box::new(|call| call.ok(docker_secret("regcred", "other.example", "u", "p"))),
+            None,
+        ),
+    ];
+    for (answer, fails) in cases {
+        let (task, mut api, fake) = reconcile_private_image(&["regcred"]).await;
+        answer(api.expect("GET", &format!("{SECRETS}/regcred")).await);
+        let conds = expect_agent_conditions(&mut api).await;
+        let st = find(&conds, "Started");
+        task.await.unwrap().unwrap();
+        let creates = fake.creates.lock().unwrap().clone();
+        match fails {
+            Some(says) => {
+                assert_eq!(
+                    (st["status"].as_str(), st["reason"].as_str()),
+                    (Some("False"), Some("ImagePullFailed"))
+                );
+                let msg = st["message"].as_str().unwrap();
+                assert!(
+                    msg.contains(says) && msg.contains("registry.example/team/py:v1"),
+                    "{msg}"
+                );
+                assert!(creates.is_empty(), "the agent was not called");
+            }
+            None => {
+                assert_eq!(st["status"], "True");
+                assert_eq!(creates.len(), 1);
+                assert_eq!(creates[0].registry_credentials, None);
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn paused_with_memory_hibernates_and_unpausing_wakes() {
     let (ctx, mut api, fake) = mock_with_agent();

@@ -31,18 +31,15 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), String> {
 }
 
 /// The spec of a cold-started Sandbox for E2B `templateID` `template`: the member spec of the
-/// SandboxSet of that name when there is one (its image or template, resources, persistent
-/// contents and internet access), else the template itself (`base`; anything else is refused
+/// SandboxSet of that name when there is one (its image or template, pull Secrets, resources,
+/// persistent contents and internet access), else the template itself (`base`; anything else is refused
 /// by the operator with `InvalidSpec`, which the API reports).
 pub fn cold_start_spec(set: Option<&SandboxSet>, template: &str) -> SandboxSpec {
     match set {
+        // The client's create sets the network rules.
         Some(set) => SandboxSpec {
-            template: set.spec.template.clone(),
-            image: set.spec.image.clone(),
-            resources: set.spec.resources.clone(),
-            persistent_contents: set.spec.persistent_contents.clone(),
-            allow_internet_access: set.spec.allow_internet_access,
-            ..Default::default()
+            network: None,
+            ..crate::sandboxset::member_spec(&set.spec)
         },
         None => SandboxSpec {
             template: Some(template.to_string()),

@@ -139,6 +139,40 @@ pub async fn credentials_for(
     secrets: &[String],
     image: &str,
 ) -> Result<RegistryCredentials, String> {
+    first_entry(api, secrets, "registryAuth.secrets", image)
+        .await?
+        .ok_or_else(|| {
+            format!(
+                "none of the Secrets {} has credentials for registry {}",
+                secrets.join(", "),
+                registry_of(image).unwrap_or_default()
+            )
+        })
+}
+
+/// The credentials for pulling `image`, from the first of `secrets` (in `api`'s namespace) that
+/// has an entry for its registry; `Ok(None)` when none has one (an anonymous pull, as kubelet
+/// does). A Secret that is missing or of the wrong type is an error naming it: it is a mistake
+/// in the spec, which an anonymous pull would only hide behind the registry's refusal.
+pub async fn pull_credentials(
+    api: &Api<Secret>,
+    secrets: &[String],
+    image: &str,
+) -> Result<Option<RegistryCredentials>, String> {
+    if secrets.is_empty() {
+        return Ok(None);
+    }
+    first_entry(api, secrets, "imagePullSecrets", image).await
+}
+
+/// The entry for `image`'s registry in the first of `secrets` that has one; `field` names where
+/// the spec lists them, for the message of a missing Secret.
+async fn first_entry(
+    api: &Api<Secret>,
+    secrets: &[String],
+    field: &str,
+    image: &str,
+) -> Result<Option<RegistryCredentials>, String> {
     let registry = registry_of(image)
         .ok_or_else(|| format!("spec.image: {image:?} is not an image reference"))?;
     for name in secrets {
@@ -146,15 +180,12 @@ pub async fn credentials_for(
             .get_opt(name)
             .await
             .map_err(|e| format!("reading Secret {name}: {e}"))?
-            .ok_or_else(|| format!("Secret {name} (registryAuth.secrets) does not exist"))?;
+            .ok_or_else(|| format!("Secret {name} ({field}) does not exist"))?;
         if let Some(c) = from_secret(name, &secret, &registry)? {
-            return Ok(c);
+            return Ok(Some(c));
         }
     }
-    Err(format!(
-        "none of the Secrets {} has credentials for registry {registry}",
-        secrets.join(", ")
-    ))
+    Ok(None)
 }
 
 #[cfg(test)]

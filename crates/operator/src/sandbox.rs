@@ -592,6 +592,7 @@ pub async fn apply(sbx: Arc<Sandbox>, ctx: &Context) -> Result<Action, Error> {
                 &node,
                 agent.as_ref(),
                 &api,
+                &Api::namespaced(ctx.client.clone(), &sbx.namespace().unwrap_or_default()),
                 ctx.pods.envd_key.as_deref(),
             )
             .await?;

@@ -13,7 +13,7 @@ use crate::agent::{node_id, AgentError, CreateRequest, NodeAgent, PodRef};
 use crate::conditions::{self, condition};
 use crate::crd::{Condition, PersistentContent, Sandbox, API_VERSION};
 use crate::{Error, FIELD_MANAGER};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -128,6 +128,8 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         network: crate::sandbox_network::egress_of(&sbx.spec),
         // A fork: its Pod carries the checkpoint id the reconciler resolved (see `fork`).
         restore_from: crate::fork::restore_from(pod),
+        // Read from the Sandbox's imagePullSecrets by `drive`, only when it creates.
+        registry_credentials: None,
     }
 }
 
@@ -153,6 +155,36 @@ pub async fn patch_agent_conditions(
     Ok(())
 }
 
+/// The agent's create, with the pull credentials of the Sandbox's `imagePullSecrets` (read
+/// from `secrets`, its namespace's). A Secret that cannot be used fails like a pull, without
+/// calling the agent.
+async fn create(
+    sbx: &Sandbox,
+    pod: &Pod,
+    node: &str,
+    agent: &dyn NodeAgent,
+    secrets: &Api<Secret>,
+    envd_key: Option<&str>,
+) -> Result<crate::agent::SandboxInfo, AgentError> {
+    let mut req = create_request(sbx, pod, envd_key);
+    if let Some(image) = sbx.spec.image.as_deref() {
+        let names: Vec<String> = sbx
+            .spec
+            .image_pull_secrets
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        req.registry_credentials = crate::registry_auth::pull_credentials(secrets, &names, image)
+            .await
+            .map_err(|message| AgentError::Failed {
+                node: node.to_string(),
+                code: crate::agent::IMAGE_PULL_FAILED,
+                message: format!("pulling image {image}: {message}"),
+            })?;
+    }
+    agent.create(node, &req).await
+}
+
 /// Runs the next step on `node` and records its outcome. `Ok(true)` when something changed.
 pub async fn drive(
     sbx: &Sandbox,
@@ -160,6 +192,7 @@ pub async fn drive(
     node: &str,
     agent: &dyn NodeAgent,
     api: &Api<Sandbox>,
+    secrets: &Api<Secret>,
     envd_key: Option<&str>,
 ) -> Result<bool, Error> {
     let step = next_step(sbx);
@@ -183,10 +216,7 @@ pub async fn drive(
     let mut paused = conditions::find(&old, "Paused").cloned();
     let mut network = conditions::find(&old, crate::sandbox_network::CONDITION).cloned();
     match step {
-        Step::Create => match agent
-            .create(node, &create_request(sbx, pod, envd_key))
-            .await
-        {
+        Step::Create => match create(sbx, pod, node, agent, secrets, envd_key).await {
             Ok(info) => {
                 started = Some(cond(
                     "Started",

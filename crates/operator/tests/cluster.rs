@@ -183,6 +183,7 @@ async fn cluster_end_to_end() {
             replicas: 2,
             template: Some("base".into()),
             image: None,
+            image_pull_secrets: vec![],
             resources: Resources {
                 requests: BTreeMap::from([("cpu".into(), "10m".into())]),
                 limits: BTreeMap::new(),

@@ -1020,6 +1020,11 @@ fn start_registry(dir: &Path, auth: bool) -> Registry {
 /// `tests/images/make-busybox-image.sh`'s image (busybox, `/data/hello.txt`, a whiteout, a
 /// config with env, workdir and user 1000), pushed to `dest` by skopeo.
 fn push_busybox_image(dir: &Path, dest: &[String]) {
+    push_busybox_image_with(dir, dest, None)
+}
+
+/// [`push_busybox_image`] to a registry that wants `user:password`.
+fn push_busybox_image_with(dir: &Path, dest: &[String], creds: Option<&str>) {
     need("skopeo", "skopeo");
     let layout = dir.join("layout");
     let script =
@@ -1036,8 +1041,12 @@ fn push_busybox_image(dir: &Path, dest: &[String]) {
         String::from_utf8_lossy(&out.stderr)
     );
     for d in dest {
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        let mut copy = Command::new("skopeo");
+        copy.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(c) = creds {
+            copy.arg(format!("--dest-creds={c}"));
+        }
+        let out = copy
             .arg(format!("oci:{}:v1", layout.display()))
             .arg(format!("docker://{d}"))
             .output()
@@ -1127,7 +1136,11 @@ async fn pod_sandboxes_run_images_pulled_once() {
         let v2 = v2.replace(&addr, &reg2.addr);
         push_busybox_image(&data, std::slice::from_ref(&v2));
         let imgs = local.images();
-        let (a, b, c) = tokio::join!(imgs.get(&v2), imgs.get(&v2), imgs.get(&v2));
+        let (a, b, c) = tokio::join!(
+            imgs.get(&v2, None),
+            imgs.get(&v2, None),
+            imgs.get(&v2, None)
+        );
         let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
         assert_eq!(
             local.images().pulls(),
@@ -1215,6 +1228,107 @@ async fn pod_sandboxes_run_images_pulled_once() {
     drop(agent);
     drop(local);
     drop(pod);
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// A private image (a registry with htpasswd auth): the create's credentials pull it, none or
+/// wrong ones are refused by the registry, and once it is on the node it is served from the
+/// store only to a create whose credentials the registry accepts, so a Sandbox without them
+/// cannot run what another's pull brought to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_images_are_pulled_and_served_only_with_credentials() {
+    require_root();
+    let data = fresh_data_dir("private");
+    let reg = start_registry(&data.join("registry"), true);
+    let image = format!("{}/team/private:v1", reg.addr);
+    push_busybox_image_with(&data, std::slice::from_ref(&image), Some("tester:s3cret"));
+    let pod = FakePod::numbered(9);
+    let local = std::sync::Arc::new(
+        LocalAgent::new(data.join("node"), init_binary())
+            .await
+            .expect("agent starts")
+            .with_sandbox_disk_mb(64),
+    );
+    let agent: std::sync::Arc<dyn NodeAgent> = local.clone();
+    let id = warren_operator::agent::node_id(&pod.uid);
+    let good = RegistryCredentials {
+        username: "tester".into(),
+        password: "s3cret".into(),
+    };
+    let wrong = RegistryCredentials {
+        username: "tester".into(),
+        password: "guess".into(),
+    };
+    let req = |registry_credentials: Option<RegistryCredentials>| CreateRequest {
+        id: id.clone(),
+        image: Some(image.clone()),
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "sbx-private".into(),
+            uid: pod.uid.clone(),
+            ip: Some(pod.ip.to_string()),
+        },
+        registry_credentials,
+        ..Default::default()
+    };
+    let result = std::panic::AssertUnwindSafe(async {
+        // Not on the node yet: without credentials, or with wrong ones, the registry refuses.
+        for creds in [None, Some(wrong.clone())] {
+            let e = agent.create(NODE, &req(creds)).await.unwrap_err();
+            let msg = e.to_string();
+            eprintln!("pull refused: {msg}");
+            assert!(e.is_image_pull_failure(), "{msg}");
+            assert!(msg.contains("authentication failed"), "{msg}");
+            assert!(!msg.contains("s3cret") && !msg.contains("guess"), "{msg}");
+        }
+        assert!(
+            !data.join("node/sandboxes").join(&id).exists(),
+            "a refused pull leaves no sandbox"
+        );
+
+        // The right ones: pulled, and the sandbox runs the image.
+        let info = agent
+            .create(NODE, &req(Some(good.clone())))
+            .await
+            .expect("create with the credentials");
+        let pid = info.init_pid.unwrap();
+        assert!(envd_answers(pod.ip), "envd answers in the private image");
+        exec_in_sandbox(&id, pid, "cat /data/hello.txt > /run/out");
+        wait_for("the command in the image", || {
+            !read_in_sandbox(pid, "/run/out").is_empty()
+        });
+        assert_eq!(read_in_sandbox(pid, "/run/out"), "hello from the image\n");
+        assert!(local.images().is_private(&image));
+        let pulls = local.images().pulls();
+        agent.delete(NODE, &id).await.expect("delete");
+
+        // On the node now: still refused without the registry's consent, and served from the
+        // store (no pull) with it.
+        for creds in [None, Some(wrong.clone())] {
+            let e = agent.create(NODE, &req(creds)).await.unwrap_err();
+            let msg = e.to_string();
+            eprintln!("served from the store refused: {msg}");
+            assert!(e.is_image_pull_failure(), "{msg}");
+            assert!(msg.contains("private image"), "{msg}");
+        }
+        let again = agent
+            .create(NODE, &req(Some(good.clone())))
+            .await
+            .expect("create from the store with the credentials");
+        assert!(again.init_pid.is_some());
+        assert_eq!(local.images().pulls(), pulls, "no second pull");
+        agent.delete(NODE, &id).await.expect("delete");
+    })
+    .catch_unwind()
+    .await;
+    let _ = agent.delete(NODE, &id).await;
+    drop(agent);
+    drop(local);
+    drop(pod);
+    drop(reg);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

@@ -8,6 +8,12 @@
 //! the node under that name is used as it is), and layers are stored and unpacked once per
 //! digest, whatever the tags that share them. Creates of one reference pull once: they queue on
 //! a per-reference lock and find the image in the store after the first.
+//!
+//! A private image (pulled with a Sandbox's `imagePullSecrets`) is marked as such on the node,
+//! and a later create of that reference is served from the store only once the registry has
+//! answered its manifest to *that* create's credentials: a Sandbox that could not pull the image
+//! itself never runs it because another tenant's Sandbox brought it to the node (what kubelet
+//! only does with the `AlwaysPullImages` admission plugin).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -15,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use warren_image::{ImageError, ImageStore};
 use warren_runtime::{BindMount, RootfsSpec};
+
+use crate::registry_auth::RegistryCredentials;
 
 /// What a sandbox of an image gets: its root and the image's config.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +63,8 @@ pub struct NodeImages {
     etc_layer: PathBuf,
     /// One lock per reference being resolved: concurrent creates of an image pull once.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One file per reference pulled with credentials (named by the reference's sha256).
+    private_marks: PathBuf,
     pulls: AtomicU64,
 }
 
@@ -69,6 +79,7 @@ impl NodeImages {
             store,
             etc_layer: warren_core::image_templates::prepare_etc_layer(data_dir)?,
             locks: Mutex::new(HashMap::new()),
+            private_marks: data_dir.join("private-images"),
             pulls: AtomicU64::new(0),
         })
     }
@@ -79,9 +90,14 @@ impl NodeImages {
         self.pulls.load(Ordering::SeqCst)
     }
 
-    /// The image `reference`, from the store, else pulled into it (anonymously: public images,
-    /// or a registry that the node may read without credentials).
-    pub async fn get(&self, reference: &str) -> Result<NodeImage, PullError> {
+    /// The image `reference`, from the store, else pulled into it with `credentials` (none:
+    /// anonymously). A private image in the store is only served once the registry grants
+    /// `credentials` its manifest (see the module docs).
+    pub async fn get(
+        &self,
+        reference: &str,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<NodeImage, PullError> {
         let fail = |source: ImageError| PullError {
             reference: reference.to_string(),
             source,
@@ -95,8 +111,28 @@ impl NodeImages {
             .or_default()
             .clone();
         let _held = lock.lock().await;
+        let credentials = credentials.map(|c| warren_image::pull::Credentials {
+            username: c.username.clone(),
+            password: c.password.clone(),
+        });
         let (image, layers) = match self.store.resolve(reference) {
             Ok(image) => {
+                if self.is_private(reference) {
+                    warren_image::pull::resolve_digest(reference, credentials.as_ref())
+                        .await
+                        .map_err(|e| PullError {
+                            reference: reference.to_string(),
+                            source: ImageError::Registry {
+                                registry: crate::registry_auth::registry_of(reference)
+                                    .unwrap_or_default(),
+                                message: format!(
+                                    "the node holds this private image from another pull, and \
+                                     serves it only to a Sandbox whose imagePullSecrets the \
+                                     registry lets read it; asking the registry failed: {e}"
+                                ),
+                            },
+                        })?;
+                }
                 // An image of the store (an earlier pull, a commit on this node): unpack what
                 // is not unpacked yet, no registry.
                 let (store, img) = (self.store.clone(), image.clone());
@@ -111,10 +147,20 @@ impl NodeImages {
             Err(e) if e.is_not_found() => {
                 self.pulls.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(image = %reference, "pulling image into the node's store");
+                if credentials.is_some() {
+                    // Marked before the pull: a crash after it leaves a private image marked.
+                    self.mark_private(reference).map_err(|e| {
+                        fail(ImageError::Io {
+                            op: "mark as private",
+                            path: self.private_marks.clone(),
+                            source: e,
+                        })
+                    })?;
+                }
                 let imported = warren_image::pull::pull(
                     &self.store,
                     reference,
-                    None,
+                    credentials.as_ref(),
                     reference,
                     warren_image::no_progress(),
                 )
@@ -144,5 +190,21 @@ impl NodeImages {
             workdir,
             start_command,
         })
+    }
+
+    fn private_mark(&self, reference: &str) -> PathBuf {
+        use sha2::Digest as _;
+        self.private_marks
+            .join(format!("{:x}", sha2::Sha256::digest(reference.as_bytes())))
+    }
+
+    /// Whether `reference` was ever pulled onto this node with credentials.
+    pub fn is_private(&self, reference: &str) -> bool {
+        self.private_mark(reference).exists()
+    }
+
+    fn mark_private(&self, reference: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.private_marks)?;
+        std::fs::write(self.private_mark(reference), reference)
     }
 }

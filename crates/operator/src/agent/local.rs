@@ -302,7 +302,7 @@ impl NodeAgent for LocalAgent {
         let image = match &req.image {
             Some(reference) => Some(
                 self.images
-                    .get(reference)
+                    .get(reference, req.registry_credentials.as_ref())
                     .await
                     .map_err(|e| failed(node, IMAGE_PULL_FAILED, e.to_string()))?,
             ),

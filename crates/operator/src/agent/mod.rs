@@ -87,6 +87,11 @@ pub struct CreateRequest {
     /// answers NotFound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
+    /// Credentials for pulling `image`, which the operator read from the Sandbox's
+    /// `imagePullSecrets` (the agent reads no Secrets); unset: an anonymous pull. Redacted in
+    /// `Debug`, never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_credentials: Option<crate::registry_auth::RegistryCredentials>,
 }
 
 fn is_zero(n: &u64) -> bool {
