@@ -374,7 +374,9 @@ impl ClusterApi {
         }
     }
 
-    /// Waits until the Sandbox is `Ready`; a `Failed` one is an error with its reason.
+    /// Waits until the Sandbox is `Ready`; a `Failed` one, or one whose image pull failed (the
+    /// operator retries it, but a client waiting for a create wants the reason now), is an error
+    /// with its reason.
     async fn wait_ready(&self, id: &str) -> Result<Sandbox, ApiError> {
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
@@ -387,7 +389,9 @@ impl ClusterApi {
                 if conditions::is_true(&st.conditions, "Ready") && !s.spec.paused {
                     return Ok(s);
                 }
-                if st.phase == SandboxPhase::Failed {
+                let pull_failed = conditions::find(&st.conditions, "Ready")
+                    .is_some_and(|c| c.reason == crate::sandbox::IMAGE_PULL_BACK_OFF);
+                if st.phase == SandboxPhase::Failed || pull_failed {
                     let why = st
                         .conditions
                         .iter()

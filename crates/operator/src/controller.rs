@@ -154,7 +154,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "Unschedulable",
     "PodFailed",
     "SandboxStartFailed",
-    "ImagePullFailed",
+    crate::sandbox::IMAGE_PULL_BACK_OFF,
     "PodConflict",
     "NodeUnreachable",
     "ReconcileFailed",

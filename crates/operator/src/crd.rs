@@ -187,7 +187,7 @@ pub struct SandboxSpec {
     /// Secrets in this namespace (type `kubernetes.io/dockerconfigjson`, as a Pod's
     /// `imagePullSecrets`) with credentials for pulling `image`; the first with an entry for its
     /// registry is used, none with one: an anonymous pull. A Secret that is missing or of
-    /// another type fails the start (`ImagePullFailed`).
+    /// another type fails the pull (`ImagePullBackOff`, retried).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalSecretReference>,
 }

@@ -170,7 +170,11 @@ async fn a_failed_start_is_reported_by_the_started_condition() {
 }
 
 #[tokio::test]
-async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
+/// A failed pull is reported (`Started=False`, `ImagePullFailed`), the reconcile answers an error
+/// so that the next attempt waits for the backoff, the Sandbox stays `Pending` with `Ready`'s
+/// reason `ImagePullBackOff` (not `Failed`: a registry may come back), and the next reconcile
+/// pulls again.
+async fn a_failed_image_pull_backs_off_and_is_retried() {
     let (ctx, mut api, fake) = mock_with_agent();
     fake.fail(
         "create",
@@ -184,7 +188,7 @@ async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
     let mut s = with_finalizer(sandbox("sb1"));
     s.spec.template = None;
     s.spec.image = Some("127.0.0.1:1/none:v1".into());
-    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx)).await;
+    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx.clone())).await;
     api.expect("GET", &format!("{PODS}/sb1"))
         .await
         .ok(running_pod(&s));
@@ -201,9 +205,10 @@ async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
         .as_str()
         .unwrap()
         .contains("connection refused"));
-    task.await.unwrap().unwrap();
+    let e = task.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("retried with backoff"), "{e}");
 
-    // What the next reconcile shows: Ready=False with the same reason, phase Failed.
+    // What the next reconcile shows: Ready=False, ImagePullBackOff, phase Pending.
     let mut failed = s.clone();
     failed.status = Some(SandboxStatus {
         conditions: serde_json::from_value(Value::Array(conds)).unwrap(),
@@ -211,13 +216,36 @@ async fn a_failed_image_pull_is_reported_as_image_pull_failed() {
     });
     let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(running_pod(&s)).unwrap();
     let st = crate::sandbox::observe(&failed, Some(&pod), "t");
-    assert_eq!(st.phase, SandboxPhase::Failed);
+    assert_eq!(st.phase, SandboxPhase::Pending);
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "ImagePullFailed")
+        ("False", "ImagePullBackOff")
     );
     assert!(ready.message.contains("connection refused"), "{ready:?}");
+    assert!(crate::controller::FAILURE_REASONS.contains(&"ImagePullBackOff"));
+
+    // The registry is back: the next reconcile pulls again and the sandbox starts.
+    fake.failures.lock().unwrap().clear();
+    failed.status = Some(st);
+    let task = run(reconcile_sandbox(Arc::new(failed.clone()), ctx)).await;
+    api.expect("GET", &format!("{PODS}/sb1"))
+        .await
+        .ok(running_pod(&failed));
+    // The operator's own status (the observation's timestamps) is written first.
+    api.expect("PATCH", &format!("{SANDBOXES}/sb1/status"))
+        .await
+        .ok(serde_json::to_value(&failed).unwrap());
+    let conds = expect_agent_conditions(&mut api).await;
+    let started = find(&conds, "Started");
+    assert_eq!(started["status"], "True", "{started}");
+    task.await.unwrap().unwrap();
+    let creates = fake
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("create "))
+        .count();
+    assert_eq!(creates, 2, "created again");
 }
 
 /// Starts reconciling a Sandbox of a private image on a running Pod, with `secrets` as its
@@ -240,7 +268,7 @@ async fn reconcile_private_image(
             name: n.to_string(),
         })
         .collect();
-    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx)).await;
+    let task = run(reconcile_sandbox(Arc::new(s.clone()), ctx.clone())).await;
     api.expect("GET", &format!("{PODS}/sb1"))
         .await
         .ok(running_pod(&s));
@@ -310,7 +338,8 @@ async fn unusable_image_pull_secrets_fail_the_start_and_a_foreign_one_pulls_anon
         answer(api.expect("GET", &format!("{SECRETS}/regcred")).await);
         let conds = expect_agent_conditions(&mut api).await;
         let st = find(&conds, "Started");
-        task.await.unwrap().unwrap();
+        let res = task.await.unwrap();
+        assert_eq!(res.is_err(), fails.is_some(), "{res:?}");
         let creates = fake.creates.lock().unwrap().clone();
         match fails {
             Some(says) => {

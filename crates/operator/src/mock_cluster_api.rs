@@ -231,47 +231,59 @@ async fn create_without_a_member_makes_a_sandbox_and_waits_until_ready() {
     assert_eq!(body["sandboxID"], json!(name));
 }
 
+/// A cold start that failed, or whose image pull failed (which the operator retries, pending,
+/// but a create waits for no retry), answers the reason, and its Sandbox is removed.
 #[tokio::test]
 async fn a_failed_cold_start_is_explained_and_removed() {
-    let (api, mut server) = api();
-    let task = call(&api, "POST", "/sandboxes", json!({"templateID": "base"})).await;
-    server.expect("GET", SANDBOXES).await.ok(list(vec![]));
-    server
-        .expect("GET", &format!("{CHECKPOINTS}/base"))
-        .await
-        .status_error(404, "NotFound", "not found");
-    let c = server.expect("POST", SANDBOXES).await;
-    let mut created = c.body.clone();
-    let name = created["metadata"]["name"].as_str().unwrap().to_string();
-    c.reply(201, created.clone());
-    created["status"] = serde_json::to_value(SandboxStatus {
-        phase: SandboxPhase::Failed,
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: "False".into(),
-            reason: "Unschedulable".into(),
-            message: "0/3 nodes are available".into(),
-            ..ready()
-        }],
-        ..Default::default()
-    })
-    .unwrap();
-    server
-        .expect("GET", &format!("{SANDBOXES}/{name}"))
-        .await
-        .ok(created.clone());
-    server
-        .expect("DELETE", &format!("{SANDBOXES}/{name}"))
-        .await
-        .ok(created);
-    let (status, body) = task.await.unwrap();
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(body["code"], 500);
-    let msg = body["message"].as_str().unwrap();
-    assert!(
-        msg.contains("Unschedulable") && msg.contains("0/3 nodes"),
-        "{msg}"
-    );
+    for (phase, reason, message) in [
+        (
+            SandboxPhase::Failed,
+            "Unschedulable",
+            "0/3 nodes are available",
+        ),
+        (
+            SandboxPhase::Pending,
+            "ImagePullBackOff",
+            "pulling image r.example/x:1: registry r.example: connection refused",
+        ),
+    ] {
+        let (api, mut server) = api();
+        let task = call(&api, "POST", "/sandboxes", json!({"templateID": "base"})).await;
+        server.expect("GET", SANDBOXES).await.ok(list(vec![]));
+        server
+            .expect("GET", &format!("{CHECKPOINTS}/base"))
+            .await
+            .status_error(404, "NotFound", "not found");
+        let c = server.expect("POST", SANDBOXES).await;
+        let mut created = c.body.clone();
+        let name = created["metadata"]["name"].as_str().unwrap().to_string();
+        c.reply(201, created.clone());
+        created["status"] = serde_json::to_value(SandboxStatus {
+            phase,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: reason.into(),
+                message: message.into(),
+                ..ready()
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        server
+            .expect("GET", &format!("{SANDBOXES}/{name}"))
+            .await
+            .ok(created.clone());
+        server
+            .expect("DELETE", &format!("{SANDBOXES}/{name}"))
+            .await
+            .ok(created);
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["code"], 500);
+        let msg = body["message"].as_str().unwrap();
+        assert!(msg.contains(reason) && msg.contains(message), "{msg}");
+    }
 }
 
 #[tokio::test]

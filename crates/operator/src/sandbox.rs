@@ -25,6 +25,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The agent condition `Started`'s reason for a create whose image could not be pulled.
+pub const IMAGE_PULL_FAILED: &str = "ImagePullFailed";
+/// `Ready`'s reason while such a create is retried with backoff (the Sandbox stays `Pending`).
+pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
+
 /// Removed only when the Sandbox's Pod is gone (see [`cleanup`]).
 pub const FINALIZER: &str = "warren.dev/node-cleanup";
 /// Taint key of nodes dedicated to sandboxes; sandbox Pods tolerate it.
@@ -317,9 +322,11 @@ fn pod_state(
                         (SandboxPhase::Running, ready(true, "SandboxRunning", String::new()))
                     }
                 }
-                Some(c) if c.status == "False" && c.reason == "ImagePullFailed" => (
-                    SandboxPhase::Failed,
-                    ready(false, "ImagePullFailed", c.message.clone()),
+                // Retried with backoff by the agent step (a registry may come back), as
+                // kubelet's ImagePullBackOff: pending, not failed.
+                Some(c) if c.status == "False" && c.reason == IMAGE_PULL_FAILED => (
+                    SandboxPhase::Pending,
+                    ready(false, IMAGE_PULL_BACK_OFF, c.message.clone()),
                 ),
                 Some(c) if c.status == "False" => (
                     SandboxPhase::Failed,

@@ -46,7 +46,11 @@ pub fn next_step(sbx: &Sandbox) -> Step {
         .unwrap_or_default();
     match conditions::find(&conds, "Started") {
         None => return Step::Create,
-        // A failed start is final for this generation: the status explains it.
+        // A failed pull is retried (with the reconciler's backoff: `drive` answers an error).
+        Some(c) if c.status != "True" && c.reason == crate::sandbox::IMAGE_PULL_FAILED => {
+            return Step::Create
+        }
+        // Any other failed start is final for this generation: the status explains it.
         Some(c) if c.status != "True" => return Step::Nothing,
         _ => {}
     }
@@ -244,7 +248,14 @@ pub async fn drive(
                 })
             }
             Err(e) if e.is_image_pull_failure() => {
-                started = Some(cond("Started", false, "ImagePullFailed", e.to_string()))
+                let c = cond(
+                    "Started",
+                    false,
+                    crate::sandbox::IMAGE_PULL_FAILED,
+                    e.to_string(),
+                );
+                let message = format!("{e} (retried with backoff)");
+                return record_and_retry(api, name, [Some(c), paused, network], message).await;
             }
             Err(e) => started = Some(cond("Started", false, "StartFailed", e.to_string())),
         },
@@ -275,20 +286,8 @@ pub async fn drive(
                 Ok(c) => paused = Some(c),
                 Err(e) => {
                     let c = cond("Paused", false, "PauseFailed", e.to_string());
-                    patch_agent_conditions(
-                        api,
-                        &name,
-                        &[started.clone(), Some(c), network.clone()]
-                            .into_iter()
-                            .flatten()
-                            .collect::<Vec<_>>(),
-                    )
-                    .await?;
-                    return Err(Error::Reconcile {
-                        kind: "Sandbox",
-                        name,
-                        message: e.to_string(),
-                    });
+                    let conds = [started.clone(), Some(c), network.clone()];
+                    return record_and_retry(api, name, conds, e.to_string()).await;
                 }
             }
         }
@@ -325,6 +324,23 @@ pub async fn drive(
     let conds: Vec<Condition> = [started, paused, network].into_iter().flatten().collect();
     patch_agent_conditions(api, &name, &conds).await?;
     Ok(true)
+}
+
+/// Writes the agent conditions `conds` and answers an error, so that the reconciler tries the
+/// step again after its backoff.
+async fn record_and_retry(
+    api: &Api<Sandbox>,
+    name: String,
+    conds: [Option<Condition>; 3],
+    message: String,
+) -> Result<bool, Error> {
+    let conds: Vec<Condition> = conds.into_iter().flatten().collect();
+    patch_agent_conditions(api, &name, &conds).await?;
+    Err(Error::Reconcile {
+        kind: "Sandbox",
+        name,
+        message,
+    })
 }
 
 /// On delete: stops the sandbox on its node before its Pod goes. A node that is gone has
@@ -400,6 +416,8 @@ mod tests {
         s.status.as_mut().unwrap().conditions[1] = c("Paused", true, "Frozen");
         assert_eq!(next_step(&s), Step::Resume { wake: false });
         s.status.as_mut().unwrap().conditions[0] = c("Started", false, "StartFailed");
-        assert_eq!(next_step(&s), Step::Nothing);
+        assert_eq!(next_step(&s), Step::Nothing, "a failed start is final");
+        s.status.as_mut().unwrap().conditions[0] = c("Started", false, "ImagePullFailed");
+        assert_eq!(next_step(&s), Step::Create, "a failed pull is retried");
     }
 }

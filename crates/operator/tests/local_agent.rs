@@ -1061,7 +1061,7 @@ fn push_busybox_image_with(dir: &Path, dest: &[String], creds: Option<&str>) {
 
 /// Images on a node: a sandbox of `image: <ref>` runs on the image pulled into the node's store
 /// (once, also for concurrent creates), and a pull that fails says why with the status the
-/// operator turns into `ImagePullFailed`.
+/// operator turns into `ImagePullFailed` (retried with backoff).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_sandboxes_run_images_pulled_once() {
     require_root();
