@@ -190,6 +190,21 @@ pub struct SandboxSpec {
     /// another type fails the pull (`ImagePullBackOff`, retried).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalSecretReference>,
+    /// When the node asks the registry for `image`: `IfNotPresent` (the default: a reference
+    /// already on the node is used as it is), `Always` (the registry's current digest is looked
+    /// up each create and pulled when it moved; what is unchanged is not downloaded again) or
+    /// `Never` (only what is on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+}
+
+/// As a Pod container's `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
 }
 
 /// A Secret in the object's namespace, by name.
@@ -311,6 +326,9 @@ pub struct SandboxSetSpec {
     /// The members' `imagePullSecrets` (as Sandbox `imagePullSecrets`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalSecretReference>,
+    /// The members' `imagePullPolicy` (as Sandbox `imagePullPolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
     #[serde(default)]
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

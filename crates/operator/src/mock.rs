@@ -355,6 +355,7 @@ pub(crate) fn set(replicas: i32, max_unavailable: i32) -> SandboxSet {
             template: Some("base".into()),
             image: None,
             image_pull_secrets: vec![],
+            image_pull_policy: None,
             resources: Resources::default(),
             persistent_contents: vec![],
             allow_internet_access: None,

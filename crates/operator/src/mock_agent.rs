@@ -262,6 +262,7 @@ async fn reconcile_private_image(
     let mut s = with_finalizer(sandbox("sb1"));
     s.spec.template = None;
     s.spec.image = Some("registry.example/team/py:v1".into());
+    s.spec.image_pull_policy = Some(crate::crd::ImagePullPolicy::Always);
     s.spec.image_pull_secrets = secrets
         .iter()
         .map(|n| crate::crd::LocalSecretReference {
@@ -308,6 +309,10 @@ async fn a_private_image_is_pulled_with_the_sandboxs_image_pull_secrets() {
         ("team", "s3cret")
     );
     assert!(!format!("{:?}", creates[0]).contains("s3cret"));
+    assert_eq!(
+        creates[0].image_pull_policy,
+        Some(crate::crd::ImagePullPolicy::Always)
+    );
 }
 
 /// Pull Secrets that cannot serve: a missing one or one of another type fails the start as an

@@ -134,6 +134,7 @@ pub fn create_request(sbx: &Sandbox, pod: &Pod, envd_key: Option<&str>) -> Creat
         restore_from: crate::fork::restore_from(pod),
         // Read from the Sandbox's imagePullSecrets by `drive`, only when it creates.
         registry_credentials: None,
+        image_pull_policy: sbx.spec.image_pull_policy,
     }
 }
 

@@ -31,6 +31,7 @@ pub fn member_spec(set: &SandboxSetSpec) -> SandboxSpec {
         template: set.template.clone(),
         image: set.image.clone(),
         image_pull_secrets: set.image_pull_secrets.clone(),
+        image_pull_policy: set.image_pull_policy,
         resources: set.resources.clone(),
         persistent_contents: set.persistent_contents.clone(),
         allow_internet_access: set.allow_internet_access,

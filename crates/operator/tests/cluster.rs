@@ -184,6 +184,7 @@ async fn cluster_end_to_end() {
             template: Some("base".into()),
             image: None,
             image_pull_secrets: vec![],
+            image_pull_policy: None,
             resources: Resources {
                 requests: BTreeMap::from([("cpu".into(), "10m".into())]),
                 limits: BTreeMap::new(),

@@ -1137,9 +1137,9 @@ async fn pod_sandboxes_run_images_pulled_once() {
         push_busybox_image(&data, std::slice::from_ref(&v2));
         let imgs = local.images();
         let (a, b, c) = tokio::join!(
-            imgs.get(&v2, None),
-            imgs.get(&v2, None),
-            imgs.get(&v2, None)
+            imgs.get(&v2, None, Default::default()),
+            imgs.get(&v2, None, Default::default()),
+            imgs.get(&v2, None, Default::default())
         );
         let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
         assert_eq!(
@@ -1228,6 +1228,94 @@ async fn pod_sandboxes_run_images_pulled_once() {
     drop(agent);
     drop(local);
     drop(pod);
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// `imagePullPolicy`: `Never` serves only what the node has, `IfNotPresent` keeps what it has,
+/// `Always` asks the registry each time and pulls only when the tag's digest moved (here: the same
+/// layers re-pushed as a Docker schema 2 manifest, so no layer is fetched again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_policies_decide_when_the_registry_is_asked() {
+    use warren_operator::crd::ImagePullPolicy::{Always, IfNotPresent, Never};
+    require_root();
+    let data = fresh_data_dir("policy");
+    let mut reg = Some(start_registry(&data.join("registry"), false));
+    let image = format!("{}/warren/moving:v1", reg.as_ref().unwrap().addr);
+    push_busybox_image(&data, std::slice::from_ref(&image));
+    let local = LocalAgent::new(data.join("node"), init_binary())
+        .await
+        .expect("agent starts");
+    let imgs = local.images();
+    let result = std::panic::AssertUnwindSafe(async {
+        let e = imgs.get(&image, None, Never).await.unwrap_err();
+        assert!(
+            e.to_string().contains("not on this node") && e.to_string().contains("Never"),
+            "{e}"
+        );
+        assert_eq!(imgs.pulls(), 0, "Never asks no registry");
+        let first = imgs.get(&image, None, IfNotPresent).await.unwrap();
+        assert_eq!(imgs.pulls(), 1);
+        let same = imgs.get(&image, None, Always).await.unwrap();
+        assert_eq!(
+            (imgs.pulls(), &same.digest),
+            (1, &first.digest),
+            "unchanged: no pull"
+        );
+
+        // The tag moves: the same layers, pushed again as a Docker schema 2 manifest.
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--format=v2s2",
+            ])
+            .arg(format!("oci:{}:v1", data.join("layout").display()))
+            .arg(format!("docker://{image}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kept = imgs.get(&image, None, IfNotPresent).await.unwrap();
+        assert_eq!(
+            (imgs.pulls(), &kept.digest),
+            (1, &first.digest),
+            "IfNotPresent keeps"
+        );
+        let kept = imgs.get(&image, None, Never).await.unwrap();
+        assert_eq!(kept.digest, first.digest);
+        let moved = imgs.get(&image, None, Always).await.unwrap();
+        assert_eq!(imgs.pulls(), 2, "Always pulled the moved tag");
+        assert_ne!(moved.digest, first.digest);
+        assert_eq!(
+            moved.rootfs.lower_dirs, first.rootfs.lower_dirs,
+            "the same layers"
+        );
+        let again = imgs.get(&image, None, IfNotPresent).await.unwrap();
+        assert_eq!(
+            again.digest, moved.digest,
+            "the store names the new one now"
+        );
+
+        // Always needs the registry; the others do not.
+        drop(reg.take());
+        let e = imgs.get(&image, None, Always).await.unwrap_err();
+        assert!(e.to_string().contains("pulling image"), "{e}");
+        assert_eq!(
+            imgs.get(&image, None, Never).await.unwrap().digest,
+            moved.digest
+        );
+    })
+    .catch_unwind()
+    .await;
+    drop(local);
+    drop(reg);
     let _ = std::fs::remove_dir_all(&data);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

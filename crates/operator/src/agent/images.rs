@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use warren_image::{ImageError, ImageStore};
 use warren_runtime::{BindMount, RootfsSpec};
 
+use crate::crd::ImagePullPolicy;
 use crate::registry_auth::RegistryCredentials;
 
 /// What a sandbox of an image gets: its root and the image's config.
@@ -41,11 +42,15 @@ pub struct NodeImage {
 
 /// Why an image could not be had; the message names the reference and the cause.
 #[derive(Debug, thiserror::Error)]
-#[error("pulling image {reference}: {}", describe(.source))]
-pub struct PullError {
-    pub reference: String,
-    #[source]
-    pub source: ImageError,
+pub enum PullError {
+    #[error("pulling image {reference}: {}", describe(.source))]
+    Pull {
+        reference: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("image {reference} is not on this node, and its imagePullPolicy is Never")]
+    NotPresent { reference: String },
 }
 
 fn describe(e: &ImageError) -> String {
@@ -90,15 +95,16 @@ impl NodeImages {
         self.pulls.load(Ordering::SeqCst)
     }
 
-    /// The image `reference`, from the store, else pulled into it with `credentials` (none:
-    /// anonymously). A private image in the store is only served once the registry grants
-    /// `credentials` its manifest (see the module docs).
+    /// The image `reference` by `policy`: from the store, else pulled into it with
+    /// `credentials` (none: anonymously). A private image in the store is only served once the
+    /// registry grants `credentials` its manifest (see the module docs).
     pub async fn get(
         &self,
         reference: &str,
         credentials: Option<&RegistryCredentials>,
+        policy: ImagePullPolicy,
     ) -> Result<NodeImage, PullError> {
-        let fail = |source: ImageError| PullError {
+        let fail = |source: ImageError| PullError::Pull {
             reference: reference.to_string(),
             source,
         };
@@ -115,24 +121,36 @@ impl NodeImages {
             username: c.username.clone(),
             password: c.password.clone(),
         });
-        let (image, layers) = match self.store.resolve(reference) {
-            Ok(image) => {
+        let stored = match self.store.resolve(reference) {
+            Ok(image) => Some(image),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(fail(e)),
+        };
+        let stored = match (stored, policy) {
+            (None, ImagePullPolicy::Never) => {
+                return Err(PullError::NotPresent {
+                    reference: reference.to_string(),
+                })
+            }
+            (None, _) => None,
+            // The registry's digest now, asked with these credentials (which checks their
+            // access too): the stored image serves only while it is that one.
+            (Some(image), ImagePullPolicy::Always) => {
+                let current = warren_image::pull::resolve_digest(reference, credentials.as_ref())
+                    .await
+                    .map_err(fail)?;
+                (self.stored_digest(reference).as_deref() == Some(current.as_str()))
+                    .then_some(image)
+            }
+            (Some(image), _) => {
                 if self.is_private(reference) {
-                    warren_image::pull::resolve_digest(reference, credentials.as_ref())
-                        .await
-                        .map_err(|e| PullError {
-                            reference: reference.to_string(),
-                            source: ImageError::Registry {
-                                registry: crate::registry_auth::registry_of(reference)
-                                    .unwrap_or_default(),
-                                message: format!(
-                                    "the node holds this private image from another pull, and \
-                                     serves it only to a Sandbox whose imagePullSecrets the \
-                                     registry lets read it; asking the registry failed: {e}"
-                                ),
-                            },
-                        })?;
+                    self.check_access(reference, credentials.as_ref()).await?;
                 }
+                Some(image)
+            }
+        };
+        let (image, layers) = match stored {
+            Some(image) => {
                 // An image of the store (an earlier pull, a commit on this node): unpack what
                 // is not unpacked yet, no registry.
                 let (store, img) = (self.store.clone(), image.clone());
@@ -144,7 +162,7 @@ impl NodeImages {
                 .map_err(fail)?;
                 (image, dirs)
             }
-            Err(e) if e.is_not_found() => {
+            None => {
                 self.pulls.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(image = %reference, "pulling image into the node's store");
                 if credentials.is_some() {
@@ -157,6 +175,7 @@ impl NodeImages {
                         })
                     })?;
                 }
+                // Layers already stored (an earlier digest of the tag) are not downloaded again.
                 let imported = warren_image::pull::pull(
                     &self.store,
                     reference,
@@ -168,7 +187,6 @@ impl NodeImages {
                 .map_err(fail)?;
                 (imported.image, imported.layer_dirs)
             }
-            Err(e) => return Err(fail(e)),
         };
         let (env, workdir, user, start_command) =
             warren_core::image_templates::from_run_config(image.config.config.as_ref());
@@ -190,6 +208,39 @@ impl NodeImages {
             workdir,
             start_command,
         })
+    }
+
+    /// Whether the registry answers `reference`'s manifest to `credentials`: the condition to
+    /// serve a private image from the store.
+    async fn check_access(
+        &self,
+        reference: &str,
+        credentials: Option<&warren_image::pull::Credentials>,
+    ) -> Result<(), PullError> {
+        warren_image::pull::resolve_digest(reference, credentials)
+            .await
+            .map(|_| ())
+            .map_err(|e| PullError::Pull {
+                reference: reference.to_string(),
+                source: ImageError::Registry {
+                    registry: crate::registry_auth::registry_of(reference).unwrap_or_default(),
+                    message: format!(
+                        "the node holds this private image from another pull, and serves it \
+                         only to a Sandbox whose imagePullSecrets the registry lets read it; \
+                         asking the registry failed: {e}"
+                    ),
+                },
+            })
+    }
+
+    /// The digest of what the store names `reference` (a manifest or an index, as pulled).
+    fn stored_digest(&self, reference: &str) -> Option<String> {
+        self.store
+            .refs()
+            .ok()?
+            .into_iter()
+            .find(|(r, _)| r == reference)
+            .map(|(_, d)| d.digest)
     }
 
     fn private_mark(&self, reference: &str) -> PathBuf {

@@ -302,7 +302,11 @@ impl NodeAgent for LocalAgent {
         let image = match &req.image {
             Some(reference) => Some(
                 self.images
-                    .get(reference, req.registry_credentials.as_ref())
+                    .get(
+                        reference,
+                        req.registry_credentials.as_ref(),
+                        req.image_pull_policy.unwrap_or_default(),
+                    )
                     .await
                     .map_err(|e| failed(node, IMAGE_PULL_FAILED, e.to_string()))?,
             ),

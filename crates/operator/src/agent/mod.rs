@@ -92,6 +92,9 @@ pub struct CreateRequest {
     /// `Debug`, never logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_credentials: Option<crate::registry_auth::RegistryCredentials>,
+    /// When to ask the registry for `image`; unset: `IfNotPresent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<crate::crd::ImagePullPolicy>,
 }
 
 fn is_zero(n: &u64) -> bool {
