@@ -153,36 +153,46 @@ async fn an_evicted_pod_is_not_recreated_under_a_claimed_sandbox() {
 }
 
 #[tokio::test]
-async fn a_pool_replaces_a_member_lost_with_its_node() {
-    let (ctx, mut api) = mock();
-    let s = set(2, 1);
-    let rev = revision(&member_spec(&s.spec));
-    let task = run(reconcile_sandbox_set(Arc::new(s.clone()), ctx)).await;
-    let ok = member(&s, "m0", &rev, "2026-01-01T00:00:00Z");
-    let mut gone = member(&s, "m1", &rev, "2026-01-01T00:00:01Z");
-    gone["status"] = json!({"phase": "Failed", "conditions": [serde_json::to_value(Condition {
-        type_: "Ready".into(), status: "False".into(), reason: "NodeLost".into(),
-        message: "node node-a no longer exists".into(),
+/// A member lost with its node, or one whose sandbox failed to start (kept a while for its
+/// reason to be seen), is deleted and a new one made.
+async fn a_pool_replaces_a_member_lost_with_its_node_or_failed_to_start() {
+    for (reason, message) in [
+        ("NodeLost", "node node-a no longer exists"),
+        (
+            "SandboxStartFailed",
+            "the node agent could not start the sandbox: no cgroup",
+        ),
+    ] {
+        let (ctx, mut api) = mock();
+        let s = set(2, 1);
+        let rev = revision(&member_spec(&s.spec));
+        let task = run(reconcile_sandbox_set(Arc::new(s.clone()), ctx)).await;
+        let ok = member(&s, "m0", &rev, "2026-01-01T00:00:00Z");
+        let mut gone = member(&s, "m1", &rev, "2026-01-01T00:00:01Z");
+        gone["status"] = json!({"phase": "Failed", "conditions": [serde_json::to_value(Condition {
+        type_: "Ready".into(), status: "False".into(), reason: reason.into(),
+        message: message.into(),
         last_transition_time: "2026-01-01T00:01:00Z".into(), observed_generation: Some(1)}).unwrap()]});
-    let call = api.expect("GET", SANDBOXES).await;
-    call.ok(crate::mock::list(vec![ok, gone]));
-    let call = api.expect("DELETE", &format!("{SANDBOXES}/m1")).await;
-    assert_eq!(call.body["preconditions"]["resourceVersion"], "rv-m1");
-    call.ok(json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 200}));
-    let call = api.expect("POST", SANDBOXES).await;
-    assert_eq!(call.body["metadata"]["generateName"], "pool-");
-    let mut created = call.body.clone();
-    created["metadata"]["name"] = "pool-new".into();
-    call.reply(201, created);
-    let call = api
-        .expect(
-            "PATCH",
-            "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxsets/pool/status",
-        )
-        .await;
-    assert_eq!(call.body["status"]["replicas"], 1, "{}", call.body);
-    call.ok(serde_json::to_value(&s).unwrap());
-    task.await.unwrap().unwrap();
+        let call = api.expect("GET", SANDBOXES).await;
+        call.ok(crate::mock::list(vec![ok, gone]));
+        let call = api.expect("DELETE", &format!("{SANDBOXES}/m1")).await;
+        assert_eq!(call.body["preconditions"]["resourceVersion"], "rv-m1");
+        call.ok(json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 200}));
+        let call = api.expect("POST", SANDBOXES).await;
+        assert_eq!(call.body["metadata"]["generateName"], "pool-");
+        let mut created = call.body.clone();
+        created["metadata"]["name"] = "pool-new".into();
+        call.reply(201, created);
+        let call = api
+            .expect(
+                "PATCH",
+                "/apis/warren.dev/v1alpha1/namespaces/testns/sandboxsets/pool/status",
+            )
+            .await;
+        assert_eq!(call.body["status"]["replicas"], 1, "{}", call.body);
+        call.ok(serde_json::to_value(&s).unwrap());
+        task.await.unwrap().unwrap();
+    }
 }
 
 #[tokio::test]

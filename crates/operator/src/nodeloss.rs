@@ -37,14 +37,35 @@ pub fn is_lost(status: Option<&SandboxStatus>) -> bool {
     })
 }
 
+/// How long a pool member whose sandbox could not start is kept (its conditions and Warning
+/// event say why) before its set replaces it; with a set's 30 s recheck, also the pace of
+/// replacements when every start fails.
+pub const FAILED_START_KEPT_FOR: Duration = Duration::from_secs(30);
+
 /// True when an unclaimed pool member can never become ready again and should be replaced: lost
-/// with its node or Pod, or its Pod ended (evicted).
-pub fn is_replaceable(status: Option<&SandboxStatus>) -> bool {
-    is_lost(status)
-        || status.is_some_and(|s| {
-            s.phase == SandboxPhase::Failed
-                && conditions::find(&s.conditions, "Ready").is_some_and(|c| c.reason == "PodFailed")
-        })
+/// with its node or Pod, its Pod ended (evicted), or its sandbox failed to start at least
+/// [`FAILED_START_KEPT_FOR`] before `now` (a failed start is final for a Sandbox; a pull that
+/// failed is not, it is retried).
+pub fn is_replaceable(status: Option<&SandboxStatus>, now: Timestamp) -> bool {
+    let Some(s) = status else {
+        return false;
+    };
+    if is_lost(status) {
+        return true;
+    }
+    if s.phase != SandboxPhase::Failed {
+        return false;
+    }
+    match conditions::find(&s.conditions, "Ready") {
+        Some(c) if c.reason == "PodFailed" => true,
+        Some(c) if c.reason == "SandboxStartFailed" => c
+            .last_transition_time
+            .parse::<Timestamp>()
+            .is_ok_and(|since| {
+                now.duration_since(since).as_secs_f64() >= FAILED_START_KEPT_FOR.as_secs_f64()
+            }),
+        _ => false,
+    }
 }
 
 /// Whether the Pod's state is worth a look at its Node: it is placed, and either its phase is
@@ -193,6 +214,45 @@ mod tests {
         assert!(
             matches!(node_health("n1", None, now, after), NodeHealth::Lost(m) if m.contains("no longer exists"))
         );
+    }
+
+    #[test]
+    fn a_failed_start_is_replaced_once_it_was_kept_a_while() {
+        let status = |reason: &str, since: &str| SandboxStatus {
+            phase: SandboxPhase::Failed,
+            conditions: vec![conditions::condition(
+                &[],
+                "Ready",
+                false,
+                reason,
+                "why",
+                Some(1),
+                since,
+            )],
+            ..Default::default()
+        };
+        let now: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+        let young = status("SandboxStartFailed", "2026-01-01T00:09:45Z");
+        let old = status("SandboxStartFailed", "2026-01-01T00:09:30Z");
+        assert!(!is_replaceable(Some(&young), now), "kept to be seen");
+        assert!(is_replaceable(Some(&old), now));
+        assert!(is_replaceable(
+            Some(&status("PodFailed", "2026-01-01T00:09:59Z")),
+            now
+        ));
+        assert!(is_replaceable(
+            Some(&status(NODE_LOST, "2026-01-01T00:09:59Z")),
+            now
+        ));
+        // Not final: an invalid spec waits for a fix, a pull is retried.
+        assert!(!is_replaceable(
+            Some(&status("InvalidSpec", "2026-01-01T00:00:00Z")),
+            now
+        ));
+        let mut pulling = status("ImagePullBackOff", "2026-01-01T00:00:00Z");
+        pulling.phase = SandboxPhase::Pending;
+        assert!(!is_replaceable(Some(&pulling), now));
+        assert!(!is_replaceable(None, now));
     }
 
     #[test]

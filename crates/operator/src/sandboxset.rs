@@ -17,6 +17,7 @@ use crate::crd::{
 use crate::error::{is_conflict, is_not_found};
 use crate::{Error, FIELD_MANAGER, LABEL_CLAIMED, LABEL_SANDBOX_SET, LABEL_TEMPLATE_HASH};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -279,7 +280,7 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
                 .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
         })
         .filter(|s| s.meta().deletion_timestamp.is_none())
-        .partition(|s| crate::nodeloss::is_replaceable(s.status.as_ref()));
+        .partition(|s| crate::nodeloss::is_replaceable(s.status.as_ref(), Timestamp::now()));
     let members: Vec<Member> = owned.into_iter().map(member_view).collect();
     let p = plan(
         set.spec.replicas,
@@ -291,8 +292,8 @@ pub async fn reconcile(set: Arc<SandboxSet>, ctx: &Context) -> Result<Action, Er
 
     let mut conflicts = 0;
     let mut failure: Option<String> = None;
-    // Members lost with their node or Pod never come back: replace them (the plan above already
-    // does not count them). Guarded by resourceVersion like every other member delete.
+    // Members lost with their node or Pod, or whose sandbox failed to start a while ago, never
+    // come back: replace them (the plan above already does not count them). Guarded by resourceVersion like every other member delete.
     let lost: Vec<Member> = lost.into_iter().map(member_view).collect();
     for m in lost.iter().chain(&p.delete) {
         let dp = DeleteParams {
