@@ -17,6 +17,7 @@ packages=(
   skopeo           # tests: pushes test images to a registry; inspects images Warren writes
   docker-registry  # tests: a real registry on loopback (pull with auth)
   apache2-utils    # tests: htpasswd for that registry
+  openssl          # tests: a CA and certificates for the node agent's TLS
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -271,6 +271,8 @@ struct NodeAgentArgs {
     /// serve --sandbox-disk-mb`); 0: no caps.
     #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
     sandbox_disk_mb: u64,
+    #[command(flatten)]
+    tls: warren_operator::agent::server::TlsArgs,
 }
 
 async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
@@ -298,6 +300,7 @@ async fn node_agent(a: NodeAgentArgs) -> anyhow::Result<()> {
             token,
             cluster_cidrs: a.cluster_cidr.into_iter().chain(a.service_cidr).collect(),
             sandbox_disk_mb: a.sandbox_disk_mb,
+            tls: a.tls.files()?,
         },
     )
     .await

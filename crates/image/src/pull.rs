@@ -78,8 +78,9 @@ fn client_for(reference: &Reference) -> Client {
     })
 }
 
-/// The error message of `e` with its causes (reqwest hides "connection refused" two levels down).
-fn chain(e: &dyn std::error::Error) -> String {
+/// The error message of `e` with its causes (reqwest hides "connection refused" two levels down,
+/// hyper a TLS verification failure).
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

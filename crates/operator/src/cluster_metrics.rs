@@ -191,7 +191,9 @@ pub(super) fn agent_from_env(client: kube::Client) -> anyhow::Result<Option<Arc<
     let mut agent = crate::agent::http::HttpNodeAgent::new(
         crate::agent::http::AgentAddress::NodeInternalIp { client, port },
         Some(token),
-    );
+    )
+    .with_ca_from_env()
+    .context("the node agents' CA (WARREN_NODE_AGENT_CA_FILE)")?;
     // A metrics read, not a dump: answer or fail fast.
     agent.timeout = std::time::Duration::from_secs(10);
     Ok(Some(Arc::new(agent)))

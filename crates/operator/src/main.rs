@@ -54,6 +54,8 @@ enum Command {
         /// `warren serve --sandbox-disk-mb`); 0: no caps.
         #[arg(long, env = "WARREN_SANDBOX_DISK_MB", default_value_t = 1024)]
         sandbox_disk_mb: u64,
+        #[command(flatten)]
+        tls: warren_operator::agent::server::TlsArgs,
     },
     /// Serve the E2B API and sandbox router in cluster mode, with state in the Sandbox custom
     /// resources (the same as `warren serve --cluster`).
@@ -100,6 +102,10 @@ enum Command {
         /// File with the bearer token the node agents require (a mounted Secret).
         #[arg(long, env = "WARREN_NODE_AGENT_TOKEN_FILE")]
         node_agent_token_file: Option<PathBuf>,
+        /// PEM file of the CA that issued the node agents' certificate (name
+        /// `warren-node-agent`): call them over https only. Unset: plain HTTP.
+        #[arg(long, env = "WARREN_NODE_AGENT_CA_FILE")]
+        node_agent_ca_file: Option<PathBuf>,
         /// File with the key of sandboxes' envd access tokens (a Secret shared with the API).
         #[arg(long, env = "WARREN_ENVD_KEY_FILE")]
         envd_key_file: Option<PathBuf>,
@@ -188,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
             cluster_cidr,
             service_cidr,
             sandbox_disk_mb,
+            tls,
         } => {
             warren_operator::agent::server::serve_node_agent(
                 warren_operator::agent::server::NodeAgentOptions {
@@ -198,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
                     token: read_token(token_file.as_deref())?,
                     cluster_cidrs: cluster_cidr.into_iter().chain(service_cidr).collect(),
                     sandbox_disk_mb,
+                    tls: tls.files()?,
                 },
             )
             .await?;
@@ -225,6 +233,7 @@ async fn main() -> anyhow::Result<()> {
             node_lost_after,
             node_agent_port,
             node_agent_token_file,
+            node_agent_ca_file,
             envd_key_file,
             sandbox_disk_mb,
             leader_election,
@@ -260,6 +269,15 @@ async fn main() -> anyhow::Result<()> {
                 },
                 token,
             );
+            let agent = match &node_agent_ca_file {
+                Some(ca) => agent.with_ca_file(ca)?,
+                None => {
+                    tracing::warn!(
+                        "no --node-agent-ca-file: the node agents are called over plain HTTP"
+                    );
+                    agent
+                }
+            };
             let ctx = Context::with_agent(client, pods, Some(std::sync::Arc::new(agent)));
             if leader_election {
                 let identity = match identity {

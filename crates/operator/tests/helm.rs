@@ -180,6 +180,9 @@ fn chart_renders_to_valid_manifests() {
     let op_envd_key = pod.volumes.clone().unwrap()[1].secret.clone().unwrap();
     assert!(args.contains(&"--envd-key-file=/run/secrets/warren-envd/key".to_string()));
     assert!(args.contains(&"--node-agent-token-file=/run/secrets/warren/token".to_string()));
+    // It calls the agents over https, holding only their CA.
+    assert!(args.contains(&"--node-agent-ca-file=/run/secrets/warren-tls/ca.crt".to_string()));
+    assert_only_the_ca(&pod.volumes.clone().unwrap(), "node-agent-ca");
 
     // The node agent: privileged, in the host's pid namespace (Pods' processes in /proc), on the
     // host network at the port the operator calls, its data dir on the node, no API token.
@@ -232,6 +235,32 @@ fn chart_renders_to_valid_manifests() {
     );
     let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
     assert!(env.contains(&"NODE_NAME".into()));
+    // The agent serves https with the whole TLS Secret (certificate and key), and is probed so.
+    for flag in [
+        "--tls-cert-file=/run/secrets/warren-tls/tls.crt",
+        "--tls-key-file=/run/secrets/warren-tls/tls.key",
+    ] {
+        assert!(agent_args.contains(&flag.to_string()), "{flag}");
+    }
+    let tls = volumes.iter().find(|v| v.name == "tls").unwrap();
+    let tls = tls.secret.clone().unwrap();
+    assert_eq!(tls.secret_name.as_deref(), Some("warren-node-agent-tls"));
+    assert!(tls.items.is_none(), "the agent gets its key");
+    let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(probe.scheme.as_deref(), Some("HTTPS"));
+}
+
+/// `volumes` mounts, of the agents' TLS Secret, only `ca.crt`, as volume `name`.
+fn assert_only_the_ca(volumes: &[k8s_openapi::api::core::v1::Volume], name: &str) {
+    let ca = volumes.iter().find(|v| v.name == name).expect(name);
+    let secret = ca.secret.clone().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("warren-node-agent-tls"));
+    let items = secret.items.expect("only some keys");
+    assert_eq!(items.len(), 1);
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("ca.crt", "ca.crt")
+    );
 }
 
 #[test]
@@ -373,9 +402,19 @@ fn api_deployment_serves_cluster_mode_with_namespaced_least_privilege() {
         [
             "warren-api-key",
             "warren-envd-key",
-            "warren-node-agent-metrics-token"
+            "warren-node-agent-metrics-token",
+            "warren-node-agent-tls"
         ]
     );
+    // Of the agents' TLS Secret, only the CA: the API calls them over https.
+    assert_only_the_ca(&volumes, "node-agent-ca");
+    assert!(c
+        .env
+        .clone()
+        .unwrap()
+        .iter()
+        .any(|e| e.name == "WARREN_NODE_AGENT_CA_FILE"
+            && e.value.as_deref() == Some("/run/secrets/warren-tls/ca.crt")));
     let metrics = volumes.iter().find(|v| v.name == "metrics-token").unwrap();
     assert_eq!(metrics.secret.as_ref().unwrap().optional, Some(true));
     let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();

@@ -1,5 +1,6 @@
-//! The operator's client of the node agents: plain HTTP/1.1 with JSON bodies to the agent on the
-//! sandbox's node, authenticated with a shared bearer token. The agent's address is the node's
+//! The operator's client of the node agents: HTTP/1.1 with JSON bodies to the agent on the
+//! sandbox's node, authenticated with a shared bearer token, over TLS once a CA is configured
+//! ([`HttpNodeAgent::with_ca_file`], see [`super::tls`]). The agent's address is the node's
 //! `InternalIP` and the agent's host port (the DaemonSet uses `hostNetwork`), read from the Node
 //! object, or one fixed URL (one node, tests).
 
@@ -7,12 +8,17 @@ use super::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Node;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
+
+/// The environment variable naming the node agents' CA file, for callers configured by
+/// environment (the API's metrics reads; the operator's `--node-agent-ca-file`).
+pub const CA_FILE_ENV: &str = "WARREN_NODE_AGENT_CA_FILE";
 
 /// Where the agent of a node listens.
 #[derive(Clone)]
@@ -24,7 +30,9 @@ pub enum AgentAddress {
 }
 
 pub struct HttpNodeAgent {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `https` once a CA is configured.
+    scheme: &'static str,
     address: AgentAddress,
     token: Option<String>,
     /// Limit of one call; creates wait for envd, dumps for CRIU.
@@ -34,10 +42,27 @@ pub struct HttpNodeAgent {
 impl HttpNodeAgent {
     pub fn new(address: AgentAddress, token: Option<String>) -> Self {
         HttpNodeAgent {
-            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            http: Client::builder(TokioExecutor::new()).build(super::tls::plain_connector()),
+            scheme: "http",
             address,
             token,
             timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Speaks only https to the agents, trusting only the CA in the PEM file `ca` (a fixed URL
+    /// must then be `https://`).
+    pub fn with_ca_file(mut self, ca: &std::path::Path) -> Result<Self, super::tls::TlsError> {
+        self.http = Client::builder(TokioExecutor::new()).build(super::tls::client_connector(ca)?);
+        self.scheme = "https";
+        Ok(self)
+    }
+
+    /// [`with_ca_file`](Self::with_ca_file) with `WARREN_NODE_AGENT_CA_FILE` when it is set.
+    pub fn with_ca_from_env(self) -> Result<Self, super::tls::TlsError> {
+        match std::env::var_os(CA_FILE_ENV) {
+            Some(ca) if !ca.is_empty() => self.with_ca_file(std::path::Path::new(&ca)),
+            _ => Ok(self),
         }
     }
 
@@ -67,7 +92,7 @@ impl HttpNodeAgent {
                 } else {
                     ip
                 };
-                Ok(format!("http://{host}:{port}"))
+                Ok(format!("{}://{host}:{port}", self.scheme))
             }
         }
     }
@@ -96,11 +121,9 @@ impl HttpNodeAgent {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| unreachable(format!("bad request {method} {url}: {e}")))?;
         let exchange = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| unreachable(format!("{method} {url}: {e}")))?;
+            let resp = self.http.request(req).await.map_err(|e| {
+                unreachable(format!("{method} {url}: {}", warren_image::pull::chain(&e)))
+            })?;
             let status = resp.status();
             let bytes = resp
                 .into_body()

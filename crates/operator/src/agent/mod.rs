@@ -20,6 +20,7 @@ pub mod local;
 mod local_fork;
 pub mod network;
 pub mod server;
+pub mod tls;
 
 pub use network::{EgressSpec, NetworkUpdateRequest};
 

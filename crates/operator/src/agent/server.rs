@@ -235,6 +235,89 @@ pub struct NodeAgentOptions {
     pub cluster_cidrs: Vec<String>,
     /// Disk cap of sandboxes whose Sandbox names no ephemeral-storage, in MiB; 0: none.
     pub sandbox_disk_mb: u64,
+    /// Serve https with this certificate chain and key (PEM files); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The node agent's TLS flags (`warren-operator node-agent`, `warren node-agent`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM certificate chain the agent serves https with (a `kubernetes.io/tls` Secret's
+    /// `tls.crt`; it must name `warren-node-agent`, which callers verify). Unset: plain HTTP.
+    #[arg(
+        long,
+        env = "WARREN_NODE_AGENT_TLS_CERT_FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its PEM private key (`tls.key`).
+    #[arg(
+        long,
+        env = "WARREN_NODE_AGENT_TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(self) -> anyhow::Result<Option<TlsFiles>> {
+        match (self.tls_cert_file, self.tls_key_file) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("--tls-cert-file and --tls-key-file go together"),
+        }
+    }
+}
+
+/// The node agent's certificate chain and key (PEM), e.g. a `kubernetes.io/tls` Secret's.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` completes. A client that fails the
+/// handshake is dropped (logged), never answered in plain text.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "node agent: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "node agent: TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await
+            {
+                tracing::debug!(%peer, error = %e, "node agent: connection ended");
+            }
+        });
+    }
 }
 
 /// Serves the node agent ([`super::local::LocalAgent`]) until SIGTERM or SIGINT (`warren
@@ -277,6 +360,14 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
             anyhow::anyhow!("sandbox disk caps (--sandbox-disk-mb) cannot work on this node: {why}; --sandbox-disk-mb 0 runs without them")
         })?;
     }
+    // Read before anything starts: a bad certificate is a start-up error, not a first-call one.
+    let tls = match &o.tls {
+        Some(f) => Some(super::tls::server_config(&f.cert, &f.key)?),
+        None => {
+            tracing::warn!("no --tls-cert-file: the node agent serves plain HTTP, and creates and commits carry tokens and registry credentials");
+            None
+        }
+    };
     let agent = super::local::LocalAgent::new(o.data_dir.clone(), envd)
         .await
         .context("starting the node agent's runtime")?
@@ -285,22 +376,27 @@ pub async fn serve_node_agent(o: NodeAgentOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&o.listen)
         .await
         .with_context(|| format!("listening on {}", o.listen))?;
-    tracing::info!(listen = %o.listen, node = %o.node_name, data_dir = %o.data_dir.display(), "warren node agent serving");
+    tracing::info!(listen = %o.listen, node = %o.node_name, data_dir = %o.data_dir.display(), tls = tls.is_some(), "warren node agent serving");
     let metrics_token = metrics_token_from_env()?;
     let app = router_with_metrics_token(Arc::new(agent), o.node_name, o.token, metrics_token);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            // kubelet stops the DaemonSet's container with SIGTERM.
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await
-        .context("serving the node agent")
+    let shutdown = async {
+        // kubelet stops the DaemonSet's container with SIGTERM.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    match tls {
+        Some(config) => serve_tls(listener, app, config, shutdown).await,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+    .context("serving the node agent")
 }
 
 #[cfg(test)]
@@ -308,6 +404,152 @@ mod tests {
     use super::*;
     use crate::agent::fake::FakeAgent;
     use crate::agent::http::{AgentAddress, HttpNodeAgent};
+
+    /// Issues, with the openssl CLI, a CA (`<tag>-ca.pem`) and a server certificate for DNS name
+    /// `name` signed by it (`<tag>.pem`, `<tag>.key`) in `dir`.
+    fn issue(dir: &std::path::Path, tag: &str, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl runs (scripts/install-deps.sh installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (ca, ca_key) = (format!("{tag}-ca.pem"), format!("{tag}-ca.key"));
+        let (cert, key, csr) = (
+            format!("{tag}.pem"),
+            format!("{tag}.key"),
+            format!("{tag}.csr"),
+        );
+        let ext = format!("{tag}.ext");
+        std::fs::write(
+            dir.join(&ext),
+            format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n"),
+        )
+        .unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+        ]);
+        run(&a);
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=agent"]);
+        run(&a);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ]);
+        (dir.join(ca), dir.join(cert), dir.join(key))
+    }
+
+    /// Over TLS: a caller with the agents' CA reaches the agent at its IP (verifying the name
+    /// `warren-node-agent`); a plain-HTTP caller, a caller of another CA, an http URL with a CA
+    /// configured, and a certificate for another name all fail, and the agent never sees those
+    /// calls.
+    #[tokio::test]
+    async fn over_tls_only_callers_of_the_agents_ca_get_through() {
+        let dir = std::env::temp_dir().join(format!("warren-agent-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, cert, key) = issue(&dir, "good", crate::agent::tls::AGENT_TLS_NAME);
+        let (other_ca, _, _) = issue(&dir, "other", crate::agent::tls::AGENT_TLS_NAME);
+        let (same_ca_wrong_name, wrong_cert, wrong_key) = issue(&dir, "misnamed", "not-the-agent");
+        let serve = |cert: PathBuf, key: PathBuf| {
+            let fake = Arc::new(FakeAgent::default());
+            let app = router(fake.clone(), "node-a".into(), Some("s3cret".into()));
+            let config = crate::agent::tls::server_config(&cert, &key).expect("server config");
+            async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                tokio::spawn(serve_tls(listener, app, config, std::future::pending()));
+                (fake, addr)
+            }
+        };
+        let (fake, addr) = serve(cert, key).await;
+        let client =
+            |url: String| HttpNodeAgent::new(AgentAddress::Fixed(url), Some("s3cret".into()));
+
+        let good = client(format!("https://{addr}")).with_ca_file(&ca).unwrap();
+        good.pause("n", "abc").await.expect("a call over TLS");
+        assert_eq!(fake.calls(), vec!["pause node-a abc"]);
+
+        let refused = [
+            (
+                "plain http to a TLS agent",
+                client(format!("http://{addr}")),
+            ),
+            (
+                "another CA",
+                client(format!("https://{addr}"))
+                    .with_ca_file(&other_ca)
+                    .unwrap(),
+            ),
+            (
+                "http with a CA configured",
+                client(format!("http://{addr}")).with_ca_file(&ca).unwrap(),
+            ),
+        ];
+        for (what, c) in refused {
+            let e = c.pause("n", "abc").await.unwrap_err();
+            assert!(matches!(e, AgentError::Unreachable { .. }), "{what}: {e}");
+            eprintln!("{what}: {e}");
+        }
+        // The misnamed certificate's own CA trusts it, but the name is not the agent's.
+        let (_, addr2) = serve(wrong_cert, wrong_key).await;
+        let e = client(format!("https://{addr2}"))
+            .with_ca_file(&same_ca_wrong_name)
+            .unwrap()
+            .pause("n", "abc")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        assert_eq!(fake.calls().len(), 1, "no refused call reached the agent");
+
+        // Bad files are errors that name them.
+        let e = crate::agent::tls::server_config(&dir.join("nope.pem"), &dir.join("nope.key"))
+            .unwrap_err();
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+        let e = HttpNodeAgent::new(AgentAddress::Fixed(String::new()), None)
+            .with_ca_file(&dir.join("good.ext"))
+            .err()
+            .expect("not a CA");
+        assert!(e.to_string().contains("good.ext"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// The client and the server agree on every call, errors keep their kind across the wire,
     /// and the token is enforced (real HTTP on loopback).
