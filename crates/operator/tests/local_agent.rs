@@ -457,6 +457,12 @@ async fn sandbox_in_a_pod_through_the_agent_interface() {
         ));
         agent.wake(NODE, &id).await.expect("the wake the crash cuts");
         let unrecorded = agent.create(NODE, &req).await.unwrap().init_pid.unwrap();
+        // The cut tree counts on for a while (so that the hibernation's counter, resumed below,
+        // visibly steps back to where the images froze it).
+        let cut_at = numbers(&read_in_sandbox(unrecorded, "/tmp/count")).len();
+        wait_for("the unrecorded tree to count", || {
+            numbers(&read_in_sandbox(unrecorded, "/tmp/count")).len() > cut_at + 2
+        });
         // The agent dies here (it is replaced below).
         sh(&format!(
             "cp -a {s}/checkpoint {d}/ && cp -a {s}/pod.json {d}/ && touch {d}/netns \
