@@ -27,7 +27,9 @@ def test_pause_then_connect_resumes_files_and_processes(daemon, new_sandbox):
     sbx.files.write("/home/user/keep.txt", "kept across pause")
     sleeper = sbx.commands.run("sleep 600", background=True)
     sbx.commands.run(
-        "i=0; while true; do i=$((i+1)); echo $i > /home/user/counter; sleep 0.1; done",
+        # Written aside and renamed: a read never sees the file truncated and still empty.
+        "i=0; while true; do i=$((i+1)); echo $i > /home/user/counter.new; "
+        "mv /home/user/counter.new /home/user/counter; sleep 0.1; done",
         background=True,
     )
     assert sbx.commands.run("sleep 0.5; cat /home/user/counter").exit_code == 0
