@@ -196,6 +196,27 @@ def test_an_image_in_use_is_replaced_and_its_sandboxes_keep_their_layers(daemon,
     assert daemon.request("DELETE", f"/warren/v1/commits/{c2['metadata']['name']}").status == 204
 
 
+def test_deleting_a_template_that_a_hibernated_sandbox_uses(daemon, new_sandbox):
+    """A template can be deleted while sandboxes use it: new creates fail, a hibernated sandbox
+    on it wakes on the layers it started on."""
+    src = new_sandbox()
+    src.commands.run("echo one > /home/user/which", user="root")
+    c = wait_done(daemon, commit(daemon, src.sandbox_id, "local/doomed:v1")["metadata"]["name"])
+    assert c["status"]["phase"] == "Succeeded", c
+    on = new_sandbox(template="local/doomed:v1")
+    r = daemon.request("POST", f"/warren/v1/sandboxes/{on.sandbox_id}/hibernate")
+    assert r.status == 200, (r.status, r.body)
+    r = daemon.request("DELETE", "/warren/v1/templates/local%2Fdoomed:v1")
+    assert r.status == 204, (r.status, r.body)
+    assert daemon.request("GET", "/warren/v1/templates/local%2Fdoomed:v1").status == 404
+    r = daemon.request("POST", "/sandboxes", {"templateID": "local/doomed:v1"})
+    assert r.status == 404, (r.status, r.body)
+    on.connect()
+    assert on.commands.run("cat /home/user/which").stdout == "one\n"
+    on.kill()
+    daemon.request("DELETE", f"/warren/v1/commits/{c['metadata']['name']}")
+
+
 def test_commit_of_a_hibernated_sandbox(daemon, new_sandbox):
     """A hibernated sandbox has no process to freeze: its upper dir on disk is committed as it
     is, and it stays hibernated until it is woken."""

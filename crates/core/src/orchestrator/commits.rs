@@ -482,8 +482,8 @@ impl Warren {
                         }
             });
             if ours {
-                // In use by a sandbox or a pool: the template (and so its layers) stays until
-                // it is deleted by hand.
+                // A pool's template stays until it is deleted by hand; sandboxes on it keep
+                // their layers either way.
                 if let Err(e) = self.delete_template(&c.spec.image).await {
                     tracing::warn!(commit = %c.metadata.name, error = %e, "template of the commit kept");
                 }

@@ -804,7 +804,7 @@ impl Warren {
             }
         }
         for tag in tags {
-            self.untag_template(&e2b_tags::template_name(name, tag))
+            self.delete_template(&e2b_tags::template_name(name, tag))
                 .await?;
         }
         Ok(())

@@ -633,21 +633,12 @@ impl Warren {
         Ok(())
     }
 
-    /// Deletes an image or rootfs template (or forgets a failed build), refused while a sandbox
-    /// or a pool uses it. Its image leaves the store index and unreferenced layers are
-    /// collected.
+    /// Deletes an image or rootfs template (or forgets a failed build), refused while a pool
+    /// makes members of it. Sandboxes that run on it (also paused, hibernated, or stacked by a
+    /// checkpoint) keep their layers, as after a rebuild: image gc spares the layers in use, and
+    /// they go when the last of those ends. Its image leaves the store index and unreferenced
+    /// layers are collected.
     pub async fn delete_template(&self, name: &str) -> Result<(), CoreError> {
-        self.remove_template(name, true).await
-    }
-
-    /// Removes tag template `name` (see [`crate::e2b_tags`]): refused while a pool makes
-    /// members of it, not while sandboxes run on it (they keep their layers, as after a
-    /// rebuild).
-    pub async fn untag_template(&self, name: &str) -> Result<(), CoreError> {
-        self.remove_template(name, false).await
-    }
-
-    async fn remove_template(&self, name: &str, refuse_in_use: bool) -> Result<(), CoreError> {
         let images = &self.templates.images;
         if images.get(name).is_none() {
             let mut builds = images.builds.write().unwrap_or_else(|e| e.into_inner());
@@ -676,24 +667,6 @@ impl Warren {
             return Err(CoreError::Conflict(format!(
                 "template {name} is used by pool(s) {}; delete them first",
                 pools.join(", ")
-            )));
-        }
-        let users: Vec<String> = self
-            .store
-            .list_all()
-            .await?
-            .into_iter()
-            .filter(|r| {
-                r.template_id == name
-                    && !matches!(r.state, SandboxState::Killed | SandboxState::Failed)
-            })
-            .map(|r| r.id)
-            .collect();
-        if refuse_in_use && !users.is_empty() {
-            return Err(CoreError::Conflict(format!(
-                "template {name} is used by {} sandbox(es) ({}); kill them first",
-                users.len(),
-                users.join(", ")
             )));
         }
         let removed = images
