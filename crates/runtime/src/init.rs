@@ -812,6 +812,13 @@ fn set_capabilities(mask: u64) -> Result<(), InitError> {
 /// the sandbox's mount namespace to dump it, and the host path it was started from is not there.
 pub const IN_SANDBOX_BINARY: &str = "/.warren/init";
 
+/// Beside it: the host's ELF interpreter (as `ld.so`) and the init binary's shared libraries.
+/// An image without them (busybox) cannot exec the binary directly; it is run through this
+/// loader instead, so that every file mapped into PID 1 is still inside the sandbox.
+pub const IN_SANDBOX_LIBS: &str = "/.warren/lib";
+/// The loader in [`IN_SANDBOX_LIBS`].
+pub const IN_SANDBOX_LOADER: &str = "/.warren/lib/ld.so";
+
 /// The `init` argument that marks the second stage, after the re-exec from [`IN_SANDBOX_BINARY`]:
 /// `init --continue <status fd> <spec fd>`.
 const CONTINUE_ARG: &str = "--continue";
@@ -853,7 +860,30 @@ fn exec_in_sandbox(spec: &InitSpec, ready: &ReadyPipe) -> InitError {
     // SAFETY: path and argv are valid NUL-terminated strings, argv is NULL-terminated; the
     // environment is inherited unchanged.
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
-    let e = err("exec", IN_SANDBOX_BINARY);
+    let mut e = err("exec", IN_SANDBOX_BINARY);
+    if e.source.kind() == std::io::ErrorKind::NotFound
+        && std::path::Path::new(IN_SANDBOX_LOADER).is_file()
+    {
+        // No ELF interpreter in this root: run the binary through the one beside it.
+        let loader_argv: Vec<std::ffi::CString> = [
+            IN_SANDBOX_LOADER,
+            "--library-path",
+            IN_SANDBOX_LIBS,
+            "--argv0",
+            "warren-envd",
+            IN_SANDBOX_BINARY,
+        ]
+        .iter()
+        .map(|a| cstr(*a))
+        .chain(argv.iter().skip(1).cloned())
+        .collect();
+        let mut ptrs: Vec<*const libc::c_char> = loader_argv.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        let loader = cstr(IN_SANDBOX_LOADER);
+        // SAFETY: as above: valid NUL-terminated strings and a NULL-terminated argv.
+        unsafe { libc::execv(loader.as_ptr(), ptrs.as_ptr()) };
+        e = err("exec", IN_SANDBOX_LOADER);
+    }
     // SAFETY: the exec failed, so this process goes on: the memfd is ours to close, and the
     // status pipe must not leak into the processes envd starts.
     unsafe {
@@ -924,9 +954,10 @@ where
         if std::path::Path::new(IN_SANDBOX_BINARY).is_file() {
             // Never returns on success.
             let e = exec_in_sandbox(&spec, &ready);
-            // ENOENT for a file that is there: the sandbox's root lacks the binary's ELF
-            // interpreter (an image without glibc, e.g. busybox). Go on from the host binary as
-            // before the re-exec existed; only CRIU dumps of this sandbox are lost.
+            // ENOENT for a file that is there, and no loader beside it (a layer made without
+            // ldd): the sandbox's root lacks the binary's ELF interpreter (an image without
+            // glibc, e.g. busybox). Go on from the host binary as before the re-exec existed;
+            // only CRIU dumps of this sandbox are lost.
             if e.source.kind() != std::io::ErrorKind::NotFound {
                 ready.fail(&e.to_string());
                 std::process::exit(1);

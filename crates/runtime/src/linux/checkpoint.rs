@@ -1124,13 +1124,16 @@ pub fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Makes the init binary visible to sandboxes as [`crate::init::IN_SANDBOX_BINARY`]: a layer
-/// `<data>/init-layer/<version>/` holding only that file, added on top of every sandbox's
-/// overlay. The version comes from the binary's size and mtime, so a new build gets a new layer
-/// and the layers that sandboxes (running or hibernated) still use are never changed in place.
+/// `<data>/init-layer/<version>/` holding only that file and, in
+/// [`crate::init::IN_SANDBOX_LIBS`], its ELF interpreter and shared libraries (so that it also
+/// runs in images without them, e.g. busybox), added on top of every sandbox's overlay. The
+/// version comes from the binary's size and mtime, so a new build gets a new layer and the
+/// layers that sandboxes (running or hibernated) still use are never changed in place.
 pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, RuntimeError> {
     let meta = std::fs::metadata(binary).map_err(|e| RuntimeError::io("stat", binary, e))?;
+    // `-l`: layers that carry the libraries (older ones hold only the binary).
     let version = format!(
-        "{:x}-{:x}",
+        "{:x}-{:x}-l",
         meta.len(),
         meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64
     );
@@ -1149,9 +1152,59 @@ pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, Run
     let _ = std::fs::remove_file(&tmp);
     // A hard link costs nothing, but a rebuild that rewrites the file in place would then change
     // a lower layer under live overlays; copy instead.
+    let libs = layer.join(
+        crate::init::IN_SANDBOX_LIBS
+            .strip_prefix('/')
+            .expect("absolute path"),
+    );
+    std::fs::create_dir_all(&libs).map_err(|e| RuntimeError::io("mkdir", &libs, e))?;
+    for (name, host) in shared_objects(binary) {
+        let to = libs.join(&name);
+        std::fs::copy(&host, &to).map_err(|e| RuntimeError::io("copy", &host, e))?;
+    }
+    // The binary last: its presence marks the layer complete.
     std::fs::copy(binary, &tmp).map_err(|e| RuntimeError::io("copy", binary, e))?;
     std::fs::rename(&tmp, &inside).map_err(|e| RuntimeError::io("rename", &tmp, e))?;
     Ok(layer)
+}
+
+/// The ELF interpreter (named `ld.so`, see [`crate::init::IN_SANDBOX_LOADER`]) and the shared
+/// libraries of `binary` on this host, as ldd lists them: (file name in the layer, host path).
+/// Empty for a static binary, or when ldd cannot tell (then an image without the libraries
+/// runs init from the host path, and cannot be dumped).
+fn shared_objects(binary: &Path) -> Vec<(String, PathBuf)> {
+    let out = match std::process::Command::new("ldd").arg(binary).output() {
+        Ok(o) if o.status.success() => o.stdout,
+        Ok(_) => return vec![],
+        Err(e) => {
+            tracing::warn!(binary = %binary.display(), error = %e, "ldd: the init layer gets no libraries");
+            return vec![];
+        }
+    };
+    let mut objects = vec![];
+    for line in String::from_utf8_lossy(&out).lines() {
+        let line = line.trim();
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.trim(),
+            None => line,
+        };
+        let path = path.split(" (").next().unwrap_or("").trim();
+        if !path.starts_with('/') {
+            continue;
+        }
+        let host = PathBuf::from(path);
+        let Some(file) = host.file_name().map(|f| f.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        // The interpreter is the line without "=>".
+        let name = if line.contains("=>") {
+            file
+        } else {
+            "ld.so".to_string()
+        };
+        objects.push((name, host));
+    }
+    objects
 }
 
 /// Settles a dump that a daemon crash interrupted. CRIU is deliberately not killed with the
