@@ -1125,6 +1125,21 @@ async fn pod_sandboxes_run_images_pulled_once() {
         assert!(read_in_sandbox(pid, "/etc/hosts").contains("localhost"));
         assert!(read_in_sandbox(pid, "/etc/passwd").contains("user:x:1000"));
 
+        // A sandbox of an image (here one without glibc) hibernates and wakes in its Pod too,
+        // its files still the image's.
+        let hib = agent
+            .hibernate(NODE, &id)
+            .await
+            .expect("hibernate a sandbox of an image without glibc");
+        assert!(hib.size_bytes > 0, "{hib:?}");
+        agent.wake(NODE, &id).await.expect("wake it");
+        let pid = agent.create(NODE, &req).await.unwrap().init_pid.unwrap();
+        wait_for("envd after the wake", || envd_answers(pod.ip));
+        assert_eq!(
+            read_in_sandbox(pid, "/data/hello.txt"),
+            "hello from the image\n"
+        );
+
         // A second create (after a delete) needs no registry: the registry is gone.
         agent.delete(NODE, &id).await.expect("delete");
         drop(reg.take());
