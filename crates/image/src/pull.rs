@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Registry credentials (HTTP basic auth, or the token exchange a registry asks for with them).
-#[derive(Clone, Default)]
+/// Serializable: the operator hands them to a node agent in a request body.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
     pub username: String,
     pub password: String,

@@ -31,9 +31,9 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), String> {
 }
 
 /// The spec of a cold-started Sandbox for E2B `templateID` `template`: the member spec of the
-/// SandboxSet of that name when there is one (its image or template, pull Secrets, resources,
-/// persistent contents and internet access), else the template itself (`base`; anything else is refused
-/// by the operator with `InvalidSpec`, which the API reports).
+/// SandboxSet of that name when there is one (its image or template, pull Secrets and policy,
+/// resources, persistent contents and internet access), else the template itself (`base`;
+/// anything else is refused by the operator with `InvalidSpec`, which the API reports).
 pub fn cold_start_spec(set: Option<&SandboxSet>, template: &str) -> SandboxSpec {
     match set {
         // The client's create sets the network rules.

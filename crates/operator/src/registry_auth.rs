@@ -7,25 +7,16 @@
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// The type of Secret a push can use.
 pub const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
 /// Its data key.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
-/// HTTP basic credentials for one registry.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistryCredentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for RegistryCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RegistryCredentials({:?}, <redacted>)", self.username)
-    }
-}
+/// HTTP basic credentials for one registry: the image crate's own, which pulls and pushes take
+/// as they are (`Debug` hides the password).
+pub use warren_image::pull::Credentials as RegistryCredentials;
 
 /// The registry host (with port) an image reference pushes to, as `dockerconfigjson` keys name
 /// it (`docker.io` for Docker Hub). `None` when it is not a reference.

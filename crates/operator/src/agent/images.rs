@@ -117,10 +117,6 @@ impl NodeImages {
             .or_default()
             .clone();
         let _held = lock.lock().await;
-        let credentials = credentials.map(|c| warren_image::pull::Credentials {
-            username: c.username.clone(),
-            password: c.password.clone(),
-        });
         let stored = match self.store.resolve(reference) {
             Ok(image) => Some(image),
             Err(e) if e.is_not_found() => None,
@@ -136,7 +132,7 @@ impl NodeImages {
             // The registry's digest now, asked with these credentials (which checks their
             // access too): the stored image serves only while it is that one.
             (Some(image), ImagePullPolicy::Always) => {
-                let current = warren_image::pull::resolve_digest(reference, credentials.as_ref())
+                let current = warren_image::pull::resolve_digest(reference, credentials)
                     .await
                     .map_err(fail)?;
                 (self.stored_digest(reference).as_deref() == Some(current.as_str()))
@@ -144,7 +140,7 @@ impl NodeImages {
             }
             (Some(image), _) => {
                 if self.is_private(reference) {
-                    self.check_access(reference, credentials.as_ref()).await?;
+                    self.check_access(reference, credentials).await?;
                 }
                 Some(image)
             }
@@ -179,7 +175,7 @@ impl NodeImages {
                 let imported = warren_image::pull::pull(
                     &self.store,
                     reference,
-                    credentials.as_ref(),
+                    credentials,
                     reference,
                     warren_image::no_progress(),
                 )
@@ -215,7 +211,7 @@ impl NodeImages {
     async fn check_access(
         &self,
         reference: &str,
-        credentials: Option<&warren_image::pull::Credentials>,
+        credentials: Option<&RegistryCredentials>,
     ) -> Result<(), PullError> {
         warren_image::pull::resolve_digest(reference, credentials)
             .await

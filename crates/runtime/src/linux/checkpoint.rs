@@ -1150,8 +1150,6 @@ pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, Run
     std::fs::create_dir_all(parent).map_err(|e| RuntimeError::io("mkdir", parent, e))?;
     let tmp = parent.join(".init.tmp");
     let _ = std::fs::remove_file(&tmp);
-    // A hard link costs nothing, but a rebuild that rewrites the file in place would then change
-    // a lower layer under live overlays; copy instead.
     let libs = layer.join(
         crate::init::IN_SANDBOX_LIBS
             .strip_prefix('/')
@@ -1162,7 +1160,9 @@ pub fn prepare_init_layer(data_dir: &Path, binary: &Path) -> Result<PathBuf, Run
         let to = libs.join(&name);
         std::fs::copy(&host, &to).map_err(|e| RuntimeError::io("copy", &host, e))?;
     }
-    // The binary last: its presence marks the layer complete.
+    // The binary last: its presence marks the layer complete. A hard link would cost nothing,
+    // but a rebuild that rewrites the file in place would then change a lower layer under live
+    // overlays; copy instead.
     std::fs::copy(binary, &tmp).map_err(|e| RuntimeError::io("copy", binary, e))?;
     std::fs::rename(&tmp, &inside).map_err(|e| RuntimeError::io("rename", &tmp, e))?;
     Ok(layer)
@@ -1183,28 +1183,42 @@ fn shared_objects(binary: &Path) -> Vec<(String, PathBuf)> {
     };
     let mut objects = vec![];
     for line in String::from_utf8_lossy(&out).lines() {
-        let line = line.trim();
-        let path = match line.split_once("=>") {
-            Some((_, right)) => right.trim(),
-            None => line,
+        // `libc.so.6 => /lib/.../libc.so.6 (0x…)`, or the interpreter: `/lib64/ld-….so.2 (0x…)`.
+        let (library, path) = match line.trim().split_once("=>") {
+            Some((_, right)) => (true, right),
+            None => (false, line),
         };
         let path = path.split(" (").next().unwrap_or("").trim();
-        if !path.starts_with('/') {
-            continue;
-        }
         let host = PathBuf::from(path);
-        let Some(file) = host.file_name().map(|f| f.to_string_lossy().into_owned()) else {
-            continue;
-        };
-        // The interpreter is the line without "=>".
-        let name = if line.contains("=>") {
-            file
-        } else {
-            "ld.so".to_string()
+        let name = match host.file_name() {
+            _ if !path.starts_with('/') => continue,
+            Some(file) if library => file.to_string_lossy().into_owned(),
+            Some(_) => "ld.so".to_string(),
+            None => continue,
         };
         objects.push((name, host));
     }
     objects
+}
+
+/// Ends a wake that a restart cut short before it was recorded: waits for a CRIU restore that
+/// may still run, then kills the tree it left in sandbox `id`'s cgroup, since nothing
+/// acknowledged it; the images, still complete, restore it again on the next wake. Returns
+/// whether there was a tree to kill.
+pub async fn end_unrecorded_wake(
+    cg: &super::cgroup::CgroupManager,
+    id: &str,
+    dir: &Path,
+) -> Result<bool, RuntimeError> {
+    settle_interrupted_restore(id, dir).await?;
+    if !cg.populated(id) {
+        return Ok(false);
+    }
+    let (cg, id_owned) = (cg.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
+        .await
+        .expect("kill task does not panic")?;
+    Ok(true)
 }
 
 /// Settles a dump that a daemon crash interrupted. CRIU is deliberately not killed with the

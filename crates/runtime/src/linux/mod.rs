@@ -782,13 +782,7 @@ impl SandboxRuntime for LinuxRuntime {
         }
         // A wake the crash interrupted may have restored the tree after all; it was never
         // acknowledged, so it goes, and the images (still complete) restore it again on wake.
-        checkpoint::settle_interrupted_restore(id, &dir).await?;
-        if self.cgroups.populated(id) {
-            let cg = self.cgroups.clone();
-            let id_owned = id.to_string();
-            tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
-                .await
-                .expect("kill task does not panic")?;
+        if checkpoint::end_unrecorded_wake(&self.cgroups, id, &dir).await? {
             tracing::info!(sandbox = %id, "removed the tree of a wake the daemon's restart interrupted");
         }
         self.net.ipam.claim(placement.ip);

@@ -750,12 +750,7 @@ async fn settle_interrupted(
         tracing::info!(sandbox = %id, "dropped the spent images of a wake the agent's restart interrupted");
         return Ok(());
     }
-    checkpoint::settle_interrupted_restore(id, dir).await?;
-    if cg.populated(id) {
-        let (cg, id_owned) = (cg.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || cg.kill_all(&id_owned))
-            .await
-            .expect("kill task does not panic")?;
+    if checkpoint::end_unrecorded_wake(cg, id, dir).await? {
         tracing::info!(sandbox = %id, "removed the tree of a wake the agent's restart interrupted");
     }
     Ok(())
