@@ -1397,6 +1397,10 @@ async fn private_images_are_pulled_and_served_only_with_credentials() {
             !data.join("node/sandboxes").join(&id).exists(),
             "a refused pull leaves no sandbox"
         );
+        assert!(
+            !local.images().is_private(&image),
+            "nor a private mark on the node"
+        );
 
         // The right ones: pulled, and the sandbox runs the image.
         let info = agent

@@ -161,8 +161,10 @@ impl NodeImages {
             None => {
                 self.pulls.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(image = %reference, "pulling image into the node's store");
-                if credentials.is_some() {
-                    // Marked before the pull: a crash after it leaves a private image marked.
+                // Marked before the pull, so that a crash during it leaves a private image
+                // marked; a pull that fails takes back a mark it made.
+                let new_mark = credentials.is_some() && !self.is_private(reference);
+                if new_mark {
                     self.mark_private(reference).map_err(|e| {
                         fail(ImageError::Io {
                             op: "mark as private",
@@ -180,7 +182,12 @@ impl NodeImages {
                     warren_image::no_progress(),
                 )
                 .await
-                .map_err(fail)?;
+                .map_err(|e| {
+                    if new_mark {
+                        let _ = std::fs::remove_file(self.private_mark(reference));
+                    }
+                    fail(e)
+                })?;
                 (imported.image, imported.layer_dirs)
             }
         };
